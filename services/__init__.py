@@ -1,0 +1,1 @@
+"""Services: run controller, control plane, registry, metrics and the `mtprl` CLI."""
