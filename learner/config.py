@@ -1,0 +1,386 @@
+"""Typed configuration of the learner's algorithm: objective, MPO, OCC, optimiser.
+
+`AlgorithmConfig` is what a run spec carries under `algorithm:`; the learner builds its loss and
+optimisation step from it alone. Defaults follow the papers (DAPO clip 0.2/0.28; GSPO 3e-4/4e-4;
+CTPO log-space clip 0.025/0.05, t^0.5; MPO K=5, MTP share 0.2, γ=0.8; OCC λ₊=1.0, ε=1e-8; the OCC
+paper's fixed λ=0.1 for the `ce`/`policy` regimes). Formulas live next to the code that computes
+them (`learner/objectives.py`, `learner/mpo.py`, `learner/occ.py`); `/work/shared/DESIGN.md`
+("Objectives") is the reference.
+
+Fields left `None` are filled with the algorithm's default at construction (see each field), so a
+dumped config always shows the values that ran. Cross-field rules are checked at construction and
+name the offending values; rules that need the model (K against the number of MTP modules) are in
+`AlgorithmConfig.check_against_model`.
+
+    >>> cfg = AlgorithmConfig(algorithm="dapo", mpo=MPOConfig(k=5))
+    >>> cfg.clip_low, cfg.clip_high, cfg.aggregation
+    (0.2, 0.28, 'token-mean')
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Algorithm = Literal["ppo", "grpo", "dapo", "gspo", "ctpo", "minpro"]
+Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+MTPRegime = Literal["none", "detach", "ce", "policy", "occ"]
+
+# (clip_low, clip_high) in ratio space, per algorithm. CTPO clips in log space (see CTPOConfig);
+# its ratio-space bounds are unused.
+_DEFAULT_CLIP: dict[str, tuple[float, float]] = {
+    "ppo": (0.2, 0.2),  # Schulman et al. 2017
+    "grpo": (0.2, 0.2),  # Shao et al. 2024
+    "dapo": (0.2, 0.28),  # Yu et al. 2025, "clip-higher"
+    "gspo": (3e-4, 4e-4),  # Zheng et al. 2025, sequence-level ratio is near 1
+    "ctpo": (0.2, 0.2),  # unused: CTPO clips log-ratios, see CTPOConfig
+    "minpro": (0.2, 0.2),  # MinPRO weights the PPO term; PPO's clip
+}
+_DEFAULT_AGG: dict[str, str] = {
+    "ppo": "token-mean",
+    "grpo": "token-mean",
+    "dapo": "token-mean",  # DAPO's token-level loss over the whole group
+    "gspo": "seq-mean-token-mean",  # GSPO: per-sequence objective
+    "ctpo": "token-mean",
+    "minpro": "token-mean",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+class AdvantageConfig(_Strict):
+    """Group-relative advantages (GRPO), one value per sample broadcast over its tokens."""
+
+    normalize_std: bool = Field(
+        True,
+        description="Divide by the group's reward std: A_i = (R_i − mean_G R)/(std_G R + eps) "
+        "(GRPO, Shao et al. 2024). False = Dr. GRPO (Liu et al. 2025): A_i = R_i − mean_G R, which "
+        "removes the bias towards low-variance (too easy / too hard) groups; pair it with "
+        "`aggregation='seq-mean-token-sum'` for Dr. GRPO's length-unbiased loss.",
+    )
+    eps: float = Field(1e-6, gt=0, description="Added to the group std before dividing.")
+    kl_coef: float = Field(
+        0.0,
+        ge=0,
+        description="β of a KL penalty to a reference policy, added to the loss with the k3 "
+        "estimator (Schulman 2020; GRPO Eq. 4): exp(ref−logp) − (ref−logp) − 1 per token. 0 "
+        "disables it (DAPO/Dr. GRPO drop it); > 0 needs `ref_logprobs` in the batch.",
+    )
+
+
+class DAPOConfig(_Strict):
+    """DAPO's data-side tricks (Yu et al. 2025, §3.2 dynamic sampling, §3.4 overlong shaping)."""
+
+    dynamic_sampling: bool | None = Field(
+        None,
+        description="Drop groups whose rewards are all equal (their advantages are all 0: no "
+        "gradient, only a diluted denominator). Dropped groups are counted in "
+        "`batch/groups_dropped_constant`. None = on for `dapo`, off otherwise.",
+    )
+    overlong_max_len: int | None = Field(
+        None,
+        gt=0,
+        description="L_max of the soft overlong penalty (normally the generation's max new "
+        "tokens). None disables the penalty. DAPO used 20480.",
+    )
+    overlong_cache_len: int = Field(
+        4096,
+        gt=0,
+        description="L_cache: responses longer than L_max − L_cache get a linear penalty "
+        "((L_max − L_cache) − |y|)/L_cache, reaching −1 at L_max; beyond L_max the penalty is −1.",
+    )
+    overlong_penalty_factor: float = Field(
+        1.0, ge=0, description="Scales the overlong penalty before it is added to the reward."
+    )
+
+
+class CTPOConfig(_Strict):
+    """CTPO's cumulative-token ratio and position-adaptive log-space clip (horizon-llm/CTPO)."""
+
+    log_clip_low: float = Field(
+        0.025, gt=0, description="a: the lower log-space bound at position t is −a·t^p."
+    )
+    log_clip_high: float = Field(
+        0.05, gt=0, description="b: the upper log-space bound at position t is b·t^p."
+    )
+    log_clip_c: float = Field(
+        0.05,
+        gt=0,
+        description="Dual clip for A<0: the loss is capped at −A·exp(c·t^p) (CTPO reference code).",
+    )
+    power: float = Field(
+        0.5,
+        description="p: bound growth with position; 0.5 because Var(Σℓ) grows ∝ t. 0 = uniform clip.",
+    )
+    token_log_ratio_clamp: float = Field(
+        20.0, gt=0, description="Each token's ℓ_t is clamped to ±this before summing."
+    )
+    max_log_ratio: float = Field(10.0, gt=0, description="Upper clamp of the cumulative L_t.")
+
+
+class DecoupledConfig(_Strict):
+    """Decoupled PPO for stale samples (AReaL, Fu et al. 2025, Eq. 5)."""
+
+    enabled: bool = Field(
+        True,
+        description="Clip against π_prox (= π_old, recomputed by the learner) and weight each token "
+        "by w_t = π_prox/π_behav (vLLM's log-probs). Needs `behav_logprobs` in the batch; a batch "
+        "without them falls back to plain PPO (w=1). With π_prox = π_behav this is exactly PPO.",
+    )
+    behav_weight_cap: float | None = Field(
+        5.0,
+        gt=1.0,
+        description="Tokens with w_t above this cap are masked out of the loss (AReaL's "
+        "`behav_imp_weight_cap`); counted in `ratio/behav_capped_frac`. None: no cap.",
+    )
+
+
+class MPOConfig(_Strict):
+    """Multi-token block ratio (MPO, Xu et al., Eq. 8–11). See `learner/mpo.py`."""
+
+    k: int = Field(
+        5,
+        ge=1,
+        le=5,
+        description="Block size K: the main head plus K−1 MTP heads (needs K−1 ≤ the model's MTP "
+        "modules). K=1 is exactly token-level PPO. The paper's best is K=5 on GSM8K.",
+    )
+    mtp_share: float = Field(
+        0.2,
+        ge=0.0,
+        lt=1.0,
+        description="s = Σ_{k≥1} w_k, the total weight of MTP heads in the log-ratio (Eq. 10). "
+        "Paper: best 0.1–0.2, keep < 0.3. 0 is exactly token-level PPO.",
+    )
+    decay: float = Field(
+        0.8, gt=0.0, le=1.0, description="γ: w_k = w_1·γ^{k−1} for k ≥ 1 (Eq. 10). Paper: 0.8."
+    )
+    form: Literal["logsum", "product"] = Field(
+        "logsum",
+        description="`logsum`: log r̃ = Σ_k w_k ℓ⁽ᵏ⁾ (Eq. 9), the paper's method, low variance. "
+        "`product`: r = Π_k exp(ℓ⁽ᵏ⁾) (Eq. 8), the naive block ratio; high variance, for study only.",
+    )
+    grad: Literal["detach", "full", "occ"] | None = Field(
+        None,
+        description="Where the MTP terms' gradient goes. `detach`: into the MTP modules only, the "
+        "backbone sees only the main head's term (MPO App. A; needs mtp_regime none|detach). "
+        "`full`: also into the backbone (study setting; needs a backbone-gradient regime: "
+        "ce|policy|occ). `occ`: into the backbone too, with head k's term scaled by OCC's λ_k "
+        "(value unchanged, gradient ×λ_k; needs mtp_regime='occ'). None = match mtp_regime "
+        "(detach for none/detach, occ for occ, full for ce/policy).",
+    )
+
+
+class OCCConfig(_Strict):
+    """Coefficient of the MTP loss in joint MTP-RL training (OCC, Eq. 13). See `learner/occ.py`."""
+
+    lambda_plus: float = Field(
+        1.0,
+        description="λ₊, absorbs the unknown smoothness prefactor (1−Lη)/(Lη) of Eq. 11. Paper "
+        "default 1.0; the authors' code used 0.1 with its own estimator.",
+    )
+    eps: float = Field(1e-8, gt=0, description="ε in λ = λ₊·ĉ/(v̂² + ε).")
+    estimator: Literal["paper", "authors_code"] = Field(
+        "paper",
+        description="`paper` (Eq. 13): λ = λ₊·⟨δ_RL, δ_MTP⟩/(‖δ_MTP‖² + ε) over the micro-batch's "
+        "masked response tokens, signed. `authors_code` (MarkXCloud/RL-MTP megatron_actor.py): "
+        "λ = (λ₊/H)·mean_t[δ_MTP,t·δ_RL,t/(δ_MTP,t² + ε)] per token over the padded response "
+        "window (padding counts as 0), H = number of MTP heads; the per-token ratio is bounded, "
+        "so λ is smaller and smoother.",
+    )
+    fixed_lambda: float = Field(
+        0.1,
+        description="λ of the `ce` and `policy` regimes (OCC paper §4.1: 0.1), and the weight of "
+        "the `detach` regime's cross-entropy on the MTP modules.",
+    )
+
+
+class AlgorithmConfig(_Strict):
+    """Everything the learner needs to turn scored groups into updates."""
+
+    algorithm: Algorithm = Field(
+        "grpo",
+        description="Base surrogate. `ppo`: token ratio, symmetric clip. `grpo`: the same loss with "
+        "group-normalised advantages (the default pipeline). `dapo`: asymmetric clip-higher, "
+        "token-mean, dynamic sampling, overlong shaping. `gspo`: sequence ratio exp(mean ℓ) with "
+        "tiny clip, for long/MoE responses. `ctpo`: cumulative prefix ratio with position-adaptive "
+        "log clip, corrects the prefix-state mismatch off-policy. `minpro`: PPO term weighted by the "
+        "prefix-minimum ratio, for strongly off-policy data.",
+    )
+    clip_low: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="ε_low: ratios below 1 − ε_low are clipped. None = algorithm default "
+        "(0.2; gspo 3e-4).",
+    )
+    clip_high: float | None = Field(
+        None,
+        gt=0.0,
+        description="ε_high: ratios above 1 + ε_high are clipped. None = algorithm default "
+        "(0.2; dapo 0.28; gspo 4e-4).",
+    )
+    dual_clip: float | None = Field(
+        None,
+        gt=1.0,
+        description="Dual-clip c for A < 0 (Ye et al. 2020): the token loss is capped at −c·A. "
+        "None disables it (PPO family). CTPO always uses its own log-space dual clip.",
+    )
+    aggregation: Aggregation | None = Field(
+        None,
+        description="How token losses become one number (see `learner/aggregation.py`). "
+        "`token-mean`: Σ loss / Σ tokens over the mini-batch; long responses weigh more (DAPO). "
+        "`seq-mean-token-mean`: mean over tokens, then over samples; every sample equal, long "
+        "responses' tokens diluted (GRPO paper, GSPO). `seq-mean-token-sum`: Σ over tokens, mean "
+        "over samples, divided by a constant max length (Dr. GRPO); no length bias. None = "
+        "algorithm default (gspo: seq-mean-token-mean; others token-mean).",
+    )
+    entropy_coef: float = Field(
+        0.0, ge=0.0, description="Entropy bonus coefficient (main head); 0 = off (DAPO, OCC)."
+    )
+    advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
+    dapo: DAPOConfig = Field(default_factory=DAPOConfig)
+    ctpo: CTPOConfig = Field(default_factory=CTPOConfig)
+    decoupled: DecoupledConfig = Field(default_factory=DecoupledConfig)
+    mpo: MPOConfig | None = Field(
+        None,
+        description="Multi-token block ratio (MPO). None = token-level ratio. Only with "
+        "ppo|grpo|dapo (the block ratio replaces their token ratio).",
+    )
+    mtp_regime: MTPRegime = Field(
+        "occ",
+        description="How the MTP modules are trained during RL (OCC paper §3.2). `none`: not "
+        "trained by an auxiliary loss (MPO's own terms may still train them); cheapest. `detach`: "
+        "cross-entropy on the sampled tokens with detached backbone states: heads follow the "
+        "policy, backbone untouched (veRL/slime default). `ce`: the same CE, gradient into the "
+        "backbone with λ = occ.fixed_lambda (degrades RL; for comparison). `policy`: the RL "
+        "surrogate on the MTP head's log-probs, fixed λ (rise-then-fall). `occ`: the policy loss "
+        "with λ_k = λ₊·ĉ_k/(v̂²_k + ε) per step and head (the project default: keeps the drafter "
+        "on-policy without hurting the main policy).",
+    )
+    mtp_heads: int | None = Field(
+        None,
+        ge=1,
+        le=4,
+        description="How many MTP modules (1..n) the regime trains. None = all the checkpoint has. "
+        "vLLM drafts with module 1; modules 2..n matter for MPO.",
+    )
+    occ: OCCConfig = Field(default_factory=OCCConfig)
+
+    # --- optimisation ---------------------------------------------------------------------------
+    lr: float = Field(1e-6, gt=0, description="AdamW learning rate (OCC/veRL: 1e-6).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (β1, β2).")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW ε.")
+    grad_clip: float | None = Field(
+        1.0, gt=0, description="Clip the global gradient norm to this; None = no clipping."
+    )
+    epochs: int = Field(1, ge=1, description="PPO epochs: passes over the batch per update.")
+    mini_batches: int = Field(
+        1,
+        ge=1,
+        description="Optimiser steps per epoch; the batch's samples are split into this many "
+        "mini-batches (1 = fully on-policy single step).",
+    )
+    micro_batch_size: int = Field(
+        4,
+        ge=1,
+        description="Samples per forward/backward; gradients accumulate over micro-batches. Only "
+        "memory and speed depend on it, not the loss (see aggregation).",
+    )
+    seed: int = Field(0, description="Seeds the mini-batch shuffle; the step is deterministic.")
+
+    # --- derived (filled at construction) -------------------------------------------------------
+    @model_validator(mode="after")
+    def _fill_defaults_and_check(self) -> AlgorithmConfig:
+        lo, hi = _DEFAULT_CLIP[self.algorithm]
+        if self.clip_low is None:
+            self.clip_low = lo
+        if self.clip_high is None:
+            self.clip_high = hi
+        if self.aggregation is None:
+            self.aggregation = _DEFAULT_AGG[self.algorithm]  # type: ignore[assignment]
+        if self.dapo.dynamic_sampling is None:
+            self.dapo.dynamic_sampling = self.algorithm == "dapo"
+        if self.mpo is not None and self.mpo.grad is None:
+            self.mpo.grad = {"none": "detach", "detach": "detach", "occ": "occ"}.get(
+                self.mtp_regime, "full"
+            )  # type: ignore[assignment]
+
+        if self.mpo is not None:
+            if self.algorithm not in ("ppo", "grpo", "dapo"):
+                raise ValueError(
+                    f"mpo is set with algorithm={self.algorithm!r}: the MPO block ratio replaces a "
+                    "token-level ratio, so it combines only with ppo|grpo|dapo"
+                )
+            grad, regime = self.mpo.grad, self.mtp_regime
+            backbone_regime = regime in ("ce", "policy", "occ")
+            if grad == "detach" and backbone_regime:
+                raise ValueError(
+                    f"mpo.grad='detach' with mtp_regime={regime!r}: one backbone forward feeds all "
+                    "heads, so MTP hidden states are either detached (mtp_regime none|detach) or "
+                    "not; use mpo.grad='full'|'occ' or mtp_regime='none'|'detach'"
+                )
+            if grad in ("full", "occ") and not backbone_regime:
+                raise ValueError(
+                    f"mpo.grad={grad!r} sends MTP gradients into the backbone but "
+                    f"mtp_regime={regime!r} detaches the backbone states; use mtp_regime "
+                    "'ce'|'policy'|'occ' or mpo.grad='detach'"
+                )
+            if grad == "occ" and regime != "occ":
+                raise ValueError(
+                    f"mpo.grad='occ' scales MTP gradients by OCC's λ, which only "
+                    f"mtp_regime='occ' computes (got mtp_regime={regime!r})"
+                )
+        if self.dapo.overlong_max_len is not None and (
+            self.dapo.overlong_cache_len >= self.dapo.overlong_max_len
+        ):
+            raise ValueError(
+                f"dapo.overlong_cache_len={self.dapo.overlong_cache_len} must be smaller than "
+                f"dapo.overlong_max_len={self.dapo.overlong_max_len}"
+            )
+        if self.algorithm == "gspo" and self.aggregation != "seq-mean-token-mean":
+            # GSPO's ratio is per sequence; token-mean would re-weight sequences by length.
+            raise ValueError(
+                f"algorithm='gspo' needs aggregation='seq-mean-token-mean' (got "
+                f"{self.aggregation!r}): GSPO's objective is a mean over sequences"
+            )
+        return self
+
+    # --- checks that need the model -------------------------------------------------------------
+    @property
+    def mpo_k(self) -> int:
+        """Block size actually used: 1 (token-level) when MPO is off."""
+        return 1 if self.mpo is None else self.mpo.k
+
+    def trained_mtp_heads(self, num_mtp: int) -> int:
+        """Number of MTP modules the regime trains for a model with `num_mtp` modules."""
+        if self.mtp_regime == "none":
+            return 0
+        return num_mtp if self.mtp_heads is None else self.mtp_heads
+
+    def heads_needed(self, num_mtp: int) -> int:
+        """MTP heads the learner's forward must compute (the `num_mtp` argument of the model)."""
+        return max(self.mpo_k - 1, self.trained_mtp_heads(num_mtp))
+
+    def check_against_model(self, num_mtp: int) -> None:
+        """Raise ValueError if this config needs more MTP modules than the model has."""
+        if num_mtp < 0:
+            raise ValueError(f"num_mtp={num_mtp} must be >= 0")
+        if self.mpo is not None and self.mpo.k - 1 > num_mtp:
+            raise ValueError(
+                f"mpo.k={self.mpo.k} needs {self.mpo.k - 1} MTP heads but the model has "
+                f"num_mtp={num_mtp}; lower mpo.k to at most {num_mtp + 1}"
+            )
+        if self.mtp_regime != "none" and num_mtp == 0:
+            raise ValueError(
+                f"mtp_regime={self.mtp_regime!r} trains MTP modules but the model has none "
+                "(num_mtp=0); use mtp_regime='none'"
+            )
+        if self.mtp_heads is not None and self.mtp_regime != "none" and self.mtp_heads > num_mtp:
+            raise ValueError(
+                f"mtp_heads={self.mtp_heads} is more than the model's num_mtp={num_mtp}"
+            )
