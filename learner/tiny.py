@@ -1,0 +1,110 @@
+"""Tiny random models in the real layout, for fast tests: `mtprl model tiny --out DIR`.
+
+A few-MB Qwen2 backbone with MTP modules and a small byte-level BPE tokenizer trained here on a
+built-in corpus (no download), with a ChatML chat template like SmolLM2's. vLLM serves it exactly
+like the real model (head size 32 is one the CPU attention backend supports).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from learner.checkpoint import save_policy
+from learner.model import PolicyModel
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _corpus() -> list[str]:
+    words = (
+        "the answer is what how many sum of and plus minus times divided by equals compute "
+        "calculate find total result number first then so therefore step boxed solve problem "
+        "you are a helpful assistant user system question please give final"
+    ).split()
+    lines = [" ".join(words[i : i + 7]) for i in range(0, len(words), 3)]
+    lines += [f"{a} + {b} = {a + b}" for a in range(0, 60, 7) for b in range(0, 40, 3)]
+    lines += [f"{a} * {b} = {a * b}" for a in range(2, 20, 3) for b in range(2, 13, 2)]
+    lines += ["\\boxed{" + str(n) + "}" for n in range(100)]
+    return lines
+
+
+def make_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_tiny_model(
+    num_mtp: int = 2,
+    seed: int = 0,
+    vocab_size: int = 512,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    tie_word_embeddings: bool = True,
+) -> PolicyModel:
+    """A random `PolicyModel` with ``num_mtp`` heads (deterministic under ``seed``)."""
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden_size // 4,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        initializer_range=0.1,
+        use_sliding_window=False,
+        dtype="float32",
+    )
+    backbone = Qwen2ForCausalLM(config)
+    # Qwen2 has q/k/v biases; give them values so the tests cover them.
+    with torch.no_grad():
+        for layer in backbone.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(std=0.05)
+    model = PolicyModel.from_backbone(backbone, num_mtp, proj_init="random")
+    with torch.no_grad():  # distinct heads, so a test can tell them apart
+        for m in model.mtp:
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def write_tiny_checkpoint(out_dir: str | Path, num_mtp: int = 2, seed: int = 0) -> Path:
+    tokenizer = make_tokenizer()
+    model = make_tiny_model(num_mtp=num_mtp, seed=seed, vocab_size=len(tokenizer))
+    return save_policy(model, out_dir, tokenizer=tokenizer)

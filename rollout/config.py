@@ -1,0 +1,48 @@
+"""Typed configuration of a rollout engine and of its sampling."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class EngineConfig(BaseModel):
+    """How one vLLM engine is built (the same fields on CPU and GPU)."""
+
+    model: str = Field(description="Path of a MiMo-layout checkpoint directory (config.json + safetensors).")
+    num_speculative_tokens: int = Field(
+        1,
+        ge=0,
+        le=8,
+        description="Tokens drafted per step by MTP module 1 (applied recursively when > 1); 0 turns drafting off.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="Weights and activations; float32 keeps vLLM's log-probs equal to the learner's."
+    )
+    max_model_len: int = Field(1024, gt=0, description="Longest prompt + response, in tokens.")
+    kv_cache_gib: float = Field(
+        0.5, gt=0, description="KV-cache size. On CPU it is host memory; vLLM's memory-fraction sizing is avoided."
+    )
+    seed: int = Field(0, description="Engine sampling seed.")
+    enforce_eager: bool = Field(True, description="Skip graph capture/compilation (faster start on CPU).")
+    max_num_seqs: int = Field(64, gt=0, description="Sequences decoded together at most.")
+    prompt_overflow: Literal["reject", "truncate_left"] = Field(
+        "reject",
+        description=(
+            "What to do with a prompt that leaves no room for a response: 'reject' returns the sample as "
+            "finish_reason='prompt_too_long' with no tokens; 'truncate_left' keeps its last tokens."
+        ),
+    )
+
+
+class SamplingConfig(BaseModel):
+    """Sampling settings of a generation call."""
+
+    n: int = Field(1, gt=0, description="Samples per prompt (the group size G).")
+    temperature: float = Field(1.0, ge=0, description="0 = greedy.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(256, gt=0, description="Response length cap, in tokens.")
+    stop: list[str] = Field(default_factory=list, description="Extra stop strings.")
+    seed: int | None = Field(None, description="Per-request seed for reproducible samples.")
+    ignore_eos: bool = Field(False, description="Keep generating past EOS (benchmarks only).")

@@ -1,0 +1,286 @@
+"""A vLLM engine generating with the policy's MTP module as speculative drafter.
+
+`RolloutEngine` is plain Python (usable in-process, e.g. by `mtprl eval` and the tests);
+`rollout.actor` wraps it as a Ray actor. vLLM runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)
+so weight updates can hand tensors to the worker without a copy through a socket.
+
+Weight updates (CPU and single GPU): the target model is reloaded with the worker's
+``model_runner.reload_weights`` (the CPU backend repacks linear weights at load time, so a plain
+``load_weights`` after start-up is wrong), and the drafter with vLLM's in-place ``reload_weights``
+on ``model_runner.drafter.model`` (the ``mtp_layers`` tensors plus the shared embedding and head).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from rollout.config import EngineConfig, SamplingConfig
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+SPEC_COUNTERS = (
+    "vllm:spec_decode_num_drafts",
+    "vllm:spec_decode_num_draft_tokens",
+    "vllm:spec_decode_num_accepted_tokens",
+)
+
+
+@dataclass
+class Sample:
+    """One generated response."""
+
+    prompt_index: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]  # behaviour log-prob of each sampled token
+    finish_reason: str  # "stop" | "length" | "prompt_too_long"
+    policy_version: int
+
+
+@dataclass
+class SpecStats:
+    """Speculative-decoding counters over an interval (per batch, or cumulative)."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted draft tokens / drafted tokens."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens produced per target forward: 1 (the verified token) + accepted drafts per draft."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 1.0
+
+    def __sub__(self, other: SpecStats) -> SpecStats:
+        n = max(len(self.accepted_per_pos), len(other.accepted_per_pos))
+        a = self.accepted_per_pos + [0] * (n - len(self.accepted_per_pos))
+        b = other.accepted_per_pos + [0] * (n - len(other.accepted_per_pos))
+        return SpecStats(
+            self.num_drafts - other.num_drafts,
+            self.num_draft_tokens - other.num_draft_tokens,
+            self.num_accepted_tokens - other.num_accepted_tokens,
+            [x - y for x, y in zip(a, b)],
+        )
+
+    def as_metrics(self, prefix: str = "rollout/") -> dict[str, float]:
+        return {
+            f"{prefix}spec_acceptance_rate": self.acceptance_rate,
+            f"{prefix}spec_mean_acceptance_length": self.mean_acceptance_length,
+            f"{prefix}spec_num_drafts": float(self.num_drafts),
+            f"{prefix}spec_num_draft_tokens": float(self.num_draft_tokens),
+            f"{prefix}spec_num_accepted_tokens": float(self.num_accepted_tokens),
+        }
+
+
+@dataclass
+class RolloutBatch:
+    samples: list[Sample]
+    spec: SpecStats
+    seconds: float
+    num_generated_tokens: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            **self.spec.as_metrics(),
+            "rollout/tokens_per_s": self.tokens_per_s,
+            "rollout/seconds": self.seconds,
+            "rollout/num_tokens": float(self.num_generated_tokens),
+        }
+
+
+# Functions run inside the vLLM worker through collective_rpc (first argument: the worker).
+def _reload_target(worker, weights: list[tuple[str, torch.Tensor]]) -> None:
+    worker.model_runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+
+
+def _reload_drafter(worker, weights: list[tuple[str, torch.Tensor]]) -> None:
+    from vllm.model_executor.model_loader.reload.inplace import reload_weights
+
+    runner = worker.model_runner
+    reload_weights(runner.vllm_config, runner.drafter.model, iter(weights), None, True)
+
+
+def _start_drafter_capture(worker) -> None:
+    """Record the drafter's logits on each call (tests compare them with the learner's MTP head)."""
+    model = worker.model_runner.drafter.model
+    if getattr(model, "_mtprl_captured", None) is None:
+        original = model.compute_logits
+
+        def capture(hidden_states, *args, **kwargs):
+            logits = original(hidden_states, *args, **kwargs)
+            model._mtprl_captured.append(logits.detach().float().cpu().clone())
+            return logits
+
+        model.compute_logits = capture
+    model._mtprl_captured = []
+
+
+def _take_drafter_capture(worker) -> list[torch.Tensor]:
+    model = worker.model_runner.drafter.model
+    out, model._mtprl_captured = model._mtprl_captured, []
+    return out
+
+
+def _is_mtp_name(name: str) -> bool:
+    return name.startswith("model.mtp_layers.")
+
+
+class RolloutEngine:
+    """One vLLM engine; `generate` and `update_weights` never run at the same time."""
+
+    def __init__(self, config: EngineConfig | dict):
+        from vllm import LLM
+
+        self.config = EngineConfig.model_validate(config)
+        c = self.config
+        kwargs = {}
+        if c.num_speculative_tokens > 0:
+            kwargs["speculative_config"] = {"method": "mtp", "num_speculative_tokens": c.num_speculative_tokens}
+        t0 = time.perf_counter()
+        self.llm = LLM(
+            model=c.model,
+            dtype=c.dtype,
+            max_model_len=c.max_model_len,
+            kv_cache_memory_bytes=int(c.kv_cache_gib * (1 << 30)),
+            seed=c.seed,
+            enforce_eager=c.enforce_eager,
+            max_num_seqs=c.max_num_seqs,
+            disable_log_stats=False,  # the spec-decode counters come from the stat loggers
+            **kwargs,
+        )
+        self.startup_seconds = time.perf_counter() - t0
+        self.tokenizer = self.llm.get_tokenizer()
+        self.policy_version = 0
+        # Generation and weight loading must not interleave: a batch half on old weights and half on
+        # new ones would carry a wrong policy_version. Held for the whole of either operation.
+        self._lock = threading.Lock()
+
+    # ---- prompts -------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _prepare(self, prompt: Sequence[int] | str | list[dict], max_tokens: int) -> tuple[list[int] | None, str]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        elif prompt and isinstance(prompt[0], dict):
+            ids = self.apply_chat_template(prompt)  # type: ignore[arg-type]
+        else:
+            ids = list(prompt)  # type: ignore[arg-type]
+        room = self.config.max_model_len - max_tokens
+        if len(ids) <= room:
+            return ids, ""
+        if self.config.prompt_overflow == "truncate_left" and room > 0:
+            return ids[-room:], ""
+        return None, (
+            f"prompt has {len(ids)} tokens; max_model_len {self.config.max_model_len} minus max_tokens "
+            f"{max_tokens} leaves room for {room}"
+        )
+
+    # ---- generation ----------------------------------------------------------------------------
+    def spec_stats(self) -> SpecStats:
+        """Cumulative spec-decode counters since the engine started."""
+        s = SpecStats()
+        for m in self.llm.get_metrics():
+            if m.name == SPEC_COUNTERS[0]:
+                s.num_drafts = int(m.value)
+            elif m.name == SPEC_COUNTERS[1]:
+                s.num_draft_tokens = int(m.value)
+            elif m.name == SPEC_COUNTERS[2]:
+                s.num_accepted_tokens = int(m.value)
+            elif m.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
+                s.accepted_per_pos = [int(v) for v in m.values]
+        return s
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int] | str | list[dict]],
+        sampling: SamplingConfig | dict | None = None,
+        use_tqdm: bool = False,
+    ) -> RolloutBatch:
+        """Generate ``sampling.n`` samples for each prompt (token ids, raw text, or chat messages)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        sp = SamplingConfig.model_validate(sampling or {})
+        params = SamplingParams(
+            n=sp.n,
+            temperature=sp.temperature,
+            top_p=sp.top_p,
+            max_tokens=sp.max_tokens,
+            stop=sp.stop or None,
+            seed=sp.seed,
+            ignore_eos=sp.ignore_eos,
+            logprobs=0,  # the sampled token's log-prob only
+        )
+        prepared = [self._prepare(p, sp.max_tokens) for p in prompts]
+        todo = [i for i, (ids, _) in enumerate(prepared) if ids is not None]
+        with self._lock:
+            version = self.policy_version
+            before = self.spec_stats()
+            t0 = time.perf_counter()
+            outs = (
+                self.llm.generate([TokensPrompt(prompt_token_ids=prepared[i][0]) for i in todo], params, use_tqdm=use_tqdm)
+                if todo
+                else []
+            )
+            seconds = time.perf_counter() - t0
+            spec = self.spec_stats() - before
+        samples: list[Sample] = []
+        by_index = dict(zip(todo, outs))
+        n_tokens = 0
+        for i, (ids, reason) in enumerate(prepared):
+            if ids is None:
+                samples += [
+                    Sample(i, [], [], "", [], "prompt_too_long", version) for _ in range(sp.n)
+                ]
+                continue
+            out = by_index[i]
+            for c in out.outputs:
+                lps = [d[tid].logprob for tid, d in zip(c.token_ids, c.logprobs)]
+                n_tokens += len(c.token_ids)
+                samples.append(
+                    Sample(i, list(out.prompt_token_ids), list(c.token_ids), c.text, lps, c.finish_reason or "stop", version)
+                )
+        return RolloutBatch(samples, spec, seconds, n_tokens)
+
+    # ---- weights -------------------------------------------------------------------------------
+    def update_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor]]) -> float:
+        """Load MiMo-named tensors into the target and the MTP drafter; returns seconds taken.
+
+        Waits for the in-flight batch (the lock), so every sample of a batch has one version."""
+        weights = [(n, t.detach().to("cpu") if t.device.type != "cpu" else t.detach()) for n, t in weights]
+        target = [(n, t) for n, t in weights if not _is_mtp_name(n)]
+        drafter = [(n, t) for n, t in weights if _is_mtp_name(n) or "embed_tokens" in n or n == "lm_head.weight"]
+        with self._lock:
+            t0 = time.perf_counter()
+            self.llm.collective_rpc(_reload_target, args=(target,))
+            if self.config.num_speculative_tokens > 0 and drafter:
+                self.llm.collective_rpc(_reload_drafter, args=(drafter,))
+            # Cached prefixes were computed with the old weights.
+            self.llm.reset_prefix_cache()
+            self.policy_version = version
+            return time.perf_counter() - t0
+
+    # ---- test hooks ----------------------------------------------------------------------------
+    def start_drafter_capture(self) -> None:
+        self.llm.collective_rpc(_start_drafter_capture)
+
+    def take_drafter_capture(self) -> list[torch.Tensor]:
+        return self.llm.collective_rpc(_take_drafter_capture)[0]
