@@ -1,0 +1,132 @@
+"""Typed configuration of the reward package (math verification, code sandbox, reward actors).
+
+Every field has a description; cross-field rules are checked at construction and name the
+offending values. Defaults are the ones the tests and `benchmarks/reward_throughput.py` use.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Fallback = Literal["answer_is", "gsm8k_hash", "last_number", "last_latex"]
+
+
+class OverlongShaping(BaseModel):
+    """DAPO overlong shaping (DESIGN.md): 0 if |y| <= L_max - L_c, ((L_max - L_c) - |y|) / L_c if
+    |y| <= L_max, -1 beyond. Added to the reward of graded (`ok`/`wrong`) items."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_length: int = Field(gt=0, description="L_max: the hard response-length limit (tokens if the caller "
+                                              "passes token counts, else characters).")
+    cache_length: int = Field(gt=0, description="L_c: the soft band before L_max in which the penalty ramps "
+                                                "linearly from 0 to -1.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "OverlongShaping":
+        if self.cache_length > self.max_length:
+            raise ValueError(f"cache_length ({self.cache_length}) must be <= max_length ({self.max_length})")
+        return self
+
+    def penalty(self, length: int) -> float:
+        soft = self.max_length - self.cache_length
+        if length <= soft:
+            return 0.0
+        if length <= self.max_length:
+            return (soft - length) / self.cache_length
+        return -1.0
+
+
+class MathConfig(BaseModel):
+    """Math answer extraction, verification and reward shaping."""
+
+    model_config = ConfigDict(extra="forbid")
+    fallbacks: list[Fallback] = Field(
+        default_factory=lambda: ["answer_is", "gsm8k_hash"],
+        description="Extractors tried in order when the completion has no `\\boxed{}`: "
+                    "`answer_is` ('the answer is X', 'Answer: X'), `gsm8k_hash` ('#### X'), "
+                    "`last_number` (the last number in the text; lenient, rewards unformatted answers), "
+                    "`last_latex` (the last $...$ or \\[...\\] span). Empty list = boxed answers only.")
+    multiple_boxed: Literal["last", "first", "all"] = Field(
+        "last", description="With several `\\boxed{}`: `last` (the final answer, usual convention), `first`, "
+                            "or `all` (joined with commas, for multi-part answers graded as a set/tuple).")
+    correct_reward: float = Field(1.0, description="Reward of a verified answer.")
+    wrong_reward: float = Field(0.0, description="Reward of a checked, wrong (or missing) answer.")
+    failure_reward: float = Field(0.0, description="Reward reported with `timeout`/`error` outcomes; the outcome "
+                                                   "tells the learner to drop or count them, never a silent 0.")
+    format_reward: float = Field(0.0, description="Added when the answer came from a `\\boxed{}` (format shaping; "
+                                                  "0 disables).")
+    overlong: OverlongShaping | None = Field(None, description="Length shaping; None disables.")
+    deadline_s: float = Field(5.0, gt=0, description="Hard parent-side wall-clock deadline per item; past it the "
+                                                      "worker is killed and replaced and the item is a `timeout`.")
+    inner_timeout_s: int = Field(3, ge=1, description="math-verify's own SIGALRM timeout per parse/compare, inside "
+                                                      "the worker (must be below deadline_s so it fires first when "
+                                                      "the stuck code is interruptible Python).")
+    num_workers: int = Field(2, ge=1, description="Verifier processes.")
+    float_rounding: int = Field(6, ge=0, description="math-verify float_rounding.")
+    strict: bool = Field(True, description="math-verify strict mode (variables matter; sets != tuples).")
+    max_completion_chars: int = Field(
+        16_000, gt=0, description="Only the last this-many characters of a completion are searched; bounds "
+                                  "the cost of adversarially long completions.")
+    max_answer_chars: int = Field(
+        512, gt=0, description="Extracted answers longer than this are `wrong` without parsing (no real final "
+                               "answer is that long; parsing one can take unbounded time).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MathConfig":
+        if self.inner_timeout_s >= self.deadline_s:
+            raise ValueError(f"inner_timeout_s ({self.inner_timeout_s}) must be < deadline_s ({self.deadline_s})")
+        return self
+
+
+class SandboxConfig(BaseModel):
+    """Isolation and limits of the code sandbox (see `reward/sandbox.py` for what each one stops)."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["bwrap", "unsafe_local"] = Field(
+        "bwrap", description="`bwrap`: bubblewrap namespaces (required for untrusted code; the runner refuses "
+                             "to start without bwrap). `unsafe_local`: plain subprocesses with rlimits only; "
+                             "no filesystem/network isolation — for trusted code or debugging only.")
+    python: str = Field("/usr/bin/python3", description="Interpreter inside the sandbox; must live under a "
+                                                        "read-only bound system directory (not under /root).")
+    python_flags: list[str] = Field(default_factory=lambda: ["-I", "-S"],
+                                    description="Interpreter flags. -I ignores PYTHON* env and user site; -S skips "
+                                                "site-packages (faster start; stdlib only).")
+    ro_binds: list[str] = Field(default_factory=lambda: ["/usr", "/etc/alternatives"],
+                                description="Host directories bound read-only (existing ones only).")
+    wall_timeout_s: float = Field(10.0, gt=0, description="Wall-clock deadline per program run (all cases), "
+                                                          "enforced by the parent.")
+    cpu_seconds: int = Field(10, ge=1, description="RLIMIT_CPU per process.")
+    address_space_bytes: int = Field(1 << 30, ge=64 << 20, description="RLIMIT_AS per process.")
+    file_size_bytes: int = Field(16 << 20, ge=0, description="RLIMIT_FSIZE: largest file a program may write.")
+    open_files: int = Field(64, ge=16, description="RLIMIT_NOFILE.")
+    nproc: int = Field(512, ge=8, description="RLIMIT_NPROC fallback (counts all processes of the sandbox uid, "
+                                              "host-wide); the pids cgroup is the precise limit where writable.")
+    tmpfs_bytes: int = Field(64 << 20, ge=1 << 20, description="Size of the private tmpfs work dir (disk-fill bound).")
+    memory_bytes: int = Field(1 << 30, ge=64 << 20, description="cgroup memory limit for the whole sandbox, where a "
+                                                                "memory cgroup is writable.")
+    pids_max: int = Field(64, ge=8, description="cgroup pids limit for the whole sandbox, where writable.")
+    max_output_bytes: int = Field(1 << 20, ge=1024, description="Most bytes read from a program's stdout (per case) "
+                                                                "and from its stderr; more is a violation.")
+    uid: int = Field(65534, description="Unprivileged uid the sandbox runs as on the host (and inside).")
+    gid: int = Field(65534, description="Unprivileged gid.")
+    use_cgroups: bool = Field(True, description="Use writable cgroups (v2, or v1 memory/pids) for limits and kill.")
+
+
+class CodeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="Sandbox limits and mode.")
+    correct_reward: float = Field(1.0, description="Reward when every test passes.")
+    wrong_reward: float = Field(0.0, description="Reward when a test fails.")
+    failure_reward: float = Field(0.0, description="Reward reported with timeout/error/sandbox_violation.")
+    partial_credit: bool = Field(False, description="Stdio only: reward = fraction of cases passed (still `wrong` "
+                                                     "unless all pass).")
+
+
+class RewardActorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    math: MathConfig = Field(default_factory=MathConfig, description="Math grading.")
+    code: CodeConfig = Field(default_factory=CodeConfig, description="Code grading.")
+    max_concurrency: int = Field(2, ge=1, description="Items graded at once per actor (sandbox runs / math "
+                                                      "workers); the rest queue.")
