@@ -1,0 +1,196 @@
+"""The run spec: what `POST /v1/runs` and `mtprl runs start SPEC.yaml` take.
+
+`RunSpec` is a typed pydantic model (unknown fields are errors). Field-level rules (sizes ≥ 0,
+known datasets, a model given) are checked by pydantic and come back as 422 with the field path;
+rules that need the model directory (MPO's K against the MTP modules in `config.json`) are in
+:func:`spec_problems`, which returns errors of the same shape so the API reports both alike.
+
+    model:    {path: /models/smollm2-mtp}
+    data:     {dataset: "reasoning_gym:basic_arithmetic"}
+    algorithm: {algorithm: grpo, mpo: {k: 3}}          # learner.config.AlgorithmConfig
+    rollout:  {engines: 1, samples_per_prompt: 8, max_tokens: 512, num_speculative_tokens: 1}
+    schedule: {steps: 200, max_staleness: 1, checkpoint_every: 50}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from learner.config import AlgorithmConfig
+
+#: Datasets a run can name. `jsonl:PATH` is the user's own file (GSM8K/MATH/MBPP layouts).
+REASONING_GYM_TASKS = ("basic_arithmetic", "chain_sum", "gsm_symbolic")
+BUILTIN_DATASETS = tuple(f"reasoning_gym:{t}" for t in REASONING_GYM_TASKS) + ("human_eval",)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    """The policy checkpoint (MiMo layout: Qwen2 weights + `num_nextn_predict_layers` MTP modules)."""
+
+    path: str = Field(
+        ...,
+        min_length=1,
+        description="Local checkpoint directory (must exist and hold config.json) or a model name "
+        "resolved by the run (e.g. a Hugging Face id; not checked here).",
+    )
+    name: str | None = Field(None, description="Display name; defaults to the path's last part.")
+
+    @field_validator("path")
+    @classmethod
+    def _local_path_exists(cls, v: str) -> str:
+        if is_local_path(v):
+            p = Path(os.path.expanduser(v))
+            if not (p / "config.json").is_file():
+                raise ValueError(f"model directory {v!r} has no config.json (or does not exist)")
+        return v
+
+
+class DataSpec(_Strict):
+    """Where prompts come from."""
+
+    dataset: str = Field(
+        ...,
+        description="One of " + ", ".join(BUILTIN_DATASETS) + ", or jsonl:PATH (an existing file).",
+    )
+    size: int = Field(1000, ge=1, description="Prompts generated (reasoning_gym) or read at most.")
+    seed: int = Field(0, ge=0, description="Seeds generation and the prompt order.")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v in BUILTIN_DATASETS:
+            return v
+        if v.startswith("jsonl:"):
+            path = v.removeprefix("jsonl:")
+            if not path:
+                raise ValueError("jsonl: needs a path, e.g. jsonl:/data/gsm8k.jsonl")
+            if not Path(os.path.expanduser(path)).is_file():
+                raise ValueError(f"dataset file {path!r} does not exist")
+            return v
+        raise ValueError(f"unknown dataset {v!r}; known: {', '.join(BUILTIN_DATASETS)}, jsonl:PATH")
+
+
+class RolloutSpec(_Strict):
+    """vLLM engines and sampling."""
+
+    engines: int = Field(1, ge=1, description="Rollout engines (one per GPU or TP group).")
+    samples_per_prompt: int = Field(8, ge=1, description="G: samples per prompt (group size).")
+    prompts_per_step: int = Field(8, ge=1, description="Prompts per training step.")
+    max_tokens: int = Field(512, ge=1, description="Max new tokens per sample.")
+    temperature: float = Field(1.0, ge=0.0, le=10.0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    num_speculative_tokens: int = Field(
+        1,
+        ge=0,
+        le=16,
+        description="Tokens drafted per step by MTP module 1 (recursively). 0 = no speculative "
+        "decoding; > 0 needs a model with MTP modules.",
+    )
+
+
+class RewardSpec(_Strict):
+    """How samples are scored."""
+
+    kind: str = Field("auto", pattern="^(auto|math|code)$", description="auto = by dataset.")
+    workers: int = Field(2, ge=1, description="Verification worker processes.")
+    timeout_s: float = Field(5.0, gt=0, description="Hard deadline per verification.")
+    allow_unsafe_code: bool = Field(
+        False, description="Run code without a sandbox when none is available (unsafe)."
+    )
+
+
+class ResourcesSpec(_Strict):
+    """What the run asks Ray for."""
+
+    learner_gpus: int = Field(0, ge=0, description="GPUs for the learner group (0 = CPU).")
+    gpus_per_engine: int = Field(0, ge=0, description="GPUs per rollout engine (0 = CPU vLLM).")
+    tensor_parallel: int = Field(1, ge=1, description="Tensor-parallel size of each engine.")
+    cpus_per_reward_worker: float = Field(1.0, gt=0, description="CPUs per reward worker.")
+
+
+class ScheduleSpec(_Strict):
+    """How long and how asynchronously to train."""
+
+    steps: int = Field(100, ge=1, description="Optimiser steps (policy versions) to train.")
+    max_staleness: int = Field(
+        1, ge=0, description="Oldest behaviour version the learner accepts (0 = on-policy)."
+    )
+    checkpoint_every: int = Field(50, ge=0, description="Checkpoint every N steps (0 = only at the end).")
+    weight_sync_every: int = Field(1, ge=1, description="Publish weights every N steps.")
+
+
+class CheckpointSpec(_Strict):
+    """Where and how much to keep."""
+
+    dir: str | None = Field(None, description="Checkpoint directory; default <data_dir>/runs/<id>.")
+    keep_last: int = Field(3, ge=1, description="Checkpoints kept (older ones deleted).")
+    save_optimizer: bool = Field(True, description="Also save optimiser state (for resume).")
+
+
+class RunSpec(_Strict):
+    """A whole training run."""
+
+    name: str | None = Field(None, max_length=200, description="Free-form label.")
+    model: ModelSpec
+    data: DataSpec
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    reward: RewardSpec = Field(default_factory=RewardSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    checkpointing: CheckpointSpec = Field(default_factory=CheckpointSpec)
+
+
+def is_local_path(path: str) -> bool:
+    """A model path we can check here: absolute, ./relative, ~, or an existing directory."""
+    return path.startswith(("/", "./", "../", "~")) or Path(path).exists()
+
+
+def read_num_mtp(model_path: str) -> int | None:
+    """`num_nextn_predict_layers` of a local checkpoint (0 when absent); None if not local."""
+    if not is_local_path(model_path):
+        return None
+    cfg = json.loads((Path(os.path.expanduser(model_path)) / "config.json").read_text())
+    return int(cfg.get("num_nextn_predict_layers", 0) or 0)
+
+
+def spec_problems(spec: RunSpec) -> list[dict[str, Any]]:
+    """Cross-checks against the model directory, as pydantic-style errors
+    (``{"type", "loc", "msg", "input"}``, loc relative to the spec)."""
+    n = read_num_mtp(spec.model.path)
+    if n is None:  # a remote model name: the run checks it when it loads the config
+        return []
+    alg = spec.algorithm
+    out: list[dict[str, Any]] = []
+
+    def err(loc: tuple[str, ...], msg: str, value: Any) -> None:
+        out.append({"type": "value_error", "loc": loc, "msg": msg, "input": value})
+
+    if alg.mpo is not None and alg.mpo.k - 1 > n:
+        err(("algorithm", "mpo", "k"),
+            f"mpo.k={alg.mpo.k} needs {alg.mpo.k - 1} MTP heads but the model has {n} "
+            f"(num_nextn_predict_layers); use k <= {n + 1}", alg.mpo.k)
+    if alg.mtp_regime != "none" and n == 0:
+        err(("algorithm", "mtp_regime"),
+            f"mtp_regime={alg.mtp_regime!r} trains MTP modules but the model has none; use 'none'",
+            alg.mtp_regime)
+    if alg.mtp_heads is not None and alg.mtp_regime != "none" and alg.mtp_heads > n:
+        err(("algorithm", "mtp_heads"), f"mtp_heads={alg.mtp_heads} but the model has {n}", alg.mtp_heads)
+    if spec.rollout.num_speculative_tokens > 0 and n == 0:
+        err(("rollout", "num_speculative_tokens"),
+            "speculative decoding drafts with MTP module 1 but the model has none; use 0",
+            spec.rollout.num_speculative_tokens)
+    if not out:
+        try:  # the learner's own rule set, in case it grows beyond the checks above
+            alg.check_against_model(n)
+        except ValueError as e:
+            err(("algorithm",), str(e), None)
+    return out

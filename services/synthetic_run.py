@@ -1,0 +1,183 @@
+"""SyntheticRunActor: a stand-in run controller with **synthetic** metrics.
+
+What it is for: exercising the control plane end to end (REST, registry, Prometheus, Grafana,
+CLI, restarts) on a machine without GPUs or models, in tests and demos. It trains nothing: each
+"step" sleeps ``synthetic_step_seconds`` and reports made-up but plausible values (reward rising,
+loss falling, λ per head, acceptance rate, …) for every key of
+``services.metrics_export.METRIC_CATALOG``, plus a fake ``checkpoint`` event every
+``schedule.checkpoint_every`` steps (no file is written).
+
+What is real: it is a detached, named Ray actor created by :class:`services.launcher.RayLauncher`
+exactly as the real controller will be; it reports only through the
+:class:`services.launcher.MetricsSink` interface (the Redis sink); it obeys pause, resume and
+cancel, both from actor calls and from the registry's state, which it reads at every step
+boundary (so a lost call cannot leave it running against the user's wish).
+
+The real run controller replaces this class in ``RayLauncher(actor_cls=…)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import traceback
+from typing import Any
+
+import ray
+
+from services.metrics_export import METRIC_CATALOG
+from services.registry import COMPLETED, FAILED, RUNNING, TERMINAL_STATES, RedisSink
+from services.spec import read_num_mtp
+
+
+def synthetic_metrics(step: int, total: int, heads: int, rng: random.Random) -> dict[str, float]:
+    """Made-up values with the right names, ranges and trends (NOT measurements)."""
+    x = step / max(total, 1)
+    noise = lambda s: rng.gauss(0.0, s)  # noqa: E731
+    acc = min(1.0, max(0.0, 0.1 + 0.7 * (1 - math.exp(-4 * x)) + noise(0.03)))
+    g, drafted = 64, 400
+    accepted = int(drafted * min(0.95, 0.55 + 0.3 * x + noise(0.02)))
+    correct = int(round(acc * g))
+    timeouts = rng.randint(0, 1)
+    m: dict[str, float] = {
+        "loss": 0.5 * math.exp(-2 * x) + noise(0.02),
+        "ratio/token_mean": 1.0 + noise(0.005),
+        "ratio/token_var": abs(0.01 + noise(0.002)),
+        "ratio/block_mean": 1.0 + noise(0.006),
+        "ratio/block_var": abs(0.012 + noise(0.002)),
+        "grad_norm": abs(1.0 + noise(0.2)),
+        "entropy": 1.2 * math.exp(-x) + 0.2,
+        "kl": abs(0.01 * x + noise(0.002)),
+        "reward/mean": acc - 0.05 * timeouts / g,
+        "reward/accuracy": acc,
+        "response/length_mean": 180 + 60 * x + noise(5),
+        "staleness/mean": abs(0.6 + noise(0.1)),
+        "staleness/max": 1.0,
+        "staleness/dropped_groups": float(rng.randint(0, 2)),
+        "rollout/tokens_per_s": 1500 + 400 * x + noise(50),
+        "spec/acceptance_rate": accepted / drafted,
+        "spec/mean_acceptance_length": 1.0 + accepted / drafted,
+        "sync/weight_seconds": abs(0.8 + noise(0.1)),
+        "reward/latency_mean_s": abs(0.05 + noise(0.01)),
+        "reward/latency_p95_s": abs(0.2 + noise(0.03)),
+        "reward/correct": float(correct),
+        "reward/incorrect": float(g - correct - timeouts),
+        "reward/timeouts": float(timeouts),
+        "reward/errors": 0.0,
+        "policy_version": float(step),
+    }
+    for d in METRIC_CATALOG:
+        if not d.per_head:
+            continue
+        for h in range(d.heads_from, heads + 1):
+            key = d.key.replace("{h}", str(h))
+            if key.startswith("clip_frac/"):
+                m[key] = abs(0.02 + 0.01 * h + noise(0.003))
+            elif key.startswith("occ/lambda/"):
+                m[key] = 0.3 / h + noise(0.05)
+            elif key.startswith("occ/c_hat/"):
+                m[key] = 0.01 / h + noise(0.002)
+            else:  # occ/v2_hat
+                m[key] = abs(0.03 * h + noise(0.003))
+    missing = {d.key for d in METRIC_CATALOG if not d.per_head} - m.keys()
+    assert not missing, f"synthetic metrics miss {missing}"
+    return m
+
+
+@ray.remote(num_cpus=0)
+class SyntheticRunActor:
+    """A detached run actor reporting synthetic metrics (see the module docstring)."""
+
+    def __init__(self, run_id: str, spec: dict[str, Any], sink_config: dict[str, Any]):
+        self.run_id = run_id
+        self.spec = spec
+        self.sink = RedisSink(
+            sink_config["redis_url"],
+            metrics_history_cap=sink_config.get("metrics_history_cap", 5000),
+            events_cap=sink_config.get("events_cap", 10000),
+        )
+        self.step_seconds = float(sink_config.get("synthetic_step_seconds", 0.2))
+        sched = spec.get("schedule", {})
+        self.total = int(sched.get("steps", 100))
+        self.ckpt_every = int(sched.get("checkpoint_every", 0))
+        try:
+            self.heads = read_num_mtp(spec["model"]["path"]) or 1
+        except (OSError, ValueError, KeyError):
+            self.heads = 1
+        self.step = 0
+        self._runnable = asyncio.Event()
+        self._runnable.set()
+        self._cancelled = False
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> bool:
+        """Spawn the loop inside the actor and return: the caller (the API) may go away."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._main())
+        return True
+
+    async def pause(self) -> None:
+        self._runnable.clear()
+
+    async def resume(self) -> None:
+        self._runnable.set()
+
+    async def cancel(self) -> None:
+        self._cancelled = True
+        self._runnable.set()
+
+    async def status(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "step": self.step,
+                "done": self._task is not None and self._task.done()}
+
+    async def _may_continue(self) -> bool:
+        """Block while paused; False when the run must stop. The registry's state wins over
+        the in-actor flags (it is what the user set)."""
+        while True:
+            state = self.sink.get_state(self.run_id)
+            if self._cancelled or state in TERMINAL_STATES or state is None:
+                return False
+            if state == RUNNING:
+                return True
+            # Paused: sleep until a resume call wakes us, re-reading the registry at least every
+            # 0.2 s in case the call was lost (API crash between the transition and the call).
+            self._runnable.clear()
+            try:
+                await asyncio.wait_for(self._runnable.wait(), timeout=0.2)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _main(self) -> None:
+        rng = random.Random(hash(self.run_id) & 0xFFFF)
+        try:
+            if not self.sink.set_state(self.run_id, RUNNING):
+                return  # cancelled before it started
+            self.sink.event(self.run_id, "log", {"message": "synthetic run started (fake metrics)"})
+            for step in range(1, self.total + 1):
+                if not await self._may_continue():
+                    return
+                await asyncio.sleep(self.step_seconds)  # the "training step"
+                metrics = synthetic_metrics(step, self.total, self.heads, rng)
+                if not self.sink.report_step(self.run_id, step, metrics):
+                    return  # cancelled during the step
+                self.step = step
+                if self.ckpt_every and step % self.ckpt_every == 0:
+                    self.sink.event(self.run_id, "checkpoint", {
+                        "step": step, "policy_version": step, "synthetic": True,
+                        "path": f"synthetic://{self.run_id}/step-{step}"})
+            self.sink.set_state(self.run_id, COMPLETED)
+        except Exception as e:  # the run failed: say so in the registry, with the error
+            self.sink.set_state(self.run_id, FAILED, error=f"{type(e).__name__}: {e}")
+            self.sink.event(self.run_id, "log", {"message": traceback.format_exc()[-2000:]})
+        finally:
+            self.sink.close()
+            self._exit_soon()
+
+    def _exit_soon(self) -> None:
+        # A finished run's actor leaves; a detached actor would otherwise live forever.
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, lambda: ray.kill(ray.get_runtime_context().current_actor, no_restart=True))
+
+
+__all__ = ["SyntheticRunActor", "synthetic_metrics"]
