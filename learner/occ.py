@@ -1,0 +1,180 @@
+"""OCC: the coefficient of the MTP loss in joint MTP-RL training (Optimal Coefficient
+Calibration, OCC paper §3.4, Eq. 13), and the regimes it is compared with (§3.2).
+
+Joint loss:  L = L_RL(main) + Σ_k λ_k · L_MTP,k
+
+- `detach`: L_MTP,k = cross-entropy −log π⁽ᵏ⁾(o_t) on the sampled response tokens, computed from
+  *detached* backbone states (the model's `mtp_backbone_grad=False`), λ = `occ.fixed_lambda`:
+  the heads follow the policy, the backbone gets no MTP gradient.
+- `ce`: the same cross-entropy with gradient into the backbone, λ = `occ.fixed_lambda` (0.1).
+- `policy`: L_MTP,k = the RL surrogate with head k's log-prob of the token in place of the main
+  head's, the ratio taken against the main head's *old* log-prob (as in the authors' code), and
+  the same advantages; λ = `occ.fixed_lambda` (0.1).
+- `occ`: the policy loss with λ_k chosen each micro-batch under no_grad from log-prob proxies
+  of the gradients (§3.4):
+
+      δ_RL,t   = log π_θ(o_t)     − log π_old(o_t)          (main head)
+      δ_MTP,k,t = log π_θ⁽ᵏ⁾(o_t) − log π_old(o_t)          (head k, same token)
+      ĉ_k = mean_t δ_RL,t δ_MTP,k,t,   v̂²_k = mean_t δ_MTP,k,t²       over masked response tokens
+      paper (Eq. 13):  λ_k = λ₊ · ĉ_k / (v̂²_k + ε)         signed, not clipped
+      authors' code:   λ_k = (λ₊/H) · mean_t[δ_MTP δ_RL / (δ_MTP² + ε)] over the padded
+                       response window (padding counts as 0), applied by scaling the MTP loss's
+                       advantages (so a negative λ also flips which clip branch is active).
+
+  Means rather than sums: ĉ/v̂² is the same either way; means make the logged values comparable
+  across batch sizes. On the first micro-batch of an on-policy update π_θ = π_old, so δ_RL = 0 and
+  λ = 0: OCC only acts from the second mini-batch or epoch on.
+
+Log-probs here are target-aligned (`HeadLogProbs`): head k's entry at t is its log-prob of o_t.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from learner.aggregation import Normaliser, aggregate, masked_mean
+from learner.config import AlgorithmConfig
+from learner.objectives import TokenLoss, policy_loss
+
+
+@dataclass
+class OCCStats:
+    """Per MTP head (H,) each, detached."""
+
+    lam: torch.Tensor
+    c_hat: torch.Tensor
+    v2_hat: torch.Tensor
+
+
+@torch.no_grad()
+def occ_lambda_paper(
+    delta_rl: torch.Tensor,
+    delta_mtp: torch.Tensor,
+    mask: torch.Tensor,
+    lambda_plus: float = 1.0,
+    eps: float = 1e-8,
+) -> OCCStats:
+    """OCC Eq. 13: λ_k = λ₊·ĉ_k/(v̂²_k + ε), ĉ_k = ⟨δ_RL, δ_MTP,k⟩/n_k, v̂²_k = ‖δ_MTP,k‖²/n_k.
+
+    delta_rl (B, T); delta_mtp (H, B, T); mask (H, B, T) — head k's masked response tokens.
+    """
+    if delta_mtp.shape != mask.shape or delta_mtp.shape[1:] != delta_rl.shape:
+        raise ValueError(
+            f"OCC shapes: delta_rl {tuple(delta_rl.shape)}, delta_mtp {tuple(delta_mtp.shape)}, "
+            f"mask {tuple(mask.shape)}"
+        )
+    m = mask.to(delta_mtp.dtype)  # (H, B, T)
+    n = m.sum(dim=(1, 2)).clamp(min=1)  # (H,)
+    dm = torch.where(mask, delta_mtp, torch.zeros_like(delta_mtp))
+    dr = torch.where(mask, delta_rl.unsqueeze(0).expand_as(delta_mtp), torch.zeros_like(dm))
+    c_hat = (dr * dm).sum(dim=(1, 2)) / n  # (H,)
+    v2_hat = (dm * dm).sum(dim=(1, 2)) / n  # (H,)
+    return OCCStats(lam=lambda_plus * c_hat / (v2_hat + eps), c_hat=c_hat, v2_hat=v2_hat)
+
+
+@torch.no_grad()
+def occ_lambda_authors(
+    delta_rl: torch.Tensor,
+    delta_mtp: torch.Tensor,
+    mask: torch.Tensor,
+    window: torch.Tensor,
+    lambda_plus: float = 1.0,
+    eps: float = 1e-8,
+) -> OCCStats:
+    """The authors' estimator (MarkXCloud/RL-MTP, megatron_actor.py): per token, unmasked:
+
+        λ_k = (λ₊/H) · mean_{t ∈ window} [δ_MTP,k,t δ_RL,t / (δ_MTP,k,t² + ε)]
+
+    `window` (B, T) is the padded response window (the denominator counts its padding, whose
+    terms are 0 here). ĉ and v̂² are returned as in the paper estimator, for the dashboards.
+    """
+    h = delta_mtp.shape[0]
+    dm = torch.where(mask, delta_mtp, torch.zeros_like(delta_mtp))  # (H, B, T)
+    dr = torch.where(mask, delta_rl.unsqueeze(0).expand_as(dm), torch.zeros_like(dm))
+    q = dm * dr / (dm * dm + eps)  # (H, B, T); 0 where masked
+    n = window.to(dm.dtype).sum().clamp(min=1)
+    lam = (lambda_plus / h) * q.sum(dim=(1, 2)) / n
+    paper = occ_lambda_paper(delta_rl, delta_mtp, mask, 1.0, eps)
+    return OCCStats(lam=lam, c_hat=paper.c_hat, v2_hat=paper.v2_hat)
+
+
+def response_window(response_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: from each row's first response token to the micro-batch's widest response
+    end, i.e. veRL's right-padded `responses` tensor laid over our prompt+response rows."""
+    b, t = response_mask.shape
+    pos = torch.arange(t, device=response_mask.device).expand(b, t)
+    has = response_mask.any(-1)
+    first = torch.where(response_mask, pos, torch.full_like(pos, t)).min(-1).values  # (B,)
+    width = torch.where(has, response_mask.sum(-1), torch.zeros_like(first)).max()
+    return (pos >= first.unsqueeze(1)) & (pos < first.unsqueeze(1) + width) & has.unsqueeze(1)
+
+
+@dataclass
+class MTPLoss:
+    loss: torch.Tensor  # scalar, already weighted by λ
+    per_head: list[torch.Tensor]  # unweighted loss per head (detached scalars)
+    token_losses: list[TokenLoss | None]  # per head (policy-type regimes), for clip stats
+
+
+def mtp_regime_loss(
+    cfg: AlgorithmConfig,
+    mtp_logp: torch.Tensor,
+    mtp_mask: torch.Tensor,
+    old_main: torch.Tensor,
+    adv: torch.Tensor,
+    lam: torch.Tensor | None,
+    behav_weight: torch.Tensor | None = None,
+    behav_keep: torch.Tensor | None = None,
+    norm: Normaliser | None = None,
+) -> MTPLoss:
+    """The MTP auxiliary loss Σ_k λ_k·L_MTP,k of `cfg.mtp_regime` (see module docstring).
+
+    mtp_logp (H, B, T) target-aligned MTP log-probs (with grad); mtp_mask (H, B, T) head k's
+    response tokens; old_main (B, T) main-head π_old; adv (B, T); lam (H,) the OCC λ (regime
+    `occ`), ignored otherwise.
+    """
+    regime = cfg.mtp_regime
+    h = mtp_logp.shape[0]
+    total = mtp_logp.new_zeros(())
+    per_head: list[torch.Tensor] = []
+    tls: list[TokenLoss | None] = []
+    for k in range(h):  # over heads (≤ 4), each a (B, T) vectorised loss
+        mk = mtp_mask[k]
+        match regime:
+            case "detach" | "ce":
+                lk = aggregate(-mtp_logp[k], mk, cfg.aggregation, norm)
+                total = total + cfg.occ.fixed_lambda * lk
+                tls.append(None)
+            case "policy" | "occ":
+                coef = cfg.occ.fixed_lambda if regime == "policy" else lam[k]
+                keep = mk if behav_keep is None else (behav_keep & mk)
+                ell = mtp_logp[k] - old_main  # (B, T) ratio against the main head's old log-prob
+                if regime == "occ" and cfg.occ.estimator == "authors_code":
+                    lk, tl = policy_loss(ell, adv * coef, mk, cfg, behav_weight, keep, norm)
+                    total = total + lk
+                else:
+                    lk, tl = policy_loss(ell, adv, mk, cfg, behav_weight, keep, norm)
+                    total = total + coef * lk
+                tls.append(tl)
+            case _:
+                raise ValueError(f"mtp_regime {regime!r} has no MTP loss")
+        per_head.append(lk.detach())
+    return MTPLoss(loss=total, per_head=per_head, token_losses=tls)
+
+
+def mtp_backbone_grad(regime: str) -> bool:
+    """Whether the regime's MTP gradient reaches the backbone (the model's forward flag)."""
+    return regime in ("ce", "policy", "occ")
+
+
+__all__ = [
+    "OCCStats",
+    "occ_lambda_paper",
+    "occ_lambda_authors",
+    "response_window",
+    "mtp_regime_loss",
+    "mtp_backbone_grad",
+    "masked_mean",
+]

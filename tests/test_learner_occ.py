@@ -1,0 +1,123 @@
+"""OCC's coefficient (Eq. 13 and the authors' estimator) and the MTP regimes' gradient routes,
+checked with autograd on the real tiny policy model (`learner.tiny`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from learner.config import AlgorithmConfig
+from learner.occ import (
+    mtp_backbone_grad,
+    mtp_regime_loss,
+    occ_lambda_authors,
+    occ_lambda_paper,
+    response_window,
+)
+from learner.tiny import make_tiny_model
+
+torch.set_num_threads(1)
+
+
+def test_lambda_matches_hand_computation():
+    d_rl = torch.tensor([[0.1, -0.2, 0.3, 9.0]])  # last token masked out
+    d_mtp = torch.tensor([[[0.2, 0.1, -0.1, 9.0]], [[-0.4, 0.0, 0.0, 1.0]]])  # (2, 1, 4)
+    mask = torch.tensor([[[True, True, True, False]]]).expand(2, 1, 4)
+    st = occ_lambda_paper(d_rl, d_mtp, mask, lambda_plus=1.0, eps=1e-8)
+    c1 = (0.1 * 0.2 - 0.2 * 0.1 - 0.3 * 0.1) / 3
+    v1 = (0.04 + 0.01 + 0.01) / 3
+    c2, v2 = (0.1 * -0.4) / 3, 0.16 / 3
+    assert st.c_hat.tolist() == pytest.approx([c1, c2], rel=1e-5)
+    assert st.v2_hat.tolist() == pytest.approx([v1, v2], rel=1e-5)
+    assert st.lam.tolist() == pytest.approx([c1 / (v1 + 1e-8), c2 / (v2 + 1e-8)], rel=1e-5)
+    half = occ_lambda_paper(d_rl, d_mtp, mask, lambda_plus=0.5)
+    assert half.lam.tolist() == pytest.approx((0.5 * st.lam).tolist())
+
+
+def test_lambda_sign_follows_the_inner_product():
+    torch.manual_seed(0)
+    d_rl = torch.randn(2, 6)
+    mask = torch.ones(3, 2, 6, dtype=torch.bool)
+    d_mtp = torch.stack([d_rl * 0.5 + 0.01, -d_rl, torch.randn(2, 6)])
+    st = occ_lambda_paper(d_rl, d_mtp, mask)
+    assert st.lam[0] > 0 and st.lam[1] < 0
+    assert torch.sign(st.lam[2]) == torch.sign((d_rl * d_mtp[2]).sum())
+    assert st.lam[1].item() == pytest.approx(-1.0, rel=1e-5)  # δ_MTP = −δ_RL ⇒ λ = −λ₊
+
+
+def test_lambda_is_zero_when_main_policy_has_not_moved():
+    d_mtp = torch.randn(2, 3, 5)
+    mask = torch.ones(2, 3, 5, dtype=torch.bool)
+    zero = torch.zeros(3, 5)
+    assert occ_lambda_paper(zero, d_mtp, mask).lam.tolist() == [0.0, 0.0]
+    win = torch.ones(3, 5, dtype=torch.bool)
+    assert occ_lambda_authors(zero, d_mtp, mask, win).lam.tolist() == [0.0, 0.0]
+
+
+def test_authors_estimator_matches_hand_computation_with_padding_in_the_denominator():
+    d_rl = torch.tensor([[0.2, 0.1, 0.0]])
+    d_mtp = torch.tensor([[[0.1, -0.3, 0.0]]])  # one head
+    mask = torch.tensor([[[True, True, False]]])
+    win = torch.tensor([[True, True, True]])  # padded window of width 3
+    st = occ_lambda_authors(d_rl, d_mtp, mask, win, lambda_plus=0.1, eps=1e-8)
+    q = 0.1 * 0.2 / (0.01 + 1e-8) + (-0.3 * 0.1) / (0.09 + 1e-8)
+    assert st.lam.item() == pytest.approx(0.1 / 1 * q / 3, rel=1e-5)
+
+
+def test_response_window_spans_each_rows_response_start_to_the_widest_response():
+    resp = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    assert response_window(resp).int().tolist() == [[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 0, 0]]
+
+
+# ---------------------------------------------------------------------------- gradient routes
+def _setup():
+    model = make_tiny_model(num_mtp=2, seed=0, vocab_size=64, hidden_size=32)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 64, (4, 12))
+    attn = torch.ones_like(ids)
+    resp = torch.zeros(4, 12, dtype=torch.bool)
+    resp[:, 5:] = True
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5]).unsqueeze(1).expand(4, 12)
+    with torch.no_grad():
+        old = model.token_logprobs(ids, attn, num_mtp=0).logprobs[0] - 0.05
+    return model, ids, attn, resp, adv, old
+
+
+@pytest.mark.parametrize("regime", ["detach", "ce", "policy", "occ"])
+def test_mtp_loss_reaches_the_backbone_only_outside_detach(regime):
+    model, ids, attn, resp, adv, old = _setup()
+    cfg = AlgorithmConfig(algorithm="grpo", mtp_regime=regime)
+    out = model.token_logprobs(ids, attn, num_mtp=2, mtp_backbone_grad=mtp_backbone_grad(regime))
+    mask = out.valid[1:] & resp
+    lam = torch.tensor([0.3, -0.2])  # a nonzero OCC λ, as on a later mini-batch
+    loss = mtp_regime_loss(cfg, out.logprobs[1:], mask, old, adv, lam).loss
+    bb = [p for p in model.backbone.parameters()]
+    g_bb = torch.autograd.grad(loss, bb, allow_unused=True, retain_graph=True)
+    bb_norm = sum(float(g.abs().sum()) for g in g_bb if g is not None)
+    g_mtp = torch.autograd.grad(loss, list(model.mtp.parameters()), allow_unused=True)
+    assert sum(float(g.abs().sum()) for g in g_mtp if g is not None) > 0  # heads always learn
+    if regime == "detach":
+        assert bb_norm == 0.0
+    else:
+        assert bb_norm > 0.0
+
+
+def test_occ_with_zero_lambda_puts_no_gradient_anywhere():
+    model, ids, attn, resp, adv, old = _setup()
+    cfg = AlgorithmConfig(algorithm="grpo", mtp_regime="occ")
+    out = model.token_logprobs(ids, attn, num_mtp=2)
+    loss = mtp_regime_loss(cfg, out.logprobs[1:], out.valid[1:] & resp, old, adv,
+                           torch.zeros(2)).loss
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    assert all(g is None or g.abs().sum() == 0 for g in grads)
+
+
+def test_ce_regime_is_fixed_lambda_times_nll():
+    model, ids, attn, resp, adv, old = _setup()
+    cfg = AlgorithmConfig(algorithm="grpo", mtp_regime="ce")
+    out = model.token_logprobs(ids, attn, num_mtp=2)
+    mask = out.valid[1:] & resp
+    ml = mtp_regime_loss(cfg, out.logprobs[1:], mask, old, adv, None)
+    nll = [-(out.logprobs[1 + k][mask[k]]).mean() for k in range(2)]
+    # token-mean with the main head's token count as denominator; all response tokens valid here
+    assert ml.loss.item() == pytest.approx(0.1 * float(nll[0] + nll[1]), rel=1e-5)
