@@ -69,12 +69,17 @@ def mimo_config_dict(config: Qwen2Config, num_mtp: int) -> dict:
     )
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
         d.pop(key, None)
+    rope = d.get("rope_parameters") or {}
+    if "rope_theta" in rope:  # readers predating transformers v5 look for it at the top level
+        d["rope_theta"] = rope["rope_theta"]
     return d
 
 
 def _atomic_dir(out_dir: Path):
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
+    return tmp
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:

@@ -170,7 +170,6 @@ class PolicyModel(nn.Module):
             raise ValueError(f"asked for {num_mtp} MTP heads but the model has {self.num_mtp}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:
@@ -182,10 +181,31 @@ class PolicyModel(nn.Module):
         if (mask[:, 1:] & ~mask[:, :-1]).any():
             raise ValueError("attention_mask must be right-padded (tokens first, then padding)")
 
+        h = self.backbone_hidden(input_ids)  # (B, T, H)
+        return self.heads_from_hidden(h, input_ids, mask, num_mtp, mtp_backbone_grad, with_entropy)
+
+    def backbone_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The backbone's final-normed hidden states (B, T, H), read by the main head and by MTP
+        module 1. Causal attention only: with right padding, real positions never see padding."""
+        T = input_ids.shape[1]
+        position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0)  # (1, T)
+        return self.backbone.model(input_ids=input_ids, position_ids=position_ids, attention_mask=None).last_hidden_state
+
+    def heads_from_hidden(
+        self,
+        h: torch.Tensor,  # (B, T, H) from backbone_hidden
+        input_ids: torch.Tensor,  # (B, T)
+        mask: torch.Tensor,  # (B, T) bool, right-padded
+        num_mtp: int,
+        mtp_backbone_grad: bool = True,
+        with_entropy: bool = False,
+    ) -> HeadLogProbs:
+        """Main-head and MTP-head log-probs from precomputed backbone hidden states (the MTP
+        warm-up caches ``h`` once and trains the heads over several epochs)."""
+        T = input_ids.shape[1]
         inner = self.backbone.model
         embeds = inner.embed_tokens(input_ids)  # (B, T, H)
         position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0)  # (1, T)
-        # Causal mask only: with right padding, real positions never attend to padding.
         causal = create_causal_mask(
             config=self.config,
             inputs_embeds=embeds,
@@ -193,9 +213,8 @@ class PolicyModel(nn.Module):
             past_key_values=None,
             position_ids=position_ids,
         )
-        out = inner(inputs_embeds=embeds, position_ids=position_ids, attention_mask=None)
-        h = out.last_hidden_state  # (B, T, H), final-normed
         head_w = self.backbone.lm_head.weight  # (V, H)
+        mask = mask.bool()
 
         # Target token t is predicted from position t-1 by the main head.
         targets = torch.zeros_like(input_ids)
