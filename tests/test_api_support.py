@@ -1,0 +1,140 @@
+"""Helpers for the control-plane tests (no tests here): free ports, a minimal model dir, the API
+server as a real uvicorn subprocess, a Ray cluster for the module.
+
+Everything binds to 127.0.0.1 and every process started here is stopped by its fixture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "test-token-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_model_dir(path: Path, num_mtp: int = 2) -> Path:
+    """A model directory with only the config.json fields the control plane reads."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["MiMoForCausalLM"], "model_type": "qwen2",
+        "num_nextn_predict_layers": num_mtp, "hidden_size": 64, "num_hidden_layers": 2,
+    }))
+    return path
+
+
+def spec_for(model_dir: Path, steps: int = 20, **over: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "name": "test-run",
+        "model": {"path": str(model_dir)},
+        "data": {"dataset": "reasoning_gym:basic_arithmetic"},
+        "algorithm": {"algorithm": "grpo", "mpo": {"k": 3}},
+        "rollout": {"samples_per_prompt": 4, "max_tokens": 64},
+        "schedule": {"steps": steps, "checkpoint_every": 5},
+    }
+    spec.update(over)
+    return spec
+
+
+class ApiServer:
+    """`uvicorn --factory services.api.main:app_from_env` in a subprocess."""
+
+    def __init__(self, data_dir: Path, ray_address: str | None, *, port: int | None = None,
+                 step_seconds: float = 0.1, launcher: str = "synthetic", extra_env: dict | None = None):
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MTPRL_")}
+        env.update({
+            "MTPRL_DATA_DIR": str(data_dir),
+            "MTPRL_API_TOKEN": TOKEN,
+            "MTPRL_SYNTHETIC_STEP_SECONDS": str(step_seconds),
+            "MTPRL_RECONCILE_INTERVAL_S": "0.5",
+            "MTPRL_LAUNCHER": launcher,
+            "PYTHONPATH": str(ROOT),
+        })
+        if ray_address:
+            env["RAY_ADDRESS"] = ray_address
+        env.update(extra_env or {})
+        self.log = open(data_dir / f"api-{self.port}.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "services.api.main:app_from_env",
+             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"API exited with {self.proc.returncode}: {self.read_log()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"API not ready in {timeout}s: {self.read_log()[-3000:]}")
+
+    def read_log(self) -> str:
+        self.log.flush()
+        return (self.data_dir / f"api-{self.port}.log").read_text(errors="replace")
+
+    def client(self, token: str | None = TOKEN) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30.0)
+
+    def kill(self) -> None:
+        """SIGKILL: the API dies without any shutdown code running."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self.log.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if not self.log.closed:
+            self.log.close()
+
+
+def start_ray() -> str:
+    """A local Ray instance for the calling module; returns its address for subprocesses."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="mtprl-tests")
+    return ray.get_runtime_context().gcs_address
+
+
+def wait_for(fn, timeout: float = 30.0, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}; last value: {last!r}")
