@@ -111,6 +111,13 @@ class SandboxConfig(BaseModel):
                                                                 "and from its stderr; more is a violation.")
     uid: int = Field(65534, description="Unprivileged uid the sandbox runs as on the host (and inside).")
     gid: int = Field(65534, description="Unprivileged gid.")
+    max_parallel: int = Field(2, ge=1, description="Programs run at once (one sandbox process each); callers "
+                                                   "beyond that wait. Match the cores given to grading.")
+    jobs_per_sandbox: int = Field(
+        256, ge=1, description="Programs one sandbox process serves, one at a time, before it is replaced. Between "
+                               "programs the harness kills every other process of the sandbox and empties /tmp, "
+                               "/dev/shm and SysV IPC; a run that timed out, hit a limit or misbehaved always "
+                               "retires its sandbox. 1 = a fresh sandbox per program (slowest, strictest).")
     use_cgroups: bool = Field(True, description="Use writable cgroups (v2, or v1 memory/pids) for limits and kill.")
 
 
