@@ -118,6 +118,7 @@ def test_ce_regime_is_fixed_lambda_times_nll():
     out = model.token_logprobs(ids, attn, num_mtp=2)
     mask = out.valid[1:] & resp
     ml = mtp_regime_loss(cfg, out.logprobs[1:], mask, old, adv, None)
+    ml.loss = ml.loss.detach()
     nll = [-(out.logprobs[1 + k][mask[k]]).mean() for k in range(2)]
     # token-mean with the main head's token count as denominator; all response tokens valid here
-    assert ml.loss.item() == pytest.approx(0.1 * float(nll[0] + nll[1]), rel=1e-5)
+    assert ml.loss.item() == pytest.approx(0.1 * float((nll[0] + nll[1]).detach()), rel=1e-5)

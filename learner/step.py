@@ -1,0 +1,364 @@
+"""The learner's optimisation step: one policy update from a batch of scored groups.
+
+    learner = Learner(model, AlgorithmConfig(algorithm="grpo", mpo=MPOConfig(k=5)))
+    metrics = learner.step(batch)          # flat dict[str, float], namespaced loss/ ratio/ mtp/ …
+
+One update, as pseudocode:
+
+    prepare:   validate; overlong shaping; drop constant-reward groups (DAPO dynamic sampling) and
+               samples without response tokens (both counted); GRPO advantages
+    π_old:     one no_grad pass over the batch (micro-batched) → main-head log-probs, the MTP
+               heads' log-probs MPO needs, main-head entropy — recomputed once per update
+    for epoch in epochs:                     (shuffled with a generator seeded by cfg.seed+version)
+      for mini-batch in mini_batches:        (one AdamW step each)
+        for micro-batch:                     (gradient accumulation; trailing padding trimmed)
+          ONE backbone forward for all heads (model.token_logprobs)
+          loss = policy surrogate (token ratio, or MPO block ratio) × decoupled behaviour weight
+               + Σ_k λ_k L_MTP,k (regime) + β KL_k3 − c_H entropy
+          backward                           (normalised by the mini-batch's denominators, so the
+                                              sum over micro-batches is the mini-batch loss)
+        clip grad norm; if not finite: zero grads, skip, count; else AdamW step
+
+Not covered here: packing of several sequences per row (rows are padded), FSDP/distributed data
+parallel (the step is single-process; a distributed wrapper would all-reduce the Normaliser and
+the gradients), and reading staleness limits (the run controller drops too-stale groups).
+
+Determinism: given the same model state, batch and config, the update is bit-for-bit repeatable
+on CPU (no dropout in the policy; the only randomness is the seeded mini-batch shuffle).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+
+import torch
+
+from learner.advantages import constant_groups, grpo_advantages, kl_k3, overlong_penalty
+from learner.aggregation import Normaliser, aggregate
+from learner.batch import TrainBatch
+from learner.config import AlgorithmConfig
+from learner.mpo import block_log_ratio, block_view, mpo_weights, scale_grad
+from learner.objectives import decoupled_weights, policy_loss
+from learner.occ import (
+    mtp_backbone_grad,
+    mtp_regime_loss,
+    occ_lambda_authors,
+    occ_lambda_paper,
+    response_window,
+)
+
+
+class _Stats:
+    """Accumulates weighted means (Σ value·weight / Σ weight) over micro-batches and steps."""
+
+    def __init__(self) -> None:
+        self.num: dict[str, float] = defaultdict(float)
+        self.den: dict[str, float] = defaultdict(float)
+
+    def add(self, name: str, value: float | torch.Tensor, weight: float = 1.0) -> None:
+        v = float(value)
+        if math.isfinite(v):
+            self.num[name] += v * weight
+            self.den[name] += weight
+
+    def add_masked(self, prefix: str, x: torch.Tensor, mask: torch.Tensor) -> None:
+        """mean and variance (via E[x²]) of x over mask, token-weighted."""
+        n = float(mask.sum())
+        if n == 0:
+            return
+        xm = torch.where(mask, x, torch.zeros_like(x))
+        self.num[prefix + "_mean"] += float(xm.sum())
+        self.den[prefix + "_mean"] += n
+        self.num[prefix + "_sqmean"] += float((xm * xm).sum())
+        self.den[prefix + "_sqmean"] += n
+
+    def result(self) -> dict[str, float]:
+        out = {k: self.num[k] / self.den[k] for k in self.num if self.den[k] > 0}
+        for k in list(out):
+            if k.endswith("_sqmean"):
+                base = k[: -len("_sqmean")]
+                out[base + "_var"] = max(out.pop(k) - out[base + "_mean"] ** 2, 0.0)
+        return out
+
+
+class Learner:
+    """Holds the policy, its AdamW optimiser and the policy version; `step` runs one update."""
+
+    def __init__(self, model: torch.nn.Module, cfg: AlgorithmConfig) -> None:
+        num_mtp = int(getattr(model, "num_mtp", 0))
+        cfg.check_against_model(num_mtp)
+        self.model, self.cfg = model, cfg
+        mpo = cfg.mpo
+        # K = 1 when MPO is off or its MTP share is 0: exactly token-level, no MTP heads needed.
+        self.k = 1 if mpo is None or mpo.mtp_share == 0.0 else mpo.k
+        self.w = mpo_weights(self.k, 0.0 if mpo is None else mpo.mtp_share,
+                             1.0 if mpo is None else mpo.decay)  # (K,)
+        self.n_train = cfg.trained_mtp_heads(num_mtp)  # heads trained by the MTP regime
+        self.n_heads = max(self.k - 1, self.n_train)  # MTP heads in the training forward
+        self.backbone_grad = mtp_backbone_grad(cfg.mtp_regime) or (
+            self.k > 1 and mpo is not None and mpo.grad in ("full", "occ")
+        )
+        self.need_lambda = cfg.mtp_regime == "occ" or (
+            self.k > 1 and mpo is not None and mpo.grad == "occ"
+        )
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(
+            self.params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+        )
+        self.version = 0
+        self.skipped_nonfinite_total = 0
+
+    # ------------------------------------------------------------------ prepare
+    def prepare(self, batch: TrainBatch) -> tuple[TrainBatch | None, torch.Tensor | None, dict]:
+        """Validate, shape rewards, filter, and compute advantages (B,) or (B, T).
+
+        Returns (kept batch or None if nothing is left, advantages of the kept rows, metrics).
+        """
+        batch.validate()
+        cfg, m = self.cfg, {}
+        lengths = batch.response_lengths
+        rewards = batch.rewards.to(torch.float32)
+        m["batch/reward_mean"] = float(rewards.mean())
+        if batch.correct is not None:
+            m["batch/accuracy"] = float(batch.correct.float().mean())
+        m["batch/response_len_mean"] = float(lengths.float().mean())
+        m["batch/response_len_max"] = float(lengths.max())
+        if batch.policy_versions is not None:
+            stale = (self.version - batch.policy_versions).float()
+            m["batch/staleness_mean"] = float(stale.mean())
+            m["batch/staleness_max"] = float(stale.max())
+        if cfg.dapo.overlong_max_len is not None:
+            pen = cfg.dapo.overlong_penalty_factor * overlong_penalty(
+                lengths, cfg.dapo.overlong_max_len, cfg.dapo.overlong_cache_len)
+            rewards = rewards + pen
+            m["batch/overlong_penalty_mean"] = float(pen.mean())
+        keep = torch.ones(batch.size, dtype=torch.bool)
+        m["batch/groups"] = float(torch.unique(batch.group_ids).numel())
+        if cfg.dapo.dynamic_sampling:
+            const = constant_groups(rewards, batch.group_ids)
+            m["batch/groups_dropped_constant"] = float(torch.unique(batch.group_ids[const]).numel())
+            keep &= ~const
+        if batch.advantages is not None:
+            adv = batch.advantages.to(torch.float32)
+        else:  # group statistics over all samples of the group, before dropping empty ones
+            adv = grpo_advantages(rewards, batch.group_ids, cfg.advantage.normalize_std,
+                                  cfg.advantage.eps)
+        empty = lengths == 0
+        m["batch/samples_dropped_empty"] = float((empty & keep).sum())
+        keep &= ~empty
+        m["batch/samples"] = float(keep.sum())
+        if not keep.any():
+            return None, None, m
+        idx = torch.nonzero(keep).flatten()
+        kept, adv = batch.select(idx), adv[idx]
+        m["batch/tokens"] = float(kept.response_mask.sum())
+        m["batch/adv_abs_mean"] = float(adv.abs().mean())
+        return kept, adv, m
+
+    # ------------------------------------------------------------------ forwards
+    @staticmethod
+    def _trim(ids: torch.Tensor, attn: torch.Tensor) -> int:
+        """Width after dropping trailing columns that are padding in every row."""
+        cols = attn.bool().any(0).nonzero()
+        return int(cols.max()) + 1 if cols.numel() else 1
+
+    def _forward(self, b: TrainBatch, num_mtp: int, backbone_grad: bool, entropy: bool):
+        width = self._trim(b.input_ids, b.attention_mask)
+        out = self.model.token_logprobs(
+            b.input_ids[:, :width], b.attention_mask[:, :width], num_mtp=num_mtp,
+            mtp_backbone_grad=backbone_grad, with_entropy=entropy,
+        )
+        return out, width
+
+    @torch.no_grad()
+    def old_logprobs(self, b: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """π_old for the whole batch, once per update: (K, B, T) target-aligned head log-probs
+        (main + the K−1 MTP heads MPO needs) and the main head's entropy (B, T)."""
+        bsz, t = b.input_ids.shape
+        old = torch.zeros(self.k, bsz, t)
+        ent = torch.zeros(bsz, t)
+        for s in range(0, bsz, self.cfg.micro_batch_size):
+            idx = torch.arange(s, min(s + self.cfg.micro_batch_size, bsz))
+            out, w = self._forward(b.select(idx), self.k - 1, False, True)
+            old[:, idx, :w] = out.logprobs[: self.k].float()
+            if out.entropy is not None:
+                ent[idx, :w] = out.entropy.float()
+        return old, ent
+
+    # ------------------------------------------------------------------ loss of a micro-batch
+    def _micro_loss(self, b: TrainBatch, adv: torch.Tensor, old: torch.Tensor,
+                    norm: Normaliser, st: _Stats, parts: dict[str, float]) -> torch.Tensor:
+        """Loss of one micro-batch (a share of the mini-batch loss); adds diagnostics to `st`
+        and loss parts (summed over the mini-batch's micro-batches) to `parts`."""
+        cfg = self.cfg
+
+        def part(name: str, value: torch.Tensor) -> None:
+            parts[name] = parts.get(name, 0.0) + float(value)
+
+        out, w = self._forward(b, self.n_heads, self.backbone_grad, cfg.entropy_coef > 0)
+        lp, valid = out.logprobs, out.valid  # (H, B, w) each
+        resp = b.response_mask[:, :w].bool()  # (B, w)
+        if (resp & ~valid[0]).any():
+            raise ValueError("response tokens without a main-head prediction (position 0 or "
+                             "padding); check response_mask against attention_mask")
+        old = old[:, :, :w]  # (K, B, w)
+        old_main = old[0]
+        logp = lp[0]  # (B, w)
+        adv_t = adv[:, :w] if adv.dim() == 2 else adv.unsqueeze(1).expand_as(logp)  # (B, w)
+        ell0 = logp - old_main  # (B, w) main-head token log-ratio
+
+        behav_w = behav_keep = None
+        if cfg.decoupled.enabled and b.behav_logprobs is not None:
+            behav_w, behav_keep = decoupled_weights(
+                old_main, b.behav_logprobs[:, :w].float(), resp, cfg.decoupled.behav_weight_cap)
+            st.add("ratio/behav_weight_mean", behav_w[resp].mean(), float(resp.sum()))
+            st.add("ratio/behav_capped_frac", (resp & ~behav_keep).sum() / resp.sum().clamp(min=1),
+                   float(resp.sum()))
+
+        # MTP heads, target-aligned: head k's log-prob of the same token t (OCC's view)
+        n_mtp = self.n_heads
+        mtp_mask = valid[1 : 1 + n_mtp] & resp.unsqueeze(0)  # (H', B, w)
+        lam = None
+        if n_mtp > 0:
+            with torch.no_grad():
+                d_rl = ell0.detach()
+                d_mtp = lp[1 : 1 + n_mtp].detach() - old_main.unsqueeze(0)  # (H', B, w)
+                if self.need_lambda:
+                    if cfg.occ.estimator == "paper":
+                        occ = occ_lambda_paper(d_rl, d_mtp, mtp_mask, cfg.occ.lambda_plus,
+                                               cfg.occ.eps)
+                    else:
+                        occ = occ_lambda_authors(d_rl, d_mtp, mtp_mask, response_window(resp),
+                                                 cfg.occ.lambda_plus, cfg.occ.eps)
+                    lam = occ.lam
+                    for k in range(n_mtp):
+                        st.add(f"mtp/lambda/head{k + 1}", occ.lam[k])
+                        st.add(f"mtp/c_hat/head{k + 1}", occ.c_hat[k])
+                        st.add(f"mtp/v2_hat/head{k + 1}", occ.v2_hat[k])
+                for k in range(n_mtp):
+                    mk = mtp_mask[k]
+                    nk = float(mk.sum())
+                    if nk:
+                        st.add(f"mtp/nll/head{k + 1}", -lp[k + 1].detach()[mk].mean(), nk)
+
+        # policy log-ratio: token-level, or MPO's block ratio
+        if self.k > 1:
+            cur = lp[: self.k]  # (K, B, w)
+            if cfg.mpo.grad == "occ":
+                cur = torch.cat([cur[:1], scale_grad(cur[1:], lam[: self.k - 1].view(-1, 1, 1))])
+            cur_b, ok = block_view(cur, valid[: self.k], resp, self.k)  # (K, B, w)
+            old_b, _ = block_view(old, valid[: self.k], resp, self.k)
+            log_ratio = block_log_ratio(cur_b, old_b, ok, self.w, cfg.mpo.form)  # (B, w)
+            with torch.no_grad():
+                st.add_masked("ratio/block", torch.exp(log_ratio.detach().clamp(-20, 20)), resp)
+                for k in range(1, self.k):
+                    hk = torch.exp((cur_b[k] - old_b[k]).detach().clamp(-20, 20))
+                    out_of = (hk < 1 - cfg.clip_low) | (hk > 1 + cfg.clip_high)
+                    n_ok = float(ok[k].sum())
+                    if n_ok:
+                        st.add(f"ratio/head{k}_out_of_clip_frac", out_of[ok[k]].float().mean(), n_ok)
+        else:
+            log_ratio = ell0
+
+        pg, tl = policy_loss(log_ratio, adv_t, resp, cfg, behav_w, behav_keep, norm)
+        total = pg
+        n_tok = float(resp.sum())
+        with torch.no_grad():
+            st.add_masked("ratio/token", torch.exp(ell0.detach().clamp(-20, 20)), resp)
+            st.add("ratio/clip_frac", tl.clipped[resp].float().mean(), n_tok)
+            st.add("ratio/approx_kl", kl_k3(logp.detach(), old_main)[resp].mean(), n_tok)
+
+        if self.n_train > 0:
+            ml = mtp_regime_loss(cfg, lp[1 : 1 + self.n_train], mtp_mask[: self.n_train],
+                                 old_main, adv_t, lam, behav_w, behav_keep, norm)
+            total = total + ml.loss
+            part("loss/mtp", ml.loss.detach())
+            for k, (lk, tlk) in enumerate(zip(ml.per_head, ml.token_losses)):
+                part(f"loss/mtp/head{k + 1}", lk)
+                if tlk is not None:
+                    mk = mtp_mask[k]
+                    if mk.any():
+                        st.add(f"mtp/clip_frac/head{k + 1}", tlk.clipped[mk].float().mean(),
+                               float(mk.sum()))
+        if cfg.advantage.kl_coef > 0:
+            if b.ref_logprobs is None:
+                raise ValueError("advantage.kl_coef > 0 needs ref_logprobs in the batch")
+            kl = aggregate(kl_k3(logp, b.ref_logprobs[:, :w].float()), resp, cfg.aggregation, norm)
+            total = total + cfg.advantage.kl_coef * kl
+            part("loss/kl", kl.detach())
+            st.add("policy/kl_ref", kl_k3(logp.detach(), b.ref_logprobs[:, :w].float())[resp].mean(),
+                   n_tok)
+        if cfg.entropy_coef > 0:
+            ent = aggregate(out.entropy, resp, cfg.aggregation, norm)
+            total = total - cfg.entropy_coef * ent
+            part("loss/entropy", ent.detach())
+        part("loss/policy", pg.detach())
+        return total
+
+    # ------------------------------------------------------------------ the update
+    def step(self, batch: TrainBatch) -> dict[str, float]:
+        """One policy update (cfg.epochs × cfg.mini_batches AdamW steps); returns flat metrics."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        kept, adv, metrics = self.prepare(batch)
+        metrics["learner/version"] = float(self.version)
+        if kept is None:  # every group constant or every sample empty: nothing to learn from
+            metrics["optim/skipped_empty_batch"] = 1.0
+            metrics["optim/steps"] = 0.0
+            return metrics
+        self.model.train()
+        t_old = time.perf_counter()
+        old, entropy = self.old_logprobs(kept)
+        resp_all = kept.response_mask.bool()
+        metrics["perf/old_logprob_s"] = time.perf_counter() - t_old
+        metrics["policy/entropy"] = float(entropy[resp_all].mean()) if resp_all.any() else 0.0
+
+        st, loss_st = _Stats(), _Stats()
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.version)
+        n = kept.size
+        steps = skipped = 0
+        grad_norms: list[float] = []
+        for _epoch in range(cfg.epochs):
+            perm = torch.randperm(n, generator=gen)
+            for mb in torch.tensor_split(perm, min(cfg.mini_batches, n)):
+                norm = Normaliser.of(resp_all[mb])
+                self.opt.zero_grad(set_to_none=True)
+                step_loss = 0.0
+                parts: dict[str, float] = {}
+                for micro in torch.split(mb, cfg.micro_batch_size):
+                    sub = kept.select(micro)
+                    loss = self._micro_loss(sub, adv[micro], old[:, micro], norm, st, parts)
+                    loss.backward()
+                    step_loss += float(loss.detach())
+                gn = torch.nn.utils.clip_grad_norm_(
+                    self.params, cfg.grad_clip if cfg.grad_clip is not None else float("inf"))
+                if not (math.isfinite(step_loss) and torch.isfinite(gn)):
+                    self.opt.zero_grad(set_to_none=True)  # NaN/Inf guard: skip, count
+                    skipped += 1
+                    continue
+                self.opt.step()
+                steps += 1
+                grad_norms.append(float(gn))
+                loss_st.add("loss/total", step_loss)
+                for name, v in parts.items():
+                    loss_st.add(name, v)
+        self.opt.zero_grad(set_to_none=True)
+        self.skipped_nonfinite_total += skipped
+        self.version += 1
+
+        metrics.update(st.result())
+        metrics.update(loss_st.result())
+        metrics["optim/steps"] = float(steps)
+        metrics["optim/skipped_nonfinite"] = float(skipped)
+        metrics["optim/skipped_nonfinite_total"] = float(self.skipped_nonfinite_total)
+        metrics["optim/lr"] = float(self.opt.param_groups[0]["lr"])
+        if grad_norms:
+            metrics["optim/grad_norm"] = sum(grad_norms) / len(grad_norms)
+            metrics["optim/grad_norm_max"] = max(grad_norms)
+        dt = time.perf_counter() - t0
+        metrics["perf/step_s"] = dt
+        metrics["perf/tokens_per_s"] = float(resp_all.sum()) * cfg.epochs / max(dt, 1e-9)
+        return metrics
