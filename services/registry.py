@@ -593,8 +593,13 @@ class EmbeddedRedis:
         return f"unix://{self.socket}"
 
     def _client(self) -> redis.Redis:
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        # No retries: a refused connection means "not running", and SHUTDOWN's dropped
+        # connection is the expected answer.
         return redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1.0,
-                           socket_connect_timeout=1.0)
+                           socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0))
 
     def is_running(self) -> bool:
         if not self.socket.exists():
