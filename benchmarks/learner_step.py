@@ -1,0 +1,210 @@
+"""Learner step time: PPO vs MPO (K=3, K=5) vs the MTP regimes `detach` and `occ`, side by side.
+
+    .venv/bin/python benchmarks/learner_step.py                      # SmolLM2-135M + 4 MTP, CPU
+    .venv/bin/python benchmarks/learner_step.py --tiny --repeats 3   # quick check on a tiny model
+
+One run, one fixed batch (seeded; B samples of prompt P + response R tokens), the same model
+weights for every configuration. Each configuration is one `Learner.step` (π_old recompute +
+`--mini-batches` AdamW steps, GRPO surrogate); configurations are timed round-robin (so a burst
+of load from other jobs on shared cores hits them alike) and the median is reported. Peak memory
+is measured per configuration in a fresh subprocess (Linux VmHWM after resetting it once the
+model and batch are loaded).
+
+`mpo_k5_flop_ratio` is the floor: the arithmetic of an MPO K=5 step over a PPO step, counted
+analytically from the model config (see `step_flops`): MPO needs the K−1 MTP heads in the π_old
+pass and the training pass (each a 2H→H projection, a decoder block and a full-vocabulary LM
+head), and their backward (the MTP blocks' weight and input gradients, the LM head's input
+gradient: with `mpo.grad='detach'` the shared LM head weight gets no MTP gradient). The same
+count gives `occ_flop_ratio` (occ over detach: occ adds the shared LM head's weight gradient from
+every trained head). The last line is a JSON object.
+
+Model: `--model DIR` (a MiMo-layout checkpoint from `mtprl model import-smollm2`). If it has fewer
+than 4 MTP modules, fresh ones are attached with `PolicyModel.from_backbone` — timing does not
+depend on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from learner.batch import TrainBatch  # noqa: E402
+from learner.config import AlgorithmConfig, MPOConfig  # noqa: E402
+
+CONFIGS = {
+    "ppo": dict(mtp_regime="none"),
+    "mpo_k3": dict(mtp_regime="none", mpo=MPOConfig(k=3)),
+    "mpo_k5": dict(mtp_regime="none", mpo=MPOConfig(k=5)),
+    "detach": dict(mtp_regime="detach"),
+    "occ": dict(mtp_regime="occ"),
+}
+
+
+def load_model(args):
+    if args.tiny:
+        from learner.tiny import make_tiny_model
+
+        return make_tiny_model(num_mtp=4, seed=0, vocab_size=2048, hidden_size=128, num_layers=4)
+    from learner.checkpoint import load_policy
+    from learner.model import PolicyModel
+
+    path = Path(args.model)
+    if not path.is_dir():
+        alt = sorted(Path(args.model).parent.glob("smollm2-mtp*"))
+        if not alt:
+            raise SystemExit(f"no checkpoint at {path}; run `mtprl model import-smollm2 --out {path} "
+                             "--mtp-layers 4`")
+        path = alt[0]
+    model = load_policy(path)
+    if model.num_mtp < 4:
+        model = PolicyModel.from_backbone(model.backbone, 4)
+    return model
+
+
+def make_batch(vocab: int, b: int, p: int, r: int) -> TrainBatch:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (b, p + r), generator=g)
+    resp = torch.zeros(b, p + r, dtype=torch.bool)
+    resp[:, p:] = True
+    rewards = torch.rand(b, generator=g)
+    return TrainBatch(ids, torch.ones_like(ids), resp, rewards, torch.arange(b) // max(b // 2, 1))
+
+
+def make_cfg(name: str, args) -> AlgorithmConfig:
+    return AlgorithmConfig(algorithm="grpo", lr=1e-6, micro_batch_size=args.micro_batch,
+                           mini_batches=args.mini_batches, **CONFIGS[name])
+
+
+def step_flops(cfg, t: int, name: str) -> float:
+    """Forward+backward FLOPs per token of one update in configuration `name` (see docstring)."""
+    h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or h // nh
+    q, kv = nh * hd, nkv * hd
+    ctx = (t + 1) / 2  # mean causal context
+    layer = 2 * (h * q + 2 * h * kv + q * h) + 2 * 3 * h * i + 2 * 2 * q * ctx
+    bb = cfg.num_hidden_layers * layer  # backbone forward
+    head = 2 * h * v  # LM head forward
+    mtp = 2 * (2 * h) * h + layer  # MTP module forward (projection + block)
+    main = 4 * (bb + head)  # π_old forward + training forward + backward (2×)
+    match name:
+        case "ppo":
+            return main
+        case "mpo_k3" | "mpo_k5":
+            k = 3 if name == "mpo_k3" else 5
+            # π_old + train forwards: 2(M + head); backward: 2M (weights+inputs) + head (input)
+            return main + (k - 1) * (4 * mtp + 3 * head)
+        case "detach":  # 4 heads in the train forward only; LM head input grad only
+            return main + 4 * (3 * mtp + 2 * head)
+        case "occ":  # plus the shared LM head's weight gradient from each head
+            return main + 4 * (3 * mtp + 3 * head)
+    raise ValueError(name)
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def measure_memory(name: str, args) -> None:
+    """Child process: peak RSS of one configuration's steps."""
+    from learner.step import Learner
+
+    model = load_model(args)
+    batch = make_batch(model.config.vocab_size, args.batch, args.prompt, args.response)
+    lrn = Learner(model, make_cfg(name, args))
+    base = _rss_kb("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    except OSError:
+        pass
+    for _ in range(2):  # the second step includes AdamW state
+        lrn.step(batch)
+    print(json.dumps({"peak_mb": _rss_kb("VmHWM") / 1024, "base_mb": base / 1024}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=".cache/models/smollm2-mtp")
+    ap.add_argument("--tiny", action="store_true", help="tiny random model (development)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--response", type=int, default=96)
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--mini-batches", type=int, default=2,
+                    help="2: OCC's λ is nonzero on the second mini-batch (0 on the first)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        measure_memory(args.memory_child, args)
+        return
+
+    from learner.step import Learner
+
+    model = load_model(args)
+    batch = make_batch(model.config.vocab_size, args.batch, args.prompt, args.response)
+    learners = {n: Learner(model, make_cfg(n, args)) for n in CONFIGS}
+    for n, lrn in learners.items():  # warm-up (allocator, AdamW state)
+        lrn.step(batch)
+    times: dict[str, list[float]] = {n: [] for n in CONFIGS}
+    for rep in range(args.repeats):
+        for n, lrn in learners.items():
+            t0 = time.perf_counter()
+            lrn.step(batch)
+            times[n].append(time.perf_counter() - t0)
+        print(f"round {rep + 1}/{args.repeats}: " +
+              ", ".join(f"{n} {times[n][-1]:.2f}s" for n in CONFIGS), file=sys.stderr, flush=True)
+    med = {n: statistics.median(v) for n, v in times.items()}
+
+    mem: dict[str, dict] = {}
+    if not args.no_memory:
+        child = [sys.executable, __file__, *sys.argv[1:]]
+        for n in CONFIGS:
+            out = subprocess.run(child + ["--memory-child", n], capture_output=True, text=True,
+                                 env={**os.environ}, check=True)
+            mem[n] = json.loads(out.stdout.strip().splitlines()[-1])
+
+    t = args.prompt + args.response
+    flops = {n: step_flops(model.config, t, n) for n in CONFIGS}
+    result = {
+        "model": "tiny" if args.tiny else "SmolLM2-135M+4MTP",
+        "shape": {"batch": args.batch, "prompt": args.prompt, "response": args.response,
+                  "micro_batch": args.micro_batch, "mini_batches": args.mini_batches},
+        "threads": torch.get_num_threads(),
+        "median_step_s": {n: round(v, 4) for n, v in med.items()},
+        "mpo_k3_over_ppo": round(med["mpo_k3"] / med["ppo"], 3),
+        "mpo_k5_over_ppo": round(med["mpo_k5"] / med["ppo"], 3),
+        "mpo_k3_flop_ratio": round(flops["mpo_k3"] / flops["ppo"], 3),
+        "mpo_k5_flop_ratio": round(flops["mpo_k5"] / flops["ppo"], 3),
+        "mpo_k5_over_floor": round(med["mpo_k5"] / med["ppo"] / (flops["mpo_k5"] / flops["ppo"]), 3),
+        "occ_over_detach": round(med["occ"] / med["detach"], 3),
+        "occ_flop_ratio": round(flops["occ"] / flops["detach"], 3),
+    }
+    if mem:
+        result["peak_mb"] = {n: round(m["peak_mb"], 1) for n, m in mem.items()}
+        result["peak_mem_ratio_mpo_k5_over_ppo"] = round(mem["mpo_k5"]["peak_mb"] /
+                                                         mem["ppo"]["peak_mb"], 3)
+        result["peak_mem_ratio_occ_over_detach"] = round(mem["occ"]["peak_mb"] /
+                                                         mem["detach"]["peak_mb"], 3)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
