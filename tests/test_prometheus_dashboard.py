@@ -1,0 +1,152 @@
+"""A real Prometheus (Debian's /usr/bin/prometheus) scrapes the control plane during a run, and
+every PromQL expression of the Grafana dashboard returns data through Prometheus's HTTP API."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from services.registry import EmbeddedRedis
+from test_api_support import ApiServer, free_port, make_model_dir, spec_for, start_ray, wait_for
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs the prometheus binary (apt install prometheus)"),
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD = ROOT / "deploy/grafana/dashboards/mtprl-training.json"
+
+
+def dashboard_queries(dash: dict) -> list[tuple[str, str]]:
+    """(panel title, expr) of every target of every panel, rows included."""
+    out = []
+
+    def walk(panels):
+        for p in panels:
+            walk(p.get("panels", []))
+            for t in p.get("targets", []):
+                out.append((p["title"], t["expr"]))
+
+    walk(dash["panels"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    import ray
+
+    ray_address = start_ray()
+    data = tmp_path_factory.mktemp("prom-api")
+    model = make_model_dir(data / "model", num_mtp=2)
+    api = ApiServer(data, ray_address, step_seconds=0.05)
+    prom = None
+    try:
+        with api.client() as c:
+            run = c.post("/v1/runs", json=spec_for(model, steps=600)).json()
+
+        # The shipped config, with the control-plane target moved to this test's port and a
+        # 1 s scrape interval; Ray's job is dropped (its service-discovery file on this shared
+        # machine may list other people's nodes).
+        cfg = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+        cfg["global"]["scrape_interval"] = "1s"
+        cfg["global"]["evaluation_interval"] = "1s"
+        jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
+        assert set(jobs) == {"mtprl-control-plane", "ray"}
+        jobs["mtprl-control-plane"]["static_configs"][0]["targets"] = [f"127.0.0.1:{api.port}"]
+        cfg["scrape_configs"] = [jobs["mtprl-control-plane"]]
+        cfg_path = data / "prometheus.yml"
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        port = free_port()
+        log = open(data / "prometheus.log", "wb")
+        prom = subprocess.Popen(
+            ["prometheus", f"--config.file={cfg_path}", f"--storage.tsdb.path={data / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+            stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+
+        def ready():
+            assert prom.poll() is None, (data / "prometheus.log").read_text()
+            try:
+                return httpx.get(url + "/-/ready", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, 30, what="prometheus ready")
+        yield {"prom": url, "run_id": run["id"], "api": api}
+    finally:
+        if prom is not None:
+            prom.terminate()
+            try:
+                prom.wait(15)
+            except subprocess.TimeoutExpired:
+                prom.kill()
+                prom.wait(5)
+        api.stop()
+        EmbeddedRedis(data).stop()
+        ray.shutdown()
+
+
+def query(prom: str, expr: str) -> list[dict]:
+    r = httpx.get(prom + "/api/v1/query", params={"query": expr}, timeout=10)
+    body = r.json()
+    assert r.status_code == 200 and body["status"] == "success", (expr, body)
+    return body["data"]["result"]
+
+
+def test_every_dashboard_expression_returns_data(stack):
+    prom, rid = stack["prom"], stack["run_id"]
+    # Enough scrapes for rate() windows: ≥ 5 samples of the run's step in Prometheus.
+    wait_for(lambda: query(prom, f'count_over_time(mtprl_run_step{{run_id="{rid}"}}[1m]) >= 5'),
+             40, what="5 scrapes of the run")
+    dash = json.loads(DASHBOARD.read_text())
+    queries = dashboard_queries(dash)
+    assert len(queries) >= 30
+    empty = []
+    for title, expr in queries:
+        concrete = expr.replace("$run_id", rid).replace("$__rate_interval", "1m")
+        result = query(prom, concrete)
+        values = [float(s["value"][1]) for s in result]
+        if not any(math.isfinite(v) for v in values):
+            empty.append((title, concrete, result))
+        if "$run_id" in expr:  # per-run panels show only the selected run
+            assert all(s["metric"].get("run_id") == rid for s in result), (title, result)
+    assert not empty, f"dashboard expressions without data: {empty}"
+
+
+def test_per_head_series_carry_a_head_label(stack):
+    prom, rid = stack["prom"], stack["run_id"]
+    heads = {s["metric"]["head"] for s in query(prom, f'mtprl_clip_frac{{run_id="{rid}"}}')}
+    assert heads == {"0", "1", "2"}  # main head + 2 MTP heads
+    lam = {s["metric"]["head"] for s in query(prom, f'mtprl_occ_lambda{{run_id="{rid}"}}')}
+    assert lam == {"1", "2"}  # λ exists for MTP heads only
+
+
+def test_run_selector_lists_the_run(stack):
+    prom, rid = stack["prom"], stack["run_id"]
+    dash = json.loads(DASHBOARD.read_text())
+    var = next(v for v in dash["templating"]["list"] if v["name"] == "run_id")
+    metric = var["definition"].removeprefix("label_values(").split(",")[0].strip()
+    r = httpx.get(prom + "/api/v1/label/run_id/values", params={"match[]": metric}, timeout=10).json()
+    assert rid in r["data"]
+
+
+def test_metrics_follow_the_run_state(stack):
+    """The state gauge in Prometheus changes when the run is paused through the API."""
+    prom, rid, api = stack["prom"], stack["run_id"], stack["api"]
+    with api.client() as c:
+        assert c.post(f"/v1/runs/{rid}/pause").status_code == 200
+        wait_for(lambda: query(prom, f'mtprl_run_state{{run_id="{rid}",state="paused"}} == 1'), 20,
+                 what="paused in prometheus")
+        c.post(f"/v1/runs/{rid}/cancel")
+        wait_for(lambda: query(prom, f'mtprl_run_state{{run_id="{rid}",state="cancelled"}} == 1'), 20,
+                 what="cancelled in prometheus")
+    assert query(prom, 'mtprl_runs{state="cancelled"} >= 1')
