@@ -134,6 +134,9 @@ def _enter_child(job, keep):
                 raise
     os.chdir(job["workdir"])
     sys.argv = ["program.py"]
+    # Python ignores SIGXFSZ; restore the default so that crossing the file-size limit ends the
+    # program visibly (a limit violation) instead of as an OSError it may swallow.
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
 
 
 def _exec_program(src, name):

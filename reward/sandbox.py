@@ -35,6 +35,7 @@ rlimits and a process-group kill only: no filesystem, network or pid isolation.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
 import marshal
@@ -332,6 +333,7 @@ class Sandbox:
         self._idle_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(cfg.max_parallel)
         self.restarts = 0
+        self._spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-spawner")
 
     def close(self) -> None:
         with self._idle_lock:
@@ -388,10 +390,17 @@ class Sandbox:
     def _acquire(self) -> _Slot:
         self._slots.acquire()  # bounded concurrency: waits while max_parallel programs are running
         try:
-            with self._idle_lock:
-                if self._idle:
-                    return self._idle.pop()
-            return _Slot(self)
+            while True:
+                with self._idle_lock:
+                    slot = self._idle.pop() if self._idle else None
+                if slot is None:
+                    break
+                if slot.proc.poll() is None:
+                    return slot
+                slot.kill()  # died while idle (killed from outside): replace it
+            # Sandboxes are started from one long-lived thread: `--die-with-parent` ties bwrap to
+            # the *thread* that forked it, and a caller's short-lived thread would take it along.
+            return self._spawner.submit(_Slot, self).result()
         except BaseException:
             self._slots.release()
             raise

