@@ -24,6 +24,7 @@ tolerances or multiple valid answers (exact comparison only).
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import signal
 from typing import Any, Sequence
 
@@ -149,3 +150,23 @@ class CodeGrader:
         reward = (self.config.wrong_reward + (self.config.correct_reward - self.config.wrong_reward) * passed / n
                   if self.config.partial_credit else None)
         return self._verdict("wrong", f"{passed}/{n} cases passed; {first_fail}", res.elapsed_s, reward)
+
+
+_FENCE_RE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+
+
+def extract_program(completion: str, prompt_code: str | None = None, entry_point: str | None = None) -> str:
+    """The program in a completion: the last fenced code block, else the whole text. For
+    HumanEval-style prompts the prompt's import lines are prepended when the program lacks them
+    (models often restate the function without `from typing import List`), and a bare function
+    body (no `def entry_point`) is appended to the prompt."""
+    blocks = _FENCE_RE.findall(completion)
+    code = blocks[-1] if blocks else completion
+    if prompt_code and entry_point:
+        if not re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE):
+            return prompt_code + code
+        imports = [ln for ln in prompt_code.splitlines() if re.match(r"(from\s+\S+\s+)?import\s", ln)]
+        missing = [ln for ln in imports if ln not in code]
+        if missing:
+            code = "\n".join(missing) + "\n" + code
+    return code

@@ -20,12 +20,16 @@ math-verify cannot parse are graded by its string fallback (exact match after no
 from __future__ import annotations
 
 import collections
-import multiprocessing
+import json
 import multiprocessing.connection as mpc
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 from reward.config import MathConfig
@@ -33,16 +37,42 @@ from reward.extract import extract_answer
 from reward.types import OUTCOMES, Verdict
 
 _WORKER_ADDRESS_SPACE = 4 << 30  # a runaway sympy expansion ends as MemoryError, not host OOM
+_STARTUP_DEADLINE_S = 60.0  # importing sympy + math-verify takes ~0.5 s idle, much more on a loaded host
+_REPO_ROOT = str(Path(__file__).resolve().parents[1])  # so `-m reward...` resolves to this package
+
+
+_DELIM_RE = re.compile(r"(?<!\\)\$")  # an unescaped $ (a LaTeX math delimiter, not a dollar sign)
 
 
 def _wrap(text: str) -> str:
     # math-verify's LaTeX extractor reads \boxed{} contents most reliably (units, \text, spacing);
     # a gold that already carries delimiters is parsed as given.
-    return text if ("\\boxed" in text or "$" in text) else "\\boxed{" + text + "}"
+    return text if ("\\boxed" in text or _DELIM_RE.search(text)) else "\\boxed{" + text + "}"
 
 
-def _worker_main(conn: mpc.Connection, inner_timeout: int, float_rounding: int, strict: bool) -> None:
-    """Worker loop: receive (gold, answer) pairs, reply (outcome, detail). Runs on the main thread."""
+def _read_frame(f: Any) -> Any:
+    head = f.read(4)
+    if len(head) < 4:
+        raise EOFError
+    n = int.from_bytes(head, "big")
+    data = f.read(n)
+    if len(data) < n:
+        raise EOFError
+    return json.loads(data)
+
+
+def _write_frame(f: Any, obj: Any) -> None:
+    data = json.dumps(obj).encode()
+    f.write(len(data).to_bytes(4, "big") + data)
+    f.flush()
+
+
+def _serve(inner_timeout: int, float_rounding: int, strict: bool) -> None:
+    """Worker loop (`python -m reward.math_verify_worker --serve ...`): read (gold, answer) frames
+    on stdin, answer (outcome, detail) frames on the original stdout. Runs on the main thread."""
+    proto_out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything a library prints must not corrupt the protocol stream
+    proto_in = os.fdopen(0, "rb")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the parent, which kills us
     try:
         import resource
@@ -53,49 +83,56 @@ def _worker_main(conn: mpc.Connection, inner_timeout: int, float_rounding: int, 
     from math_verify.errors import TimeoutException
 
     configs = [LatexExtractionConfig(), ExprExtractionConfig()]
+    _write_frame(proto_out, "ready")
     while True:
         try:
-            gold, answer = conn.recv()
+            gold, answer = _read_frame(proto_in)
         except EOFError:
             return
         try:
             gold_p = parse(_wrap(gold), configs, parsing_timeout=inner_timeout, raise_on_error=True)
             if not gold_p:
-                reply = ("error", f"gold answer {gold[:80]!r} could not be parsed")
+                reply = ["error", f"gold answer {gold[:80]!r} could not be parsed"]
             else:
                 pred_p = parse(_wrap(answer), configs, parsing_timeout=inner_timeout, raise_on_error=True)
                 if not pred_p:
-                    reply = ("wrong", "answer could not be parsed")
+                    reply = ["wrong", "answer could not be parsed"]
                 else:
                     ok = verify(gold_p, pred_p, float_rounding=float_rounding, strict=strict,
                                 timeout_seconds=inner_timeout, raise_on_error=True)
-                    reply = ("ok", "") if ok else ("wrong", "answer differs from gold")
+                    reply = ["ok", ""] if ok else ["wrong", "answer differs from gold"]
         except TimeoutException:
-            reply = ("timeout", "math-verify timed out inside the worker")
+            reply = ["timeout", "math-verify timed out inside the worker"]
         except Exception as e:  # reported as `error` with its type, never as a wrong answer
-            reply = ("error", f"{type(e).__name__}: {str(e)[:200]}")
-        conn.send(reply)
+            reply = ["error", f"{type(e).__name__}: {str(e)[:200]}"]
+        _write_frame(proto_out, reply)
 
 
 class _Worker:
-    __slots__ = ("proc", "conn", "job", "t0")
+    """A verifier subprocess. Plain `python -m` rather than multiprocessing: nothing of the
+    parent's `__main__` is re-imported, and it behaves the same inside a Ray actor."""
 
-    def __init__(self, ctx: Any, cfg: MathConfig) -> None:
-        parent, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, daemon=True,
-                                args=(child, cfg.inner_timeout_s, cfg.float_rounding, cfg.strict))
-        self.proc.start()
-        child.close()
-        self.conn = parent
+    __slots__ = ("proc", "state", "job", "t0")
+
+    def __init__(self, cfg: MathConfig) -> None:
+        cmd = [sys.executable, "-m", "reward.math_verify_worker", "--serve",
+               str(cfg.inner_timeout_s), str(cfg.float_rounding), str(int(cfg.strict))]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=_REPO_ROOT)
+        self.state = "starting"  # -> idle <-> busy
         self.job: int | None = None
-        self.t0 = 0.0
+        self.t0 = time.monotonic()
 
     def kill(self) -> None:
         try:
             self.proc.kill()
-            self.proc.join(5)
-        finally:
-            self.conn.close()
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
 
 
 class MathVerifierPool:
@@ -105,15 +142,10 @@ class MathVerifierPool:
 
     def __init__(self, config: MathConfig | None = None) -> None:
         self.config = config or MathConfig()
-        # forkserver: replacing a killed worker forks a process that already imported sympy and
-        # math-verify (tens of ms) instead of re-importing them (about a second); and unlike plain
-        # fork it is safe from a threaded parent such as a Ray actor.
-        self._ctx = multiprocessing.get_context("forkserver")
-        self._ctx.set_forkserver_preload(["math_verify", "reward.math_verify_worker"])
         self._lock = threading.Lock()
         self.counts: collections.Counter[str] = collections.Counter({o: 0 for o in OUTCOMES})
         self.restarts = 0
-        self._workers = [_Worker(self._ctx, self.config) for _ in range(self.config.num_workers)]
+        self._workers = [_Worker(self.config) for _ in range(self.config.num_workers)]  # they warm up meanwhile
 
     def __enter__(self) -> "MathVerifierPool":
         return self
@@ -128,7 +160,7 @@ class MathVerifierPool:
 
     def _replace(self, i: int) -> None:
         self._workers[i].kill()
-        self._workers[i] = _Worker(self._ctx, self.config)
+        self._workers[i] = _Worker(self.config)
         self.restarts += 1
 
     def _shape(self, outcome: str, detail: str, source: str, length: int, latency: float) -> Verdict:
@@ -174,54 +206,65 @@ class MathVerifierPool:
         with self._lock:
             if not self._workers:
                 raise RuntimeError("MathVerifierPool is closed")
-            while todo or any(w.job is not None for w in self._workers):
+            while todo or any(w.state == "busy" for w in self._workers):
                 for k, w in enumerate(self._workers):
-                    if w.job is None and todo:
+                    if w.state == "idle" and todo:
                         i, gold, ans = todo.popleft()
                         try:
-                            w.conn.send((gold, ans))
+                            _write_frame(w.proc.stdin, [gold, ans])
                         except (BrokenPipeError, OSError):  # died while idle: replace, retry the item
                             self._replace(k)
                             todo.appendleft((i, gold, ans))
                             continue
-                        w.job, w.t0 = i, time.monotonic()
+                        w.state, w.job, w.t0 = "busy", i, time.monotonic()
                         t_start[i] = w.t0
-                busy = [w for w in self._workers if w.job is not None]
-                if not busy:
-                    continue
-                wait_s = max(0.0, min(w.t0 for w in busy) + c.deadline_s - time.monotonic())
-                ready = set(mpc.wait([w.conn for w in busy], timeout=wait_s))
+                watched = [w for w in self._workers if w.state != "idle"]
+                now = time.monotonic()
+                ends = [w.t0 + (c.deadline_s if w.state == "busy" else _STARTUP_DEADLINE_S) for w in watched]
+                ready = set(mpc.wait([w.proc.stdout for w in watched], timeout=max(0.0, min(ends) - now)))
                 now = time.monotonic()
                 for k, w in enumerate(self._workers):
-                    i = w.job
-                    if i is None:
+                    if w.state == "idle":
                         continue
-                    if w.conn in ready:
+                    i = w.job
+                    if w.proc.stdout in ready:
                         try:
-                            outcome, detail = w.conn.recv()
-                        except (EOFError, OSError):
-                            code = w.proc.exitcode if not w.proc.is_alive() else None
+                            msg = _read_frame(w.proc.stdout)
+                        except (EOFError, OSError, ValueError):
+                            code = w.proc.poll()
                             self._replace(k)
-                            results[i] = self._shape("error", f"verifier process died (exit code {code})",
-                                                     sources[i], length_of(i), now - t_start[i])
+                            if i is not None:
+                                results[i] = self._shape("error", f"verifier process died (exit code {code})",
+                                                         sources[i], length_of(i), now - t_start[i])
+                            elif self.restarts > 8 * c.num_workers + 8:
+                                raise RuntimeError(f"math verifier workers keep dying at start (exit code {code})")
                             continue
-                        w.job = None
+                        if w.state == "starting":
+                            w.state = "idle"
+                            continue
+                        w.state, w.job = "idle", None
+                        outcome, detail = msg
                         results[i] = self._shape(outcome, detail, sources[i], length_of(i), now - t_start[i])
-                    elif now - w.t0 >= c.deadline_s:
-                        self._replace(k)  # the stuck worker is killed; its replacement is idle
+                    elif w.state == "busy" and now - w.t0 >= c.deadline_s:
+                        self._replace(k)  # the stuck worker is killed; its replacement warms up
                         results[i] = self._shape("timeout", f"no verdict within {c.deadline_s}s; worker killed",
                                                  sources[i], length_of(i), now - t_start[i])
+                    elif w.state == "starting" and now - w.t0 >= _STARTUP_DEADLINE_S:
+                        self._replace(k)
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
 
 def worker_pids(pool: MathVerifierPool) -> list[int]:
     """The live workers' pids (for tests and diagnostics)."""
-    return [w.proc.pid for w in pool._workers if w.proc.pid is not None]
+    return [w.proc.pid for w in pool._workers]
 
 
-if __name__ == "__main__":  # python -m reward.math_verify_worker GOLD COMPLETION
-    import sys
-    with MathVerifierPool(MathConfig(num_workers=1)) as p:
-        print(p.verify(sys.argv[1], sys.argv[2]).to_json())
-    os._exit(0)
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--serve":
+        _serve(int(sys.argv[2]), int(sys.argv[3]), bool(int(sys.argv[4])))
+    elif len(sys.argv) == 3:  # python -m reward.math_verify_worker GOLD COMPLETION
+        with MathVerifierPool(MathConfig(num_workers=1)) as p:
+            print(p.verify(sys.argv[1], sys.argv[2]).to_json())
+    else:
+        sys.exit("usage: python -m reward.math_verify_worker GOLD COMPLETION")
