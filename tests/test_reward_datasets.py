@@ -1,0 +1,122 @@
+"""Dataset loaders: reasoning-gym tasks, HumanEval, user JSONL layouts, splits and prompt templates."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from reward.datasets import (MATH_TEMPLATE, humaneval_items, jsonl_items, reasoning_gym_items, render_prompt,
+                             split)
+from reward.types import AssertTests, RewardItem
+
+
+class FakeChatTokenizer:
+    """Any object with apply_chat_template will do; this one records what it was given."""
+
+    def __init__(self):
+        self.calls = []
+
+    def apply_chat_template(self, conversation, tokenize=True, add_generation_prompt=False, **kw):
+        self.calls.append((conversation, tokenize, add_generation_prompt))
+        body = "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in conversation)
+        return body + ("<|assistant|>" if add_generation_prompt else "")
+
+
+@pytest.mark.parametrize("task", ["basic_arithmetic", "chain_sum", "gsm_symbolic"])
+def test_reasoning_gym_tasks_are_seeded_and_sized(task):
+    a = reasoning_gym_items(task, seed=3, size=20)
+    b = reasoning_gym_items(task, seed=3, size=20)
+    c = reasoning_gym_items(task, seed=4, size=20)
+    assert len(a) == 20 and all(isinstance(x, RewardItem) and x.kind == "math" for x in a)
+    assert [x.prompt for x in a] == [x.prompt for x in b]
+    assert [x.prompt for x in a] != [x.prompt for x in c]
+    assert all(x.prompt.endswith("within \\boxed{}.") and x.gold for x in a)
+    assert len({x.id for x in a}) == 20
+
+
+def test_reasoning_gym_golds_verify_against_themselves():
+    from reward.config import MathConfig
+    from reward.math_verify_worker import MathVerifierPool
+
+    items = [it for t in ("basic_arithmetic", "chain_sum", "gsm_symbolic") for it in reasoning_gym_items(t, seed=0, size=10)]
+    with MathVerifierPool(MathConfig(num_workers=2)) as pool:
+        verdicts = pool.verify_batch([(it.gold, f"so \\boxed{{{it.gold}}}") for it in items])
+        wrong = pool.verify_batch([(it.gold, f"so \\boxed{{{it.gold}1}}") for it in items])
+    assert all(v.outcome == "ok" for v in verdicts)
+    assert all(v.outcome == "wrong" for v in wrong)
+
+
+def test_humaneval_has_164_problems_with_assert_tests():
+    items = humaneval_items()
+    assert len(items) == 164 and len({x.id for x in items}) == 164
+    for it in items:
+        assert it.kind == "code" and isinstance(it.gold, AssertTests)
+        assert it.gold.prelude and f"def {it.gold.entry_point}" in it.meta["reference_program"]
+        assert "def check(candidate)" in it.gold.test
+
+
+def test_prompt_template_and_chat_template():
+    tok = FakeChatTokenizer()
+    p = render_prompt("What is 2+2?", "math", tokenizer=tok, system="Be brief.")
+    assert p.startswith("<|system|>Be brief.<|end|><|user|>What is 2+2?") and p.endswith("<|assistant|>")
+    assert tok.calls[0][1] is False and tok.calls[0][2] is True
+    assert render_prompt("Q", "math", template="Solve: {question}") == "Solve: Q"
+    assert render_prompt("Q", "math") == MATH_TEMPLATE.format(question="Q")
+    with pytest.raises(TypeError, match="apply_chat_template"):
+        render_prompt("Q", "math", tokenizer=object())
+    items = reasoning_gym_items("chain_sum", seed=0, size=2, tokenizer=tok)
+    assert all(x.prompt.startswith("<|user|>") for x in items)
+
+
+def _write(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_user_jsonl_layouts(tmp_path):
+    gsm = _write(tmp_path / "gsm.jsonl", [{"question": "Q1", "answer": "steps\n#### 1,200"}])
+    math = _write(tmp_path / "math.jsonl", [{"problem": "P", "solution": r"so \boxed{\frac{1}{2}}", "level": "Level 2"},
+                                            {"problem": "P2", "solution": "x", "answer": "7"}])
+    dapo = _write(tmp_path / "dapo.jsonl", [{"data_source": "math_dapo", "prompt": [{"role": "user", "content": "Solve X. Answer: $Answer"}],
+                                             "ability": "MATH", "reward_model": {"ground_truth": "34", "style": "rule"},
+                                             "extra_info": {"index": "abc"}}])
+    mbpp = _write(tmp_path / "mbpp.jsonl", [{"task_id": 11, "text": "Remove first and last occurrence of a char.",
+                                             "code": "def remove_Occ(s,ch):\n    i = s.find(ch)\n    j = s.rfind(ch)\n    if i < 0:\n        return s\n    s = s[:i] + s[i+1:]\n    j = s.rfind(ch)\n    return s[:j] + s[j+1:] if j >= 0 else s\n",
+                                             "test_list": ['assert remove_Occ("hello","l") == "heo"',
+                                                           'assert remove_Occ("abcda","a") == "bcd"'],
+                                             "test_setup_code": "", "challenge_test_list": []}])
+    (g,) = jsonl_items(gsm)
+    assert g.gold == "1200" and g.kind == "math" and g.prompt.startswith("Q1")
+    m1, m2 = jsonl_items(math, layout="math")
+    assert (m1.gold, m2.gold) == (r"\frac{1}{2}", "7")
+    (d,) = jsonl_items(dapo)
+    assert d.gold == "34" and d.prompt == "Solve X. Answer: $Answer" and d.id.endswith("abc")
+    (b,) = jsonl_items(mbpp)
+    assert b.kind == "code" and b.gold.entry_point == "remove_Occ" and "Your code should pass" in b.prompt
+    if shutil.which("bwrap"):
+        from reward.code_grader import CodeGrader
+        g = CodeGrader()
+        assert g.grade(b.meta["reference_program"], b.gold).outcome == "ok"
+        assert g.grade("def remove_Occ(s, ch):\n    return s\n", b.gold).outcome == "wrong"
+
+
+def test_bad_jsonl_names_file_and_line(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"question": "q", "answer": "#### 1"}\n{"foo": 1}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        jsonl_items(f)
+
+
+def test_split_is_disjoint_stable_and_seeded():
+    items = reasoning_gym_items("basic_arithmetic", seed=0, size=400)
+    train, held = split(items, 0.25, seed=1)
+    assert len(train) + len(held) == 400 and not {x.id for x in train} & {x.id for x in held}
+    assert 60 <= len(held) <= 140
+    train2, held2 = split(list(reversed(items)), 0.25, seed=1)
+    assert {x.id for x in held2} == {x.id for x in held}  # order does not matter
+    _, held3 = split(items, 0.25, seed=2)
+    assert {x.id for x in held3} != {x.id for x in held}
+    with pytest.raises(ValueError, match="held_out_fraction"):
+        split(items, 1.0)
