@@ -24,8 +24,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Start, inspe
 UrlOpt = Annotated[str, typer.Option("--url", envvar="MTPRL_URL", help="Control plane URL.")]
 TokenOpt = Annotated[Optional[str], typer.Option("--token", envvar="MTPRL_API_TOKEN", help="API token.", show_default=False)]
 DEFAULT_URL = "http://127.0.0.1:8000"
-HEADLINE = ("reward/mean", "reward/accuracy", "loss", "clip_frac/head0", "spec/acceptance_rate",
-            "rollout/tokens_per_s")
+HEADLINE = ("batch/reward_mean", "batch/accuracy", "loss/total", "ratio/clip_frac",
+            "rollout/spec_acceptance_rate", "rollout/tokens_per_s")
 
 
 def _token(token: str | None) -> str:

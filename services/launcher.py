@@ -38,8 +38,9 @@ def actor_name(run_id: str) -> str:
 class MetricsSink(Protocol):
     """What a run reports through. Implemented by :class:`services.registry.RedisSink`.
 
-    Metric keys are ``/``-namespaced (``reward/mean``, ``clip_frac/head1``); a last component
-    ``head<k>`` becomes the Prometheus label ``head`` (0 = main head). The key
+    Metric keys are ``/``-namespaced as the learner, rollout and reward packages emit them
+    (``batch/reward_mean``, ``mtp/lambda/head1``); a last component ``head<k>`` becomes the
+    Prometheus label ``head``. The key
     ``policy_version`` also sets the run's policy version. See
     ``services.metrics_export.METRIC_CATALOG`` for the keys the dashboards use.
     """

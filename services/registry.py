@@ -356,27 +356,30 @@ class RunRegistry:
             out = await p.execute()
         return dict(zip(STATES, (int(n) for n in out)))
 
-    async def exported_runs(self, keep_finished_s: float) -> list[RunRecord]:
-        """Runs that /metrics exports: every active run, and runs finished recently."""
-        active = await self.ids_in_states(ACTIVE_STATES)
-        recent = await self.r.zrangebyscore(
-            f"{self.prefix}runs:finished", time.time() - keep_finished_s, "+inf"
-        )
-        ids = list(dict.fromkeys([*active, *recent]))
-        if not ids:
-            return []
+    async def metrics_snapshot(self, keep_finished_s: float) -> tuple[list[RunRecord], dict[str, int]]:
+        """What /metrics exports, in two round trips: every active run and the runs finished
+        in the last ``keep_finished_s`` (bounded label cardinality), plus per-state counts."""
         async with self.r.pipeline(transaction=False) as p:
-            for rid in ids:
-                p.hmget(
-                    _keys(self.prefix, rid)["run"],
-                    "id", "state", "step", "policy_version", "latest_metrics", "last_report_at",
-                    "created_at", "total_steps",
-                )
-            rows = await p.execute()
+            for s in ACTIVE_STATES:
+                p.zrange(f"{self.prefix}runs:state:{s}", 0, -1)
+            p.zrangebyscore(f"{self.prefix}runs:finished", time.time() - keep_finished_s, "+inf")
+            for s in STATES:
+                p.zcard(f"{self.prefix}runs:state:{s}")
+            out = await p.execute()
+        n_idx = len(ACTIVE_STATES) + 1
+        ids = list(dict.fromkeys(rid for group in out[:n_idx] for rid in group))
+        counts = dict(zip(STATES, (int(c) for c in out[n_idx:])))
+        if not ids:
+            return [], counts
         names = ("id", "state", "step", "policy_version", "latest_metrics", "last_report_at",
                  "created_at", "total_steps")
-        return [RunRecord.from_hash({n: v for n, v in zip(names, row) if v is not None})
+        async with self.r.pipeline(transaction=False) as p:
+            for rid in ids:
+                p.hmget(_keys(self.prefix, rid)["run"], *names)
+            rows = await p.execute()
+        runs = [RunRecord.from_hash({n: v for n, v in zip(names, row) if v is not None})
                 for row in rows if row[0] is not None]
+        return runs, counts
 
     # -- transitions ---------------------------------------------------------------------------
 

@@ -41,30 +41,34 @@ def synthetic_metrics(step: int, total: int, heads: int, rng: random.Random) -> 
     correct = int(round(acc * g))
     timeouts = rng.randint(0, 1)
     m: dict[str, float] = {
-        "loss": 0.5 * math.exp(-2 * x) + noise(0.02),
+        "loss/total": 0.5 * math.exp(-2 * x) + noise(0.02),
+        "ratio/clip_frac": abs(0.02 + noise(0.003)),
         "ratio/token_mean": 1.0 + noise(0.005),
         "ratio/token_var": abs(0.01 + noise(0.002)),
         "ratio/block_mean": 1.0 + noise(0.006),
         "ratio/block_var": abs(0.012 + noise(0.002)),
-        "grad_norm": abs(1.0 + noise(0.2)),
-        "entropy": 1.2 * math.exp(-x) + 0.2,
-        "kl": abs(0.01 * x + noise(0.002)),
-        "reward/mean": acc - 0.05 * timeouts / g,
-        "reward/accuracy": acc,
-        "response/length_mean": 180 + 60 * x + noise(5),
-        "staleness/mean": abs(0.6 + noise(0.1)),
-        "staleness/max": 1.0,
-        "staleness/dropped_groups": float(rng.randint(0, 2)),
+        "ratio/approx_kl": abs(0.002 + noise(0.0005)),
+        "optim/grad_norm": abs(1.0 + noise(0.2)),
+        "policy/entropy": 1.2 * math.exp(-x) + 0.2,
+        "policy/kl_ref": abs(0.01 * x + noise(0.002)),
+        "batch/reward_mean": acc - 0.05 * timeouts / g,
+        "batch/accuracy": acc,
+        "batch/response_len_mean": 180 + 60 * x + noise(5),
+        "batch/staleness_mean": abs(0.6 + noise(0.1)),
+        "batch/staleness_max": 1.0,
+        "batch/groups_dropped_stale": float(rng.randint(0, 2)),
         "rollout/tokens_per_s": 1500 + 400 * x + noise(50),
-        "spec/acceptance_rate": accepted / drafted,
-        "spec/mean_acceptance_length": 1.0 + accepted / drafted,
-        "sync/weight_seconds": abs(0.8 + noise(0.1)),
+        "perf/tokens_per_s": 5000 + noise(200),
+        "rollout/spec_acceptance_rate": accepted / drafted,
+        "rollout/spec_mean_acceptance_length": 1.0 + accepted / drafted,
+        "sync/weight_s": abs(0.8 + noise(0.1)),
         "reward/latency_mean_s": abs(0.05 + noise(0.01)),
         "reward/latency_p95_s": abs(0.2 + noise(0.03)),
-        "reward/correct": float(correct),
-        "reward/incorrect": float(g - correct - timeouts),
-        "reward/timeouts": float(timeouts),
-        "reward/errors": 0.0,
+        "reward/outcome/ok": float(correct * step),  # cumulative, like the reward actors'
+        "reward/outcome/wrong": float((g - correct - timeouts) * step),
+        "reward/outcome/timeout": float(timeouts * step),
+        "reward/outcome/error": 0.0,
+        "reward/outcome/sandbox_violation": 0.0,
         "policy_version": float(step),
     }
     for d in METRIC_CATALOG:
@@ -72,13 +76,13 @@ def synthetic_metrics(step: int, total: int, heads: int, rng: random.Random) -> 
             continue
         for h in range(d.heads_from, heads + 1):
             key = d.key.replace("{h}", str(h))
-            if key.startswith("clip_frac/"):
+            if key.startswith("mtp/clip_frac/"):
                 m[key] = abs(0.02 + 0.01 * h + noise(0.003))
-            elif key.startswith("occ/lambda/"):
+            elif key.startswith("mtp/lambda/"):
                 m[key] = 0.3 / h + noise(0.05)
-            elif key.startswith("occ/c_hat/"):
+            elif key.startswith("mtp/c_hat/"):
                 m[key] = 0.01 / h + noise(0.002)
-            else:  # occ/v2_hat
+            else:  # mtp/v2_hat
                 m[key] = abs(0.03 * h + noise(0.003))
     missing = {d.key for d in METRIC_CATALOG if not d.per_head} - m.keys()
     assert not missing, f"synthetic metrics miss {missing}"

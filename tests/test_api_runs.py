@@ -99,7 +99,8 @@ def test_full_life_cycle(api, model_dir):
     assert done["error"] is None and done["finished_at"] >= done["started_at"] >= done["created_at"]
     flat = {d.key for d in METRIC_CATALOG if not d.per_head}
     assert flat <= done["latest_metrics"].keys()
-    assert {"clip_frac/head0", "clip_frac/head2", "occ/lambda/head1", "occ/lambda/head2"} <= done["latest_metrics"].keys()
+    assert {"ratio/clip_frac", "mtp/clip_frac/head1", "mtp/clip_frac/head2", "mtp/lambda/head1",
+            "mtp/lambda/head2"} <= done["latest_metrics"].keys()
     assert done["last_checkpoint"]["step"] == 25
 
     cks = api.get(f"/v1/runs/{rid}/checkpoints").json()
@@ -107,9 +108,9 @@ def test_full_life_cycle(api, model_dir):
 
     hist = api.get(f"/v1/runs/{rid}/metrics").json()
     assert [p["step"] for p in hist["points"]] == list(range(1, 26)) and not hist["downsampled"]
-    small = api.get(f"/v1/runs/{rid}/metrics", params={"max_points": 5, "keys": "reward/mean,loss"}).json()
+    small = api.get(f"/v1/runs/{rid}/metrics", params={"max_points": 5, "keys": "batch/reward_mean,loss/total"}).json()
     assert len(small["points"]) == 5 and small["downsampled"] and small["total_points"] == 25
-    assert all(set(p["values"]) == {"reward/mean", "loss"} for p in small["points"])
+    assert all(set(p["values"]) == {"batch/reward_mean", "loss/total"} for p in small["points"])
     window = api.get(f"/v1/runs/{rid}/metrics", params={"start_step": 10, "end_step": 12}).json()
     assert [p["step"] for p in window["points"]] == [10, 11, 12]
 

@@ -124,9 +124,11 @@ def test_every_dashboard_expression_returns_data(stack):
 
 def test_per_head_series_carry_a_head_label(stack):
     prom, rid = stack["prom"], stack["run_id"]
-    heads = {s["metric"]["head"] for s in query(prom, f'mtprl_clip_frac{{run_id="{rid}"}}')}
-    assert heads == {"0", "1", "2"}  # main head + 2 MTP heads
-    lam = {s["metric"]["head"] for s in query(prom, f'mtprl_occ_lambda{{run_id="{rid}"}}')}
+    dash = json.loads(DASHBOARD.read_text())
+    clip = next(e for t, e in dashboard_queries(dash) if t == "Clip fraction per head")
+    heads = {s["metric"]["head"] for s in query(prom, clip.replace("$run_id", rid))}
+    assert heads == {"0", "1", "2"}  # main head (label added by the panel) + 2 MTP heads
+    lam = {s["metric"]["head"] for s in query(prom, f'mtprl_mtp_lambda{{run_id="{rid}"}}')}
     assert lam == {"1", "2"}  # λ exists for MTP heads only
 
 
