@@ -1,7 +1,11 @@
 """Trusted harness executed *inside* the code sandbox (stdlib only: it runs on the sandbox's own
 interpreter, e.g. Debian's /usr/bin/python3, never importing anything of ours).
 
-    python3 -I -S _sandbox_harness.py VERDICT_FD SECRET_FD < job
+    python3 -I -S _sandbox_harness.py VERDICT_FD SECRET_FD   # jobs arrive framed on stdin
+
+Protocol. The parent sends one marshal frame per job on stdin (program, mode, limits) and one on
+SECRET_FD (tests and a fresh nonce); the harness answers on VERDICT_FD with records
+`NONCE KIND LEN\n` + marshal payload, ending with a `done` record, then waits for the next job.
 
 Roles. This process (H) never runs untrusted code. In bubblewrap mode it is pid 1 of a fresh pid
 namespace (`--as-pid-1`), so signals from the program cannot kill it and `kill(-1)` from H removes

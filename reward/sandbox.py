@@ -26,6 +26,17 @@ What one run gets (bubblewrap mode):
 Verdicts come back on a dedicated descriptor that only the harness holds, each record prefixed
 with a per-run nonce; the parent checks both and compares stdio outputs itself.
 
+Reuse. Starting bwrap and an interpreter costs more than most test programs (~10 programs/s
+here against ~170/s reused), so one sandbox process serves up to `jobs_per_sandbox` programs,
+one at a time, each in a freshly forked child with the limits above. Between programs the harness
+(pid 1) SIGKILLs every other process of the namespace and empties /tmp, /dev/shm and SysV IPC;
+the tests are only sent to the harness after the program's child exists, and the harness is
+non-dumpable, so a program can neither read the tests nor tamper with the next program's verdict.
+A run that timed out, crossed a limit or produced a malformed channel retires its sandbox.
+What reuse does share between consecutive programs of one sandbox: the kernel namespaces
+themselves (e.g. the loopback interface's state) and the cgroup's cumulative counters (we compare
+them before and after each program). Set `jobs_per_sandbox=1` for a fresh sandbox per program.
+
 Not covered: kernel exploits (bubblewrap shares the host kernel; there is no seccomp filter
 here), timing side channels, CPU contention between concurrent sandboxes (no cpu controller),
 programs that need the network, a GPU or packages outside the sandbox interpreter's stdlib
@@ -48,6 +59,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 
 from reward.config import SandboxConfig
@@ -334,10 +346,17 @@ class Sandbox:
         self._slots = threading.BoundedSemaphore(cfg.max_parallel)
         self.restarts = 0
         self._spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-spawner")
+        weakref.finalize(self, Sandbox._kill_all, self._idle)  # no sandbox outlives an unclosed Sandbox
+
+    @staticmethod
+    def _kill_all(slots: list[_Slot]) -> None:
+        for s in list(slots):
+            s.kill()
 
     def close(self) -> None:
         with self._idle_lock:
-            slots, self._idle = self._idle, []
+            slots = list(self._idle)
+            self._idle.clear()
         for s in slots:
             s.kill()
 
