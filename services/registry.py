@@ -39,6 +39,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -276,7 +277,14 @@ class RunRegistry:
 
     @classmethod
     def from_url(cls, url: str, **kw: Any) -> RunRegistry:
-        client = aredis.from_url(url, decode_responses=True, health_check_interval=30)
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
+
+        # One quick retry (a dropped idle connection), then fail fast: with Redis down the API
+        # must answer 503/registry_up 0 at once, not after seconds of back-off.
+        client = aredis.from_url(url, decode_responses=True, health_check_interval=30,
+                                 socket_connect_timeout=2.0,
+                                 retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1))
         return cls(client, **kw)
 
     async def close(self) -> None:
@@ -644,8 +652,10 @@ class EmbeddedRedis:
         ]
         # Own session: a Ctrl-C on `mtprl serve` must not take Redis (and with it the runs'
         # reporting) down too.
-        subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+        # Reap it when it exits (else it lingers as a zombie of this process).
+        threading.Thread(target=proc.wait, name="embedded-redis-reaper", daemon=True).start()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.is_running():
@@ -668,13 +678,23 @@ class EmbeddedRedis:
             return
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if not _alive(pid):
                 return
-            try:  # reap it if it happens to be our child
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
             time.sleep(0.05)
-        os.kill(pid, signal.SIGKILL)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process exists and is not a zombie (an exited child not yet reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True

@@ -1,0 +1,137 @@
+"""`mtprl serve` (services.cli_serve) as a real process: token generation, settings from flags and
+the environment, the embedded Redis's lifetime. No Ray (``--launcher none``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.registry import EmbeddedRedis
+from services.settings import Settings, resolve_api_token
+from test_api_support import ROOT, free_port, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def serve(data: Path, *extra: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    e = {k: v for k, v in os.environ.items() if not k.startswith("MTPRL_")}
+    e.update(env or {})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli_serve", "--host", "127.0.0.1", "--port", str(port),
+         "--data-dir", str(data), "--launcher", "none", "--log-level", "warning", *extra],
+        cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            return httpx.get(url + "/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(up, 60, what="mtprl serve")
+    return proc, url
+
+
+def stop(proc: subprocess.Popen) -> str:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.stdout.read()
+
+
+def test_token_generated_once_stored_private_and_printed(tmp_path):
+    proc, url = serve(tmp_path)
+    try:
+        token_file = tmp_path / "api_token"
+        token = token_file.read_text().strip()
+        assert len(token) >= 32
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        assert httpx.get(url + "/v1/runs").status_code == 401
+        assert httpx.get(url + "/v1/runs", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    finally:
+        out = stop(proc)
+    assert token in out  # printed on the first start
+    proc2, url2 = serve(tmp_path)
+    try:
+        assert httpx.get(url2 + "/v1/runs", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    finally:
+        out2 = stop(proc2)
+        EmbeddedRedis(tmp_path).stop()
+    assert token not in out2  # not printed again
+
+
+def test_env_token_wins_and_redis_outlives_the_api_unless_asked(tmp_path):
+    proc, url = serve(tmp_path, env={"MTPRL_API_TOKEN": "from-env-123"})
+    try:
+        assert httpx.get(url + "/v1/runs", headers={"Authorization": "Bearer from-env-123"}).status_code == 200
+        assert not (tmp_path / "api_token").exists()
+    finally:
+        stop(proc)
+    emb = EmbeddedRedis(tmp_path)
+    assert emb.is_running()  # kept for runs that report while the API restarts
+    proc, url = serve(tmp_path, "--stop-redis", env={"MTPRL_API_TOKEN": "t"})
+    stop(proc)
+    wait_for(lambda: not emb.is_running(), 10, what="redis stopped")
+
+
+def test_external_redis_url_is_used_instead_of_the_embedded_one(tmp_path):
+    ext = EmbeddedRedis(tmp_path / "external")
+    ext.start()
+    try:
+        proc, url = serve(tmp_path / "api", env={"MTPRL_API_TOKEN": "t", "MTPRL_REDIS_URL": ext.url})
+        try:
+            h = {"Authorization": "Bearer t"}
+            model = tmp_path / "m"
+            model.mkdir()
+            (model / "config.json").write_text('{"num_nextn_predict_layers": 1}')
+            r = httpx.post(url + "/v1/runs", headers=h, json={
+                "model": {"path": str(model)}, "data": {"dataset": "human_eval"}})
+            assert r.status_code == 201
+            assert not (tmp_path / "api" / "redis").exists()  # no embedded server started
+            import redis
+
+            c = redis.Redis.from_url(ext.url, decode_responses=True)
+            assert c.hget(f"mtprl:run:{r.json()['id']}", "state") == "pending"
+            c.close()
+        finally:
+            stop(proc)
+    finally:
+        ext.stop()
+
+
+def test_healthz_degrades_when_redis_goes_away(tmp_path):
+    proc, url = serve(tmp_path, env={"MTPRL_API_TOKEN": "t"})
+    try:
+        EmbeddedRedis(tmp_path).stop()
+        r = httpx.get(url + "/healthz", timeout=10)
+        assert r.status_code == 503 and r.json()["redis"] is False
+        m = httpx.get(url + "/metrics", timeout=10)
+        assert m.status_code == 200 and "mtprl_registry_up 0.0" in m.text
+    finally:
+        stop(proc)
+        EmbeddedRedis(tmp_path).stop()
+
+
+def test_settings_validation_and_token_file_race(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    monkeypatch.setenv("MTPRL_REDIS_URL", "")
+    s = Settings(data_dir=tmp_path)
+    assert s.ray_address == "10.0.0.1:6379" and s.redis_url is None
+    with pytest.raises(ValueError, match="redis_url"):
+        Settings(data_dir=tmp_path, redis_url="http://nope")
+    a, gen_a = resolve_api_token(s)
+    b, gen_b = resolve_api_token(s)
+    assert gen_a and not gen_b and a == b
