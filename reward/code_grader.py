@@ -31,7 +31,7 @@ from typing import Any, Sequence
 from pydantic import TypeAdapter
 
 from reward.config import CodeConfig
-from reward.sandbox import RunResult, Sandbox, default_sandbox
+from reward.sandbox import RunResult, Sandbox
 from reward.types import AssertTests, CodeTests, StdioTests, Verdict
 
 _TESTS = TypeAdapter(CodeTests)
@@ -61,7 +61,7 @@ class CodeGrader:
 
     def __init__(self, config: CodeConfig | None = None, sandbox: Sandbox | None = None) -> None:
         self.config = config or CodeConfig()
-        self.sandbox = sandbox or default_sandbox(self.config.sandbox)
+        self.sandbox = sandbox or Sandbox(self.config.sandbox)  # raises SandboxUnavailable without bwrap
 
     def _verdict(self, outcome: str, detail: str, latency: float, reward: float | None = None) -> Verdict:
         c = self.config
@@ -69,15 +69,16 @@ class CodeGrader:
             reward = {"ok": c.correct_reward, "wrong": c.wrong_reward}.get(outcome, c.failure_reward)
         return Verdict(outcome, reward, detail, latency)  # type: ignore[arg-type]
 
-    def grade(self, program: str, tests: Any) -> Verdict:
+    def grade(self, program: str, tests: Any, timeout_s: float | None = None) -> Verdict:
+        """One program against its tests; `timeout_s` overrides the sandbox's wall deadline."""
         if not isinstance(program, str):
             raise TypeError(f"program must be str, got {type(program).__name__}")
         spec = parse_tests(tests)
         if isinstance(spec, StdioTests):
-            res = self.sandbox.run_stdio(program, [c.input.encode() for c in spec.cases])
-            return self._judge_stdio(spec, res)
-        res = self.sandbox.run_function(program, spec.entry_point, spec.test, spec.prelude)
-        return self._judge_function(res)
+            res = self.sandbox.run_stdio(program, [c.input.encode() for c in spec.cases], timeout_s)
+            return self._judge_stdio(spec, res, timeout_s)
+        res = self.sandbox.run_function(program, spec.entry_point, spec.test, spec.prelude, timeout_s)
+        return self._judge_function(res, timeout_s)
 
     def grade_batch(self, items: Sequence[tuple[str, Any]]) -> list[Verdict]:
         specs = [(p, parse_tests(t)) for p, t in items]  # fail fast on a bad spec, before running anything
@@ -88,12 +89,13 @@ class CodeGrader:
 
     # -- judging ------------------------------------------------------------------------------------
 
-    def _judge_common(self, res: RunResult) -> Verdict | None:
+    def _judge_common(self, res: RunResult, timeout_s: float | None) -> Verdict | None:
         t = res.elapsed_s
         if res.violations:
             return self._verdict("sandbox_violation", "; ".join(res.violations), t)
         if res.timed_out:
-            return self._verdict("timeout", f"no verdict within {self.sandbox.config.wall_timeout_s}s; sandbox killed", t)
+            limit = self.sandbox.config.wall_timeout_s if timeout_s is None else timeout_s
+            return self._verdict("timeout", f"no verdict within {limit}s; sandbox killed", t)
         if res.channel_error:
             if res.channel_error.startswith("sandbox exited"):
                 tail = res.stderr.decode("utf-8", "replace")[-300:]
@@ -101,8 +103,8 @@ class CodeGrader:
             return self._verdict("sandbox_violation", res.channel_error, t)
         return None
 
-    def _judge_function(self, res: RunResult) -> Verdict:
-        early = self._judge_common(res)
+    def _judge_function(self, res: RunResult, timeout_s: float | None = None) -> Verdict:
+        early = self._judge_common(res, timeout_s)
         if early:
             return early
         recs = [r for k, r in res.records if k == "function"]
@@ -120,8 +122,8 @@ class CodeGrader:
             return self._verdict("ok", "all tests passed", res.elapsed_s)
         return self._verdict("wrong", r["detail"], res.elapsed_s)
 
-    def _judge_stdio(self, spec: StdioTests, res: RunResult) -> Verdict:
-        early = self._judge_common(res)
+    def _judge_stdio(self, spec: StdioTests, res: RunResult, timeout_s: float | None = None) -> Verdict:
+        early = self._judge_common(res, timeout_s)
         if early:
             return early
         cases = {r["index"]: r for k, r in res.records if k == "case"}

@@ -128,6 +128,32 @@ def _own_cgroup_paths() -> dict[str, str]:
     return out
 
 
+_INSTANCES = itertools.count()
+
+
+def _remove_tree(d: Path) -> None:
+    """rmdir a cgroup and its child cgroups (cgroupfs dirs are removed with rmdir, bottom-up)."""
+    try:
+        for child in d.iterdir():
+            if child.is_dir():
+                _remove_tree(child)
+        d.rmdir()
+    except OSError:
+        pass
+
+
+def _remove_stale(parent: Path) -> None:
+    """Remove cgroups left by sandboxes of processes that no longer exist (killed without cleanup)."""
+    try:
+        entries = [p for p in parent.iterdir() if p.name.startswith("mtprl-sandbox-")]
+    except OSError:
+        return
+    for p in entries:
+        pid = p.name.split("-")[2]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            _remove_tree(p)
+
+
 class _Cgroups:
     """Per-run cgroups in whichever hierarchies this process may write. Best effort by design:
     the sandbox's namespaces and rlimits hold without them; these add whole-tree memory and pids
@@ -139,11 +165,13 @@ class _Cgroups:
         self.v2_controllers: set[str] = set()
         self._seq = itertools.count()
         mounts, own = _cgroup_mounts(), _own_cgroup_paths()
-        tag = f"mtprl-sandbox-{os.getpid()}"
+        tag = f"mtprl-sandbox-{os.getpid()}-{next(_INSTANCES)}"
         for h in ("v2", "memory", "pids"):
             if h not in mounts or h not in own:
                 continue
-            base = Path(mounts[h]) / own[h].lstrip("/") / tag
+            parent = Path(mounts[h]) / own[h].lstrip("/")
+            _remove_stale(parent)
+            base = parent / tag
             try:
                 base.mkdir(exist_ok=True)
                 if h == "v2":
@@ -166,6 +194,11 @@ class _Cgroups:
     @property
     def active(self) -> list[str]:
         return sorted(self.bases)
+
+    def remove(self) -> None:
+        """Remove our (by now empty) parent cgroups."""
+        for base in self.bases.values():
+            _remove_tree(base)
 
     def create(self) -> dict[str, Path]:
         n = next(self._seq)
@@ -342,23 +375,27 @@ class Sandbox:
         self._setpriv = shutil.which("setpriv")
         self.cgroups = _Cgroups(cfg) if cfg.use_cgroups and self._root and self._setpriv else None
         self._idle: list[_Slot] = []
+        self._closed = False
         self._idle_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(cfg.max_parallel)
         self.restarts = 0
         self._spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-spawner")
-        weakref.finalize(self, Sandbox._kill_all, self._idle)  # no sandbox outlives an unclosed Sandbox
+        # no sandbox process or cgroup outlives this object, closed or not
+        self._finalizer = weakref.finalize(self, Sandbox._kill_all, self._idle, self.cgroups)
 
     @staticmethod
-    def _kill_all(slots: list[_Slot]) -> None:
+    def _kill_all(slots: list[_Slot], cgroups: "_Cgroups | None") -> None:
         for s in list(slots):
             s.kill()
+        slots.clear()
+        if cgroups is not None:
+            cgroups.remove()
 
     def close(self) -> None:
+        """Stop the idle sandboxes (running ones stop when their program ends) and remove our cgroups."""
         with self._idle_lock:
-            slots = list(self._idle)
-            self._idle.clear()
-        for s in slots:
-            s.kill()
+            self._closed = True
+            self._finalizer()
 
     def __enter__(self) -> "Sandbox":
         return self
@@ -407,6 +444,8 @@ class Sandbox:
         return cmd
 
     def _acquire(self) -> _Slot:
+        if self._closed:
+            raise RuntimeError("Sandbox is closed")
         self._slots.acquire()  # bounded concurrency: waits while max_parallel programs are running
         try:
             while True:
@@ -426,10 +465,11 @@ class Sandbox:
 
     def _release(self, slot: _Slot, reusable: bool) -> None:
         try:
-            if reusable and slot.alive and slot.jobs < self.config.jobs_per_sandbox:
-                with self._idle_lock:
+            with self._idle_lock:
+                keep = reusable and slot.alive and slot.jobs < self.config.jobs_per_sandbox and not self._closed
+                if keep:
                     self._idle.append(slot)
-            else:
+            if not keep:
                 if slot.alive and not reusable:
                     self.restarts += 1
                 slot.kill()
@@ -516,6 +556,10 @@ class Sandbox:
                         res.channel_error = problem
                         return res
                     if done:
+                        info = records.pop()[1]
+                        if cfg.mode == "bwrap" and not (info.get("pid1") and info.get("undumpable")):
+                            # without both, the program could ptrace or signal the harness
+                            res.channel_error = f"sandbox exited before reporting: harness unprotected {info}"
                         res.records = records
                         res.stderr = bytes(err)
                         return res
@@ -554,20 +598,7 @@ def _parse_records(raw: bytes, nonce: str) -> tuple[list[tuple[str, dict]], bool
         if kind == "done":
             if pos != len(raw):
                 return [], False, "bytes after the final verdict record"
+            out.append((kind, value))
             return out, True, ""
         out.append((kind, value))
     return out, False, ""
-
-
-_default_lock = threading.Lock()
-_default: dict[str, Sandbox] = {}
-
-
-def default_sandbox(config: SandboxConfig | None = None) -> Sandbox:
-    """A process-wide Sandbox per configuration (cgroup discovery is done once)."""
-    cfg = config or SandboxConfig()
-    key = cfg.model_dump_json()
-    with _default_lock:
-        if key not in _default:
-            _default[key] = Sandbox(cfg)
-        return _default[key]

@@ -36,29 +36,36 @@ def grader():
 
 
 @pytest.fixture(scope="module")
+def he_grader():
+    """Default limits (10 s wall): the HumanEval checks must not race a tight attack deadline."""
+    with Sandbox(SandboxConfig()) as sb:
+        yield CodeGrader(CodeConfig(), sb)
+
+
+@pytest.fixture(scope="module")
 def humaneval():
     return humaneval_items()
 
 
 def still_serving(grader: CodeGrader) -> None:
-    v = grader.grade(GOOD_ADD, ADD_TEST)
+    v = grader.grade(GOOD_ADD, ADD_TEST, timeout_s=30)  # generous: the host may be loaded
     assert v.outcome == "ok", v
 
 
-def test_all_164_humaneval_canonical_solutions_pass(grader, humaneval):
+def test_all_164_humaneval_canonical_solutions_pass(he_grader, humaneval):
     assert len(humaneval) == 164
-    verdicts = grader.grade_batch([(it.meta["reference_program"], it.gold) for it in humaneval])
+    verdicts = he_grader.grade_batch([(it.meta["reference_program"], it.gold) for it in humaneval])
     bad = [(it.id, v) for it, v in zip(humaneval, verdicts) if v.outcome != "ok"]
     assert not bad, bad[:5]
 
 
-def test_humaneval_wrong_solutions_fail(grader, humaneval):
+def test_humaneval_wrong_solutions_fail(he_grader, humaneval):
     # the prompt alone (stub returns None) and every solution shifted onto its neighbour's problem
     stubs = [(it.meta["prompt_code"] + "    return None\n", it.gold) for it in humaneval]
     shifted = [(humaneval[i - 1].meta["reference_program"].replace(humaneval[i - 1].gold.entry_point,
                                                                      it.gold.entry_point), it.gold)
                for i, it in enumerate(humaneval)]
-    verdicts = grader.grade_batch(stubs + shifted)
+    verdicts = he_grader.grade_batch(stubs + shifted)
     passed = [v for v in verdicts if v.outcome == "ok"]
     assert not passed, passed[:3]
     assert all(v.outcome == "wrong" for v in verdicts)
@@ -263,9 +270,21 @@ ATTACKS = {
         libc = ctypes.CDLL(None)
         got = libc.ptrace(16, 1, 0, 0)  # PTRACE_ATTACH to the harness
         leaked = []
-        for p in ('/proc/1/mem', '/proc/1/environ', '/proc/1/fd/0', '/proc/1/fd/3'):
+        paths = ['/proc/1/mem', '/proc/1/environ'] + ['/proc/1/fd/%d' % i for i in range(64)]
+        try:
+            paths += ['/proc/1/fd/' + f for f in os.listdir('/proc/1/fd')]
+        except OSError:
+            pass
+        for p in paths:
             try:
-                leaked.append(open(p, 'rb').read(16))
+                with open(p, 'rb') as f:
+                    leaked.append(f.read(16))
+            except OSError:
+                pass
+            try:
+                with open(p, 'wb') as f:
+                    f.write(b'0' * 32 + b' function 1\n')
+                    leaked.append(p)
             except OSError:
                 pass
         def add(a, b):
@@ -291,7 +310,7 @@ def test_attack_is_contained_and_runner_keeps_serving(grader, name):
     v = grader.grade(textwrap.dedent(src), ADD_TEST)
     assert v.outcome in allowed, (name, v)
     assert v.reward == 0.0
-    assert v.latency_s < 6.0
+    assert v.latency_s < 10.0
     still_serving(grader)
 
 
