@@ -9,8 +9,8 @@ What one run gets (bubblewrap mode):
   `--new-session` (no TIOCSTI into our terminal), `--clearenv`, `--as-pid-1` for the trusted
   harness (`reward/_sandbox_harness.py`), `--disable-userns` (no nested namespaces);
 - filesystem: an empty read-only root with `/usr` (+ `/lib*`, `/bin` symlinks) bound read-only,
-  a fresh `/proc` of the sandbox's own pid namespace, a minimal `/dev`, and a private size-capped
-  tmpfs at `/tmp` holding the work dir. Nothing of the host's /root, /home, /tmp or /etc exists inside;
+  a fresh `/proc` of the sandbox's own pid namespace, a minimal read-only `/dev`, and private
+  size-capped tmpfs mounts at `/tmp` (holding the work dir) and `/dev/shm`. Nothing of the host's /root, /home, /tmp or /etc exists inside;
 - an unprivileged host uid/gid (65534 by default): bwrap is started as that user, so even an
   escape from the namespaces lands as `nobody`;
 - rlimits on the program's processes: CPU seconds, address space, file size, open files, process
@@ -294,7 +294,7 @@ class _Slot:
         self.dirs = sandbox.cgroups.create() if sandbox.cgroups else {}
         verdict_r, verdict_w = os.pipe()
         secret_r, secret_w = os.pipe()
-        cmd = sandbox._command(verdict_w, secret_r)
+        cmd = sandbox._harness_command(verdict_w, secret_r)
         drop = {"user": cfg.uid, "group": cfg.gid, "extra_groups": []} if sandbox._root else {}
         if self.dirs:
             # Join the cgroups (as root: v2 wants write access at the common ancestor) before bwrap
@@ -372,6 +372,9 @@ class Sandbox:
         if cfg.mode == "bwrap" and not any(cfg.python.startswith(b.rstrip("/") + "/") for b in cfg.ro_binds):
             raise SandboxUnavailable(f"sandbox interpreter {cfg.python} is not under a bound directory {cfg.ro_binds}")
         self._root = os.geteuid() == 0
+        self._optional: set[str] = set()
+        if cfg.mode == "bwrap":
+            self._probe_bwrap()
         self._setpriv = shutil.which("setpriv")
         self.cgroups = _Cgroups(cfg) if cfg.use_cgroups and self._root and self._setpriv else None
         self._idle: list[_Slot] = []
@@ -418,13 +421,40 @@ class Sandbox:
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _command(self, verdict_fd: int, secret_fd: int) -> list[str]:
+    def _probe_bwrap(self) -> None:
+        """Refuse early, with bwrap's own words, when it cannot build our sandbox on this host
+        (too old, user namespaces disabled, ...), instead of failing every program later."""
+        try:
+            out = subprocess.run([self.bwrap, "--help"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise SandboxUnavailable(f"cannot run {self.bwrap}: {e}") from e
+        text = out.stdout + out.stderr
+        need = ["--unshare-all", "--die-with-parent", "--new-session", "--clearenv", "--as-pid-1", "--perms"]
+        missing = [f for f in need if f not in text]
+        if missing:
+            raise SandboxUnavailable(f"{self.bwrap} lacks {missing}; bubblewrap >= 0.5 is required")
+        # newer hardening, used when this bwrap has it (0.8 has both)
+        self._optional = {f for f in ("--disable-userns", "--size") if f in text}
+        drop = {"user": self.config.uid, "group": self.config.gid, "extra_groups": []} if self._root else {}
+        probe = self._command([self.config.python, *self.config.python_flags, "-c", "import os; print(os.getuid())"])
+        try:
+            r = subprocess.run(probe, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
+                               cwd="/", **drop)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise SandboxUnavailable(f"bubblewrap probe failed: {e}") from e
+        if r.returncode != 0 or r.stdout.strip() != str(self.config.uid):
+            raise SandboxUnavailable(f"bubblewrap cannot create the sandbox on this host (exit {r.returncode}): "
+                                     f"{r.stderr.strip()[-500:]}")
+
+    def _command(self, tail: list[str]) -> list[str]:
+        """The full command line that runs `tail` (interpreter and arguments) in a fresh sandbox."""
         cfg = self.config
-        py = [cfg.python, *cfg.python_flags]
         if cfg.mode == "unsafe_local":
-            return [*py, str(HARNESS), str(verdict_fd), str(secret_fd)]
+            return tail
+        size = lambda: ["--size", str(cfg.tmpfs_bytes)] if "--size" in self._optional else []  # noqa: E731
         cmd = [self.bwrap, "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session", "--clearenv",
-               "--as-pid-1", "--disable-userns", "--uid", str(cfg.uid), "--gid", str(cfg.gid)]
+               "--as-pid-1", *(["--disable-userns"] if "--disable-userns" in self._optional else []),
+               "--uid", str(cfg.uid), "--gid", str(cfg.gid)]
         for d in cfg.ro_binds:
             if os.path.exists(d):
                 cmd += ["--ro-bind", d, d]
@@ -435,13 +465,21 @@ class Sandbox:
             else:
                 cmd += ["--ro-bind", f"/{name}", f"/{name}"]
         cmd += ["--proc", "/proc", "--dev", "/dev",
-                "--size", str(cfg.tmpfs_bytes), "--perms", "1777", "--tmpfs", "/tmp",
+                # bwrap's /dev is an unbounded tmpfs writable by the sandbox user: give /dev/shm its own
+                # capped tmpfs and make the rest of /dev read-only (device nodes stay usable)
+                *size(), "--perms", "1777", "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
+                *size(), "--perms", "1777", "--tmpfs", "/tmp",
                 "--ro-bind", str(HARNESS), _INSIDE_HARNESS,
                 "--remount-ro", "/", "--chdir", "/tmp",
                 "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
                 "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONHASHSEED", "0",
-                *py, _INSIDE_HARNESS, str(verdict_fd), str(secret_fd)]
+                *tail]
         return cmd
+
+    def _harness_command(self, verdict_fd: int, secret_fd: int) -> list[str]:
+        cfg = self.config
+        script = str(HARNESS) if cfg.mode == "unsafe_local" else _INSIDE_HARNESS
+        return self._command([cfg.python, *cfg.python_flags, script, str(verdict_fd), str(secret_fd)])
 
     def _acquire(self) -> _Slot:
         if self._closed:
