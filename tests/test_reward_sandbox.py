@@ -7,7 +7,9 @@ import os
 import secrets
 import shutil
 import socket
+import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -91,15 +93,20 @@ def test_refuses_without_bwrap_unless_unsafe_mode_is_chosen(monkeypatch):
     assert v.outcome == "ok"
 
 
-def test_refuses_with_bwraps_words_when_it_cannot_build_a_sandbox(monkeypatch, tmp_path):
-    fake = tmp_path / "bwrap"
+def test_refuses_with_bwraps_words_when_it_cannot_build_a_sandbox(monkeypatch):
+    d = Path(tempfile.mkdtemp())  # not under pytest's 0700 tmp: the probe runs as the sandbox uid
+    d.chmod(0o755)
+    fake = d / "bwrap"
     fake.write_text("#!/bin/sh\n"
                     "if [ \"$1\" = --help ]; then /usr/bin/bwrap --help; exit 0; fi\n"
                     "echo 'bwrap: No permissions to creating new namespace' >&2; exit 1\n")
     fake.chmod(0o755)
     monkeypatch.setattr(shutil, "which", lambda name: str(fake) if name == "bwrap" else "/usr/bin/" + name)
-    with pytest.raises(SandboxUnavailable, match="No permissions to creating new namespace"):
-        Sandbox(SandboxConfig())
+    try:
+        with pytest.raises(SandboxUnavailable, match="No permissions to creating new namespace"):
+            Sandbox(SandboxConfig())
+    finally:
+        shutil.rmtree(d)
 
 
 def test_sandbox_runs_as_unprivileged_user_without_network_or_host_files(grader):
