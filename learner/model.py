@@ -8,9 +8,11 @@ speculative drafter's:
     h⁽ᵏ⁾ₚ = FinalNorm_k( Block_k( W_k [ HiddenNorm_k(h⁽ᵏ⁻¹⁾ₚ) ; TokenNorm_k(Emb(x_{p+k})) ] ) )
     P⁽ᵏ⁾(x_{p+k+1} | x_{≤p+k}) = softmax(LMHead(h⁽ᵏ⁾ₚ))
 
-where h⁽⁰⁾ₚ is the backbone's final-normed hidden state at position p (the one the main head reads),
-the embedding is zeroed at position 0 (as vLLM does), and Block_k is a full Qwen2 decoder layer
-attending causally over the same positions. The embedding and LM head are shared with the backbone.
+where h⁽⁰⁾ₚ is the backbone's last residual stream at position p *before* the final norm (vLLM's
+MiMo target hands the drafter its pre-norm hidden state and applies the norm only in
+``compute_logits``; the main head reads FinalNorm(h⁽⁰⁾ₚ)), the embedding is zeroed at position 0 (as
+vLLM does), and Block_k is a full Qwen2 decoder layer attending causally over the same positions.
+The embedding and LM head are shared with the backbone.
 
 Scope: right-padded batches (every row is tokens then padding); left padding would shift positions
 and is rejected. Packed sequences are not supported.
@@ -185,15 +187,23 @@ class PolicyModel(nn.Module):
         return self.heads_from_hidden(h, input_ids, mask, num_mtp, mtp_backbone_grad, with_entropy)
 
     def backbone_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The backbone's final-normed hidden states (B, T, H), read by the main head and by MTP
-        module 1. Causal attention only: with right padding, real positions never see padding."""
+        """The backbone's last residual stream before the final norm (B, T, H): MTP module 1 reads
+        it as is, the main head after the final norm. Causal attention only: with right padding,
+        real positions never see padding."""
         T = input_ids.shape[1]
         position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0)  # (1, T)
-        return self.backbone.model(input_ids=input_ids, position_ids=position_ids, attention_mask=None).last_hidden_state
+        inner = self.backbone.model
+        captured: list[torch.Tensor] = []
+        hook = inner.norm.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+        try:
+            inner(input_ids=input_ids, position_ids=position_ids, attention_mask=None)
+        finally:
+            hook.remove()
+        return captured[0]
 
     def heads_from_hidden(
         self,
-        h: torch.Tensor,  # (B, T, H) from backbone_hidden
+        h: torch.Tensor,  # (B, T, H) pre-norm, from backbone_hidden
         input_ids: torch.Tensor,  # (B, T)
         mask: torch.Tensor,  # (B, T) bool, right-padded
         num_mtp: int,
@@ -219,7 +229,7 @@ class PolicyModel(nn.Module):
         # Target token t is predicted from position t-1 by the main head.
         targets = torch.zeros_like(input_ids)
         targets[:, :-1] = input_ids[:, 1:]
-        lp0, ent = _token_logprobs_from_hidden(h, head_w, targets, with_entropy)  # (B, T) at position p
+        lp0, ent = _token_logprobs_from_hidden(inner.norm(h), head_w, targets, with_entropy)  # (B, T) at position p
         logprobs = [F.pad(lp0[:, :-1], (1, 0))]  # (B, T) aligned by target
         valid = [F.pad(mask[:, 1:] & mask[:, :-1], (1, 0), value=False)]
         entropy = F.pad(ent[:, :-1], (1, 0)) if ent is not None else None

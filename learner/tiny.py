@@ -96,6 +96,10 @@ def make_tiny_model(
         for layer in backbone.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.normal_(std=0.05)
+    with torch.no_grad():  # non-trivial norm weights, so a test can tell pre-norm from post-norm
+        for norm in backbone.modules():
+            if type(norm).__name__ == "Qwen2RMSNorm":
+                norm.weight.add_(torch.randn_like(norm.weight) * 0.2)
     model = PolicyModel.from_backbone(backbone, num_mtp, proj_init="random")
     with torch.no_grad():  # distinct heads, so a test can tell them apart
         for m in model.mtp:

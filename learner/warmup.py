@@ -97,8 +97,12 @@ def warmup_mtp(
     pad_id: int = 0,
     state_dir: str | Path | None = None,
     progress: bool = True,
+    max_steps: int | None = None,
 ) -> WarmupResult:
-    """Train ``model.mtp`` in place on ``sequences`` (token ids). Returns held-out CE before/after."""
+    """Train ``model.mtp`` in place on ``sequences`` (token ids). Returns held-out CE before/after.
+
+    ``max_steps`` stops this call early (the state is saved, so a later call with the same
+    ``state_dir`` resumes where it stopped and ends with the same weights as an uninterrupted run)."""
     cfg = config or WarmupConfig()
     seqs = [s[: cfg.max_len] for s in sequences if len(s) >= 3]
     if len(seqs) < 2:
@@ -140,7 +144,8 @@ def warmup_mtp(
         orders += o
     bar = tqdm(total=total_steps, initial=step, desc="MTP warm-up", disable=not progress)
     try:
-        while step < total_steps:
+        stop_at = total_steps if max_steps is None else min(total_steps, step + max_steps)
+        while step < stop_at:
             h, ids, mask = train_cache.items[orders[step]]
             loss = mtp_cross_entropy(model, h, ids, mask)
             opt.zero_grad(set_to_none=True)
@@ -152,7 +157,7 @@ def warmup_mtp(
             losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(ce=f"{loss.item():.3f}")
-            if state_path and (step % cfg.save_every == 0 or step == total_steps):
+            if state_path and (step % cfg.save_every == 0 or step == stop_at):
                 _save_state(state_path, model, opt, sched, step, losses, before)
     finally:
         bar.close()

@@ -38,7 +38,7 @@ class Sample:
     prompt_index: int
     prompt_token_ids: list[int]
     token_ids: list[int]
-    text: str
+    text: str  # the response; for a rejected prompt, the reason
     logprobs: list[float]  # behaviour log-prob of each sampled token
     finish_reason: str  # "stop" | "length" | "prompt_too_long"
     policy_version: int
@@ -219,8 +219,10 @@ class RolloutEngine:
         from vllm.inputs import TokensPrompt
 
         sp = SamplingConfig.model_validate(sampling or {})
+        # vLLM refuses n > 1 with greedy sampling; repeat the prompt instead (identical samples).
+        repeat = sp.n if sp.temperature == 0 and sp.n > 1 else 1
         params = SamplingParams(
-            n=sp.n,
+            n=sp.n // repeat,
             temperature=sp.temperature,
             top_p=sp.top_p,
             max_tokens=sp.max_tokens,
@@ -230,34 +232,31 @@ class RolloutEngine:
             logprobs=0,  # the sampled token's log-prob only
         )
         prepared = [self._prepare(p, sp.max_tokens) for p in prompts]
-        todo = [i for i, (ids, _) in enumerate(prepared) if ids is not None]
+        todo = [i for i, (ids, _) in enumerate(prepared) if ids is not None for _ in range(repeat)]
+        requests = [TokensPrompt(prompt_token_ids=prepared[i][0]) for i in todo]
         with self._lock:
             version = self.policy_version
             before = self.spec_stats()
             t0 = time.perf_counter()
-            outs = (
-                self.llm.generate([TokensPrompt(prompt_token_ids=prepared[i][0]) for i in todo], params, use_tqdm=use_tqdm)
-                if todo
-                else []
-            )
+            outs = self.llm.generate(requests, params, use_tqdm=use_tqdm) if requests else []
             seconds = time.perf_counter() - t0
             spec = self.spec_stats() - before
+        by_index: dict[int, list] = {}
+        for i, out in zip(todo, outs):
+            by_index.setdefault(i, []).append(out)
         samples: list[Sample] = []
-        by_index = dict(zip(todo, outs))
         n_tokens = 0
         for i, (ids, reason) in enumerate(prepared):
             if ids is None:
-                samples += [
-                    Sample(i, [], [], "", [], "prompt_too_long", version) for _ in range(sp.n)
-                ]
+                samples += [Sample(i, [], [], reason, [], "prompt_too_long", version) for _ in range(sp.n)]
                 continue
-            out = by_index[i]
-            for c in out.outputs:
-                lps = [d[tid].logprob for tid, d in zip(c.token_ids, c.logprobs)]
-                n_tokens += len(c.token_ids)
-                samples.append(
-                    Sample(i, list(out.prompt_token_ids), list(c.token_ids), c.text, lps, c.finish_reason or "stop", version)
-                )
+            for out in by_index[i]:
+                for c in out.outputs:
+                    lps = [d[tid].logprob for tid, d in zip(c.token_ids, c.logprobs)]
+                    n_tokens += len(c.token_ids)
+                    samples.append(
+                        Sample(i, list(out.prompt_token_ids), list(c.token_ids), c.text, lps, c.finish_reason or "stop", version)
+                    )
         return RolloutBatch(samples, spec, seconds, n_tokens)
 
     # ---- weights -------------------------------------------------------------------------------
@@ -277,6 +276,15 @@ class RolloutEngine:
             self.llm.reset_prefix_cache()
             self.policy_version = version
             return time.perf_counter() - t0
+
+    def info(self) -> dict:
+        c = self.config
+        return {
+            "model": c.model,
+            "num_speculative_tokens": c.num_speculative_tokens,
+            "policy_version": self.policy_version,
+            "startup_seconds": self.startup_seconds,
+        }
 
     # ---- test hooks ----------------------------------------------------------------------------
     def start_drafter_capture(self) -> None:

@@ -1,0 +1,33 @@
+"""`RolloutEngine` as a Ray actor.
+
+Ray restarts a dead engine (``max_restarts``); the restarted actor is built from the same config,
+so it serves the checkpoint on disk, and the orchestrator then pushes the latest published weights
+to it (``update_weights``) before sending it work.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from rollout.config import EngineConfig
+from rollout.engine import RolloutEngine
+
+
+def create_engine_actor(
+    config: EngineConfig | dict,
+    num_cpus: float = 1,
+    num_gpus: float = 0,
+    max_restarts: int = 3,
+    name: str | None = None,
+    namespace: str | None = None,
+):
+    """Start a rollout engine actor; returns its handle (the engine starts in the background:
+    the first call waits for it)."""
+    cfg = EngineConfig.model_validate(config)
+    opts = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts, max_task_retries=0)
+    if name:
+        opts.update(name=name, namespace=namespace, get_if_exists=True)
+    # vLLM runs in the actor's own process; its engine core stays in-process so weight updates
+    # reach the worker directly.
+    opts["runtime_env"] = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}
+    return ray.remote(RolloutEngine).options(**opts).remote(cfg.model_dump())
