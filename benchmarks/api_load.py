@@ -94,6 +94,26 @@ async def drive(url: str, token: str, run_ids: list[str], rate: float, seconds: 
     }
 
 
+def server_side_p99(text: str) -> dict[str, float]:
+    """The API's own latency histogram (request in to response start): the upper bound of the
+    bucket holding the 99th percentile, per benchmarked route."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name != "mtprl_api_request_duration_seconds":
+            continue
+        for route in ("/v1/runs/{run_id}", "/metrics"):
+            buckets = sorted((float(s.labels["le"]), s.value) for s in fam.samples
+                             if s.name.endswith("_bucket") and s.labels["route"] == route
+                             and s.labels["method"] == "GET")
+            if buckets:
+                total = buckets[-1][1]
+                le = next(b for b, c in buckets if c >= 0.99 * total)
+                out[f"GET {route}"] = le * 1000
+    return out
+
+
 def self_contained(args: argparse.Namespace) -> dict:
     import ray
 
@@ -137,6 +157,7 @@ def self_contained(args: argparse.Namespace) -> dict:
             for r in run_ids:
                 c.post(f"/v1/runs/{r}/cancel")
         result["training_during_load"] = min(steps) > 3
+        result["server_p99_ms_upper_bound"] = server_side_p99(httpx.get(url + "/metrics").text)
         result["runs"] = args.runs
         series = httpx.get(url + "/metrics").text.count("\nmtprl_")
         result["metrics_series"] = series

@@ -16,6 +16,7 @@ synthetic run reports all of them, and the tests check each one reaches Promethe
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -82,6 +83,7 @@ _HEAD = re.compile(r"^head(\d+)$")
 _BAD = re.compile(r"[^a-zA-Z0-9_]")
 
 
+@functools.lru_cache(maxsize=8192)
 def prom_name(key: str) -> tuple[str, str | None]:
     """Reported key -> (Prometheus metric name, head label or None)."""
     parts = key.split("/")
@@ -105,7 +107,12 @@ def _esc(v: str) -> str:
 
 
 def _labels(**kv: str) -> str:
-    return "{" + ",".join(f'{k}="{_esc(str(v))}"' for k, v in kv.items()) + "}"
+    return _labels_cached(tuple(kv.items()))
+
+
+@functools.lru_cache(maxsize=16384)
+def _labels_cached(items: tuple[tuple[str, str], ...]) -> str:
+    return "{" + ",".join(f'{k}="{_esc(str(v))}"' for k, v in items) + "}"
 
 
 def _num(v: float) -> str:
@@ -181,10 +188,11 @@ def render_runs(out: list[str], runs: list[RunRecord], counts: dict[str, int] | 
     out.extend(f"mtprl_run_last_report_timestamp_seconds{_labels(run_id=r.id)} {_num(r.last_report_at)}\n"
                for r in runs if r.last_report_at is not None)
 
-    # name -> (has head label, samples); a key reported both with and without a head suffix
-    # keeps the first shape seen (one label set per family).
+    # name -> (has head label, samples, first key); a key reported both with and without a head
+    # suffix keeps the first shape seen (one label set per family).
     families: dict[str, tuple[bool, list[str], str]] = {}
     for r in runs:
+        run_label = f'run_id="{_esc(r.id)}"'
         for key, value in r.latest_metrics.items():
             name, head = prom_name(key)
             fam = families.get(name)
@@ -192,8 +200,9 @@ def render_runs(out: list[str], runs: list[RunRecord], counts: dict[str, int] | 
                 fam = families[name] = (head is not None, [], key)
             if fam[0] != (head is not None):
                 continue
-            lab = _labels(run_id=r.id, head=head) if head is not None else _labels(run_id=r.id)
-            fam[1].append(f"{name}{lab} {_num(float(value))}\n")
+            lab = f'{{{run_label},head="{head}"}}' if head is not None else f"{{{run_label}}}"
+            v = float(value)
+            fam[1].append(f"{name}{lab} {repr(v) if v - v == 0 else _num(v)}\n")
     for name, (_h, samples, key) in families.items():
         _family(out, name, "gauge", _HELP.get(name, f"Reported by runs as {key!r}."))
         out.extend(samples)
