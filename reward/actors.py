@@ -124,6 +124,13 @@ class RewardScorer:
                     out[i] = v
             return out  # type: ignore[return-value]
 
+    def snapshot(self) -> dict[str, float]:
+        """Outcome counts and latencies, plus how often graders had to replace a process."""
+        out = self.metrics.snapshot()
+        out["reward/math_worker_restarts"] = self._math.restarts if self._math else 0
+        out["reward/sandbox_restarts"] = self._code.sandbox.restarts if self._code else 0
+        return out
+
     def close(self) -> None:
         if self._math is not None:
             self._math.close()
@@ -149,7 +156,7 @@ def _remote_class() -> Any:
             return [v.to_dict() for v in verdicts]
 
         def metrics(self) -> dict[str, float]:
-            return self.scorer.metrics.snapshot()
+            return self.scorer.snapshot()
 
         def reset_metrics(self) -> None:
             self.scorer.metrics.reset()
