@@ -7,5 +7,5 @@ Imports nothing of ours outside itself.
   harness; verdicts decided in the parent (`Sandbox`, `CodeGrader`).
 - `actors`: `RewardScorer` and the Ray `RewardActor` (bounded concurrency, outcome metrics).
 - `datasets`: reasoning-gym, HumanEval and user JSONL loaders producing `RewardItem`s.
-- `config`, `types`: pydantic configs, `Verdict`, test specifications.
+- `config`, `schema`: pydantic configs, `Verdict`, test specifications.
 """

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 from reward.code_grader import CodeGrader, extract_program, parse_tests
 from reward.config import RewardActorConfig
 from reward.math_verify_worker import MathVerifierPool
-from reward.types import OUTCOMES, Verdict
+from reward.schema import OUTCOMES, Verdict
 
 
 class RewardMetrics:

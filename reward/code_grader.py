@@ -32,7 +32,7 @@ from pydantic import TypeAdapter
 
 from reward.config import CodeConfig
 from reward.sandbox import RunResult, Sandbox
-from reward.types import AssertTests, CodeTests, StdioTests, Verdict
+from reward.schema import AssertTests, CodeTests, StdioTests, Verdict
 
 _TESTS = TypeAdapter(CodeTests)
 _LIMIT_SIGNALS = {signal.SIGXCPU: "CPU-time limit", signal.SIGXFSZ: "file-size limit"}

@@ -30,7 +30,7 @@ import random
 from pathlib import Path
 from typing import Any, Literal, Protocol, Sequence
 
-from reward.types import AssertTests, RewardItem, RewardKind
+from reward.schema import AssertTests, RewardItem, RewardKind
 
 MATH_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 CODE_TEMPLATE = ("{question}\n\nWrite the complete Python solution in a single ```python code block.")

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 from reward.config import MathConfig
 from reward.extract import extract_answer
-from reward.types import OUTCOMES, Verdict
+from reward.schema import OUTCOMES, Verdict
 
 _WORKER_ADDRESS_SPACE = 4 << 30  # a runaway sympy expansion ends as MemoryError, not host OOM
 _STARTUP_DEADLINE_S = 60.0  # importing sympy + math-verify takes ~0.5 s idle, much more on a loaded host

@@ -14,7 +14,7 @@ import pytest
 from reward.actors import RewardMetrics, RewardScorer
 from reward.config import MathConfig, RewardActorConfig
 from reward.math_verify_worker import MathVerifierPool
-from reward.types import Verdict
+from reward.schema import Verdict
 
 sys.path.insert(0, str(Path(__file__).parent / "data" / "reward"))
 from math_table import CASES  # noqa: E402

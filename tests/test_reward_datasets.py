@@ -9,7 +9,7 @@ import pytest
 
 from reward.datasets import (MATH_TEMPLATE, humaneval_items, jsonl_items, reasoning_gym_items, render_prompt,
                              split)
-from reward.types import AssertTests, RewardItem
+from reward.schema import AssertTests, RewardItem
 
 
 class FakeChatTokenizer:
