@@ -185,13 +185,15 @@ def main() -> None:
     args = p.parse_args()
     if args.rate * args.seconds > 20000:
         p.error("bounded: at most 20000 requests")
+    load_before = os.getloadavg()[0]
     if args.url:
         if not (args.token and args.run_id):
             p.error("--url needs --token and --run-id")
         result = asyncio.run(drive(args.url, args.token, args.run_id, args.rate, args.seconds))
     else:
         result = self_contained(args)
-    result.update(benchmark="api_load", target_rps=args.rate, goal={"p99_ms": 25.0, "rps": 100.0})
+    result.update(benchmark="api_load", target_rps=args.rate, goal={"p99_ms": 25.0, "rps": 100.0},
+                  loadavg_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)], cpus=os.cpu_count())
     result["meets_goal"] = bool(result["p99_ms"] <= 25.0 and result["rps"] >= 0.98 * 100.0
                                 and result["errors"] == 0 and args.rate >= 100.0)
     print(json.dumps(result))

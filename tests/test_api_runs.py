@@ -4,6 +4,8 @@ SyntheticRunActor runs (synthetic metrics, real control flow)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import httpx
@@ -31,7 +33,13 @@ def ray_address():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return make_model_dir(tmp_path_factory.mktemp("model"), num_mtp=2)
+    """A real tiny checkpoint in MiMo layout with 2 MTP modules (`mtprl model tiny`), written in
+    a subprocess so torch stays out of this process."""
+    out = tmp_path_factory.mktemp("tiny-model")
+    subprocess.run([sys.executable, "-c", "import sys; from learner.tiny import write_tiny_checkpoint; "
+                    "write_tiny_checkpoint(sys.argv[1], num_mtp=2)", str(out)], check=True, timeout=300)
+    assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 2
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -307,6 +315,7 @@ def test_api_restart_mid_run_loses_nothing(tmp_path, ray_address, model_dir):
         with second.client() as api:
             run = api.get(f"/v1/runs/{rid}").json()
             assert run["state"] == "running" and run["step"] >= s0 + 3
+            assert f'mtprl_batch_reward_mean{{run_id="{rid}"}}' in httpx.get(second.url + "/metrics").text
             again = api.post("/v1/runs", json=spec_for(model_dir, steps=40), headers={"Idempotency-Key": "restart-1"})
             assert again.status_code == 200 and again.json()["id"] == rid  # idempotency keys survive too
             assert api.post(f"/v1/runs/{rid}/pause").json()["state"] == "paused"  # reattached by name
