@@ -3,9 +3,11 @@ sandbox next to the same programs as plain subprocesses.
 
     .venv/bin/python benchmarks/reward_throughput.py [--math-items 2000] [--rounds 2]
 
-Math: a mixed, realistic set (reasoning-gym golds with boxed / 'answer is' / '####' / missing
-answers, right and wrong, plus the LaTeX cases of the test table: fractions, radicals, sets,
-intervals, units) through `MathVerifierPool` with 2 workers, after the workers are up.
+Math: a mixed, realistic set shaped like GRPO groups (see `math_set`: reasoning-gym golds with
+boxed / 'answer is' / '####' / missing answers, right and wrong, plus the LaTeX cases of the test
+table) through `MathVerifierPool` with 2 workers, 64 items per batch, after the workers are up;
+once with the default verdict cache and once without it (`math_uncached_per_s`); and a set with
+no repeated gold or answer at all (`math_distinct_per_s`, the worst case for every cache).
 Sandbox: the 164 HumanEval canonical solutions graded by `CodeGrader` (bubblewrap, 2 programs at
 a time, sandboxes warm), and the same program + test + `check(entry_point)` files run by the same
 interpreter with the same flags as plain `subprocess.run`, 2 at a time; rounds alternate and the
@@ -35,43 +37,72 @@ from reward.math_verify_worker import MathVerifierPool  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "data" / "reward"))
 
 
-def math_set(n: int, seed: int = 0) -> list[tuple[str, str]]:
+def math_set(n: int, seed: int = 0, group: int = 8) -> list[tuple[str, str]]:
+    """GRPO-shaped: groups of `group` completions sharing a gold; each sample is right with
+    probability 0.5, else one of a few common wrong answers or a random one; answers come boxed
+    (60%), as 'The answer is' (15%), as '#### X' (15%) or not at all (10%). 15% of the groups use
+    the LaTeX golds of the test table (fractions, radicals, sets, intervals, units)."""
     from math_table import CASES
 
     rng = random.Random(seed)
-    golds = [it.gold for t in ("basic_arithmetic", "chain_sum", "gsm_symbolic") for it in reasoning_gym_items(t, seed=seed, size=200)]
-    reasoning = "Let me work through this step by step. First we compute the partial sums, then combine them.\n" * 3
-    out = []
+    golds = [it.gold for t in ("basic_arithmetic", "chain_sum", "gsm_symbolic")
+             for it in reasoning_gym_items(t, seed=seed, size=300)]
+    out: list[tuple[str, str]] = []
     while len(out) < n:
-        r = rng.random()
-        if r < 0.15:
+        if rng.random() < 0.15:
             g, c, _ = rng.choice(CASES)
-            out.append((g, reasoning + c))
+            answers = [c] * group  # table completions already carry their answer
+            out += [(g, f"Step {k}: simplify.\n" + a) for k, a in enumerate(answers)]
             continue
         g = rng.choice(golds)
-        ans = g if rng.random() < 0.5 else str(int(float(g)) + rng.choice([-1, 1, 10])) if g.lstrip("-").isdigit() else g + "1"
-        style = rng.random()
-        if style < 0.6:
-            c = f"{reasoning}So the final answer is $\\boxed{{{ans}}}$."
-        elif style < 0.75:
-            c = f"{reasoning}The answer is {ans}."
-        elif style < 0.9:
-            c = f"{reasoning}#### {ans}"
-        else:
-            c = reasoning + "I could not finish."
-        out.append((g, c))
+        base = int(float(g)) if g.lstrip("-").replace(".", "", 1).isdigit() else 0
+        common_wrong = [str(base + d) for d in (-1, 1, 10)]
+        for k in range(group):
+            r = rng.random()
+            ans = g if r < 0.5 else rng.choice(common_wrong) if r < 0.85 else str(rng.randint(-999, 9999))
+            reasoning = f"Sample {k}. Let me work through this step by step, combining the partial results.\n" * 3
+            style = rng.random()
+            if style < 0.6:
+                c = f"{reasoning}So the final answer is $\\boxed{{{ans}}}$."
+            elif style < 0.75:
+                c = f"{reasoning}The answer is {ans}."
+            elif style < 0.9:
+                c = f"{reasoning}#### {ans}"
+            else:
+                c = reasoning + "I could not finish."
+            out.append((g, c))
+    return out[:n]
+
+
+def distinct_set(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Worst case for every cache: no gold and no (gold, answer) pair occurs twice."""
+    rng = random.Random(seed)
+    out = []
+    for k in range(n):
+        g = str(100_000 + k * 7 + rng.randint(0, 6))
+        ans = g if rng.random() < 0.5 else str(int(g) + 1)
+        out.append((g, f"Working it out step by step.\nSo the final answer is $\\boxed{{{ans}}}$."))
     return out
 
 
 def bench_math(n: int) -> dict:
     items = math_set(n)
-    with MathVerifierPool(MathConfig(num_workers=2)) as pool:
-        pool.verify_batch(items[:20])  # workers up and warm
-        t0 = time.perf_counter()
-        verdicts = pool.verify_batch(items)
-        dt = time.perf_counter() - t0
-        counts = {o: sum(v.outcome == o for v in verdicts) for o in ("ok", "wrong", "timeout", "error")}
-    return {"math_per_s": n / dt, "math_items": n, "math_outcomes": counts}
+    res: dict = {}
+    for name, cache, data in (("math_per_s", 65536, items), ("math_uncached_per_s", 0, items),
+                              ("math_distinct_per_s", 0, distinct_set(n))):
+        with MathVerifierPool(MathConfig(num_workers=2, cache_size=cache)) as pool:
+            pool.verify_batch([("1", "\\boxed{1}")] * 2)  # workers up
+            t0 = time.perf_counter()
+            verdicts = []
+            for k in range(0, n, 64):  # the controller sends a few groups at a time
+                verdicts += pool.verify_batch(data[k:k + 64])
+            dt = time.perf_counter() - t0
+            res[name] = n / dt
+            if data is items:
+                res.setdefault("math_outcomes", {o: sum(v.outcome == o for v in verdicts)
+                                                 for o in ("ok", "wrong", "timeout", "error")})
+    res["math_items"] = n
+    return res
 
 
 def plain_files(items, tmp: Path, python: str, flags: list[str]) -> list[list[str]]:
@@ -133,7 +164,9 @@ def main() -> None:
     args = ap.parse_args()
     res = {}
     res.update(bench_math(args.math_items))
-    print(f"math: {res['math_per_s']:.0f} verifications/s over {args.math_items} items {res['math_outcomes']}", flush=True)
+    print(f"math: {res['math_per_s']:.0f} verifications/s ({res['math_uncached_per_s']:.0f}/s without the verdict "
+          f"cache, {res['math_distinct_per_s']:.0f}/s with no repeats at all) over {args.math_items} items "
+          f"{res['math_outcomes']}", flush=True)
     res.update(bench_sandbox(args.rounds))
     print(f"sandbox: {res['sandbox_per_s']:.1f}/s vs plain {res['unsandboxed_per_s']:.1f}/s "
           f"(x{res['sandbox_over_unsandboxed']:.2f}); fresh sandbox per program {res['sandbox_fresh_per_program_per_s']:.1f}/s",

@@ -64,6 +64,9 @@ class MathConfig(BaseModel):
                                                       "the worker (must be below deadline_s so it fires first when "
                                                       "the stuck code is interruptible Python).")
     num_workers: int = Field(2, ge=1, description="Verifier processes.")
+    cache_size: int = Field(65536, ge=0, description="Verdicts remembered per (gold, extracted answer) pair, for "
+                                                     "checked outcomes only (ok/wrong); GRPO groups repeat answers. "
+                                                     "0 disables.")
     float_rounding: int = Field(6, ge=0, description="math-verify float_rounding.")
     strict: bool = Field(True, description="math-verify strict mode (variables matter; sets != tuples).")
     max_completion_chars: int = Field(

@@ -37,6 +37,7 @@ from reward.extract import extract_answer
 from reward.schema import OUTCOMES, Verdict
 
 _WORKER_ADDRESS_SPACE = 4 << 30  # a runaway sympy expansion ends as MemoryError, not host OOM
+_PARSE_CACHE = 4096
 _STARTUP_DEADLINE_S = 60.0  # importing sympy + math-verify takes ~0.5 s idle, much more on a loaded host
 _REPO_ROOT = str(Path(__file__).resolve().parents[1])  # so `-m reward...` resolves to this package
 
@@ -83,6 +84,20 @@ def _serve(inner_timeout: int, float_rounding: int, strict: bool) -> None:
     from math_verify.errors import TimeoutException
 
     configs = [LatexExtractionConfig(), ExprExtractionConfig()]
+    # Parsed golds and answers, by text: a GRPO group shares one gold and repeats answers, and
+    # parsing is most of the cost. Only successful parses are kept (a timeout raises past the cache).
+    parsed: collections.OrderedDict[str, Any] = collections.OrderedDict()
+
+    def cached_parse(text: str) -> Any:
+        if text in parsed:
+            parsed.move_to_end(text)
+            return parsed[text]
+        value = parse(_wrap(text), configs, parsing_timeout=inner_timeout, raise_on_error=True)
+        parsed[text] = value
+        if len(parsed) > _PARSE_CACHE:
+            parsed.popitem(last=False)
+        return value
+
     _write_frame(proto_out, "ready")
     while True:
         try:
@@ -90,11 +105,11 @@ def _serve(inner_timeout: int, float_rounding: int, strict: bool) -> None:
         except EOFError:
             return
         try:
-            gold_p = parse(_wrap(gold), configs, parsing_timeout=inner_timeout, raise_on_error=True)
+            gold_p = cached_parse(gold)
             if not gold_p:
                 reply = ["error", f"gold answer {gold[:80]!r} could not be parsed"]
             else:
-                pred_p = parse(_wrap(answer), configs, parsing_timeout=inner_timeout, raise_on_error=True)
+                pred_p = cached_parse(answer)
                 if not pred_p:
                     reply = ["wrong", "answer could not be parsed"]
                 else:
@@ -142,9 +157,13 @@ class MathVerifierPool:
 
     def __init__(self, config: MathConfig | None = None) -> None:
         self.config = config or MathConfig()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # one batch at a time; re-entered by the cache helpers
         self.counts: collections.Counter[str] = collections.Counter({o: 0 for o in OUTCOMES})
         self.restarts = 0
+        self.cache_hits = 0
+        # (gold, extracted answer) -> (outcome, detail), for checked verdicts only (ok/wrong): never
+        # a timeout or an error, which may not recur.
+        self._cache: collections.OrderedDict[tuple[str, str], tuple[str, str]] = collections.OrderedDict()
         self._workers = [_Worker(self.config) for _ in range(self.config.num_workers)]  # they warm up meanwhile
 
     def __enter__(self) -> "MathVerifierPool":
@@ -162,6 +181,21 @@ class MathVerifierPool:
         self._workers[i].kill()
         self._workers[i] = _Worker(self.config)
         self.restarts += 1
+
+    def _cache_get(self, gold: str, answer: str) -> tuple[str, str] | None:
+        with self._lock:
+            hit = self._cache.get((gold, answer))
+            if hit is not None:
+                self._cache.move_to_end((gold, answer))
+                self.cache_hits += 1
+            return hit
+
+    def _cache_put(self, key: tuple[str, str], value: tuple[str, str]) -> None:
+        # called with self._lock held
+        if self.config.cache_size:
+            self._cache[key] = value
+            if len(self._cache) > self.config.cache_size:
+                self._cache.popitem(last=False)
 
     def _shape(self, outcome: str, detail: str, source: str, length: int, latency: float) -> Verdict:
         c = self.config
@@ -182,6 +216,10 @@ class MathVerifierPool:
     def verify_batch(self, items: Sequence[tuple[str, str]], lengths: Sequence[int] | None = None) -> list[Verdict]:
         """Grade `(gold, completion)` pairs; `lengths` (e.g. token counts) feed overlong shaping,
         defaulting to character counts."""
+        with self._lock:
+            return self._verify_batch(items, lengths)
+
+    def _verify_batch(self, items: Sequence[tuple[str, str]], lengths: Sequence[int] | None) -> list[Verdict]:
         c = self.config
         if lengths is not None and len(lengths) != len(items):
             raise ValueError(f"lengths has {len(lengths)} entries for {len(items)} items")
@@ -189,6 +227,8 @@ class MathVerifierPool:
         todo: collections.deque[tuple[int, str, str]] = collections.deque()
         sources: list[str] = [""] * len(items)
         t_start = [0.0] * len(items)
+        first_of: dict[tuple[str, str], int] = {}
+        dups: dict[int, list[int]] = {}
         for i, (gold, completion) in enumerate(items):
             if not isinstance(gold, str) or not isinstance(completion, str):
                 raise TypeError(f"item {i}: gold and completion must be str")
@@ -199,58 +239,70 @@ class MathVerifierPool:
                 results[i] = self._shape("wrong", "no answer found", "none", n, 0.0)
             elif len(ext.answer) > c.max_answer_chars:
                 results[i] = self._shape("wrong", f"answer longer than {c.max_answer_chars} chars", ext.source, n, 0.0)
+            elif (hit := self._cache_get(gold, ext.answer)) is not None:
+                results[i] = self._shape(hit[0], hit[1], ext.source, n, 0.0)
+            elif (gold, ext.answer) in first_of:  # same pair earlier in this batch: graded once
+                dups[first_of[(gold, ext.answer)]].append(i)
             else:
+                first_of[(gold, ext.answer)] = i
+                dups[i] = []
                 todo.append((i, gold, ext.answer))
+        jobs = {i: (gold, ans) for i, gold, ans in todo}
         length_of = (lambda i: lengths[i]) if lengths is not None else (lambda i: len(items[i][1]))
 
-        with self._lock:
-            if not self._workers:
-                raise RuntimeError("MathVerifierPool is closed")
-            while todo or any(w.state == "busy" for w in self._workers):
-                for k, w in enumerate(self._workers):
-                    if w.state == "idle" and todo:
-                        i, gold, ans = todo.popleft()
-                        try:
-                            _write_frame(w.proc.stdin, [gold, ans])
-                        except (BrokenPipeError, OSError):  # died while idle: replace, retry the item
-                            self._replace(k)
-                            todo.appendleft((i, gold, ans))
-                            continue
-                        w.state, w.job, w.t0 = "busy", i, time.monotonic()
-                        t_start[i] = w.t0
-                watched = [w for w in self._workers if w.state != "idle"]
-                now = time.monotonic()
-                ends = [w.t0 + (c.deadline_s if w.state == "busy" else _STARTUP_DEADLINE_S) for w in watched]
-                ready = set(mpc.wait([w.proc.stdout for w in watched], timeout=max(0.0, min(ends) - now)))
-                now = time.monotonic()
-                for k, w in enumerate(self._workers):
-                    if w.state == "idle":
-                        continue
-                    i = w.job
-                    if w.proc.stdout in ready:
-                        try:
-                            msg = _read_frame(w.proc.stdout)
-                        except (EOFError, OSError, ValueError):
-                            code = w.proc.poll()
-                            self._replace(k)
-                            if i is not None:
-                                results[i] = self._shape("error", f"verifier process died (exit code {code})",
-                                                         sources[i], length_of(i), now - t_start[i])
-                            elif self.restarts > 8 * c.num_workers + 8:
-                                raise RuntimeError(f"math verifier workers keep dying at start (exit code {code})")
-                            continue
-                        if w.state == "starting":
-                            w.state = "idle"
-                            continue
-                        w.state, w.job = "idle", None
-                        outcome, detail = msg
-                        results[i] = self._shape(outcome, detail, sources[i], length_of(i), now - t_start[i])
-                    elif w.state == "busy" and now - w.t0 >= c.deadline_s:
-                        self._replace(k)  # the stuck worker is killed; its replacement warms up
-                        results[i] = self._shape("timeout", f"no verdict within {c.deadline_s}s; worker killed",
-                                                 sources[i], length_of(i), now - t_start[i])
-                    elif w.state == "starting" and now - w.t0 >= _STARTUP_DEADLINE_S:
+        if not self._workers:
+            raise RuntimeError("MathVerifierPool is closed")
+        while todo or any(w.state == "busy" for w in self._workers):
+            for k, w in enumerate(self._workers):
+                if w.state == "idle" and todo:
+                    i, gold, ans = todo.popleft()
+                    try:
+                        _write_frame(w.proc.stdin, [gold, ans])
+                    except (BrokenPipeError, OSError):  # died while idle: replace, retry the item
                         self._replace(k)
+                        todo.appendleft((i, gold, ans))
+                        continue
+                    w.state, w.job, w.t0 = "busy", i, time.monotonic()
+                    t_start[i] = w.t0
+            watched = [w for w in self._workers if w.state != "idle"]
+            now = time.monotonic()
+            ends = [w.t0 + (c.deadline_s if w.state == "busy" else _STARTUP_DEADLINE_S) for w in watched]
+            ready = set(mpc.wait([w.proc.stdout for w in watched], timeout=max(0.0, min(ends) - now)))
+            now = time.monotonic()
+            for k, w in enumerate(self._workers):
+                if w.state == "idle":
+                    continue
+                i = w.job
+                if w.proc.stdout in ready:
+                    try:
+                        msg = _read_frame(w.proc.stdout)
+                    except (EOFError, OSError, ValueError):
+                        code = w.proc.poll()
+                        self._replace(k)
+                        if i is not None:
+                            results[i] = self._shape("error", f"verifier process died (exit code {code})",
+                                                     sources[i], length_of(i), now - t_start[i])
+                        elif self.restarts > 8 * c.num_workers + 8:
+                            raise RuntimeError(f"math verifier workers keep dying at start (exit code {code})")
+                        continue
+                    if w.state == "starting":
+                        w.state = "idle"
+                        continue
+                    w.state, w.job = "idle", None
+                    outcome, detail = msg
+                    if outcome in ("ok", "wrong"):
+                        self._cache_put(jobs[i], (outcome, detail))
+                    results[i] = self._shape(outcome, detail, sources[i], length_of(i), now - t_start[i])
+                elif w.state == "busy" and now - w.t0 >= c.deadline_s:
+                    self._replace(k)  # the stuck worker is killed; its replacement warms up
+                    results[i] = self._shape("timeout", f"no verdict within {c.deadline_s}s; worker killed",
+                                             sources[i], length_of(i), now - t_start[i])
+                elif w.state == "starting" and now - w.t0 >= _STARTUP_DEADLINE_S:
+                    self._replace(k)
+        for i, others in dups.items():
+            for j in others:
+                v = results[i]
+                results[j] = self._shape(v.outcome, v.detail, sources[j], length_of(j), v.latency_s)  # type: ignore[union-attr]
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 

@@ -99,7 +99,7 @@ def test_adversarial_inputs_finish_within_the_deadline(pool):
 
 
 def test_stuck_worker_is_killed_and_replaced_at_the_deadline():
-    with MathVerifierPool(MathConfig(deadline_s=1.5, inner_timeout_s=1, num_workers=1)) as p:
+    with MathVerifierPool(MathConfig(deadline_s=1.5, inner_timeout_s=1, num_workers=1, cache_size=0)) as p:
         assert p.verify("1", r"\boxed{1}").outcome == "ok"
         (pid,) = worker_pids(p)
         os.kill(pid, signal.SIGSTOP)  # a worker that never answers, whatever it is doing
@@ -112,7 +112,7 @@ def test_stuck_worker_is_killed_and_replaced_at_the_deadline():
 
 
 def test_crashed_worker_yields_error_not_zero():
-    with MathVerifierPool(MathConfig(deadline_s=4.0, inner_timeout_s=3, num_workers=1)) as p:
+    with MathVerifierPool(MathConfig(deadline_s=4.0, inner_timeout_s=3, num_workers=1, cache_size=0)) as p:
         assert p.verify("1", r"\boxed{1}").outcome == "ok"
         (pid,) = worker_pids(p)
         threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()
@@ -157,3 +157,18 @@ def test_bad_input_types_raise():
             p.verify_batch([("1", None)])  # type: ignore[list-item]
         with pytest.raises(ValueError, match="lengths"):
             p.verify_batch([("1", "x")], lengths=[1, 2])
+
+
+def test_checked_verdicts_are_cached_and_repeats_in_a_group_graded_once():
+    with MathVerifierPool(MathConfig(num_workers=1, deadline_s=3.0, inner_timeout_s=2)) as p:
+        group = [("12", r"so \boxed{12}"), ("12", "The answer is 12"), ("12", r"\boxed{13}"), ("12", r"\boxed{12}")]
+        first = p.verify_batch(group)
+        assert [v.outcome for v in first] == ["ok", "ok", "wrong", "ok"]
+        assert p.cache_hits == 0
+        (pid,) = worker_pids(p)
+        os.kill(pid, signal.SIGSTOP)  # a cached verdict needs no worker at all
+        again = p.verify_batch(group)
+        assert [v.outcome for v in again] == ["ok", "ok", "wrong", "ok"] and p.cache_hits == 4
+        timeout = p.verify("1", r"\boxed{2}")  # not cached: reaches the stopped worker
+        assert timeout.outcome == "timeout"
+        assert p.verify_batch([("1", r"\boxed{2}")])[0].outcome == "wrong"  # timeouts are never cached
