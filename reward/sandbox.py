@@ -372,9 +372,20 @@ class Sandbox:
         if cfg.mode == "bwrap" and not any(cfg.python.startswith(b.rstrip("/") + "/") for b in cfg.ro_binds):
             raise SandboxUnavailable(f"sandbox interpreter {cfg.python} is not under a bound directory {cfg.ro_binds}")
         self._root = os.geteuid() == 0
+        # A world-readable copy of the harness: the sandbox user must read it, and the package may
+        # live where `nobody` cannot (e.g. under /root).
+        self._harness_dir = tempfile.mkdtemp(prefix="mtprl-harness-")
+        os.chmod(self._harness_dir, 0o755)
+        self._harness = Path(self._harness_dir) / "harness.py"
+        shutil.copyfile(HARNESS, self._harness)
+        os.chmod(self._harness, 0o644)
         self._optional: set[str] = set()
         if cfg.mode == "bwrap":
-            self._probe_bwrap()
+            try:
+                self._probe_bwrap()
+            except BaseException:
+                shutil.rmtree(self._harness_dir, ignore_errors=True)
+                raise
         self._setpriv = shutil.which("setpriv")
         self.cgroups = _Cgroups(cfg) if cfg.use_cgroups and self._root and self._setpriv else None
         self._idle: list[_Slot] = []
@@ -384,15 +395,16 @@ class Sandbox:
         self.restarts = 0
         self._spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-spawner")
         # no sandbox process or cgroup outlives this object, closed or not
-        self._finalizer = weakref.finalize(self, Sandbox._kill_all, self._idle, self.cgroups)
+        self._finalizer = weakref.finalize(self, Sandbox._kill_all, self._idle, self.cgroups, self._harness_dir)
 
     @staticmethod
-    def _kill_all(slots: list[_Slot], cgroups: "_Cgroups | None") -> None:
+    def _kill_all(slots: list[_Slot], cgroups: "_Cgroups | None", harness_dir: str) -> None:
         for s in list(slots):
             s.kill()
         slots.clear()
         if cgroups is not None:
             cgroups.remove()
+        shutil.rmtree(harness_dir, ignore_errors=True)
 
     def close(self) -> None:
         """Stop the idle sandboxes (running ones stop when their program ends) and remove our cgroups."""
@@ -469,7 +481,7 @@ class Sandbox:
                 # capped tmpfs and make the rest of /dev read-only (device nodes stay usable)
                 *size(), "--perms", "1777", "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
                 *size(), "--perms", "1777", "--tmpfs", "/tmp",
-                "--ro-bind", str(HARNESS), _INSIDE_HARNESS,
+                "--ro-bind", str(self._harness), _INSIDE_HARNESS,
                 "--remount-ro", "/", "--chdir", "/tmp",
                 "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
                 "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONHASHSEED", "0",
@@ -478,7 +490,7 @@ class Sandbox:
 
     def _harness_command(self, verdict_fd: int, secret_fd: int) -> list[str]:
         cfg = self.config
-        script = str(HARNESS) if cfg.mode == "unsafe_local" else _INSIDE_HARNESS
+        script = str(self._harness) if cfg.mode == "unsafe_local" else _INSIDE_HARNESS
         return self._command([cfg.python, *cfg.python_flags, script, str(verdict_fd), str(secret_fd)])
 
     def _acquire(self) -> _Slot:
