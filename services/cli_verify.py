@@ -80,9 +80,11 @@ def verify_math(
 
     if (jsonl is None) == (gold is None or completion is None):
         _bad_input("give either --gold and --completion, or --jsonl")
+    if deadline <= 1:
+        _bad_input(f"--deadline must be above 1 s (math-verify's own timeout counts whole seconds), got {deadline}")
     try:
-        cfg = MathConfig(deadline_s=deadline, inner_timeout_s=max(1, min(3, int(deadline) - 1 if deadline > 1 else 1)),
-                         num_workers=workers)
+        # math-verify's SIGALRM fires first (whole seconds, below the hard deadline); the parent kills after
+        cfg = MathConfig(deadline_s=deadline, inner_timeout_s=max(1, min(3, int(deadline - 1e-9))), num_workers=workers)
     except ValueError as e:
         _bad_input(str(e))
     rows = _jsonl(jsonl, ("gold", "completion")) if jsonl else [(1, (gold, _read_text(completion)))]
