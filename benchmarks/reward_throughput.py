@@ -7,7 +7,8 @@ Math: a mixed, realistic set shaped like GRPO groups (see `math_set`: reasoning-
 boxed / 'answer is' / '####' / missing answers, right and wrong, plus the LaTeX cases of the test
 table) through `MathVerifierPool` with 2 workers, 64 items per batch, after the workers are up;
 once with the default verdict cache and once without it (`math_uncached_per_s`); and a set with
-no repeated gold or answer at all (`math_distinct_per_s`, the worst case for every cache).
+no repeated gold or answer and no plain integers (`math_distinct_per_s`: every item parsed and
+compared by math-verify, the worst case for every shortcut).
 Sandbox: the 164 HumanEval canonical solutions graded by `CodeGrader` (bubblewrap, 2 programs at
 a time, sandboxes warm), and the same program + test + `check(entry_point)` files run by the same
 interpreter with the same flags as plain `subprocess.run`, 2 at a time; rounds alternate and the
@@ -75,12 +76,22 @@ def math_set(n: int, seed: int = 0, group: int = 8) -> list[tuple[str, str]]:
 
 
 def distinct_set(n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """Worst case for every cache: no gold and no (gold, answer) pair occurs twice."""
+    """Worst case for every cache: no gold and no (gold, answer) pair occurs twice, and none of
+    them is a plain integer (which skips math-verify): fractions, decimals, radicals, sums."""
     rng = random.Random(seed)
     out = []
     for k in range(n):
-        g = str(100_000 + k * 7 + rng.randint(0, 6))
-        ans = g if rng.random() < 0.5 else str(int(g) + 1)
+        p, q = 1000 + k, 1001 + k + rng.randint(0, 5)
+        kind = k % 4
+        if kind == 0:
+            g, right, wrong = f"\\frac{{{p}}}{{{q}}}", f"\\dfrac{{{p}}}{{{q}}}", f"\\frac{{{q}}}{{{p}}}"
+        elif kind == 1:
+            g, right, wrong = f"{p}.5", f"\\frac{{{2 * p + 1}}}{{2}}", f"{p}.25"
+        elif kind == 2:
+            g, right, wrong = f"{p}\\sqrt{{2}}", f"\\sqrt{{{2 * p * p}}}", f"{p}\\sqrt{{3}}"
+        else:
+            g, right, wrong = f"{p}+{q}", f"{p + q}.0", f"{p + q + 1}"
+        ans = right if rng.random() < 0.5 else wrong
         out.append((g, f"Working it out step by step.\nSo the final answer is $\\boxed{{{ans}}}$."))
     return out
 

@@ -38,11 +38,27 @@ from reward.schema import OUTCOMES, Verdict
 
 _WORKER_ADDRESS_SPACE = 4 << 30  # a runaway sympy expansion ends as MemoryError, not host OOM
 _PARSE_CACHE = 4096
+_WARMUP = [(r"\frac{1}{2}", "0.5"), (r"(-\infty, 0)", r"(-\infty,0)"), (r"\{1,2\}", r"\{2,1\}"), ("x=3", "3"),
+           (r"[0,1] \cup [2,3]", r"[2,3]\cup[0,1]"), (r"\sqrt{2}", r"\sqrt 2"), ("x^2+1", "1+x^2"),
+           (r"5\text{ cm}", "5"), (r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}")]
 _STARTUP_DEADLINE_S = 60.0  # importing sympy + math-verify takes ~0.5 s idle, much more on a loaded host
 _REPO_ROOT = str(Path(__file__).resolve().parents[1])  # so `-m reward...` resolves to this package
 
 
 _DELIM_RE = re.compile(r"(?<!\\)\$")  # an unescaped $ (a LaTeX math delimiter, not a dollar sign)
+
+
+_INT_RE = re.compile(r"-?\d{1,100}")
+
+
+def _integer_verdict(gold: str, answer: str) -> tuple[str, str] | None:
+    """Both plain integers (the bulk of GSM8K / reasoning-gym answers): math-verify would parse
+    both to sympy Integers and compare them exactly, so compare here and skip the round trip.
+    Anything else (decimals, commas, LaTeX, units) goes to math-verify."""
+    g, a = gold.strip(), answer.strip()
+    if _INT_RE.fullmatch(g) and _INT_RE.fullmatch(a):
+        return ("ok", "") if int(g) == int(a) else ("wrong", "answer differs from gold")
+    return None
 
 
 def _wrap(text: str) -> str:
@@ -98,6 +114,14 @@ def _serve(inner_timeout: int, float_rounding: int, strict: bool) -> None:
             parsed.popitem(last=False)
         return value
 
+    # Warm up before reporting ready: the first interval/set/matrix comparison pays for sympy's
+    # lazy imports (a second or more on a loaded host), which must not eat a real item's deadline.
+    for g, a in _WARMUP:
+        try:
+            verify(cached_parse(g), cached_parse(a), timeout_seconds=inner_timeout)
+        except Exception:  # incl. TimeoutException: warm-up is best effort
+            pass
+    parsed.clear()
     _write_frame(proto_out, "ready")
     while True:
         try:
@@ -239,6 +263,8 @@ class MathVerifierPool:
                 results[i] = self._shape("wrong", "no answer found", "none", n, 0.0)
             elif len(ext.answer) > c.max_answer_chars:
                 results[i] = self._shape("wrong", f"answer longer than {c.max_answer_chars} chars", ext.source, n, 0.0)
+            elif (fast := _integer_verdict(gold, ext.answer)) is not None:
+                results[i] = self._shape(fast[0], fast[1], ext.source, n, 0.0)
             elif (hit := self._cache_get(gold, ext.answer)) is not None:
                 results[i] = self._shape(hit[0], hit[1], ext.source, n, 0.0)
             elif (gold, ext.answer) in first_of:  # same pair earlier in this batch: graded once
