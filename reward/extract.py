@@ -20,7 +20,6 @@ _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ANSWER_IS_RE = re.compile(r"(?:final answer|the answer|answer)\s*(?:is|:|=)\s*:?\s*(.+)", re.IGNORECASE)
 _HASH_RE = re.compile(r"####\s*(.+)")
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
-_LATEX_RE = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\[(.+?)\\\]|\\\((.+?)\\\)", re.DOTALL)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -29,21 +28,32 @@ class Extraction:
     source: str  # "boxed", a fallback name, or "none"
 
 
+def _matching_braces(text: str) -> dict[int, int]:
+    """Index of each `{` -> index of its `}`, in one pass (escaped `\\{`/`\\}` are not braces)."""
+    match: dict[int, int] = {}
+    stack: list[int] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "{":
+            stack.append(i)
+        elif c == "}" and stack:
+            match[stack.pop()] = i
+        i += 1
+    return match
+
+
 def boxed_contents(text: str) -> list[str]:
-    """Contents of every `\\boxed{...}` in order, with balanced braces; an unclosed box is ignored."""
-    out = []
-    for m in _BOX_RE.finditer(text):
-        depth, i = 1, m.end()
-        while i < len(text) and depth:
-            c = text[i]
-            if c == "\\" and i + 1 < len(text):
-                i += 2  # an escaped brace \{ does not open or close the box
-                continue
-            depth += (c == "{") - (c == "}")
-            i += 1
-        if depth == 0:
-            out.append(text[m.end(): i - 1].strip())
-    return out
+    """Contents of every `\\boxed{...}` in order, with balanced braces; an unclosed box is ignored.
+    Linear time: thousands of unclosed boxes cost one pass, not one pass each."""
+    starts = [m.end() for m in _BOX_RE.finditer(text)]
+    if not starts:
+        return []
+    match = _matching_braces(text)
+    return [text[s: match[s - 1]].strip() for s in starts if s - 1 in match]
 
 
 def _clean(ans: str) -> str:
@@ -53,6 +63,26 @@ def _clean(ans: str) -> str:
     if ans.startswith("$") and ans.endswith("$") and len(ans) > 1:
         ans = ans.strip("$").strip()
     return ans
+
+
+def _last_latex(text: str) -> str | None:
+    """The last `$...$`, `$$...$$`, `\\[...\\]` or `\\(...\\)` span, searched from the end (a
+    backtracking regex is quadratic on thousands of unclosed openers)."""
+    best: tuple[int, str] | None = None
+    for open_, close in (("\\[", "\\]"), ("\\(", "\\)")):
+        end = text.rfind(close)
+        start = text.rfind(open_, 0, end) if end > 0 else -1
+        if start >= 0 and (best is None or end > best[0]):
+            best = (end, text[start + 2: end])
+    end = text.rfind("$")
+    if end > 0:
+        if text[end - 1] == "$":  # a "$$...$$" display: the closer is the doubled dollar
+            start, inner_end, width = text.rfind("$$", 0, end - 1), end - 1, 2
+        else:
+            start, inner_end, width = text.rfind("$", 0, end), end, 1
+        if start >= 0 and (best is None or end > best[0]):
+            best = (end, text[start + width: inner_end])
+    return (best[1].strip() or None) if best else None
 
 
 def _fallback(text: str, name: Fallback) -> str | None:
@@ -67,8 +97,7 @@ def _fallback(text: str, name: Fallback) -> str | None:
             hits = _NUMBER_RE.findall(text)
             return hits[-1].replace(",", "") if hits else None
         case "last_latex":
-            hits = _LATEX_RE.findall(text)
-            return next((g.strip() for g in hits[-1] if g), None) if hits else None
+            return _last_latex(text)
         case _:
             raise ValueError(f"unknown fallback extractor {name!r}")
 

@@ -193,3 +193,20 @@ def test_integer_shortcut_agrees_with_math_verify(gold, answer):
     expected = verify(parse(_wrap(gold)), parse(_wrap(answer)))
     assert _integer_verdict(gold, answer) == (("ok", "") if expected else ("wrong", "answer differs from gold"))
     assert _integer_verdict("1.0", "1") is None and _integer_verdict("1,000", "1000") is None
+
+
+@pytest.mark.parametrize("text", ["\\boxed{" * 8000, "\\[" * 8000, "\\(" * 8000, "{" * 16000, "$" + "a" * 16000,
+                                  "answer is " * 2000, "1," * 8000])
+def test_extraction_is_linear_on_adversarial_text(text):
+    # runs in the caller's process (a Ray actor thread): it must never take seconds
+    t0 = time.perf_counter()
+    extract_answer(text, fallbacks=["answer_is", "gsm8k_hash", "last_number", "last_latex"])
+    assert time.perf_counter() - t0 < 0.25
+
+
+def test_last_latex_spans():
+    f = ["last_latex"]
+    assert extract_answer("x $$a+b$$ y", f).answer == "a+b"
+    assert extract_answer(r"a \[ 3 \] b $4$", f).answer == "4"
+    assert extract_answer(r"a $4$ b \( 5 \)", f).answer == "5"
+    assert extract_answer("costs $5", f).answer is None
