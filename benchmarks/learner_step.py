@@ -47,6 +47,9 @@ CONFIGS = {
     "mpo_k5": dict(mtp_regime="none", mpo=MPOConfig(k=5)),
     "detach": dict(mtp_regime="detach"),
     "occ": dict(mtp_regime="occ"),
+    # the OCC paper's setting: one trained MTP module (the drafter vLLM uses)
+    "detach_h1": dict(mtp_regime="detach", mtp_heads=1),
+    "occ_h1": dict(mtp_regime="occ", mtp_heads=1),
 }
 
 
@@ -97,18 +100,16 @@ def step_flops(cfg, t: int, name: str) -> float:
     head = 2 * h * v  # LM head forward
     mtp = 2 * (2 * h) * h + layer  # MTP module forward (projection + block)
     main = 4 * (bb + head)  # π_old forward + training forward + backward (2×)
-    match name:
-        case "ppo":
-            return main
-        case "mpo_k3" | "mpo_k5":
-            k = 3 if name == "mpo_k3" else 5
-            # π_old + train forwards: 2(M + head); backward: 2M (weights+inputs) + head (input)
-            return main + (k - 1) * (4 * mtp + 3 * head)
-        case "detach":  # 4 heads in the train forward only; LM head input grad only
-            return main + 4 * (3 * mtp + 2 * head)
-        case "occ":  # plus the shared LM head's weight gradient from each head
-            return main + 4 * (3 * mtp + 3 * head)
-    raise ValueError(name)
+    spec = CONFIGS[name]
+    k = spec["mpo"].k if "mpo" in spec else 1
+    n = spec.get("mtp_heads", 4) if spec["mtp_regime"] != "none" else 0
+    if k > 1:  # π_old + train forwards: 2(M + head); backward: 2M (weights+inputs) + head (input)
+        return main + (k - 1) * (4 * mtp + 3 * head)
+    if spec["mtp_regime"] == "detach":  # train forward only; LM head input grad only
+        return main + n * (3 * mtp + 2 * head)
+    if spec["mtp_regime"] == "occ":  # plus the shared LM head's weight gradient from each head
+        return main + n * (3 * mtp + 3 * head)
+    return main
 
 
 def _rss_kb(field: str) -> int:
@@ -140,8 +141,8 @@ def main() -> None:
     ap.add_argument("--model", default=".cache/models/smollm2-mtp")
     ap.add_argument("--tiny", action="store_true", help="tiny random model (development)")
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--prompt", type=int, default=32)
-    ap.add_argument("--response", type=int, default=96)
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--response", type=int, default=48)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--mini-batches", type=int, default=2,
                     help="2: OCC's λ is nonzero on the second mini-batch (0 on the first)")
@@ -161,6 +162,9 @@ def main() -> None:
     model = load_model(args)
     batch = make_batch(model.config.vocab_size, args.batch, args.prompt, args.response)
     learners = {n: Learner(model, make_cfg(n, args)) for n in CONFIGS}
+    shared_opt = learners["ppo"].opt  # one AdamW state for the shared weights, not five
+    for lrn in learners.values():
+        lrn.opt = shared_opt
     for n, lrn in learners.items():  # warm-up (allocator, AdamW state)
         lrn.step(batch)
     times: dict[str, list[float]] = {n: [] for n in CONFIGS}
@@ -196,6 +200,8 @@ def main() -> None:
         "mpo_k5_over_floor": round(med["mpo_k5"] / med["ppo"] / (flops["mpo_k5"] / flops["ppo"]), 3),
         "occ_over_detach": round(med["occ"] / med["detach"], 3),
         "occ_flop_ratio": round(flops["occ"] / flops["detach"], 3),
+        "occ_h1_over_detach_h1": round(med["occ_h1"] / med["detach_h1"], 3),
+        "occ_h1_flop_ratio": round(flops["occ_h1"] / flops["detach_h1"], 3),
     }
     if mem:
         result["peak_mb"] = {n: round(m["peak_mb"], 1) for n, m in mem.items()}

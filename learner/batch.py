@@ -39,8 +39,8 @@ class TrainBatch:
     def validate(self) -> None:
         """Raise ValueError naming the offending field and shapes on malformed input."""
         ids = self.input_ids
-        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be (B, T) integer, got {tuple(ids.shape)} {ids.dtype}")
+        if ids.dim() != 2 or ids.dtype != torch.int64:
+            raise ValueError(f"input_ids must be (B, T) int64, got {tuple(ids.shape)} {ids.dtype}")
         b, t = ids.shape
         if b == 0:
             raise ValueError("empty batch: input_ids has 0 rows")
@@ -60,6 +60,10 @@ class TrainBatch:
         if (resp & ~attn).any():
             rows = torch.nonzero((resp & ~attn).any(-1)).flatten().tolist()
             raise ValueError(f"response_mask marks padding (attention_mask=0) in rows {rows[:8]}")
+        if (attn[:, 1:] & ~attn[:, :-1]).any():
+            rows = torch.nonzero((attn[:, 1:] & ~attn[:, :-1]).any(-1)).flatten().tolist()
+            raise ValueError(f"attention_mask is not right-padded (a token follows padding) in rows "
+                             f"{rows[:8]}")
         if resp[:, 0].any():
             raise ValueError("response_mask[:, 0] is set: token 0 has no prediction (needs a prompt)")
         if not torch.isfinite(self.rewards).all():

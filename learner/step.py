@@ -292,6 +292,10 @@ class Learner:
             st.add("policy/kl_ref", kl_k3(logp.detach(), b.ref_logprobs[:, :w].float())[resp].mean(),
                    n_tok)
         if cfg.entropy_coef > 0:
+            if out.entropy is None or not out.entropy.requires_grad:
+                raise NotImplementedError(
+                    f"entropy_coef={cfg.entropy_coef} needs the model's entropy with gradient, but "
+                    "learner.model returns it detached; set entropy_coef=0 (DAPO/OCC use 0)")
             ent = aggregate(out.entropy, resp, cfg.aggregation, norm)
             total = total - cfg.entropy_coef * ent
             part("loss/entropy", ent.detach())

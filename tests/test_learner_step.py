@@ -118,14 +118,14 @@ def test_nonfinite_step_is_skipped_and_counted():
 
 def test_metrics_cover_the_design_list_and_are_finite():
     cfg = AlgorithmConfig(lr=1e-2, mtp_regime="occ", mpo=MPOConfig(k=3), mini_batches=2,
-                          advantage={"kl_coef": 0.01}, entropy_coef=0.001)
+                          advantage={"kl_coef": 0.01})
     b = _batch()
     b.ref_logprobs = torch.full(b.input_ids.shape, -4.0)
     b.behav_logprobs = torch.full(b.input_ids.shape, -4.2)
     b.correct = b.rewards > 0.5
     m = Learner(_model(), cfg).step(b)
     expected = [
-        "loss/total", "loss/policy", "loss/mtp", "loss/mtp/head1", "loss/kl", "loss/entropy",
+        "loss/total", "loss/policy", "loss/mtp", "loss/mtp/head1", "loss/kl",
         "ratio/clip_frac", "ratio/token_mean", "ratio/token_var", "ratio/block_mean",
         "ratio/block_var", "ratio/approx_kl", "ratio/behav_weight_mean", "ratio/behav_capped_frac",
         "mtp/lambda/head1", "mtp/c_hat/head1", "mtp/v2_hat/head1", "mtp/lambda/head4",
@@ -169,6 +169,11 @@ def test_bad_input_raises_clear_errors():
     b = _batch()
     b.response_mask[1, -1] = True  # row 1 is padded there
     with pytest.raises(ValueError, match="marks padding"):
+        lrn.step(b)
+    b = _batch()
+    b.attention_mask[3, 2] = 0  # a hole: left/middle padding is not supported
+    b.response_mask &= b.attention_mask.bool()
+    with pytest.raises(ValueError, match="not right-padded"):
         lrn.step(b)
     b = _batch()
     b.rewards[0] = float("nan")
