@@ -1,5 +1,5 @@
 """Helpers for the control-plane tests (no tests here): free ports, a minimal model dir, the API
-server as a real uvicorn subprocess, a Ray cluster for the module.
+server as a real uvicorn subprocess connected to the session's Ray instance.
 
 Everything binds to 127.0.0.1 and every process started here is stopped by its fixture.
 """
@@ -120,13 +120,9 @@ class ApiServer:
             self.log.close()
 
 
-def start_ray() -> str:
-    """A local Ray instance for the calling module; returns its address for subprocesses."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="mtprl-tests")
-    return ray.get_runtime_context().gcs_address
+def gcs_address(ray_module) -> str:
+    """The address of the session's Ray instance (conftest's `ray_session`), for subprocesses."""
+    return ray_module.get_runtime_context().gcs_address
 
 
 def wait_for(fn, timeout: float = 30.0, interval: float = 0.1, what: str = "condition"):

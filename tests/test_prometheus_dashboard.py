@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from services.registry import EmbeddedRedis
-from test_api_support import ApiServer, free_port, make_model_dir, spec_for, start_ray, wait_for
+from test_api_support import ApiServer, free_port, gcs_address, make_model_dir, spec_for, wait_for
 
 pytestmark = [
     pytest.mark.integration,
@@ -41,10 +41,8 @@ def dashboard_queries(dash: dict) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    import ray
-
-    ray_address = start_ray()
+def stack(tmp_path_factory, ray_session):
+    ray_address = gcs_address(ray_session)
     data = tmp_path_factory.mktemp("prom-api")
     model = make_model_dir(data / "model", num_mtp=2)
     api = ApiServer(data, ray_address, step_seconds=0.05)
@@ -92,7 +90,6 @@ def stack(tmp_path_factory):
                 prom.wait(5)
         api.stop()
         EmbeddedRedis(data).stop()
-        ray.shutdown()
 
 
 def query(prom: str, expr: str) -> list[dict]:
