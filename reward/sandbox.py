@@ -281,6 +281,20 @@ def _write_all_frame(data: bytes) -> bytes:
     return len(data).to_bytes(4, "big") + data
 
 
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of session `sid` (those that did not start a session of their own)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            if int(fields[3]) == sid:  # fields after the command: state ppid pgrp session ...
+                os.kill(int(entry), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            continue
+
+
 class _Slot:
     """One long-lived sandbox process (bwrap + harness as pid 1) serving jobs one at a time."""
 
@@ -339,6 +353,8 @@ class _Slot:
             self.proc.kill()
         except ProcessLookupError:
             pass
+        if self.tmp:  # unsafe mode: no pid namespace; the program's process groups share our session
+            _kill_session(self.proc.pid)
         self.proc.wait()
         _Cgroups.destroy(self.dirs)
         for f in (self.proc.stdin, self.proc.stderr):

@@ -7,8 +7,10 @@ import os
 import secrets
 import shutil
 import socket
+import subprocess
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -421,3 +423,30 @@ def test_state_does_not_leak_between_programs_in_a_reused_sandbox(grader):
         assert "/tmp/leak" in wrote and "/dev/shm/leak" in wrote and "/dev/leak" not in wrote
         res = grader.sandbox.run_stdio(reader, [b""])
         assert res.records[0][1]["stdout"].decode().strip() == "[]"
+
+
+def test_unsafe_local_mode_still_kills_a_timed_out_program_and_its_children():
+    d = Path(tempfile.mkdtemp())
+    d.chmod(0o777)  # the program runs as the sandbox uid
+    prog = textwrap.dedent(f"""
+        import os, time
+        if os.fork() == 0:
+            time.sleep(100)
+        open({str(d / 'pids')!r}, 'w').write(str(os.getpid()))
+        def add(a, b):
+            time.sleep(100)
+    """)
+    try:
+        with Sandbox(SandboxConfig(mode="unsafe_local", use_cgroups=False, wall_timeout_s=1.0)) as sb:
+            v = CodeGrader(CodeConfig(), sb).grade(prog, ADD_TEST)
+            harness = str(sb._harness)
+        assert v.outcome == "timeout"
+        pid = int((d / "pids").read_text())
+        deadline = time.monotonic() + 5
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{pid}")
+        leftovers = subprocess.run(["pgrep", "-f", harness], capture_output=True, text=True).stdout.split()
+        assert not leftovers
+    finally:
+        shutil.rmtree(d)
