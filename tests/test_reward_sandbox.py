@@ -450,3 +450,25 @@ def test_unsafe_local_mode_still_kills_a_timed_out_program_and_its_children():
         assert not leftovers
     finally:
         shutil.rmtree(d)
+
+
+def test_sandbox_processes_run_as_an_unprivileged_host_user_without_capabilities():
+    if os.geteuid() != 0:
+        pytest.skip("checks the privilege drop from root")
+    with Sandbox(SandboxConfig()) as sb:
+        import threading
+
+        t = threading.Thread(target=sb.run_stdio, args=("import time\ntime.sleep(1.5)", [b""]))
+        t.start()
+        try:
+            time.sleep(0.7)
+            pids = subprocess.run(["pgrep", "-f", str(sb._harness)], capture_output=True, text=True).stdout.split()
+            assert pids, "no sandbox process found"
+            for pid in pids:
+                status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+                assert status["Uid"].split() == ["65534"] * 4
+                assert status["Gid"].split() == ["65534"] * 4
+                assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0
+                assert status["Groups"].strip() == ""
+        finally:
+            t.join()
