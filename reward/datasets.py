@@ -131,8 +131,8 @@ def _detect_layout(row: dict) -> Layout:
 
 def _row_item(row: dict, layout: Layout, idx: int, template: str | None, tokenizer: ChatTokenizer | None,
               source: str) -> RewardItem:
-    rid = str(row.get("id", row.get("task_id", row.get("extra_info", {}).get("index", idx)
-                                    if isinstance(row.get("extra_info"), dict) else idx)))
+    extra = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
+    rid = str(row.get("id", row.get("task_id", extra.get("index", idx))))  # stable ids keep splits stable
     match layout:
         case "gsm8k":
             ans = str(row["answer"])
