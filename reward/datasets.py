@@ -117,6 +117,21 @@ def _mbpp_entry_point(tests: Sequence[str]) -> str:
     raise ValueError(f"cannot find the function under test in {tests[:1]}")
 
 
+def _stdlib_imports_for(tests: Sequence[str]) -> str:
+    """`import math` etc. for stdlib modules the MBPP asserts use without importing. In MBPP the
+    asserts ran in the program's namespace and borrowed its imports; here they run in the checker,
+    which must never execute the program's code (an `import ... as math` there could fake a pass)."""
+    import sys
+
+    used: set[str] = set()
+    for t in tests:
+        for node in ast.walk(ast.parse(t)):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                used.add(node.value.id)
+    mods = sorted(m for m in used if m in sys.stdlib_module_names)
+    return "".join(f"import {m}\n" for m in mods)
+
+
 def _detect_layout(row: dict) -> Layout:
     if "test_list" in row:
         return "mbpp"
@@ -155,7 +170,8 @@ def _row_item(row: dict, layout: Layout, idx: int, template: str | None, tokeniz
             tests = list(row["test_list"])
             entry = _mbpp_entry_point(tests)
             test_src = "def check(candidate):\n" + "".join(f"    {t.strip()}\n" for t in tests)
-            gold = AssertTests(entry_point=entry, test=test_src, prelude=row.get("test_setup_code") or "")
+            prelude = _stdlib_imports_for(tests) + (row.get("test_setup_code") or "")
+            gold = AssertTests(entry_point=entry, test=test_src, prelude=prelude)
             question = row["text"] + "\nYour code should pass these tests:\n" + "\n".join(tests)
             return RewardItem(render_prompt(question, "code", template, tokenizer), gold, "code", f"{source}/{rid}",
                               {"source": source, "reference_program": row.get("code", "")})

@@ -93,6 +93,10 @@ def test_user_jsonl_layouts(tmp_path):
     assert (m1.gold, m2.gold) == (r"\frac{1}{2}", "7")
     (d,) = jsonl_items(dapo)
     assert d.gold == "34" and d.prompt == "Solve X. Answer: $Answer" and d.id.endswith("abc")
+    iso = _write(tmp_path / "mbpp2.jsonl", [{"task_id": 12, "text": "Area of a circle.", "code": "import math\ndef area(r):\n    return math.pi * r * r\n",
+                                             "test_list": ["assert math.isclose(area(1), 3.141592653589793)"]}])
+    (c,) = jsonl_items(iso)
+    assert c.gold.prelude == "import math\n"  # the assert borrowed the program's import in MBPP
     (b,) = jsonl_items(mbpp)
     assert b.kind == "code" and b.gold.entry_point == "remove_Occ" and "Your code should pass" in b.prompt
     if shutil.which("bwrap"):
@@ -100,6 +104,9 @@ def test_user_jsonl_layouts(tmp_path):
         g = CodeGrader()
         assert g.grade(b.meta["reference_program"], b.gold).outcome == "ok"
         assert g.grade("def remove_Occ(s, ch):\n    return s\n", b.gold).outcome == "wrong"
+        assert g.grade(c.meta["reference_program"], c.gold).outcome == "ok"
+        faker = "from unittest import mock as math\ndef area(r):\n    return 0\n"
+        assert g.grade(faker, c.gold).outcome == "wrong"  # the program's imports never reach the checker
 
 
 def test_bad_jsonl_names_file_and_line(tmp_path):
