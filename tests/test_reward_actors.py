@@ -25,16 +25,21 @@ ADD = {"type": "assert", "entry_point": "add", "test": "def check(candidate):\n 
 
 
 @pytest.fixture(scope="module")
-def ray_session():
+def reward_ray():
+    """A 2-CPU Ray for this module, shut down after it; a Ray already started by the session's
+    `ray_session` fixture (other modules) is reused and left running."""
     ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        yield ray
+        return
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
 
 @pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
-def test_actor_matches_main_thread_and_counts_outcomes(ray_session):
-    ray = ray_session
+def test_actor_matches_main_thread_and_counts_outcomes(reward_ray):
+    ray = reward_ray
     from reward.actors import RewardActor
 
     cfg = RewardActorConfig(math=MathConfig(num_workers=2, deadline_s=3.0, inner_timeout_s=2), max_concurrency=2)
