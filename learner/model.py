@@ -90,13 +90,15 @@ def _token_logprobs_from_hidden(
     head_weight: torch.Tensor,  # (V, H)
     targets: torch.Tensor,  # (B, T)
     with_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     logits = F.linear(hidden, head_weight).float()  # (B, T, V)
     lse = torch.logsumexp(logits, dim=-1)  # (B, T)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse  # (B, T)
     entropy = None
     if with_entropy:
-        with torch.no_grad():
+        # A metric by default: keeping the softmax for backward costs a (B, T, V) tensor.
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             probs = torch.softmax(logits, dim=-1)
             entropy = lse - (probs * logits).sum(-1)  # (B, T)
     return logp, entropy
@@ -162,11 +164,13 @@ class PolicyModel(nn.Module):
         num_mtp: int | None = None,
         mtp_backbone_grad: bool = True,
         with_entropy: bool = False,
+        entropy_grad: bool = False,
     ) -> HeadLogProbs:
         """Log-probs of ``input_ids`` under the main head and the first ``num_mtp`` MTP heads, from
         one backbone forward. ``mtp_backbone_grad=False`` detaches what the MTP modules read from
         the backbone (hidden states, embedding table, LM head), so MTP losses leave the backbone's
-        gradients untouched (the "detach" regime)."""
+        gradients untouched (the "detach" regime). ``entropy_grad`` keeps the main-head entropy
+        differentiable (for an entropy bonus); otherwise it is a metric without gradient."""
         num_mtp = self.num_mtp if num_mtp is None else num_mtp
         if not 0 <= num_mtp <= self.num_mtp:
             raise ValueError(f"asked for {num_mtp} MTP heads but the model has {self.num_mtp}")
@@ -184,7 +188,7 @@ class PolicyModel(nn.Module):
             raise ValueError("attention_mask must be right-padded (tokens first, then padding)")
 
         h = self.backbone_hidden(input_ids)  # (B, T, H)
-        return self.heads_from_hidden(h, input_ids, mask, num_mtp, mtp_backbone_grad, with_entropy)
+        return self.heads_from_hidden(h, input_ids, mask, num_mtp, mtp_backbone_grad, with_entropy, entropy_grad)
 
     def backbone_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The backbone's last residual stream before the final norm (B, T, H): MTP module 1 reads
@@ -209,6 +213,7 @@ class PolicyModel(nn.Module):
         num_mtp: int,
         mtp_backbone_grad: bool = True,
         with_entropy: bool = False,
+        entropy_grad: bool = False,
     ) -> HeadLogProbs:
         """Main-head and MTP-head log-probs from precomputed backbone hidden states (the MTP
         warm-up caches ``h`` once and trains the heads over several epochs)."""
@@ -229,7 +234,7 @@ class PolicyModel(nn.Module):
         # Target token t is predicted from position t-1 by the main head.
         targets = torch.zeros_like(input_ids)
         targets[:, :-1] = input_ids[:, 1:]
-        lp0, ent = _token_logprobs_from_hidden(inner.norm(h), head_w, targets, with_entropy)  # (B, T) at position p
+        lp0, ent = _token_logprobs_from_hidden(inner.norm(h), head_w, targets, with_entropy, entropy_grad)  # (B, T) at position p
         logprobs = [F.pad(lp0[:, :-1], (1, 0))]  # (B, T) aligned by target
         valid = [F.pad(mask[:, 1:] & mask[:, :-1], (1, 0), value=False)]
         entropy = F.pad(ent[:, :-1], (1, 0)) if ent is not None else None

