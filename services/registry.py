@@ -454,6 +454,9 @@ class RunRegistry:
         if not await self.exists(run_id):
             raise RunNotFound(run_id)
         last = after
+        if last == "$":  # pin "only new events" to the current end, so none slips between reads
+            newest = await self.r.xrevrange(_keys(self.prefix, run_id)["events"], count=1)
+            last = newest[0][0] if newest else "0-0"
         while True:
             events = await self.read_events(run_id, last, block_ms=block_ms)
             if not events:

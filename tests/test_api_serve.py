@@ -135,3 +135,29 @@ def test_settings_validation_and_token_file_race(tmp_path, monkeypatch):
     a, gen_a = resolve_api_token(s)
     b, gen_b = resolve_api_token(s)
     assert gen_a and not gen_b and a == b
+
+
+def test_a_run_that_cannot_be_started_is_503_and_recorded_failed(tmp_path):
+    """The launcher's start raising (e.g. no Ray cluster) fails the run visibly, not silently."""
+    from fastapi.testclient import TestClient
+
+    from services.api import create_app
+    from services.launcher import NullLauncher
+
+    class NoCluster(NullLauncher):
+        async def start(self, run_id, spec):
+            raise ConnectionError("no Ray cluster at 10.0.0.9:6379")
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text('{"num_nextn_predict_layers": 1}')
+    app = create_app(Settings(data_dir=tmp_path, api_token="t"), launcher=NoCluster())
+    try:
+        with TestClient(app) as c:
+            h = {"Authorization": "Bearer t"}
+            r = c.post("/v1/runs", headers=h, json={"model": {"path": str(model)}, "data": {"dataset": "human_eval"}})
+            assert r.status_code == 503 and "no Ray cluster" in r.json()["detail"]
+            (run,) = c.get("/v1/runs", headers=h).json()["data"]
+            assert run["state"] == "failed" and "could not start: ConnectionError" in run["error"]
+    finally:
+        EmbeddedRedis(tmp_path).stop()

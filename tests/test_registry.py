@@ -268,3 +268,29 @@ def test_record_json_roundtrip(registry):
     spec = {"model": {"path": "/m"}, "nested": {"list": [1, 2, 3]}}
     run(registry.create_run(rid, spec))
     assert run(registry.get_run(rid)).spec == json.loads(json.dumps(spec))
+
+
+def test_follow_from_now_misses_nothing_that_comes_later(registry, sink):
+    rid = new_id()
+    run(registry.create_run(rid, {}))
+    sink.set_state(rid, "running")
+
+    async def go():
+        seen = []
+
+        async def produce():
+            for s in range(1, 6):
+                await asyncio.to_thread(sink.report_step, rid, s, {"x": float(s)})
+                await asyncio.sleep(0.03)  # some land while the follower checks the run state
+            await asyncio.to_thread(sink.set_state, rid, "completed")
+
+        prod = None
+        async for ev in registry.follow_events(rid, "$", block_ms=20):
+            if prod is None:
+                prod = asyncio.create_task(produce())
+            if ev is not None:
+                seen.append(ev.data.get("step", ev.data.get("to")))
+        await prod
+        return seen
+
+    assert run(asyncio.wait_for(go(), 10)) == [1, 2, 3, 4, 5, "completed"]
