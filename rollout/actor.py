@@ -1,8 +1,12 @@
 """`RolloutEngine` as a Ray actor.
 
 Ray restarts a dead engine (``max_restarts``); the restarted actor is built from the same config,
-so it serves the checkpoint on disk, and the orchestrator then pushes the latest published weights
-to it (``update_weights``) before sending it work.
+so it serves the checkpoint on disk, and the orchestrator (`rollout.group.EngineGroup`) then pushes
+the latest published weights to it (``update_weights``) before sending it work.
+
+The actor is threaded (``max_concurrency`` > 1) so that ``cancel`` can arrive while ``generate``
+runs: with Ray's default of one call at a time, a cancel would queue behind the batch it is meant to
+stop. The engine's own lock keeps generation and weight loading apart (see `RolloutEngine`).
 """
 
 from __future__ import annotations
@@ -18,16 +22,26 @@ def create_engine_actor(
     num_cpus: float = 1,
     num_gpus: float = 0,
     max_restarts: int = 3,
+    max_concurrency: int = 4,
     name: str | None = None,
     namespace: str | None = None,
 ):
     """Start a rollout engine actor; returns its handle (the engine starts in the background:
     the first call waits for it)."""
     cfg = EngineConfig.model_validate(config)
-    opts = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts, max_task_retries=0)
+    opts = dict(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        max_restarts=max_restarts,
+        max_task_retries=0,  # a batch lost with its engine is retried by the caller, on the latest weights
+        max_concurrency=max_concurrency,
+    )
     if name:
         opts.update(name=name, namespace=namespace, get_if_exists=True)
     # vLLM runs in the actor's own process; its engine core stays in-process so weight updates
     # reach the worker directly.
-    opts["runtime_env"] = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if cfg.num_threads:
+        env["OMP_NUM_THREADS"] = str(cfg.num_threads)  # Ray would set num_cpus otherwise
+    opts["runtime_env"] = {"env_vars": env}
     return ray.remote(RolloutEngine).options(**opts).remote(cfg.model_dump())

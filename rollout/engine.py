@@ -155,6 +155,12 @@ def _take_drafter_capture(worker) -> list[torch.Tensor]:
     return out
 
 
+def _external_id(internal_id: str) -> str:
+    from vllm import envs
+
+    return internal_id if envs.VLLM_DISABLE_REQUEST_ID_RANDOMIZATION else internal_id.rsplit("-", 1)[0]
+
+
 def _is_mtp_name(name: str) -> bool:
     return name.startswith("model.mtp_layers.")
 
@@ -189,8 +195,13 @@ class RolloutEngine:
             disable_log_stats=False,  # the spec-decode counters come from the stat loggers
             **kwargs,
         )
-        self.startup_seconds = time.perf_counter() - t0
         self.tokenizer = self.llm.get_tokenizer()
+        # vLLM's first engine step pays one-off set-up (seconds on CPU); pay it here so the first
+        # batch's tokens/s is not skewed and a cancel is never stuck behind it.
+        from vllm import SamplingParams
+
+        self.llm.generate([{"prompt_token_ids": [0, 1, 2]}], SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)
+        self.startup_seconds = time.perf_counter() - t0
         self.policy_version = 0
         self.engine_id = uuid.uuid4().hex[:12]  # a restarted engine gets a new one
         # Generation, weight loading and the worker RPCs of the test hooks must not interleave:
@@ -206,8 +217,10 @@ class RolloutEngine:
         self._tickets = itertools.count(1)
         self._last_ticket = 0
         self._cancelled_upto = 0
+        self._active: set[int] = set()  # tickets of the calls now in generate
         self._cum_seconds = 0.0
         self._cum_tokens = 0
+        self._spec_at_start = self.spec_stats()  # after the warm-up step
 
     # ---- prompts -------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
@@ -273,15 +286,19 @@ class RolloutEngine:
         todo = [i for i, (ids, _) in enumerate(prepared) if ids is not None for _ in range(repeat)]
         requests = [TokensPrompt(prompt_token_ids=prepared[i][0]) for i in todo]
         ticket = self._draw_ticket()
-        with self._lock:
-            version = self.policy_version
-            before = self.spec_stats()
-            t0 = time.perf_counter()
-            outs, cancelled = self._run(requests, params, ticket) if requests else ([], False)
-            seconds = time.perf_counter() - t0
-            after = self.spec_stats()
-            spec = after - before
-            self._cum_seconds += seconds
+        try:
+            with self._lock:
+                version = self.policy_version
+                before = self.spec_stats()
+                t0 = time.perf_counter()
+                outs, cancelled = self._run(requests, params, ticket) if requests else ([], False)
+                seconds = time.perf_counter() - t0
+                after = self.spec_stats()
+                spec = after - before
+                after = after - self._spec_at_start
+                self._cum_seconds += seconds
+        finally:
+            self._active.discard(ticket)
         by_index: dict[int, list] = {}
         for i, out in zip(todo, outs):
             by_index.setdefault(i, []).append(out)
@@ -316,6 +333,7 @@ class RolloutEngine:
 
     def _draw_ticket(self) -> int:
         ticket = next(self._tickets)  # itertools.count is atomic under the GIL
+        self._active.add(ticket)
         self._last_ticket = max(self._last_ticket, ticket)
         return ticket
 
@@ -326,27 +344,30 @@ class RolloutEngine:
         engine = self.llm.llm_engine
         if ticket <= self._cancelled_upto:
             return [None] * len(requests), True
-        ids = self.llm.enqueue(requests, params, use_tqdm=False)
+        internal = self.llm.enqueue(requests, params, use_tqdm=False)
+        # enqueue returns vLLM's internal ids ("<external>-<8 random chars>"); outputs carry the
+        # external id, abort takes either (internal ones also reach the n > 1 children).
+        external = [_external_id(r) for r in internal]
         done: dict[str, object] = {}
         cancelled = False
         while engine.has_unfinished_requests():
             if ticket <= self._cancelled_upto:
-                engine.abort_request([r for r in ids if r not in done])
+                engine.abort_request([i for i, e in zip(internal, external) if e not in done], internal=True)
                 cancelled = True
                 break
             for out in engine.step():
                 if out.finished:
                     done[out.request_id] = out
-        return [done.get(r) for r in ids], cancelled
+        return [done.get(e) for e in external], cancelled
 
     def cancel(self) -> int:
         """Cancel the batch in flight and the generate calls already waiting behind it: their
         unfinished requests are aborted in vLLM (within one engine step) and come back as samples
         with ``finish_reason='cancelled'``; finished ones are kept. Returns how many calls were
-        marked. Safe from any thread; the engine keeps serving later calls."""
-        marked = self._last_ticket - self._cancelled_upto
-        self._cancelled_upto = self._last_ticket
-        return max(marked, 0)
+        marked (in flight or waiting). Safe from any thread; the engine keeps serving later calls."""
+        upto = self._last_ticket
+        self._cancelled_upto = max(self._cancelled_upto, upto)
+        return sum(1 for t in list(self._active) if t <= upto)
 
     # ---- weights -------------------------------------------------------------------------------
     def update_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor]]) -> float:

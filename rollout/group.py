@@ -1,0 +1,146 @@
+"""A group of rollout engine actors that survives engine deaths.
+
+`EngineGroup` remembers the latest published weights (version and one Ray object reference shared
+by every engine). When an engine dies, Ray restarts it (``max_restarts``) from the checkpoint on
+disk; the group waits for the restart (or, once Ray has given up, starts a fresh actor), pushes the
+latest weights to it and retries the batch, so no batch is served by a stale policy:
+
+- a call that fails with `ray.exceptions.RayActorError` (the engine died mid-batch, or is gone for
+  good) → recover that engine, retry;
+- a batch that comes back from an engine with another ``engine_id`` than the one the group last
+  loaded (it died and was restarted between calls, so it serves the on-disk weights) → recover,
+  retry.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Iterable, Sequence
+
+import ray
+import torch
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
+
+from rollout.actor import create_engine_actor
+from rollout.config import EngineConfig, SamplingConfig
+from rollout.engine import RolloutBatch
+
+log = logging.getLogger(__name__)
+
+
+class EngineUnavailable(RuntimeError):
+    """An engine could not be brought back within the group's retry budget."""
+
+
+class EngineGroup:
+    """Engine actors plus the latest published weights; `generate` retries on a dead engine."""
+
+    def __init__(
+        self,
+        config: EngineConfig | dict,
+        num_engines: int = 1,
+        actor_options: dict | None = None,
+        max_retries: int = 3,
+        restart_timeout_s: float = 600.0,
+        engines: Sequence | None = None,
+    ):
+        self.config = EngineConfig.model_validate(config)
+        self.actor_options = dict(actor_options or {})
+        self.max_retries = max_retries
+        self.restart_timeout_s = restart_timeout_s
+        self.engines = list(engines) if engines is not None else [self._new_actor() for _ in range(num_engines)]
+        self.version = 0
+        self.weights_ref: ray.ObjectRef | None = None
+        self._loaded: list[str | None] = [None] * len(self.engines)  # engine_id holding self.version
+        self._next = itertools.count()
+        self.recoveries = 0
+        self.recreated = 0
+
+    def _new_actor(self):
+        return create_engine_actor(self.config, **self.actor_options)
+
+    # ---- weights -------------------------------------------------------------------------------
+    def publish(self, version: int, weights: Iterable[tuple[str, torch.Tensor]]) -> list[float]:
+        """Store the weights once in the object store and load them into every engine; returns each
+        engine's load seconds. A dead engine is recovered (and then loaded) on the way."""
+        self.version = version
+        self.weights_ref = ray.put([(n, t.detach().cpu()) for n, t in weights])
+        return [self._load(i) for i in range(len(self.engines))]
+
+    def _load(self, i: int) -> float:
+        """Push the latest weights to engine i and remember which engine instance holds them.
+
+        While Ray restarts an actor, calls fail fast with `ActorUnavailableError`: retried until
+        ``restart_timeout_s``. A call failing with `ActorDiedError` twice in a row means Ray has given
+        up on it (restarts exhausted, or killed for good): the group starts a new actor instead."""
+        dead_in_a_row = 0
+        deadline = time.monotonic() + self.restart_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                info = ray.get(self.engines[i].info.remote(), timeout=self.restart_timeout_s)
+                seconds = 0.0
+                if self.weights_ref is not None:
+                    seconds = ray.get(self.engines[i].update_weights.remote(self.version, self.weights_ref))
+                self._loaded[i] = info["engine_id"]
+                return seconds
+            except ActorDiedError:
+                dead_in_a_row += 1
+                if dead_in_a_row >= 2:
+                    log.warning("engine %d is dead for good; starting a new actor", i)
+                    self._replace(i)
+                    dead_in_a_row = 0
+                else:
+                    time.sleep(1.0)
+            except (RayActorError, ActorUnavailableError, GetTimeoutError):
+                time.sleep(0.5)  # restarting
+        raise EngineUnavailable(
+            f"engine {i} did not come back within restart_timeout_s={self.restart_timeout_s} to load version {self.version}"
+        )
+
+    def _replace(self, i: int) -> None:
+        try:
+            ray.kill(self.engines[i], no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        self.engines[i] = self._new_actor()
+        self.recreated += 1
+
+    # ---- generation ----------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence,
+        sampling: SamplingConfig | dict | None = None,
+        engine: int | None = None,
+    ) -> RolloutBatch:
+        """Generate on one engine (round-robin unless ``engine`` is given) with the latest published
+        weights; a batch lost to a dying engine is re-run once the engine is back and reloaded."""
+        i = next(self._next) % len(self.engines) if engine is None else engine
+        sampling = SamplingConfig.model_validate(sampling or {}).model_dump()
+        for attempt in range(self.max_retries + 1):
+            if self._loaded[i] is None:
+                self._load(i)
+            try:
+                batch = ray.get(self.engines[i].generate.remote(prompts, sampling))
+            except (RayActorError, ActorUnavailableError) as e:
+                log.warning("engine %d died during a batch (%s); retrying on the latest weights", i, type(e).__name__)
+                self.recoveries += 1
+                self._loaded[i] = None
+                continue
+            if batch.engine_id != self._loaded[i]:  # restarted between calls: it served on-disk weights
+                log.warning("engine %d was restarted; reloading version %d and retrying", i, self.version)
+                self.recoveries += 1
+                self._loaded[i] = None
+                continue
+            return batch
+        raise EngineUnavailable(f"engine {i} failed {self.max_retries + 1} times in a row")
+
+    def cancel(self) -> None:
+        """Cancel the batches in flight on every engine (see `RolloutEngine.cancel`)."""
+        ray.get([e.cancel.remote() for e in self.engines])
+
+    def kill(self) -> None:
+        for e in self.engines:
+            ray.kill(e, no_restart=True)
+
