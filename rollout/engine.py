@@ -65,16 +65,22 @@ class SpecStats:
         """Tokens produced per target forward: 1 (the verified token) + accepted drafts per draft."""
         return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 1.0
 
-    def __sub__(self, other: SpecStats) -> SpecStats:
+    def _combine(self, other: SpecStats, sign: int) -> SpecStats:
         n = max(len(self.accepted_per_pos), len(other.accepted_per_pos))
         a = self.accepted_per_pos + [0] * (n - len(self.accepted_per_pos))
         b = other.accepted_per_pos + [0] * (n - len(other.accepted_per_pos))
         return SpecStats(
-            self.num_drafts - other.num_drafts,
-            self.num_draft_tokens - other.num_draft_tokens,
-            self.num_accepted_tokens - other.num_accepted_tokens,
-            [x - y for x, y in zip(a, b)],
+            self.num_drafts + sign * other.num_drafts,
+            self.num_draft_tokens + sign * other.num_draft_tokens,
+            self.num_accepted_tokens + sign * other.num_accepted_tokens,
+            [x + sign * y for x, y in zip(a, b)],
         )
+
+    def __sub__(self, other: SpecStats) -> SpecStats:
+        return self._combine(other, -1)
+
+    def __add__(self, other: SpecStats) -> SpecStats:
+        return self._combine(other, 1)
 
     def as_metrics(self, prefix: str = "rollout/") -> dict[str, float]:
         return {
