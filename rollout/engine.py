@@ -140,6 +140,25 @@ def _reload_drafter(worker, weights: list[tuple[str, torch.Tensor]]) -> None:
     reload_weights(runner.vllm_config, runner.drafter.model, iter(weights), None, True)
 
 
+def _module_sharing(worker) -> dict[str, bool]:
+    """Which modules vLLM shares, so an update loads each tensor once:
+    ``tied``: the target's LM head is its embedding (its loader then skips ``lm_head.weight``);
+    ``drafter_shares``: the MTP drafter uses the target's embedding and LM head modules themselves
+    (`llm_base_proposer._maybe_share_embeddings/_maybe_share_lm_head` do so for MTP), so the
+    target reload already updates them and the drafter needs only its ``mtp_layers``."""
+    runner = worker.model_runner
+    target = runner.get_model()
+    t_embed = getattr(getattr(target, "model", None), "embed_tokens", None)
+    t_head = getattr(target, "lm_head", None)
+    tied = t_head is not None and t_embed is not None and (
+        t_head is t_embed or t_head.weight.data_ptr() == t_embed.weight.data_ptr()
+    )
+    drafter = getattr(getattr(runner, "drafter", None), "model", None)
+    d_embed = getattr(getattr(drafter, "model", None), "embed_tokens", None)
+    shares = drafter is not None and t_embed is not None and d_embed is t_embed and getattr(drafter, "lm_head", None) is t_head
+    return {"tied": bool(tied), "drafter_shares": bool(shares)}
+
+
 def _start_drafter_capture(worker) -> None:
     """Record the drafter's logits on each call (tests compare them with the learner's MTP head)."""
     model = worker.model_runner.drafter.model
@@ -208,6 +227,10 @@ class RolloutEngine:
 
         self.llm.generate([{"prompt_token_ids": [0, 1, 2]}], SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)
         self.startup_seconds = time.perf_counter() - t0
+        sharing = self.llm.collective_rpc(_module_sharing)
+        self._shared_head = c.num_speculative_tokens > 0 and all(x["drafter_shares"] for x in sharing)
+        self._tied = all(x["tied"] for x in sharing)
+        self.last_update_bytes = 0
         self.policy_version = 0
         self.engine_id = uuid.uuid4().hex[:12]  # a restarted engine gets a new one
         # Generation, weight loading and the worker RPCs of the test hooks must not interleave:
@@ -381,11 +404,19 @@ class RolloutEngine:
 
         Waits for the in-flight batch (the lock), so every sample of a batch has one version."""
         weights = [(n, t.detach().to("cpu") if t.device.type != "cpu" else t.detach()) for n, t in weights]
-        target = [(n, t) for n, t in weights if not _is_mtp_name(n)]
-        drafter = [(n, t) for n, t in weights if _is_mtp_name(n) or "embed_tokens" in n or n == "lm_head.weight"]
+        # The target ignores lm_head.weight when it ties it to the embedding; the drafter reuses the
+        # target's embedding and head modules (checked at start-up), so it takes its mtp_layers only.
+        target = [(n, t) for n, t in weights if not _is_mtp_name(n) and not (self._tied and n == "lm_head.weight")]
+        drafter = [
+            (n, t)
+            for n, t in weights
+            if _is_mtp_name(n) or (not self._shared_head and ("embed_tokens" in n or n == "lm_head.weight"))
+        ]
+        self.last_update_bytes = sum(t.numel() * t.element_size() for _, t in target + drafter)
         with self._lock:
             t0 = time.perf_counter()
-            self.llm.collective_rpc(_reload_target, args=(target,))
+            if target:
+                self.llm.collective_rpc(_reload_target, args=(target,))
             if self.config.num_speculative_tokens > 0 and drafter:
                 self.llm.collective_rpc(_reload_drafter, args=(drafter,))
             # Cached prefixes were computed with the old weights.
