@@ -200,7 +200,7 @@ def self_contained(args: argparse.Namespace) -> dict:
             time.sleep(0.1)
         spec = {"model": {"path": str(model)}, "data": {"dataset": "reasoning_gym:basic_arithmetic"},
                 "algorithm": {"mpo": {"k": 3}}, "schedule": {"steps": 100000, "checkpoint_every": 50}}
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as c:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60.0) as c:
             run_ids = [c.post("/v1/runs", json=spec).json()["id"] for _ in range(args.runs)]
             while min(c.get(f"/v1/runs/{r}").json()["step"] for r in run_ids) < 3:
                 time.sleep(0.2)
@@ -209,11 +209,11 @@ def self_contained(args: argparse.Namespace) -> dict:
             for r in run_ids:
                 c.post(f"/v1/runs/{r}/cancel")
         result["training_during_load"] = min(steps) > 3
-        result["server_p99_ms_upper_bound"] = server_side_p99(httpx.get(url + "/metrics").text)
+        result["server_p99_ms_upper_bound"] = server_side_p99(httpx.get(url + "/metrics", timeout=60).text)
         redis_log = (data / "redis" / "redis.log").read_text(errors="replace")
         result["redis_slow_fsync_warnings"] = redis_log.count("fsync is taking too long")
         result["runs"] = args.runs
-        series = httpx.get(url + "/metrics").text.count("\nmtprl_")
+        series = httpx.get(url + "/metrics", timeout=60).text.count("\nmtprl_")
         result["metrics_series"] = series
         return result
     finally:
