@@ -205,6 +205,38 @@ class PolicyModel(nn.Module):
             hook.remove()
         return captured[0]
 
+    def mtp_hidden(
+        self,
+        h: torch.Tensor,  # (B, T, H) pre-norm, from backbone_hidden
+        input_ids: torch.Tensor,  # (B, T)
+        num_mtp: int,
+        mtp_backbone_grad: bool = True,
+    ) -> list[torch.Tensor]:
+        """Each MTP module's output h⁽ᵏ⁾ₚ (B, T, H), k = 1..num_mtp, aligned by position p: the
+        hidden state from which head k predicts x_{p+k+1}. Position p reads Emb(x_{p+k}); positions
+        past the end are fed zeros and their outputs are meaningless (causal attention keeps them
+        from leaking back)."""
+        T = input_ids.shape[1]
+        inner = self.backbone.model
+        embeds = inner.embed_tokens(input_ids)  # (B, T, H)
+        position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0)  # (1, T)
+        causal = create_causal_mask(
+            config=self.config,
+            inputs_embeds=embeds,
+            attention_mask=None,
+            past_key_values=None,
+            position_ids=position_ids,
+        )
+        pos_emb = inner.rotary_emb(h, position_ids)
+        prev = h if mtp_backbone_grad else h.detach()
+        tok_emb = embeds if mtp_backbone_grad else embeds.detach()
+        outs = []
+        for k in range(1, num_mtp + 1):
+            shifted_emb = F.pad(tok_emb[:, k:], (0, 0, 0, k))  # (B, T, H)
+            prev = self.mtp[k - 1].mtp_forward(prev, shifted_emb, position_ids, pos_emb, causal)
+            outs.append(prev)
+        return outs
+
     def heads_from_hidden(
         self,
         h: torch.Tensor,  # (B, T, H) pre-norm, from backbone_hidden
@@ -218,45 +250,27 @@ class PolicyModel(nn.Module):
         """Main-head and MTP-head log-probs from precomputed backbone hidden states (the MTP
         warm-up caches ``h`` once and trains the heads over several epochs)."""
         T = input_ids.shape[1]
-        inner = self.backbone.model
-        embeds = inner.embed_tokens(input_ids)  # (B, T, H)
-        position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0)  # (1, T)
-        causal = create_causal_mask(
-            config=self.config,
-            inputs_embeds=embeds,
-            attention_mask=None,
-            past_key_values=None,
-            position_ids=position_ids,
-        )
         head_w = self.backbone.lm_head.weight  # (V, H)
         mask = mask.bool()
 
         # Target token t is predicted from position t-1 by the main head.
         targets = torch.zeros_like(input_ids)
         targets[:, :-1] = input_ids[:, 1:]
-        lp0, ent = _token_logprobs_from_hidden(inner.norm(h), head_w, targets, with_entropy, entropy_grad)  # (B, T) at position p
+        lp0, ent = _token_logprobs_from_hidden(self.backbone.model.norm(h), head_w, targets, with_entropy, entropy_grad)
         logprobs = [F.pad(lp0[:, :-1], (1, 0))]  # (B, T) aligned by target
         valid = [F.pad(mask[:, 1:] & mask[:, :-1], (1, 0), value=False)]
         entropy = F.pad(ent[:, :-1], (1, 0)) if ent is not None else None
 
-        if num_mtp:
-            pos_emb = inner.rotary_emb(h, position_ids)
-            prev = h if mtp_backbone_grad else h.detach()
-            tok_emb = embeds if mtp_backbone_grad else embeds.detach()
-            mtp_head_w = head_w if mtp_backbone_grad else head_w.detach()
-            for k in range(1, num_mtp + 1):
-                # Position p reads Emb(x_{p+k}) and predicts x_{p+k+1}; positions past the end are
-                # fed zeros and their outputs dropped (causal attention keeps them from leaking back).
-                shifted_emb = F.pad(tok_emb[:, k:], (0, 0, 0, k))  # (B, T, H)
-                prev = self.mtp[k - 1].mtp_forward(prev, shifted_emb, position_ids, pos_emb, causal)
-                n = max(T - k - 1, 0)  # positions whose target lies inside the sequence
-                tgt = torch.zeros_like(input_ids)
-                tgt[:, :n] = input_ids[:, T - n :]
-                lpk, _ = _token_logprobs_from_hidden(prev, mtp_head_w, tgt)  # (B, T) at position p
-                logprobs.append(F.pad(lpk[:, :n], (T - n, 0)))
-                vk = torch.zeros_like(mask)
-                vk[:, k + 1 :] = mask[:, k + 1 :]
-                valid.append(vk)
+        mtp_head_w = head_w if mtp_backbone_grad else head_w.detach()
+        for k, hk in enumerate(self.mtp_hidden(h, input_ids, num_mtp, mtp_backbone_grad), start=1):
+            n = max(T - k - 1, 0)  # positions whose target lies inside the sequence
+            tgt = torch.zeros_like(input_ids)
+            tgt[:, :n] = input_ids[:, T - n :]
+            lpk, _ = _token_logprobs_from_hidden(hk, mtp_head_w, tgt)  # (B, T) at position p
+            logprobs.append(F.pad(lpk[:, :n], (T - n, 0)))
+            vk = torch.zeros_like(mask)
+            vk[:, k + 1 :] = mask[:, k + 1 :]
+            valid.append(vk)
         lp = torch.stack(logprobs)  # (H, B, T)
         vd = torch.stack(valid)  # (H, B, T)
         return HeadLogProbs(logprobs=lp.masked_fill(~vd, 0.0), valid=vd, entropy=entropy)

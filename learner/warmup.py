@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from typing import Literal
+
 from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
@@ -38,6 +40,18 @@ class WarmupConfig(BaseModel):
     heldout_fraction: float = Field(0.1, ge=0, lt=1, description="Share of sequences kept out for evaluation.")
     seed: int = Field(0)
     save_every: int = Field(50, gt=0, description="Optimiser steps between resumable state saves.")
+    loss: Literal["ce", "distill"] = Field(
+        "distill",
+        description=(
+            "'ce': cross-entropy of head k on the text's token x_{p+k+1} (needs the full-vocabulary LM head "
+            "per token, the dominant cost for a small model with a big vocabulary). 'distill': regress head k's "
+            "output onto the backbone's final-normed hidden state at p+k, the one from which the main head "
+            "predicts that same token; with the LM head shared this matches the policy's own next-token "
+            "distribution (what a drafter must guess) without touching the vocabulary (EAGLE-style feature "
+            "regression), plus `ce_weight` × CE."
+        ),
+    )
+    ce_weight: float = Field(0.0, ge=0, description="Weight of the CE term added to the 'distill' loss.")
 
 
 @dataclass
@@ -66,6 +80,26 @@ def mtp_cross_entropy(model: PolicyModel, h: torch.Tensor, ids: torch.Tensor, ma
         v = out.valid[k]
         losses.append(-(out.logprobs[k] * v).sum() / v.sum().clamp(min=1))
     return torch.stack(losses).mean()
+
+
+def mtp_distill_loss(model: PolicyModel, h: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over MTP heads of ``‖h⁽ᵏ⁾ₚ − FinalNorm(h⁽⁰⁾_{p+k})‖² / H`` over positions with p+k < length."""
+    target = model.backbone.model.norm(h).detach()  # (B, T, H)
+    losses = []
+    for k, hk in enumerate(model.mtp_hidden(h, ids, model.num_mtp, mtp_backbone_grad=False), start=1):
+        valid = mask[:, k:].unsqueeze(-1)  # (B, T-k, 1): the target position p+k is a real token
+        err = ((hk[:, :-k] - target[:, k:]) ** 2).mean(-1, keepdim=True)  # (B, T-k, 1)
+        losses.append((err * valid).sum() / valid.sum().clamp(min=1))
+    return torch.stack(losses).mean()
+
+
+def warmup_loss(model: PolicyModel, h: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, cfg: WarmupConfig) -> torch.Tensor:
+    if cfg.loss == "ce":
+        return mtp_cross_entropy(model, h, ids, mask)
+    loss = mtp_distill_loss(model, h, ids, mask)
+    if cfg.ce_weight > 0:
+        loss = loss + cfg.ce_weight * mtp_cross_entropy(model, h, ids, mask)
+    return loss
 
 
 class _HiddenCache:
@@ -147,7 +181,7 @@ def warmup_mtp(
         stop_at = total_steps if max_steps is None else min(total_steps, step + max_steps)
         while step < stop_at:
             h, ids, mask = train_cache.items[orders[step]]
-            loss = mtp_cross_entropy(model, h, ids, mask)
+            loss = warmup_loss(model, h, ids, mask, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.mtp.parameters(), 1.0)
@@ -156,7 +190,7 @@ def warmup_mtp(
             step += 1
             losses.append(loss.item())
             bar.update(1)
-            bar.set_postfix(ce=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}")
             if state_path and (step % cfg.save_every == 0 or step == stop_at):
                 _save_state(state_path, model, opt, sched, step, losses, before)
     finally:

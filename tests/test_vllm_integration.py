@@ -140,7 +140,7 @@ def test_warmed_up_head_raises_acceptance(ray_session, tmp_path):
         res = warmup_mtp(
             policy,
             [s.prompt_token_ids + s.token_ids for s in data.samples],
-            WarmupConfig(epochs=5, batch_size=16, lr=1e-2),
+            WarmupConfig(epochs=5, batch_size=16, lr=1e-2, loss="ce"),
             progress=False,
         )
         assert res.heldout_ce_after < res.heldout_ce_before
