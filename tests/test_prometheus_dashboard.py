@@ -7,7 +7,6 @@ import json
 import math
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
