@@ -90,8 +90,14 @@ def test_grafana_provisioning_files():
     assert source["uid"] == "mtprl-prometheus" and source["type"] == "prometheus"
     assert source["url"] == "http://127.0.0.1:9090"  # the head's Prometheus (head.sh)
     prov = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/mtprl.yml").read_text())
-    (provider,) = prov["providers"]
+    providers = {p["name"]: p for p in prov["providers"]}
+    provider = providers["mtprl"]
     assert provider["type"] == "file"
+    # Ray's generated dashboards, on the datasource above (its name is passed to `ray start`)
+    assert providers["ray"]["options"]["path"] == "/tmp/ray/session_latest/metrics/grafana/dashboards"
+    cluster = yaml.safe_load((DEPLOY / "cluster.yaml").read_text())
+    start = " ".join(cluster["head_start_ray_commands"])
+    assert f"RAY_PROMETHEUS_NAME={source['name']}" in start and "RAY_GRAFANA_HOST=" in start
     # the path is an env var head.sh sets to deploy/grafana/dashboards
     var = provider["options"]["path"].lstrip("$").strip("{}")
     assert f'{var}="$DEPLOY/grafana/dashboards"' in (DEPLOY / "head.sh").read_text()
