@@ -109,3 +109,38 @@ def test_scale_grad_keeps_value_and_scales_gradient():
     assert torch.allclose(y, x)
     y.sum().backward()
     assert x.grad.tolist() == [0.5, -2.0]
+
+
+@pytest.mark.parametrize("grad", ["detach", "full"])
+def test_mpo_grad_route_decides_whether_mtp_terms_reach_the_backbone(grad):
+    """Real tiny model: under `detach` the block ratio's MTP terms give the backbone exactly the
+    gradient of a loss whose MTP log-probs are constants; under `full` they add to it."""
+    from learner.tiny import make_tiny_model
+
+    model = make_tiny_model(num_mtp=2, seed=0, vocab_size=64, hidden_size=32)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 64, (3, 10))
+    attn = torch.ones_like(ids)
+    resp = torch.zeros(3, 10, dtype=torch.bool)
+    resp[:, 4:] = True
+    adv = torch.tensor([[1.0], [-0.5], [0.3]]).expand(3, 10)
+    cfg = AlgorithmConfig(mtp_regime="none", mpo=MPOConfig(k=3))
+    w = mpo_weights(3, 0.2, 0.8)
+    with torch.no_grad():
+        old = model.token_logprobs(ids, attn, num_mtp=2).logprobs - 0.1
+
+    def backbone_grad(mtp_backbone_grad: bool, freeze_mtp_terms: bool):
+        out = model.token_logprobs(ids, attn, num_mtp=2, mtp_backbone_grad=mtp_backbone_grad)
+        cur = out.logprobs
+        if freeze_mtp_terms:
+            cur = torch.cat([cur[:1], cur[1:].detach()])
+        cb, ok = block_view(cur, out.valid, resp, 3)
+        ob, _ = block_view(old, out.valid, resp, 3)
+        loss, _ = policy_loss(block_log_ratio(cb, ob, ok, w), adv, resp, cfg)
+        return torch.autograd.grad(loss, list(model.backbone.parameters()), allow_unused=True)
+
+    ref = backbone_grad(True, freeze_mtp_terms=True)
+    got = backbone_grad(grad == "full", freeze_mtp_terms=False)
+    same = all((a is None and b is None) or torch.allclose(a, b, atol=1e-7)
+               for a, b in zip(ref, got))
+    assert same == (grad == "detach")
