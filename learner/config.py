@@ -241,10 +241,21 @@ class AlgorithmConfig(_Strict):
     entropy_coef: float = Field(
         0.0, ge=0.0, description="Entropy bonus coefficient (main head); 0 = off (DAPO, OCC)."
     )
-    advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
-    dapo: DAPOConfig = Field(default_factory=DAPOConfig)
-    ctpo: CTPOConfig = Field(default_factory=CTPOConfig)
-    decoupled: DecoupledConfig = Field(default_factory=DecoupledConfig)
+    advantage: AdvantageConfig = Field(
+        default_factory=AdvantageConfig,
+        description="Group-relative advantages (GRPO / Dr. GRPO) and the optional k3 KL penalty.",
+    )
+    dapo: DAPOConfig = Field(
+        default_factory=DAPOConfig,
+        description="Dynamic sampling and overlong shaping (DAPO; usable with any algorithm).",
+    )
+    ctpo: CTPOConfig = Field(
+        default_factory=CTPOConfig, description="CTPO's clip parameters (used by algorithm='ctpo')."
+    )
+    decoupled: DecoupledConfig = Field(
+        default_factory=DecoupledConfig,
+        description="Off-policy correction of stale samples against vLLM's behaviour log-probs.",
+    )
     mpo: MPOConfig | None = Field(
         None,
         description="Multi-token block ratio (MPO). None = token-level ratio. Only with "
@@ -268,7 +279,11 @@ class AlgorithmConfig(_Strict):
         description="How many MTP modules (1..n) the regime trains. None = all the checkpoint has. "
         "vLLM drafts with module 1; modules 2..n matter for MPO.",
     )
-    occ: OCCConfig = Field(default_factory=OCCConfig)
+    occ: OCCConfig = Field(
+        default_factory=OCCConfig,
+        description="λ of the MTP loss: OCC's estimator (regime 'occ') and the fixed λ of "
+        "'ce'/'policy'/'detach'.",
+    )
 
     # --- optimisation ---------------------------------------------------------------------------
     lr: float = Field(1e-6, gt=0, description="AdamW learning rate (OCC/veRL: 1e-6).")

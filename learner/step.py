@@ -25,6 +25,10 @@ the gradients), and reading staleness limits (the run controller drops too-stale
 
 Determinism: given the same model state, batch and config, the update is bit-for-bit repeatable
 on CPU (no dropout in the policy; the only randomness is the seeded mini-batch shuffle).
+
+OCC on-policy: the first mini-batch of an update sees π_θ = π_old, so δ_RL ≈ 0 and λ ≈ 0 (exactly
+0 when the micro-batch matches the π_old pass's; otherwise float noise of ~1e-7). With
+`mini_batches=1, epochs=1` OCC therefore never trains the heads; use ≥ 2 mini-batches or epochs.
 """
 
 from __future__ import annotations
