@@ -295,10 +295,11 @@ class AlgorithmConfig(_Strict):
     )
     epochs: int = Field(1, ge=1, description="PPO epochs: passes over the batch per update.")
     mini_batches: int = Field(
-        1,
+        4,
         ge=1,
         description="Optimiser steps per epoch; the batch's samples are split into this many "
-        "mini-batches (1 = fully on-policy single step).",
+        "mini-batches (veRL's default ratio, 1024/256 = 4). 1 = a single fully on-policy step, "
+        "where π_θ = π_old throughout, so every ratio is 1 and OCC's λ is 0.",
     )
     micro_batch_size: int = Field(
         4,
@@ -356,6 +357,12 @@ class AlgorithmConfig(_Strict):
             raise ValueError(
                 f"dapo.overlong_cache_len={self.dapo.overlong_cache_len} must be smaller than "
                 f"dapo.overlong_max_len={self.dapo.overlong_max_len}"
+            )
+        if self.mtp_regime == "occ" and self.epochs * self.mini_batches == 1:
+            raise ValueError(
+                f"mtp_regime='occ' with epochs={self.epochs} and mini_batches={self.mini_batches}: "
+                "with one optimiser step per update π_θ = π_old, so δ_RL = 0 and OCC's λ is always "
+                "0 (the MTP heads never train); use mini_batches >= 2 or epochs >= 2"
             )
         if self.algorithm == "gspo" and self.aggregation != "seq-mean-token-mean":
             # GSPO's ratio is per sequence; token-mean would re-weight sequences by length.

@@ -43,6 +43,7 @@ def test_mpo_grad_follows_the_regime_and_conflicts_name_the_values():
     {"occ": {"estimator": "mine"}}, {"unknown_field": 1},
     {"dapo": {"overlong_max_len": 100, "overlong_cache_len": 100}},
     {"algorithm": "gspo", "aggregation": "token-mean"},
+    {"mtp_regime": "occ", "mini_batches": 1, "epochs": 1},
 ])
 def test_invalid_values_are_rejected(bad):
     with pytest.raises(ValidationError):

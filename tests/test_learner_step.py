@@ -138,12 +138,17 @@ def test_metrics_cover_the_design_list_and_are_finite():
     assert all(math.isfinite(v) for v in m.values())
 
 
-def test_on_policy_first_step_has_unit_ratio_and_no_clipping():
-    m = Learner(_model(), AlgorithmConfig(lr=1e-2, mtp_regime="occ")).step(_batch())
+def test_on_policy_single_step_has_unit_ratio_and_no_clipping():
+    m = Learner(_model(), AlgorithmConfig(lr=1e-2, mtp_regime="detach", mini_batches=1)).step(_batch())
     assert m["ratio/token_mean"] == pytest.approx(1.0, abs=1e-6)
     assert m["ratio/token_var"] == pytest.approx(0.0, abs=1e-10)
     assert m["ratio/clip_frac"] == 0.0
-    assert m["mtp/lambda/head1"] == pytest.approx(0.0, abs=1e-6)  # δ_RL = 0 on-policy
+
+
+def test_later_mini_batches_see_moved_ratios_and_nonzero_lambda():
+    m = Learner(_model(), AlgorithmConfig(lr=1e-2, mtp_regime="occ", mini_batches=4)).step(_batch())
+    assert m["ratio/token_var"] > 0 and m["ratio/approx_kl"] > 0
+    assert abs(m["mtp/lambda/head1"]) > 1e-4
 
 
 def test_stats_mean_and_variance_on_constructed_inputs():
@@ -190,7 +195,7 @@ def test_all_masked_samples_are_dropped_and_counted_without_nan():
     m = Learner(_model(), AlgorithmConfig(lr=1e-2, mtp_regime="occ",
                                           aggregation="seq-mean-token-mean")).step(b)
     assert m["batch/samples_dropped_empty"] == 2 and m["batch/samples"] == 6
-    assert m["optim/steps"] == 1 and all(math.isfinite(v) for v in m.values())
+    assert m["optim/steps"] == 4 and all(math.isfinite(v) for v in m.values())
 
 
 def test_batch_with_nothing_to_learn_is_skipped_and_counted():
