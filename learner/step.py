@@ -176,6 +176,8 @@ class Learner:
         out = self.model.token_logprobs(
             b.input_ids[:, :width], b.attention_mask[:, :width], num_mtp=num_mtp,
             mtp_backbone_grad=backbone_grad, with_entropy=entropy,
+            # The bonus needs a differentiable entropy; as a metric it stays gradient-free.
+            entropy_grad=entropy and self.cfg.entropy_coef > 0,
         )
         return out, width
 
@@ -298,10 +300,6 @@ class Learner:
             st.add("policy/kl_ref", kl_k3(logp.detach(), b.ref_logprobs[:, :w].float())[resp].mean(),
                    n_tok)
         if cfg.entropy_coef > 0:
-            if out.entropy is None or not out.entropy.requires_grad:
-                raise NotImplementedError(
-                    f"entropy_coef={cfg.entropy_coef} needs the model's entropy with gradient, but "
-                    "learner.model returns it detached; set entropy_coef=0 (DAPO/OCC use 0)")
             ent = aggregate(out.entropy, resp, cfg.aggregation, norm)
             total = total - cfg.entropy_coef * ent
             part("loss/entropy", ent.detach())

@@ -250,3 +250,15 @@ def test_thirty_updates_raise_a_toy_reward(name, cfg):
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     print(name, first, last)
     assert last > first + 0.2, (name, first, last)
+
+
+def test_entropy_bonus_raises_entropy_when_rewards_carry_no_signal():
+    """With equal rewards the advantages vanish, so only the bonus −c_H·H moves the policy."""
+    b = _batch(ragged=False)
+    b = TrainBatch(b.input_ids, b.attention_mask, b.response_mask, torch.ones(len(b.rewards)), b.group_ids,
+                   policy_versions=b.policy_versions)
+    learner = Learner(_model(), AlgorithmConfig(lr=1e-2, mtp_regime="none", entropy_coef=1.0))
+    first = learner.step(b)["policy/entropy"]
+    for _ in range(4):
+        last = learner.step(b)["policy/entropy"]
+    assert last > first + 1e-3, (first, last)
