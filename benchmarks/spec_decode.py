@@ -10,7 +10,9 @@ with the same sampling settings (temperature 1.0 as in RL rollouts, fixed ``max_
 respected, per-request seeds); the configurations are timed round-robin (n = 0, 1, 2 for one batch
 size, then again), so a burst of load from other jobs on the shared cores hits them alike, and the
 median tokens/s over the repeats is reported. Tokens/s counts generated tokens over the wall time
-of the whole `generate` call (prefill included).
+of the whole `generate` call (prefill included); tokens per CPU-second of the process is reported
+next to it (``tokens_per_cpu_s``, ``cpu_speedup``): with one engine thread it is the work per token,
+far less sensitive than wall time to other jobs' bursts on shared cores.
 
 Diagnostics printed with the table: acceptance at temperature 0 (greedy) next to temperature 1,
 the cost of one engine step with drafting relative to one without
@@ -54,9 +56,14 @@ def prompts_for(tokenizer, n: int, seed: int) -> list[str]:
     return [it.prompt for it in reasoning_gym_items("basic_arithmetic", seed=seed, size=n, tokenizer=tokenizer)]
 
 
-def run_once(engine: RolloutEngine, prompts, sampling) -> tuple[float, SpecStats, int]:
+def run_once(engine: RolloutEngine, prompts, sampling) -> tuple[float, SpecStats, int, float]:
+    """Wall-clock tokens/s, spec counters, generated tokens, and tokens per CPU-second of this
+    process (the engine runs in-process on --threads threads: CPU time is the work done, which
+    other jobs' bursts on the shared cores inflate far less than wall time)."""
+    c0 = time.process_time()
     batch = engine.generate(prompts, sampling)
-    return batch.tokens_per_s, batch.spec, batch.num_generated_tokens
+    cpu = time.process_time() - c0
+    return batch.tokens_per_s, batch.spec, batch.num_generated_tokens, batch.num_generated_tokens / cpu if cpu > 0 else 0.0
 
 
 def set_threads(n: int) -> None:
@@ -104,32 +111,39 @@ def main() -> None:
         e.generate(prompts[:2], sampling(2))
 
     rates: dict[tuple[int, int], list[float]] = {}
+    cpu_rates: dict[tuple[int, int], list[float]] = {}
     spec: dict[tuple[int, int], SpecStats] = {}
     tokens: dict[tuple[int, int], int] = {}
     for b in batch_sizes:
         for r in range(args.repeats):
             for n in ns:
-                tps, s, ntok = run_once(engines[n], prompts[:b], sampling(b))
+                tps, s, ntok, cps = run_once(engines[n], prompts[:b], sampling(b))
                 rates.setdefault((n, b), []).append(tps)
+                cpu_rates.setdefault((n, b), []).append(cps)
                 spec[(n, b)] = spec[(n, b)] + s if (n, b) in spec else s
                 tokens[(n, b)] = tokens.get((n, b), 0) + ntok
-                print(f"batch {b:>2} n={n} repeat {r}: {tps:7.1f} tok/s  acceptance {s.acceptance_rate:.3f}", flush=True)
+                print(f"batch {b:>2} n={n} repeat {r}: {tps:7.1f} tok/s {cps:7.1f} tok/cpu-s  acceptance {s.acceptance_rate:.3f}", flush=True)
 
     table = []
     for b in batch_sizes:
         base = statistics.median(rates[(0, b)]) if (0, b) in rates else None
+        cbase = statistics.median(cpu_rates[(0, b)]) if (0, b) in rates else None
         for n in ns:
             tps = statistics.median(rates[(n, b)])
+            cps = statistics.median(cpu_rates[(n, b)])
             s = spec[(n, b)]
             row = {
                 "batch": b,
                 "n": n,
                 "tokens_per_s": round(tps, 1),
                 "speedup_vs_n0": round(tps / base, 3) if base else None,
+                "tokens_per_cpu_s": round(cps, 1),
+                "cpu_speedup_vs_n0": round(cps / cbase, 3) if cbase else None,
                 "acceptance_rate": round(s.acceptance_rate, 3),
                 "mean_acceptance_length": round(s.mean_acceptance_length, 3),
                 "accepted_per_position": [round(a / s.num_drafts, 3) for a in s.accepted_per_pos] if s.num_drafts else [],
                 "step_cost_ratio": round(base * s.mean_acceptance_length / tps, 3) if base and n else None,
+                "cpu_step_cost_ratio": round(cbase * s.mean_acceptance_length / cps, 3) if cbase and n else None,
                 "mean_response_tokens": round(tokens[(n, b)] / (b * args.repeats), 1),
             }
             table.append(row)
@@ -137,7 +151,7 @@ def main() -> None:
 
     diag: dict = {}
     if not args.no_diagnostics and 1 in engines and 8 in batch_sizes:
-        greedy = [run_once(engines[1], prompts[:8], sampling(8, 0.0))[1] for _ in range(1)]
+        greedy = [run_once(engines[1], prompts[:8], sampling(8, 0.0))[1] for _ in range(1)]  # noqa: F841
         g = greedy[0]
         diag["greedy_b8_n1"] = {"acceptance_rate": round(g.acceptance_rate, 3), "mean_acceptance_length": round(g.mean_acceptance_length, 3)}
         threads: dict[str, list[float]] = {}
@@ -146,7 +160,7 @@ def main() -> None:
                 set_threads(t)
                 for n in (0, 1):
                     if n in engines:
-                        threads.setdefault(f"threads{t}_n{n}", []).append(run_once(engines[n], prompts[:8], sampling(8))[0])
+                        threads.setdefault(f"threads{t}_n{n}", []).append(run_once(engines[n], prompts[:8], sampling(8))[0])  # wall
         set_threads(default_threads)
         diag["threads_b8_tokens_per_s"] = {k: round(statistics.median(v), 1) for k, v in threads.items()}
         diag["default_threads"] = default_threads
@@ -158,6 +172,7 @@ def main() -> None:
     ref = pick(1, 8) if (1, 8) in rates else table[0]
     result = {
         "speedup": pick(1, 8)["speedup_vs_n0"] if (1, 8) in rates and (0, 8) in rates else None,
+        "cpu_speedup": pick(1, 8)["cpu_speedup_vs_n0"] if (1, 8) in rates and (0, 8) in rates else None,
         "acceptance_rate": ref["acceptance_rate"],
         "mean_acceptance_length": ref["mean_acceptance_length"],
         "model": args.model,
