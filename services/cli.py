@@ -14,15 +14,13 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="mtprl: RL po
 
 
 def _mount() -> None:
-    from services import cli_demo, cli_model
+    from services import cli_demo, cli_model, cli_runs, cli_serve, cli_verify
 
     app.add_typer(cli_model.app, name="model")
-    app.command("demo")(cli_demo.demo)
-    try:
-        from services import cli_verify
-    except ImportError:  # reward CLI not present in this checkout yet
-        return
     app.add_typer(cli_verify.app, name="verify")
+    app.add_typer(cli_runs.app, name="runs")
+    app.add_typer(cli_serve.app, name="serve")
+    app.command("demo")(cli_demo.demo)
 
 
 def main() -> None:
