@@ -18,8 +18,8 @@ import typer
 def demo(
     models_dir: Annotated[Path, typer.Option(help="Where checkpoints are cached.")] = Path(".cache/models"),
     runs_dir: Annotated[Path, typer.Option(help="Where the demo writes its summary.")] = Path("runs"),
-    train_prompts: Annotated[int, typer.Option(help="Prompts answered for warm-up text.")] = 96,
-    epochs: Annotated[int, typer.Option(help="Warm-up epochs.")] = 3,
+    train_prompts: Annotated[int, typer.Option(help="Prompts answered for warm-up text.")] = 48,
+    epochs: Annotated[int, typer.Option(help="Warm-up epochs.")] = 10,
 ) -> None:
     """Import SmolLM2 + MTP head, warm the head up, generate with MTP drafting; print acceptance."""
     from learner.checkpoint import read_config
@@ -36,7 +36,7 @@ def demo(
         typer.echo("[1/3] importing SmolLM2-135M-Instruct into the MiMo layout with 1 MTP head ...")
         import_smollm2(base, mtp_layers=1)
     typer.echo("[2/3] warming up the MTP head on the model's own answers (backbone frozen) ...")
-    cfg = SelfDistillConfig(train_prompts=train_prompts, warmup=WarmupConfig(epochs=epochs, batch_size=8, lr=1e-3))
+    cfg = SelfDistillConfig(train_prompts=train_prompts, warmup=WarmupConfig(loss="distill", epochs=epochs, batch_size=8, lr=3e-3))
     result = run_self_distill(base, models_dir / "smollm2-mtp1-warm", cfg, log=lambda m: typer.echo(f"      {m}"))
     typer.echo("[3/3] a few answers generated with MTP speculative decoding:")
     for ex in result["examples"]:

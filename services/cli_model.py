@@ -57,8 +57,8 @@ def warmup_cmd(
     model: Annotated[Path, typer.Option(help="Checkpoint to start from.")],
     out: Annotated[Path, typer.Option(help="Where to write the warmed-up checkpoint.")],
     task: Annotated[str, typer.Option(help="reasoning-gym task whose prompts are answered.")] = "basic_arithmetic",
-    train_prompts: Annotated[int, typer.Option()] = 96,
-    epochs: Annotated[int, typer.Option()] = 3,
+    train_prompts: Annotated[int, typer.Option()] = 48,
+    epochs: Annotated[int, typer.Option()] = 10,
     report: Annotated[Path | None, typer.Option(help="Write the measurements as JSON here.")] = None,
 ) -> None:
     """Train the MTP heads on the model's own answers (backbone frozen); print acceptance before/after."""
@@ -70,7 +70,7 @@ def warmup_cmd(
         read_config(model)
     except CheckpointError as e:
         _fail(str(e))
-    cfg = SelfDistillConfig(task=task, train_prompts=train_prompts, warmup=WarmupConfig(epochs=epochs, batch_size=8, lr=1e-3))
+    cfg = SelfDistillConfig(task=task, train_prompts=train_prompts, warmup=WarmupConfig(loss="distill", epochs=epochs, batch_size=8, lr=3e-3))
     result = run_self_distill(model, out, cfg)
     if report:
         report.parent.mkdir(parents=True, exist_ok=True)
