@@ -13,21 +13,12 @@ import pytest
 import torch
 
 from learner.checkpoint import iter_export_tensors, load_policy
+from parity import max_logprob_error
 from rollout.group import EngineGroup
 
 pytestmark = pytest.mark.integration
 
 PROMPTS = [[1, 40 + i, 70 + 3 * i, 120 + i, 9, 200 - i] for i in range(6)]
-
-
-def _max_logprob_error(policy, batch) -> float:
-    err = 0.0
-    for s in batch.samples:
-        ids = torch.tensor([s.prompt_token_ids + s.token_ids])
-        with torch.no_grad():
-            ours = policy.token_logprobs(ids, num_mtp=0).logprobs[0, 0, len(s.prompt_token_ids) :]
-        err = max(err, (ours - torch.tensor(s.logprobs)).abs().max().item())
-    return err
 
 
 def _kill(ray, group) -> str:
@@ -70,7 +61,7 @@ def test_dead_engine_comes_back_with_the_latest_weights(ray_session, tiny_ckpt):
         time.sleep(1.0)
         batch = group.generate(PROMPTS, {"n": 2, "temperature": 1.0, "max_tokens": 24, "seed": 3})
         assert batch.engine_id != old and {s.policy_version for s in batch.samples} == {1}
-        assert _max_logprob_error(policy, batch) <= 1e-3
-        assert _max_logprob_error(load_policy(tiny_ckpt), batch) > 1e-2  # not the on-disk weights
+        assert max_logprob_error(policy, batch) <= 1e-3
+        assert max_logprob_error(load_policy(tiny_ckpt), batch) > 1e-2  # not the on-disk weights
     finally:
         group.kill()

@@ -11,6 +11,7 @@ import torch
 
 from learner.checkpoint import iter_export_tensors, load_policy
 from learner.warmup import WarmupConfig, warmup_mtp
+from parity import max_logprob_error
 from rollout.actor import create_engine_actor
 
 pytestmark = pytest.mark.integration
@@ -27,16 +28,6 @@ def engines(ray_session, tiny_ckpt):
     yield spec, plain
     for a in (spec, plain):
         ray_session.kill(a)
-
-
-def _learner_logprobs(policy, sample) -> torch.Tensor:
-    ids = torch.tensor([sample.prompt_token_ids + sample.token_ids])
-    with torch.no_grad():
-        return policy.token_logprobs(ids, num_mtp=0).logprobs[0, 0, len(sample.prompt_token_ids) :]
-
-
-def _max_logprob_error(policy, batch) -> float:
-    return max((_learner_logprobs(policy, s) - torch.tensor(s.logprobs)).abs().max().item() for s in batch.samples)
 
 
 def _drafter_vs_learner(ray, engine, policy, prompt) -> float:
@@ -59,7 +50,7 @@ def test_vllm_logprobs_equal_the_learners(ray_session, engines, tiny_ckpt):
     batch = ray_session.get(spec.generate.remote(PROMPTS, {"n": 2, "temperature": 1.0, "max_tokens": 24, "seed": 7}))
     assert len(batch.samples) == 12 and all(s.policy_version == 0 for s in batch.samples)
     assert all(len(s.logprobs) == len(s.token_ids) > 0 for s in batch.samples)
-    err = _max_logprob_error(load_policy(tiny_ckpt), batch)
+    err = max_logprob_error(load_policy(tiny_ckpt), batch)
     print(f"tiny vLLM vs learner max |Δlogprob| = {err:.2e}")
     assert err <= 1e-3
 
@@ -101,8 +92,8 @@ def test_weight_update_reaches_target_and_drafter(ray_session, engines, tiny_ckp
         assert seconds > 0
         batch = ray_session.get(spec.generate.remote(PROMPTS, {"n": 1, "temperature": 1.0, "max_tokens": 16, "seed": 3}))
         assert all(s.policy_version == 1 for s in batch.samples)
-        assert _max_logprob_error(policy, batch) <= 1e-3
-        assert _max_logprob_error(load_policy(tiny_ckpt), batch) > 1e-2  # really the new weights
+        assert max_logprob_error(policy, batch) <= 1e-3
+        assert max_logprob_error(load_policy(tiny_ckpt), batch) > 1e-2  # really the new weights
         assert _drafter_vs_learner(ray_session, spec, policy, PROMPTS[0]) <= 1e-3
     finally:
         ray_session.get(spec.update_weights.remote(0, original))
