@@ -1,0 +1,39 @@
+"""`mtprl model ...` on bad input: one clear error that says what to do, and nothing left behind."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from services.cli import _mount, app
+
+_mount()
+runner = CliRunner()
+
+
+def test_import_rejects_mtp_layers_out_of_range(tmp_path):
+    res = runner.invoke(app, ["model", "import-smollm2", "--out", str(tmp_path / "m"), "--mtp-layers", "7"])
+    assert res.exit_code == 2
+    assert "1..4" in res.output
+    assert not (tmp_path / "m").exists()
+
+
+def test_import_with_a_missing_gguf_says_what_to_pass(tmp_path):
+    res = runner.invoke(app, ["model", "import-smollm2", "--out", str(tmp_path / "m"), "--gguf", str(tmp_path / "nope.gguf")])
+    assert res.exit_code == 2
+    assert "not found" in res.output and "SmolLM2-135M-Instruct.Q4_1.gguf" in res.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tiny_writes_a_mimo_checkpoint_and_warmup_refuses_a_bad_one(tmp_path):
+    res = runner.invoke(app, ["model", "tiny", "--out", str(tmp_path / "t"), "--mtp-layers", "1"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert cfg["architectures"] == ["MiMoForCausalLM"] and cfg["num_nextn_predict_layers"] == 1
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    (tmp_path / "t" / "config.json").write_text(json.dumps(cfg))
+    res = runner.invoke(app, ["model", "warmup", "--model", str(tmp_path / "t"), "--out", str(tmp_path / "w")])
+    assert res.exit_code == 2
+    assert "MiMoForCausalLM" in res.output
+    assert not (tmp_path / "w").exists()
