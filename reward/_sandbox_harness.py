@@ -131,8 +131,11 @@ def _enter_child(job, keep):
     for res, val in ((resource.RLIMIT_CPU, lim["cpu"]), (resource.RLIMIT_AS, lim["as"]),
                      (resource.RLIMIT_FSIZE, lim["fsize"]), (resource.RLIMIT_NOFILE, lim["nofile"]),
                      (resource.RLIMIT_NPROC, lim["nproc"]), (resource.RLIMIT_CORE, 0)):
+        # CPU: a soft limit below the hard one, so the kernel sends SIGXCPU (graded as the CPU-time
+        # limit) rather than an anonymous SIGKILL that would read as an early exit.
+        hard = val + 1 if res == resource.RLIMIT_CPU else val
         try:
-            resource.setrlimit(res, (val, val))
+            resource.setrlimit(res, (val, hard))
         except (ValueError, OSError):
             if res != resource.RLIMIT_NPROC:
                 raise
