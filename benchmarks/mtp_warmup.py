@@ -29,7 +29,7 @@ def main() -> None:
     from learner.warmup import WarmupConfig, warmup_mtp
     from rollout.config import SamplingConfig
     from rollout.engine import RolloutEngine
-    from services.self_distill import _prompts
+    from services.self_distill import HELDOUT_SEED_OFFSET, task_prompts
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=".cache/models/smollm2-mtp1")
@@ -41,11 +41,11 @@ def main() -> None:
 
     engine = RolloutEngine({"model": args.model, "num_speculative_tokens": 1, "kv_cache_gib": 1.0,
                             "max_model_len": 768, "max_num_seqs": 64})
-    held = _prompts("basic_arithmetic", args.heldout_prompts, 10_000, engine.tokenizer)
+    held = task_prompts("basic_arithmetic", args.heldout_prompts, HELDOUT_SEED_OFFSET, engine.tokenizer)
     if args.data_cache and os.path.exists(args.data_cache):
         seqs = json.load(open(args.data_cache))
     else:
-        train = _prompts("basic_arithmetic", args.train_prompts, 0, engine.tokenizer)
+        train = task_prompts("basic_arithmetic", args.train_prompts, 0, engine.tokenizer)
         data = engine.generate(train, SamplingConfig(n=1, temperature=0.7, max_tokens=160, seed=0))
         seqs = [s.prompt_token_ids + s.token_ids for s in data.samples]
         if args.data_cache:

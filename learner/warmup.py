@@ -102,23 +102,25 @@ def warmup_loss(model: PolicyModel, h: torch.Tensor, ids: torch.Tensor, mask: to
     return loss
 
 
-class _HiddenCache:
-    """Backbone hidden states of each batch, computed once (the backbone is frozen)."""
+Cached = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (hidden, ids, mask) per batch
 
-    def __init__(self, model: PolicyModel, batches: list[list[list[int]]], pad_id: int, desc: str, progress: bool):
-        self.items = []
-        with torch.no_grad():
-            for b in tqdm(batches, desc=desc, disable=not progress, leave=False):
-                ids, mask = _pad(b, pad_id)
-                self.items.append((model.backbone_hidden(ids), ids, mask))
+
+def _hidden_cache(model: PolicyModel, batches: list[list[list[int]]], pad_id: int, desc: str, progress: bool) -> Cached:
+    """Backbone hidden states of each batch, computed once (the backbone is frozen)."""
+    items = []
+    with torch.no_grad():
+        for b in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            ids, mask = _pad(b, pad_id)
+            items.append((model.backbone_hidden(ids), ids, mask))
+    return items
 
 
 @torch.no_grad()
-def heldout_ce(model: PolicyModel, cache: _HiddenCache) -> float:
-    if not cache.items:
+def heldout_ce(model: PolicyModel, cache: Cached) -> float:
+    if not cache:
         return float("nan")
     total, n = 0.0, 0
-    for h, ids, mask in cache.items:
+    for h, ids, mask in cache:
         total += mtp_cross_entropy(model, h, ids, mask).item() * len(ids)
         n += len(ids)
     return total / n
@@ -157,7 +159,7 @@ def warmup_mtp(
     total_steps = cfg.epochs * len(batches)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
 
-    held_cache = _HiddenCache(model, held_batches, pad_id, "hidden states (held-out)", progress)
+    held_cache = _hidden_cache(model, held_batches, pad_id, "hidden states (held-out)", progress)
     before = heldout_ce(model, held_cache)
     step, losses = 0, []
     state_path = Path(state_dir) / STATE_FILE if state_dir else None
@@ -169,7 +171,7 @@ def warmup_mtp(
         step, losses, before = state["step"], state["losses"], state["heldout_ce_before"]
         torch.set_rng_state(state["torch_rng"])
 
-    train_cache = _HiddenCache(model, batches, pad_id, "hidden states (train)", progress)
+    train_cache = _hidden_cache(model, batches, pad_id, "hidden states (train)", progress)
     order_rng = random.Random(cfg.seed + 1)
     orders = []
     for _ in range(cfg.epochs):
@@ -180,7 +182,7 @@ def warmup_mtp(
     try:
         stop_at = total_steps if max_steps is None else min(total_steps, step + max_steps)
         while step < stop_at:
-            h, ids, mask = train_cache.items[orders[step]]
+            h, ids, mask = train_cache[orders[step]]
             loss = warmup_loss(model, h, ids, mask, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()

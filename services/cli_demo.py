@@ -24,7 +24,6 @@ def demo(
     """Import SmolLM2 + MTP head, warm the head up, generate with MTP drafting; print acceptance."""
     from learner.checkpoint import read_config
     from learner.convert import import_smollm2
-    from learner.warmup import WarmupConfig
     from services.self_distill import SelfDistillConfig, run_self_distill
 
     t0 = time.perf_counter()
@@ -36,7 +35,8 @@ def demo(
         typer.echo("[1/3] importing SmolLM2-135M-Instruct into the MiMo layout with 1 MTP head ...")
         import_smollm2(base, mtp_layers=1)
     typer.echo("[2/3] warming up the MTP head on the model's own answers (backbone frozen) ...")
-    cfg = SelfDistillConfig(train_prompts=train_prompts, warmup=WarmupConfig(loss="distill", epochs=epochs, batch_size=8, lr=3e-3))
+    cfg = SelfDistillConfig(train_prompts=train_prompts)
+    cfg.warmup.epochs = epochs
     result = run_self_distill(base, models_dir / "smollm2-mtp1-warm", cfg, log=lambda m: typer.echo(f"      {m}"))
     typer.echo("[3/3] a few answers generated with MTP speculative decoding:")
     for ex in result["examples"]:

@@ -63,14 +63,14 @@ def warmup_cmd(
 ) -> None:
     """Train the MTP heads on the model's own answers (backbone frozen); print acceptance before/after."""
     from learner.checkpoint import CheckpointError, read_config
-    from learner.warmup import WarmupConfig
     from services.self_distill import SelfDistillConfig, run_self_distill
 
     try:
         read_config(model)
     except CheckpointError as e:
         _fail(str(e))
-    cfg = SelfDistillConfig(task=task, train_prompts=train_prompts, warmup=WarmupConfig(loss="distill", epochs=epochs, batch_size=8, lr=3e-3))
+    cfg = SelfDistillConfig(task=task, train_prompts=train_prompts)
+    cfg.warmup.epochs = epochs
     result = run_self_distill(model, out, cfg)
     if report:
         report.parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,11 @@ class SelfDistillConfig(BaseModel):
     engine: dict = Field(default_factory=lambda: {"kv_cache_gib": 1.0, "max_model_len": 768, "max_num_seqs": 64})
 
 
-def _prompts(task: str, n: int, seed: int, tokenizer) -> list[str]:
+# Held-out prompts come from a seed range the training prompts never use.
+HELDOUT_SEED_OFFSET = 10_000
+
+
+def task_prompts(task: str, n: int, seed: int, tokenizer) -> list[str]:
     from reward.datasets import reasoning_gym_items
 
     return [it.prompt for it in reasoning_gym_items(task, seed=seed, size=n, tokenizer=tokenizer)]
@@ -49,8 +53,8 @@ def run_self_distill(model_dir: str | Path, out_dir: str | Path, cfg: SelfDistil
     t_start = time.perf_counter()
     engine = RolloutEngine(EngineConfig(model=str(model_dir), num_speculative_tokens=1, seed=cfg.seed, **cfg.engine))
     log(f"engine up in {engine.startup_seconds:.1f}s (vLLM, MTP drafting with 1 speculative token)")
-    held = _prompts(cfg.task, cfg.heldout_prompts, cfg.seed + 10_000, engine.tokenizer)
-    train = _prompts(cfg.task, cfg.train_prompts, cfg.seed, engine.tokenizer)
+    held = task_prompts(cfg.task, cfg.heldout_prompts, cfg.seed + HELDOUT_SEED_OFFSET, engine.tokenizer)
+    train = task_prompts(cfg.task, cfg.train_prompts, cfg.seed, engine.tokenizer)
     greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=cfg.max_tokens)
 
     before = engine.generate(held, greedy)
