@@ -42,34 +42,41 @@ def test_actor_matches_main_thread_and_counts_outcomes(reward_ray):
     ray = reward_ray
     from reward.actors import RewardActor
 
-    # Generous deadlines: this test compares verdicts, and a loaded CI machine must not turn them into timeouts.
-    cfg = RewardActorConfig(math=MathConfig(num_workers=2, deadline_s=20.0, inner_timeout_s=10), max_concurrency=2)
-    actor = RewardActor.options(max_concurrency=2).remote(cfg.model_dump())
+    # Two actors: verdicts are compared under generous deadlines (a loaded machine must not turn a
+    # slow case into a timeout), while the adversarial item needs a short one to time out at all
+    # (given 10 s, an idle machine finishes `(10^{100000})!` and grades it "wrong").
+    slow_cfg = RewardActorConfig(math=MathConfig(num_workers=2, deadline_s=20.0, inner_timeout_s=10), max_concurrency=2)
+    fast_cfg = RewardActorConfig(math=MathConfig(num_workers=2, deadline_s=3.0, inner_timeout_s=2), max_concurrency=2)
+    actor = RewardActor.options(max_concurrency=2).remote(slow_cfg.model_dump())
+    strict = RewardActor.options(max_concurrency=2).remote(fast_cfg.model_dump())
     try:
         assert ray.get(actor.on_main_thread.remote()) is False  # threaded actor: methods run off the main thread
         items = [{"kind": "math", "gold": g, "completion": c} for g, c, _ in CASES]
         remote = ray.get(actor.score_group.remote(items))
-        with MathVerifierPool(cfg.math) as pool:
+        with MathVerifierPool(slow_cfg.math) as pool:
             local = pool.verify_batch([(g, c) for g, c, _ in CASES])
         assert [r["outcome"] for r in remote] == [v.outcome for v in local] == [e for _, _, e in CASES]
         assert [r["reward"] for r in remote] == [v.reward for v in local]
+        m = ray.get(actor.metrics.remote())
+        n_ok = sum(e == "ok" for _, _, e in CASES)
+        assert m["reward/math/ok"] == n_ok and m["reward/math/wrong"] == len(CASES) - n_ok
+        assert m["reward/items"] == len(CASES)
+        assert 0 < m["reward/latency_p50_s"] <= m["reward/latency_p95_s"] <= m["reward/latency_max_s"]
 
         code = [{"kind": "code", "gold": ADD, "completion": "```python\ndef add(a, b):\n    return a + b\n```"},
                 {"kind": "code", "gold": ADD, "completion": "def add(a, b):\n    return a * b\n"},
                 {"kind": "math", "gold": "1", "completion": r"\boxed{(10^{100000})!}"}]
-        out = ray.get(actor.score_group.remote(code))
+        out = ray.get(strict.score_group.remote(code))
         assert [o["outcome"] for o in out] == ["ok", "wrong", "timeout"]
-        m = ray.get(actor.metrics.remote())
-        n_ok = sum(e == "ok" for _, _, e in CASES)
-        assert m["reward/math/ok"] == n_ok and m["reward/math/wrong"] == len(CASES) - n_ok
+        m = ray.get(strict.metrics.remote())
         assert m["reward/math/timeout"] == 1 and m["reward/code/ok"] == 1 and m["reward/code/wrong"] == 1
         assert m["reward/math_worker_restarts"] == 0  # math-verify's own alarm fired first: no kill needed
         assert m["reward/sandbox_restarts"] == 0
-        assert m["reward/items"] == len(CASES) + 3
-        assert 0 < m["reward/latency_p50_s"] <= m["reward/latency_p95_s"] <= m["reward/latency_max_s"]
+        assert m["reward/items"] == 3
     finally:
-        ray.get(actor.shutdown.remote())
-        ray.kill(actor)
+        for a in (actor, strict):
+            ray.get(a.shutdown.remote())
+            ray.kill(a)
 
 
 @pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
