@@ -166,7 +166,9 @@ class MPOConfig(_Strict):
     grad: Literal["detach", "full", "occ"] | None = Field(
         None,
         description="Where the MTP terms' gradient goes. `detach`: into the MTP modules only, the "
-        "backbone sees only the main head's term (MPO App. A; needs mtp_regime none|detach). "
+        "backbone sees only the main head's term (MPO App. A; needs mtp_regime none|detach; with "
+        "mtp_regime='detach' the shared LM head is attached for that regime's CE, so the MPO "
+        "terms reach the head too, but never the decoder layers or embedding lookup). "
         "`full`: also into the backbone (study setting; needs a backbone-gradient regime: "
         "ce|policy|occ). `occ`: into the backbone too, with head k's term scaled by OCC's λ_k "
         "(value unchanged, gradient ×λ_k; needs mtp_regime='occ'). None = match mtp_regime "
@@ -265,9 +267,11 @@ class AlgorithmConfig(_Strict):
         "occ",
         description="How the MTP modules are trained during RL (OCC paper §3.2). `none`: not "
         "trained by an auxiliary loss (MPO's own terms may still train them); cheapest. `detach`: "
-        "cross-entropy on the sampled tokens with detached backbone states: heads follow the "
-        "policy, backbone untouched (veRL/slime default). `ce`: the same CE, gradient into the "
-        "backbone with λ = occ.fixed_lambda (degrades RL; for comparison). `policy`: the RL "
+        "cross-entropy on the sampled tokens with detached backbone hidden states and embeddings: "
+        "heads follow the policy, decoder layers and embedding lookup untouched; the shared LM "
+        "head still gets the CE gradient, as in the OCC authors' veRL code (`detach_encoder`; "
+        "with tied embeddings that is the embedding matrix, via its output-layer role). `ce`: "
+        "the same CE, gradient into the backbone with λ = occ.fixed_lambda (degrades RL; for comparison). `policy`: the RL "
         "surrogate on the MTP head's log-probs, fixed λ (rise-then-fall). `occ`: the policy loss "
         "with λ_k = λ₊·ĉ_k/(v̂²_k + ε) per step and head (the project default: keeps the drafter "
         "on-policy without hurting the main policy).",

@@ -14,6 +14,24 @@ MiMo target hands the drafter its pre-norm hidden state and applies the norm onl
 vLLM does), and Block_k is a full Qwen2 decoder layer attending causally over the same positions.
 The embedding and LM head are shared with the backbone.
 
+Gradient routes of the MTP log-probs (``token_logprobs`` flags), as in the OCC authors' veRL code
+(MarkXCloud/RL-MTP ``mtp_patch.py``, ``detach_encoder``: the MTP layer's hidden-state and embedding
+inputs are detached, the shared output layer is not):
+
+- ``mtp_backbone_grad`` — into the backbone *trunk*: its decoder layers (through h⁽⁰⁾) and the
+  embedding lookup (through Emb(x_{p+k})). False is the ``detach`` regime.
+- ``mtp_lm_head_grad`` — into the shared LM head weight. True by default, also under detach (the
+  authors' semantics: MTP cross-entropy trains the shared output layer). With tied embeddings
+  (SmolLM2) the LM head *is* the embedding matrix, so it then receives the MTP loss's gradient
+  through its output-layer role — exactly what Megatron's shared embedding/output weight gets in
+  the authors' code — but never through the lookup. False detaches the head too (MPO App. A:
+  "we do not backpropagate gradients to the backbone"; MPO's heads are per-module copies).
+
+All heads share one LM-head matmul: the main head's and the MTP modules' hidden states are
+concatenated and projected to the vocabulary once (one weight gradient in the backward, not one
+per head); when the MTP rows must not reach the head weight, they take a second matmul against the
+detached weight.
+
 Scope: right-padded batches (every row is tokens then padding); left padding would shift positions
 and is rejected. Packed sequences are not supported.
 """
@@ -86,21 +104,24 @@ class MTPModule(Qwen2DecoderLayer):
 
 
 def _token_logprobs_from_hidden(
-    hidden: torch.Tensor,  # (B, T, H)
+    hidden: torch.Tensor,  # (N, T, H): N = heads × B rows, stacked head-major
     head_weight: torch.Tensor,  # (V, H)
-    targets: torch.Tensor,  # (B, T)
-    with_entropy: bool = False,
+    targets: torch.Tensor,  # (N, T)
+    entropy_rows: int = 0,
     entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    logits = F.linear(hidden, head_weight).float()  # (B, T, V)
-    lse = torch.logsumexp(logits, dim=-1)  # (B, T)
-    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse  # (B, T)
+    """Log-probs of ``targets`` (N, T) from one vocabulary projection, and the entropy (R, T) of
+    the first ``entropy_rows`` rows (the main head's), or None."""
+    logits = F.linear(hidden, head_weight).float()  # (N, T, V)
+    lse = torch.logsumexp(logits, dim=-1)  # (N, T)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse  # (N, T)
     entropy = None
-    if with_entropy:
-        # A metric by default: keeping the softmax for backward costs a (B, T, V) tensor.
+    if entropy_rows:
+        # A metric by default: keeping the softmax for backward costs an (R, T, V) tensor.
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            probs = torch.softmax(logits, dim=-1)
-            entropy = lse - (probs * logits).sum(-1)  # (B, T)
+            main = logits[:entropy_rows]  # (R, T, V)
+            probs = torch.softmax(main, dim=-1)
+            entropy = lse[:entropy_rows] - (probs * main).sum(-1)  # (R, T)
     return logp, entropy
 
 
@@ -165,11 +186,18 @@ class PolicyModel(nn.Module):
         mtp_backbone_grad: bool = True,
         with_entropy: bool = False,
         entropy_grad: bool = False,
+        mtp_lm_head_grad: bool = True,
     ) -> HeadLogProbs:
         """Log-probs of ``input_ids`` under the main head and the first ``num_mtp`` MTP heads, from
-        one backbone forward. ``mtp_backbone_grad=False`` detaches what the MTP modules read from
-        the backbone (hidden states, embedding table, LM head), so MTP losses leave the backbone's
-        gradients untouched (the "detach" regime). ``entropy_grad`` keeps the main-head entropy
+        one backbone forward and one shared LM-head matmul.
+
+        Gradient routes of the MTP log-probs (the main head's always reaches everything):
+        ``mtp_backbone_grad=False`` detaches what the MTP modules read from the backbone trunk
+        (hidden states h⁽⁰⁾ and the token embeddings), so MTP losses put no gradient on the
+        decoder layers, the final norm or the embedding lookup — the ``detach`` regime.
+        ``mtp_lm_head_grad`` (default True, the OCC authors' semantics, also under detach) lets
+        them reach the shared LM head weight; with tied embeddings that weight is the embedding
+        matrix (see the module docstring). ``entropy_grad`` keeps the main-head entropy
         differentiable (for an entropy bonus); otherwise it is a metric without gradient."""
         num_mtp = self.num_mtp if num_mtp is None else num_mtp
         if not 0 <= num_mtp <= self.num_mtp:
@@ -187,23 +215,37 @@ class PolicyModel(nn.Module):
         if (mask[:, 1:] & ~mask[:, :-1]).any():
             raise ValueError("attention_mask must be right-padded (tokens first, then padding)")
 
-        h = self.backbone_hidden(input_ids)  # (B, T, H)
-        return self.heads_from_hidden(h, input_ids, mask, num_mtp, mtp_backbone_grad, with_entropy, entropy_grad)
+        h, embeds = self._backbone_forward(input_ids)  # (B, T, H) each
+        return self.heads_from_hidden(
+            h, input_ids, mask, num_mtp, mtp_backbone_grad, with_entropy, entropy_grad,
+            mtp_lm_head_grad=mtp_lm_head_grad, embeds=embeds,
+        )
+
+    def _backbone_forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, Emb(x)): the last residual stream before the final norm and the embedding lookup,
+        both (B, T, H). The MTP modules reuse this lookup, so with MTP gradient into the backbone
+        the embedding backward (a vocabulary-sized dense gradient) runs once, not twice."""
+        T = input_ids.shape[1]
+        position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0)  # (1, T)
+        inner = self.backbone.model
+        hidden: list[torch.Tensor] = []
+        embeds: list[torch.Tensor] = []
+        hooks = [
+            inner.norm.register_forward_pre_hook(lambda _m, args: hidden.append(args[0])),
+            inner.embed_tokens.register_forward_hook(lambda _m, _a, out: embeds.append(out)),
+        ]
+        try:
+            inner(input_ids=input_ids, position_ids=position_ids, attention_mask=None)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return hidden[0], embeds[0]
 
     def backbone_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The backbone's last residual stream before the final norm (B, T, H): MTP module 1 reads
         it as is, the main head after the final norm. Causal attention only: with right padding,
         real positions never see padding."""
-        T = input_ids.shape[1]
-        position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0)  # (1, T)
-        inner = self.backbone.model
-        captured: list[torch.Tensor] = []
-        hook = inner.norm.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
-        try:
-            inner(input_ids=input_ids, position_ids=position_ids, attention_mask=None)
-        finally:
-            hook.remove()
-        return captured[0]
+        return self._backbone_forward(input_ids)[0]
 
     def mtp_hidden(
         self,
@@ -211,14 +253,16 @@ class PolicyModel(nn.Module):
         input_ids: torch.Tensor,  # (B, T)
         num_mtp: int,
         mtp_backbone_grad: bool = True,
+        embeds: torch.Tensor | None = None,  # (B, T, H) Emb(input_ids), if already looked up
     ) -> list[torch.Tensor]:
         """Each MTP module's output h⁽ᵏ⁾ₚ (B, T, H), k = 1..num_mtp, aligned by position p: the
         hidden state from which head k predicts x_{p+k+1}. Position p reads Emb(x_{p+k}); positions
         past the end are fed zeros and their outputs are meaningless (causal attention keeps them
-        from leaking back)."""
+        from leaking back). ``mtp_backbone_grad=False`` detaches h and the embeddings."""
         T = input_ids.shape[1]
         inner = self.backbone.model
-        embeds = inner.embed_tokens(input_ids)  # (B, T, H)
+        if embeds is None:
+            embeds = inner.embed_tokens(input_ids)  # (B, T, H)
         position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0)  # (1, T)
         causal = create_causal_mask(
             config=self.config,
@@ -246,31 +290,49 @@ class PolicyModel(nn.Module):
         mtp_backbone_grad: bool = True,
         with_entropy: bool = False,
         entropy_grad: bool = False,
+        mtp_lm_head_grad: bool = True,
+        embeds: torch.Tensor | None = None,  # (B, T, H) the backbone's lookup, to reuse
     ) -> HeadLogProbs:
         """Main-head and MTP-head log-probs from precomputed backbone hidden states (the MTP
-        warm-up caches ``h`` once and trains the heads over several epochs)."""
-        T = input_ids.shape[1]
+        warm-up caches ``h`` once and trains the heads over several epochs). Gradient flags as in
+        `token_logprobs`."""
+        B, T = input_ids.shape
         head_w = self.backbone.lm_head.weight  # (V, H)
         mask = mask.bool()
 
-        # Target token t is predicted from position t-1 by the main head.
-        targets = torch.zeros_like(input_ids)
-        targets[:, :-1] = input_ids[:, 1:]
-        lp0, ent = _token_logprobs_from_hidden(self.backbone.model.norm(h), head_w, targets, with_entropy, entropy_grad)
-        logprobs = [F.pad(lp0[:, :-1], (1, 0))]  # (B, T) aligned by target
-        valid = [F.pad(mask[:, 1:] & mask[:, :-1], (1, 0), value=False)]
-        entropy = F.pad(ent[:, :-1], (1, 0)) if ent is not None else None
-
-        mtp_head_w = head_w if mtp_backbone_grad else head_w.detach()
-        for k, hk in enumerate(self.mtp_hidden(h, input_ids, num_mtp, mtp_backbone_grad), start=1):
+        # Row block k of the stacked heads: its hidden state at position p predicts token p+k+1.
+        hiddens = [self.backbone.model.norm(h)]  # main head reads the final norm
+        hiddens += self.mtp_hidden(h, input_ids, num_mtp, mtp_backbone_grad, embeds)
+        targets = torch.zeros(num_mtp + 1, B, T, dtype=input_ids.dtype, device=input_ids.device)
+        for k in range(num_mtp + 1):  # over heads (≤ 5), never tokens
             n = max(T - k - 1, 0)  # positions whose target lies inside the sequence
-            tgt = torch.zeros_like(input_ids)
-            tgt[:, :n] = input_ids[:, T - n :]
-            lpk, _ = _token_logprobs_from_hidden(hk, mtp_head_w, tgt)  # (B, T) at position p
-            logprobs.append(F.pad(lpk[:, :n], (T - n, 0)))
+            targets[k, :, :n] = input_ids[:, T - n :]
+        targets = targets.flatten(0, 1)  # ((K+1)·B, T)
+
+        # One vocabulary projection for all heads, unless the MTP rows must not reach the head
+        # weight while the main rows do: then a second matmul against the detached weight.
+        split = (
+            num_mtp > 0 and not mtp_lm_head_grad and torch.is_grad_enabled() and head_w.requires_grad
+        )
+        n_ent = B if with_entropy else 0
+        if split:
+            lp_main, ent = _token_logprobs_from_hidden(hiddens[0], head_w, targets[:B], n_ent, entropy_grad)
+            lp_mtp, _ = _token_logprobs_from_hidden(torch.cat(hiddens[1:]), head_w.detach(), targets[B:])
+            lp_all = torch.cat([lp_main, lp_mtp])  # ((K+1)·B, T)
+        else:
+            lp_all, ent = _token_logprobs_from_hidden(torch.cat(hiddens), head_w, targets, n_ent, entropy_grad)
+        lp_all = lp_all.view(num_mtp + 1, B, T)  # (K+1, B, T) at position p
+
+        logprobs, valid = [], []
+        for k in range(num_mtp + 1):  # re-align each head by target token: t = p + k + 1
+            n = max(T - k - 1, 0)
+            logprobs.append(F.pad(lp_all[k, :, :n], (T - n, 0)))  # (B, T)
             vk = torch.zeros_like(mask)
             vk[:, k + 1 :] = mask[:, k + 1 :]
+            if k == 0:  # the main head also needs its input position (t-1) to be a token
+                vk[:, 1:] &= mask[:, :-1]
             valid.append(vk)
+        entropy = F.pad(ent[:, :-1], (1, 0)) if ent is not None else None
         lp = torch.stack(logprobs)  # (H, B, T)
         vd = torch.stack(valid)  # (H, B, T)
         return HeadLogProbs(logprobs=lp.masked_fill(~vd, 0.0), valid=vd, entropy=entropy)

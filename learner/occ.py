@@ -4,8 +4,15 @@ Calibration, OCC paper §3.4, Eq. 13), and the regimes it is compared with (§3.
 Joint loss:  L = L_RL(main) + Σ_k λ_k · L_MTP,k
 
 - `detach`: L_MTP,k = cross-entropy −log π⁽ᵏ⁾(o_t) on the sampled response tokens, computed from
-  *detached* backbone states (the model's `mtp_backbone_grad=False`), λ = `occ.fixed_lambda`:
-  the heads follow the policy, the backbone gets no MTP gradient.
+  *detached* backbone hidden states and token embeddings (the model's `mtp_backbone_grad=False`),
+  λ = `occ.fixed_lambda`: the heads follow the policy, the backbone's decoder layers and embedding
+  lookup get no MTP gradient. The shared LM head stays attached (`mtp_lm_head_grad=True`), as in
+  the authors' veRL code (`mtp_patch.py`, `detach_encoder` detaches only the MTP layer's hidden
+  state and embedding inputs; the output layer's weight gets the MTP cross-entropy's gradient).
+  With tied embeddings (SmolLM2) that weight is the embedding matrix, so it moves under `detach`
+  too — through its output-layer role only, as Megatron's shared embedding/output weight does in
+  the authors' code. So `detach` and `occ` do the same arithmetic; they differ in which loss
+  the MTP heads optimise and whether its gradient continues into the trunk.
 - `ce`: the same cross-entropy with gradient into the backbone, λ = `occ.fixed_lambda` (0.1).
 - `policy`: L_MTP,k = the RL surrogate with head k's log-prob of the token in place of the main
   head's, the ratio taken against the main head's *old* log-prob (as in the authors' code), and
@@ -165,8 +172,16 @@ def mtp_regime_loss(
 
 
 def mtp_backbone_grad(regime: str) -> bool:
-    """Whether the regime's MTP gradient reaches the backbone (the model's forward flag)."""
+    """Whether the regime's MTP gradient reaches the backbone trunk — decoder layers and embedding
+    lookup (the model's `mtp_backbone_grad` flag)."""
     return regime in ("ce", "policy", "occ")
+
+
+def mtp_lm_head_grad(regime: str) -> bool:
+    """Whether the regime's MTP gradient reaches the shared LM head weight (the model's
+    `mtp_lm_head_grad` flag): for every regime with an MTP loss, `detach` included (the authors'
+    semantics, see the module docstring); not for `none`."""
+    return regime in ("detach", "ce", "policy", "occ")
 
 
 __all__ = [
@@ -176,5 +191,6 @@ __all__ = [
     "response_window",
     "mtp_regime_loss",
     "mtp_backbone_grad",
+    "mtp_lm_head_grad",
     "masked_mean",
 ]

@@ -12,7 +12,7 @@ One update, as pseudocode:
     for epoch in epochs:                     (shuffled with a generator seeded by cfg.seed+version)
       for mini-batch in mini_batches:        (one AdamW step each)
         for micro-batch:                     (gradient accumulation; trailing padding trimmed)
-          ONE backbone forward for all heads (model.token_logprobs)
+          ONE backbone forward and ONE LM-head matmul for all heads (model.token_logprobs)
           loss = policy surrogate (token ratio, or MPO block ratio) × decoupled behaviour weight
                + Σ_k λ_k L_MTP,k (regime) + β KL_k3 − c_H entropy
           backward                           (normalised by the mini-batch's denominators, so the
@@ -47,6 +47,7 @@ from learner.mpo import block_log_ratio, block_view, mpo_weights, scale_grad
 from learner.objectives import decoupled_weights, policy_loss
 from learner.occ import (
     mtp_backbone_grad,
+    mtp_lm_head_grad,
     mtp_regime_loss,
     occ_lambda_authors,
     occ_lambda_paper,
@@ -101,9 +102,14 @@ class Learner:
                              1.0 if mpo is None else mpo.decay)  # (K,)
         self.n_train = cfg.trained_mtp_heads(num_mtp)  # heads trained by the MTP regime
         self.n_heads = max(self.k - 1, self.n_train)  # MTP heads in the training forward
+        # MTP gradient routes of the training forward (see learner.model): into the backbone
+        # trunk (regimes ce/policy/occ, mpo.grad full/occ) and into the shared LM head (every
+        # regime with an MTP loss, `detach` included; MPO alone with mpo.grad='detach' keeps the
+        # backbone's head out, as MPO App. A trains only the MTP modules).
         self.backbone_grad = mtp_backbone_grad(cfg.mtp_regime) or (
             self.k > 1 and mpo is not None and mpo.grad in ("full", "occ")
         )
+        self.lm_head_grad = self.backbone_grad or mtp_lm_head_grad(cfg.mtp_regime)
         self.need_lambda = cfg.mtp_regime == "occ" or (
             self.k > 1 and mpo is not None and mpo.grad == "occ"
         )
@@ -171,11 +177,12 @@ class Learner:
         cols = attn.bool().any(0).nonzero()
         return int(cols.max()) + 1 if cols.numel() else 1
 
-    def _forward(self, b: TrainBatch, num_mtp: int, backbone_grad: bool, entropy: bool):
+    def _forward(self, b: TrainBatch, num_mtp: int, backbone_grad: bool, lm_head_grad: bool,
+                 entropy: bool):
         width = self._trim(b.input_ids, b.attention_mask)
         out = self.model.token_logprobs(
             b.input_ids[:, :width], b.attention_mask[:, :width], num_mtp=num_mtp,
-            mtp_backbone_grad=backbone_grad, with_entropy=entropy,
+            mtp_backbone_grad=backbone_grad, mtp_lm_head_grad=lm_head_grad, with_entropy=entropy,
             # The bonus needs a differentiable entropy; as a metric it stays gradient-free.
             entropy_grad=entropy and self.cfg.entropy_coef > 0,
         )
@@ -190,7 +197,7 @@ class Learner:
         ent = torch.zeros(bsz, t)
         for s in range(0, bsz, self.cfg.micro_batch_size):
             idx = torch.arange(s, min(s + self.cfg.micro_batch_size, bsz))
-            out, w = self._forward(b.select(idx), self.k - 1, False, True)
+            out, w = self._forward(b.select(idx), self.k - 1, False, False, True)
             old[:, idx, :w] = out.logprobs[: self.k].float()
             if out.entropy is not None:
                 ent[idx, :w] = out.entropy.float()
@@ -206,7 +213,8 @@ class Learner:
         def part(name: str, value: torch.Tensor) -> None:
             parts[name] = parts.get(name, 0.0) + float(value)
 
-        out, w = self._forward(b, self.n_heads, self.backbone_grad, cfg.entropy_coef > 0)
+        out, w = self._forward(b, self.n_heads, self.backbone_grad, self.lm_head_grad,
+                               cfg.entropy_coef > 0)
         lp, valid = out.logprobs, out.valid  # (H, B, w) each
         resp = b.response_mask[:, :w].bool()  # (B, w)
         if (resp & ~valid[0]).any():

@@ -113,8 +113,9 @@ def test_scale_grad_keeps_value_and_scales_gradient():
 
 @pytest.mark.parametrize("grad", ["detach", "full"])
 def test_mpo_grad_route_decides_whether_mtp_terms_reach_the_backbone(grad):
-    """Real tiny model: under `detach` the block ratio's MTP terms give the backbone exactly the
-    gradient of a loss whose MTP log-probs are constants; under `full` they add to it."""
+    """Real tiny model: under `detach` (with mtp_regime none) the block ratio's MTP terms give the
+    backbone — LM head included — exactly the gradient of a loss whose MTP log-probs are
+    constants (MPO App. A trains only the MTP modules); under `full` they add to it."""
     from learner.tiny import make_tiny_model
 
     model = make_tiny_model(num_mtp=2, seed=0, vocab_size=64, hidden_size=32)
@@ -130,7 +131,8 @@ def test_mpo_grad_route_decides_whether_mtp_terms_reach_the_backbone(grad):
         old = model.token_logprobs(ids, attn, num_mtp=2).logprobs - 0.1
 
     def backbone_grad(mtp_backbone_grad: bool, freeze_mtp_terms: bool):
-        out = model.token_logprobs(ids, attn, num_mtp=2, mtp_backbone_grad=mtp_backbone_grad)
+        out = model.token_logprobs(ids, attn, num_mtp=2, mtp_backbone_grad=mtp_backbone_grad,
+                                   mtp_lm_head_grad=mtp_backbone_grad)
         cur = out.logprobs
         if freeze_mtp_terms:
             cur = torch.cat([cur[:1], cur[1:].detach()])
@@ -139,6 +141,11 @@ def test_mpo_grad_route_decides_whether_mtp_terms_reach_the_backbone(grad):
         loss, _ = policy_loss(block_log_ratio(cb, ob, ok, w), adv, resp, cfg)
         return torch.autograd.grad(loss, list(model.backbone.parameters()), allow_unused=True)
 
+    if grad == "detach":  # the learner's routes for this config: nothing into the backbone
+        from learner.step import Learner
+
+        lrn = Learner(model, cfg)
+        assert (lrn.backbone_grad, lrn.lm_head_grad) == (False, False)
     ref = backbone_grad(True, freeze_mtp_terms=True)
     got = backbone_grad(grad == "full", freeze_mtp_terms=False)
     same = all((a is None and b is None) or torch.allclose(a, b, atol=1e-7)

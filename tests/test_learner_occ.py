@@ -9,6 +9,7 @@ import torch
 from learner.config import AlgorithmConfig
 from learner.occ import (
     mtp_backbone_grad,
+    mtp_lm_head_grad,
     mtp_regime_loss,
     occ_lambda_authors,
     occ_lambda_paper,
@@ -70,8 +71,14 @@ def test_response_window_spans_each_rows_response_start_to_the_widest_response()
 
 
 # ---------------------------------------------------------------------------- gradient routes
-def _setup():
-    model = make_tiny_model(num_mtp=2, seed=0, vocab_size=64, hidden_size=32)
+def _setup(tied=True):
+    def make(tie):
+        return make_tiny_model(num_mtp=2, seed=0, vocab_size=64, hidden_size=32,
+                               tie_word_embeddings=tie)
+
+    model = make(tied)
+    if not tied:  # the same values as the tied model, with a separate head and embedding
+        model.load_state_dict(make(True).state_dict())
     torch.manual_seed(0)
     ids = torch.randint(3, 64, (4, 12))
     attn = torch.ones_like(ids)
@@ -83,23 +90,51 @@ def _setup():
     return model, ids, attn, resp, adv, old
 
 
-@pytest.mark.parametrize("regime", ["detach", "ce", "policy", "occ"])
-def test_mtp_loss_reaches_the_backbone_only_outside_detach(regime):
-    model, ids, attn, resp, adv, old = _setup()
+def _regime_grads(regime, tied):
+    """|grad| of the regime's MTP loss alone, summed per group: trunk (decoder layers + final
+    norm), embedding table, LM head weight, MTP modules."""
+    model, ids, attn, resp, adv, old = _setup(tied)
     cfg = AlgorithmConfig(algorithm="grpo", mtp_regime=regime)
-    out = model.token_logprobs(ids, attn, num_mtp=2, mtp_backbone_grad=mtp_backbone_grad(regime))
+    out = model.token_logprobs(ids, attn, num_mtp=2, mtp_backbone_grad=mtp_backbone_grad(regime),
+                               mtp_lm_head_grad=mtp_lm_head_grad(regime))
     mask = out.valid[1:] & resp
     lam = torch.tensor([0.3, -0.2])  # a nonzero OCC λ, as on a later mini-batch
     loss = mtp_regime_loss(cfg, out.logprobs[1:], mask, old, adv, lam).loss
-    bb = [p for p in model.backbone.parameters()]
-    g_bb = torch.autograd.grad(loss, bb, allow_unused=True, retain_graph=True)
-    bb_norm = sum(float(g.abs().sum()) for g in g_bb if g is not None)
-    g_mtp = torch.autograd.grad(loss, list(model.mtp.parameters()), allow_unused=True)
-    assert sum(float(g.abs().sum()) for g in g_mtp if g is not None) > 0  # heads always learn
+    bb = model.backbone
+    groups = {
+        "layers": [p for n, p in bb.named_parameters() if n.startswith("model.layers.") or
+                   n.startswith("model.norm.")],
+        "embed": [bb.model.embed_tokens.weight],
+        "lm_head": [bb.lm_head.weight],
+        "mtp": list(model.mtp.parameters()),
+    }
+    out = {}
+    for name, ps in groups.items():
+        gs = torch.autograd.grad(loss, ps, allow_unused=True, retain_graph=True)
+        out[name] = sum(float(g.abs().sum()) for g in gs if g is not None)
+    return out
+
+
+@pytest.mark.parametrize("regime", ["detach", "ce", "policy", "occ"])
+def test_mtp_loss_reaches_the_backbone_trunk_only_outside_detach(regime):
+    """Untied head: under `detach` the MTP loss puts zero gradient on the decoder layers and the
+    embeddings, and trains the MTP modules and the shared LM head (the OCC authors' semantics:
+    hidden states and embeddings detached, output layer not); under ce/policy/occ it reaches all."""
+    g = _regime_grads(regime, tied=False)
+    assert g["mtp"] > 0 and g["lm_head"] > 0
     if regime == "detach":
-        assert bb_norm == 0.0
+        assert g["layers"] == 0.0 and g["embed"] == 0.0
     else:
-        assert bb_norm > 0.0
+        assert g["layers"] > 0.0 and g["embed"] > 0.0
+
+
+def test_detach_with_tied_embeddings_reaches_the_shared_matrix_only_as_lm_head():
+    """Tied head (SmolLM2): under `detach` the decoder layers get nothing; the shared embedding/LM
+    matrix gets the MTP loss's output-layer gradient, exactly what the untied model's head gets."""
+    tied, untied = _regime_grads("detach", tied=True), _regime_grads("detach", tied=False)
+    assert tied["layers"] == 0.0
+    assert tied["embed"] == tied["lm_head"] == pytest.approx(untied["lm_head"], rel=1e-5)
+    assert untied["embed"] == 0.0
 
 
 def test_occ_with_zero_lambda_puts_no_gradient_anywhere():

@@ -62,6 +62,20 @@ def test_mpo_k1_or_share0_step_equals_ppo_step(mpo):
     assert not _same(_params(ppo2.model.backbone), _params(m3.model.backbone))
 
 
+@pytest.mark.parametrize("regime,mpo,routes", [
+    ("none", None, (False, False)),
+    ("none", MPOConfig(k=3), (False, False)),  # MPO App. A: MTP terms train the MTP modules only
+    ("detach", None, (False, True)),  # OCC authors' detach: shared LM head attached, trunk not
+    ("detach", MPOConfig(k=3), (False, True)),
+    ("ce", None, (True, True)),
+    ("occ", MPOConfig(k=3), (True, True)),
+])
+def test_mtp_gradient_routes_of_the_training_forward(regime, mpo, routes):
+    """(into the backbone trunk, into the shared LM head) for the training forward's MTP heads."""
+    lrn = Learner(_model(), AlgorithmConfig(mtp_regime=regime, mpo=mpo))
+    assert (lrn.backbone_grad, lrn.lm_head_grad) == routes
+
+
 def test_step_is_deterministic_under_a_seed():
     cfg = AlgorithmConfig(lr=1e-2, mtp_regime="occ", mpo=MPOConfig(k=3), epochs=2, mini_batches=2,
                           micro_batch_size=3, seed=7)

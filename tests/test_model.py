@@ -85,17 +85,74 @@ def test_bad_inputs_raise_clear_errors(model):
         model.token_logprobs(ids, num_mtp=4)
 
 
-def test_detached_mtp_leaves_backbone_gradients_untouched():
-    m = make_tiny_model(num_mtp=2, seed=2)
+def _grads(named_params):
+    """{name: |grad|.max()} (0.0 where autograd left no gradient)."""
+    return {n: (0.0 if p.grad is None else float(p.grad.abs().max())) for n, p in named_params}
+
+
+def _trunk(m):
+    """The backbone without its LM head: decoder layers, final norm, embedding table."""
+    return [(n, p) for n, p in m.backbone.named_parameters() if not n.startswith("lm_head")]
+
+
+def test_detached_mtp_reaches_mtp_modules_and_lm_head_but_not_the_trunk():
+    """The `detach` route (OCC authors' semantics): MTP log-probs put no gradient on the decoder
+    layers, the final norm or the embedding lookup; the MTP modules and the shared LM head learn.
+    `mtp_lm_head_grad=False` detaches the head too; `mtp_backbone_grad=True` reaches the trunk."""
+    m = make_tiny_model(num_mtp=2, seed=2, tie_word_embeddings=False)
     ids = _ids(B=2, T=9)
-    out = m.token_logprobs(ids, mtp_backbone_grad=False)
-    (-out.logprobs[1:].sum()).backward()
-    assert all(p.grad is None or p.grad.abs().max() == 0 for p in m.backbone.parameters())
-    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in m.mtp.parameters())
-    m.zero_grad(set_to_none=True)
-    out = m.token_logprobs(ids, mtp_backbone_grad=True)
-    (-out.logprobs[1:].sum()).backward()
-    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in m.backbone.parameters())
+
+    def mtp_grads(**flags):  # (trunk, LM head, MTP modules) gradients of the MTP log-probs
+        m.zero_grad(set_to_none=True)
+        (-m.token_logprobs(ids, **flags).logprobs[1:].sum()).backward()
+        head = _grads(m.backbone.lm_head.named_parameters())["weight"]
+        return _grads(_trunk(m)), head, _grads(m.mtp.named_parameters())
+
+    trunk, head, mtp = mtp_grads(mtp_backbone_grad=False)
+    assert all(g == 0.0 for g in trunk.values()), {n: g for n, g in trunk.items() if g}
+    assert head > 0 and all(g > 0 for n, g in mtp.items() if "norm" not in n)
+    trunk, head, mtp = mtp_grads(mtp_backbone_grad=False, mtp_lm_head_grad=False)
+    assert all(g == 0.0 for g in trunk.values()) and head == 0.0 and max(mtp.values()) > 0
+    trunk, head, _ = mtp_grads(mtp_backbone_grad=True)
+    assert trunk["model.embed_tokens.weight"] > 0 and head > 0
+    assert all(g > 0 for n, g in trunk.items() if ".layers." in n and "norm" not in n)
+
+
+def test_detach_with_tied_embeddings_moves_the_shared_matrix_only_as_lm_head():
+    """Tied LM head / embedding (SmolLM2): under detach the shared matrix gets exactly the
+    gradient an untied model's LM head gets (its output-layer role, as in the authors' Megatron
+    code), none through the embedding lookup; the decoder layers get none."""
+    tied = make_tiny_model(num_mtp=2, seed=2, tie_word_embeddings=True)
+    untied = make_tiny_model(num_mtp=2, seed=2, tie_word_embeddings=False)
+    untied.load_state_dict(tied.state_dict())  # same values, separate head and embedding
+    assert tied.backbone.lm_head.weight is tied.backbone.model.embed_tokens.weight
+    assert untied.backbone.lm_head.weight is not untied.backbone.model.embed_tokens.weight
+    ids = _ids(B=2, T=9)
+    for m in (tied, untied):
+        (-m.token_logprobs(ids, mtp_backbone_grad=False).logprobs[1:].sum()).backward()
+    shared = tied.backbone.lm_head.weight.grad
+    assert shared.abs().max() > 0
+    assert torch.allclose(shared, untied.backbone.lm_head.weight.grad, rtol=1e-5, atol=1e-7)
+    assert _grads(_trunk(untied))["model.embed_tokens.weight"] == 0.0
+    assert all(g == 0.0 for n, g in _grads(_trunk(tied)).items() if n != "model.embed_tokens.weight")
+
+
+def test_one_shared_lm_head_matmul_equals_per_head_projections(model):
+    """All heads' log-probs come from one vocabulary projection over the stacked hidden states;
+    it equals projecting each head's hidden states on its own."""
+    ids = _ids(B=2, T=11, seed=7)
+    with torch.no_grad():
+        out = model.token_logprobs(ids, num_mtp=3, with_entropy=True)
+        h0 = model.backbone_hidden(ids)
+        hs = [model.backbone.model.norm(h0)] + model.mtp_hidden(h0, ids, 3)
+        for k, hk in enumerate(hs):
+            lp = torch.log_softmax(model.backbone.lm_head(hk), -1)  # (B, T, V) at position p
+            n = 11 - k - 1  # position p predicts token p+k+1
+            ref = lp[:, :n].gather(-1, ids[:, k + 1 :, None]).squeeze(-1)
+            assert torch.allclose(out.logprobs[k, :, k + 1 :], ref, atol=1e-5), k
+        p0 = torch.softmax(model.backbone.lm_head(hs[0]), -1)[:, :-1]
+        ent = -(p0 * p0.log()).sum(-1)
+        assert torch.allclose(out.entropy[:, 1:], ent, atol=1e-4)
 
 
 def test_mtp_init_copies_the_last_layer():
