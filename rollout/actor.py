@@ -25,6 +25,7 @@ def create_engine_actor(
     max_concurrency: int = 4,
     name: str | None = None,
     namespace: str | None = None,
+    scheduling_strategy=None,
 ):
     """Start a rollout engine actor; returns its handle (the engine starts in the background:
     the first call waits for it)."""
@@ -36,6 +37,8 @@ def create_engine_actor(
         max_task_retries=0,  # a batch lost with its engine is retried by the caller, on the latest weights
         max_concurrency=max_concurrency,
     )
+    if scheduling_strategy is not None:  # e.g. a placement-group bundle of the run
+        opts["scheduling_strategy"] = scheduling_strategy
     if name:
         opts.update(name=name, namespace=namespace, get_if_exists=True)
     # vLLM runs in the actor's own process; its engine core stays in-process so weight updates

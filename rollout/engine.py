@@ -307,27 +307,39 @@ class RolloutEngine:
         prompts: Sequence[Sequence[int] | str | list[dict]],
         sampling: SamplingConfig | dict | None = None,
         use_tqdm: bool = False,
+        seeds: Sequence[int] | None = None,
     ) -> RolloutBatch:
-        """Generate ``sampling.n`` samples for each prompt (token ids, raw text, or chat messages)."""
+        """Generate ``sampling.n`` samples for each prompt (token ids, raw text, or chat messages).
+
+        ``seeds`` (one per prompt) overrides ``sampling.seed`` per prompt: a prompt's samples then
+        depend on its own seed only, not on which other prompts share the batch (reproducible runs)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         sp = SamplingConfig.model_validate(sampling or {})
         # vLLM refuses n > 1 with greedy sampling; repeat the prompt instead (identical samples).
         repeat = sp.n if sp.temperature == 0 and sp.n > 1 else 1
-        params = SamplingParams(
-            n=sp.n // repeat,
-            temperature=sp.temperature,
-            top_p=sp.top_p,
-            max_tokens=sp.max_tokens,
-            stop=sp.stop or None,
-            seed=sp.seed,
-            ignore_eos=sp.ignore_eos,
-            logprobs=0,  # the sampled token's log-prob only
-        )
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"seeds has {len(seeds)} entries for {len(prompts)} prompts")
+
+        def params_for(seed: int | None) -> SamplingParams:
+            return SamplingParams(
+                n=sp.n // repeat,
+                temperature=sp.temperature,
+                top_p=sp.top_p,
+                max_tokens=sp.max_tokens,
+                stop=sp.stop or None,
+                seed=seed,
+                ignore_eos=sp.ignore_eos,
+                logprobs=0,  # the sampled token's log-prob only
+            )
+
+        params = params_for(sp.seed)
         prepared = [self._prepare(p, sp.max_tokens) for p in prompts]
         todo = [i for i, (ids, _) in enumerate(prepared) if ids is not None for _ in range(repeat)]
         requests = [TokensPrompt(prompt_token_ids=prepared[i][0]) for i in todo]
+        if seeds is not None:
+            params = [params_for(int(seeds[i])) for i in todo]
         ticket = self._draw_ticket()
         try:
             with self._lock:
@@ -353,7 +365,7 @@ class RolloutEngine:
                 continue
             for out in by_index[i]:
                 if out is None:  # aborted by cancel(): vLLM returns nothing of an aborted request
-                    samples += [Sample(i, ids, [], "", [], "cancelled", version) for _ in range(params.n)]
+                    samples += [Sample(i, ids, [], "", [], "cancelled", version) for _ in range(sp.n // repeat)]
                     continue
                 for c in out.outputs:
                     lps = [d[tid].logprob for tid, d in zip(c.token_ids, c.logprobs)]
@@ -380,7 +392,7 @@ class RolloutEngine:
         self._last_ticket = max(self._last_ticket, ticket)
         return ticket
 
-    def _run(self, requests: list, params, ticket: int) -> tuple[list, bool]:
+    def _run(self, requests: list, params, ticket: int) -> tuple[list, bool]:  # params: one or one per request
         """vLLM's offline loop (``LLM.generate``) with a cancellation check between engine steps.
         Returns the outputs in request order (None for an aborted request) and whether it was
         cancelled."""

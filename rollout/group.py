@@ -57,6 +57,7 @@ class EngineGroup:
         self._next = itertools.count()
         self.recoveries = 0
         self.recreated = 0
+        self.loaded_version: list[int] = [0] * len(self.engines)  # last version each engine confirmed
 
     def _new_actor(self):
         return create_engine_actor(self.config, **self.actor_options)
@@ -84,6 +85,7 @@ class EngineGroup:
                 if self.weights_ref is not None:
                     seconds = ray.get(self.engines[i].update_weights.remote(self.version, self.weights_ref))
                 self._loaded[i] = info["engine_id"]
+                self.loaded_version[i] = self.version
                 return seconds
             except ActorDiedError:
                 dead_in_a_row += 1
@@ -98,6 +100,43 @@ class EngineGroup:
         raise EngineUnavailable(
             f"engine {i} did not come back within restart_timeout_s={self.restart_timeout_s} to load version {self.version}"
         )
+
+    def publish_ref(self, version: int, weights_ref: ray.ObjectRef) -> list[ray.ObjectRef]:
+        """Non-blocking publish of weights already in the object store (e.g. returned by the
+        learner actor): returns one ``update_weights`` call per engine; the caller passes each
+        result (or its failure) to `confirm`."""
+        self.version, self.weights_ref = version, weights_ref
+        return [e.update_weights.remote(version, weights_ref) for e in self.engines]
+
+    def confirm(self, i: int, version: int, ok: bool) -> None:
+        """Record that engine i loaded ``version`` (ok) or failed to (it died: recover on next use)."""
+        if ok:
+            self.loaded_version[i] = max(self.loaded_version[i], version)
+        else:
+            self._loaded[i] = None
+
+    def recover(self, i: int) -> None:
+        """Bring engine i back (waiting for Ray's restart, or a new actor) with the latest weights."""
+        self.recoveries += 1
+        self._loaded[i] = None
+        self._load(i)
+
+    def submit(self, i: int, prompts: Sequence, sampling: SamplingConfig | dict | None = None,
+               seeds: Sequence[int] | None = None) -> ray.ObjectRef:
+        """Start a batch on engine i without waiting (the engine is reloaded first if it lost the
+        latest weights); check the result with `accept`."""
+        if self._loaded[i] is None:
+            self._load(i)
+        sampling = SamplingConfig.model_validate(sampling or {}).model_dump()
+        return self.engines[i].generate.remote(prompts, sampling, False, seeds)
+
+    def accept(self, i: int, batch: RolloutBatch) -> bool:
+        """False if the batch came from a restarted instance of engine i (it served the on-disk
+        weights): the caller re-dispatches it."""
+        if batch.engine_id != self._loaded[i]:
+            self._loaded[i] = None
+            return False
+        return True
 
     def _replace(self, i: int) -> None:
         try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -62,6 +62,11 @@ class DataSpec(_Strict):
     )
     size: int = Field(1000, ge=1, description="Prompts generated (reasoning_gym) or read at most.")
     seed: int = Field(0, ge=0, description="Seeds generation and the prompt order.")
+    held_out_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of items kept out of training for evaluation "
+        "(a stable hash split by item id).")
+    template: str | None = Field(
+        None, description="Prompt template with {question}; default: the task kind's (ask for \\boxed{}).")
 
     @field_validator("dataset")
     @classmethod
@@ -94,6 +99,8 @@ class RolloutSpec(_Strict):
         description="Tokens drafted per step by MTP module 1 (recursively). 0 = no speculative "
         "decoding; > 0 needs a model with MTP modules.",
     )
+    max_model_len: int = Field(1024, gt=0, description="Longest prompt + response of an engine.")
+    kv_cache_gib: float = Field(0.5, gt=0, description="KV-cache size per engine (host memory on CPU).")
 
 
 class RewardSpec(_Strict):
@@ -105,6 +112,10 @@ class RewardSpec(_Strict):
     allow_unsafe_code: bool = Field(
         False, description="Run code without a sandbox when none is available (unsafe)."
     )
+    actors: int = Field(1, ge=1, description="Reward actors (each grades `max_concurrency` groups at once).")
+    math_fallbacks: list[Literal["answer_is", "gsm8k_hash", "last_number", "last_latex"]] | None = Field(
+        None, description="Answer extractors tried when a completion has no \\boxed{} (None = the "
+        "grader's defaults: answer_is, gsm8k_hash).")
 
 
 class ResourcesSpec(_Strict):
@@ -114,6 +125,10 @@ class ResourcesSpec(_Strict):
     gpus_per_engine: int = Field(0, ge=0, description="GPUs per rollout engine (0 = CPU vLLM).")
     tensor_parallel: int = Field(1, ge=1, description="Tensor-parallel size of each engine.")
     cpus_per_reward_worker: float = Field(1.0, gt=0, description="CPUs per reward worker.")
+    learner_cpus: float = Field(1.0, gt=0, description="CPUs reserved for the learner (its torch "
+                                "threads: max(1, int(learner_cpus))).")
+    cpus_per_engine: float = Field(1.0, gt=0, description="CPUs reserved per rollout engine (its "
+                                   "torch/OpenMP threads: max(1, int(cpus_per_engine))).")
 
 
 class ScheduleSpec(_Strict):
@@ -125,6 +140,10 @@ class ScheduleSpec(_Strict):
     )
     checkpoint_every: int = Field(50, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     weight_sync_every: int = Field(1, ge=1, description="Publish weights every N steps.")
+    max_refill_factor: int = Field(
+        4, ge=1, description="DAPO dynamic sampling: a step waits for prompts_per_step groups with "
+        "mixed rewards but dispatches at most this many times prompts_per_step groups for it, then "
+        "trains on what it has (a task the policy always or never solves cannot stall the run).")
 
 
 class CheckpointSpec(_Strict):

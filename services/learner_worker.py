@@ -1,0 +1,127 @@
+"""The learner as a Ray actor: the policy, its `Learner` (AdamW, version) and checkpoint I/O.
+
+    worker = create_learner_actor(model_path, algorithm_dict, threads=1)
+    metrics = ray.get(worker.step.remote(train_batch))
+    weights_ref = worker.weights.remote()      # published once; every engine loads the same object
+
+A run checkpoint directory written by `save` holds ``policy/`` (the MiMo layout, servable by vLLM
+as it is) and ``trainer.pt`` (optimiser state, learner version, torch RNG state). `restore` reads
+both back. The actor is started with ``max_restarts``: a restarted learner is the base model again,
+and the run controller restores it from its latest checkpoint (see `services.controller`).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from learner.batch import TrainBatch
+from learner.checkpoint import iter_export_tensors, load_policy, save_policy
+from learner.config import AlgorithmConfig
+from learner.step import Learner
+
+TRAINER_STATE = "trainer.pt"
+
+
+class LearnerWorker:
+    """One process holding the policy and its optimiser."""
+
+    def __init__(self, model_path: str, algorithm: dict[str, Any], threads: int = 1, seed: int = 0) -> None:
+        torch.set_num_threads(max(1, int(threads)))
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        self.model_path = model_path
+        self.model = load_policy(model_path)
+        self.learner = Learner(self.model, AlgorithmConfig.model_validate(algorithm))
+        self._tokenizer = None
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    @property
+    def version(self) -> int:
+        return self.learner.version
+
+    def get_version(self) -> int:
+        return self.learner.version
+
+    def set_version(self, version: int) -> None:
+        """Versions only grow: after a restore the run continues above every published version."""
+        self.learner.version = int(version)
+
+    def step(self, batch: TrainBatch) -> dict[str, float]:
+        return self.learner.step(batch)
+
+    def weights(self) -> list[tuple[str, object]]:
+        """Every tensor vLLM loads (target and MTP drafter), as numpy arrays for the object store."""
+        from rollout.group import to_transport
+
+        return to_transport(iter_export_tensors(self.model))
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def _tok(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        return self._tokenizer
+
+    def save(self, out_dir: str, with_optimizer: bool = True) -> dict[str, Any]:
+        """Write ``out_dir/policy`` and ``out_dir/trainer.pt`` (the caller publishes ``out_dir``
+        atomically). Returns what it wrote."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_policy(self.model, out / "policy", tokenizer=self._tok())
+        state = {
+            "version": self.learner.version,
+            "skipped_nonfinite_total": self.learner.skipped_nonfinite_total,
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            "numpy_rng": np.random.get_state(),
+            "optimizer": self.learner.opt.state_dict() if with_optimizer else None,
+        }
+        torch.save(state, out / TRAINER_STATE)
+        return {"version": self.learner.version, "optimizer": with_optimizer}
+
+    def restore(self, ckpt_dir: str | None, version: int | None = None) -> int:
+        """Load a checkpoint written by `save` (None: back to the model the actor started from,
+        with a fresh optimiser); then set the version (if given). Returns the version."""
+        if ckpt_dir is None:
+            fresh = load_policy(self.model_path)
+            self.model.load_state_dict(fresh.state_dict())
+            self.learner = Learner(self.model, self.learner.cfg)
+        else:
+            ckpt = Path(ckpt_dir)
+            fresh = load_policy(ckpt / "policy")
+            self.model.load_state_dict(fresh.state_dict())
+            state = torch.load(ckpt / TRAINER_STATE, weights_only=False)
+            self.learner = Learner(self.model, self.learner.cfg)
+            if state.get("optimizer") is not None:
+                self.learner.opt.load_state_dict(state["optimizer"])
+            self.learner.version = int(state["version"])
+            self.learner.skipped_nonfinite_total = int(state.get("skipped_nonfinite_total", 0))
+            torch.set_rng_state(state["torch_rng"])
+            random.setstate(state["python_rng"])
+            np.random.set_state(state["numpy_rng"])
+        if version is not None:
+            self.learner.version = int(version)
+        return self.learner.version
+
+
+def create_learner_actor(model_path: str, algorithm: dict[str, Any], *, threads: int = 1, seed: int = 0,
+                         num_cpus: float = 1, num_gpus: float = 0, max_restarts: int = 3,
+                         scheduling_strategy: Any = None):
+    import ray
+
+    opts: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
+                                max_task_retries=0,  # a lost step is redone by the controller
+                                runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(threads)))}})
+    if scheduling_strategy is not None:
+        opts["scheduling_strategy"] = scheduling_strategy
+    return ray.remote(LearnerWorker).options(**opts).remote(model_path, algorithm, threads, seed)
