@@ -16,9 +16,12 @@ model and batch are loaded).
 analytically from the model config (see `step_flops`): MPO needs the K−1 MTP heads in the π_old
 pass and the training pass (each a 2H→H projection, a decoder block and a full-vocabulary LM
 head), and their backward (the MTP blocks' weight and input gradients, the LM head's input
-gradient: with `mpo.grad='detach'` the shared LM head weight gets no MTP gradient). The same
-count gives `occ_flop_ratio` (occ over detach: occ adds the shared LM head's weight gradient from
-every trained head). The last line is a JSON object.
+gradient: with `mpo.grad='detach'` and no MTP regime the shared LM head weight gets no MTP
+gradient). The same count gives `occ_flop_ratio` (occ over detach): 1.0, since `detach` follows the
+OCC authors' code — hidden states and embeddings detached, the shared LM head not — so both
+compute the head's weight gradient from every trained head; occ only adds the trunk's share of
+the MTP gradient, an add into the backbone's last hidden state (the embedding lookup is shared
+with the main head's, so its backward runs once either way). The last line is a JSON object.
 
 Model: `--model DIR` (a MiMo-layout checkpoint from `mtprl model import-smollm2`). If it has fewer
 than 4 MTP modules, fresh ones are attached with `PolicyModel.from_backbone` — timing does not
@@ -107,9 +110,7 @@ def step_flops(cfg, t: int, name: str) -> float:
     n = spec.get("mtp_heads", 4) if spec["mtp_regime"] != "none" else 0
     if k > 1:  # π_old + train forwards: 2(M + head); backward: 2M (weights+inputs) + head (input)
         return main + (k - 1) * (4 * mtp + 3 * head)
-    if spec["mtp_regime"] == "detach":  # train forward only; LM head input grad only
-        return main + n * (3 * mtp + 2 * head)
-    if spec["mtp_regime"] == "occ":  # plus the shared LM head's weight gradient from each head
+    if spec["mtp_regime"] in ("detach", "occ"):  # train forward only; LM head input + weight grad
         return main + n * (3 * mtp + 3 * head)
     return main
 
