@@ -273,8 +273,10 @@ class AlgorithmConfig(_Strict):
         "with tied embeddings that is the embedding matrix, via its output-layer role). `ce`: "
         "the same CE, gradient into the backbone with λ = occ.fixed_lambda (degrades RL; for comparison). `policy`: the RL "
         "surrogate on the MTP head's log-probs, fixed λ (rise-then-fall). `occ`: the policy loss "
-        "with λ_k = λ₊·ĉ_k/(v̂²_k + ε) per step and head (the project default: keeps the drafter "
-        "on-policy without hurting the main policy).",
+        "with λ_k = λ₊·ĉ_k/(v̂²_k + ε) per step and head, signed (the project default: keeps the "
+        "drafter on-policy without hurting the main policy). In `policy` and `occ` λ scales the MTP "
+        "surrogate's advantages inside the clip, as the authors' code does, so a negative λ keeps "
+        "PPO's trust region (see `learner.occ.occ_mtp_surrogate`).",
     )
     mtp_heads: int | None = Field(
         None,

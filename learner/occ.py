@@ -25,8 +25,17 @@ Joint loss:  L = L_RL(main) + Σ_k λ_k · L_MTP,k
       ĉ_k = mean_t δ_RL,t δ_MTP,k,t,   v̂²_k = mean_t δ_MTP,k,t²       over masked response tokens
       paper (Eq. 13):  λ_k = λ₊ · ĉ_k / (v̂²_k + ε)         signed, not clipped
       authors' code:   λ_k = (λ₊/H) · mean_t[δ_MTP δ_RL / (δ_MTP² + ε)] over the padded
-                       response window (padding counts as 0), applied by scaling the MTP loss's
-                       advantages (so a negative λ also flips which clip branch is active).
+                       response window (padding counts as 0).
+
+  Either λ_k enters the loss as the authors' code applies it: as a scale of the MTP surrogate's
+  *advantages*, inside the clip (`occ_mtp_surrogate`), not as a factor on the clipped loss. The two
+  agree for λ ≥ 0. For λ < 0 (ĉ < 0, which the paper keeps: App. E, "OCC-NoClip") a factor on the
+  loss turns PPO's pessimistic min into an unbounded max: a negative-advantage token's term
+  λ·ρ⁽ᵏ⁾|A| falls without limit as the MTP head's ratio ρ⁽ᵏ⁾ = π⁽ᵏ⁾_θ/π_old grows, so the MTP
+  modules and the shared LM head ran away (a tiny-model GRPO run: loss/mtp 0.16 → −26 000, v̂² 10 →
+  280, grad norm 16 000). Scaled advantages keep the trust region: the λ-flipped push on ρ⁽ᵏ⁾
+  stops at the clip boundary, while every unclipped token's gradient — into the MTP modules and
+  the backbone alike — is still λ_k times the plain surrogate's, with ĉ's sign.
 
   Means rather than sums: ĉ/v̂² is the same either way; means make the logged values comparable
   across batch sizes. On the first micro-batch of an on-policy update π_θ = π_old, so δ_RL = 0 and
@@ -118,11 +127,40 @@ def response_window(response_mask: torch.Tensor) -> torch.Tensor:
     return (pos >= first.unsqueeze(1)) & (pos < first.unsqueeze(1) + width) & has.unsqueeze(1)
 
 
+def occ_mtp_surrogate(
+    ell: torch.Tensor,
+    adv: torch.Tensor,
+    lam: torch.Tensor | float,
+    mask: torch.Tensor,
+    cfg: AlgorithmConfig,
+    behav_weight: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+    norm: Normaliser | None = None,
+) -> tuple[torch.Tensor, TokenLoss]:
+    """Head k's λ-weighted MTP policy loss, λ applied to the advantages inside the clip:
+
+        L_MTP,k = agg_t −min(ρ⁽ᵏ⁾_t λ_k A_t, clip(ρ⁽ᵏ⁾_t, 1 − ε_low, 1 + ε_high) λ_k A_t),
+        ρ⁽ᵏ⁾_t = π⁽ᵏ⁾_θ(o_t) / π_old(o_t)                 (π_old: the main head's old log-prob)
+
+    (with `cfg.algorithm`'s surrogate and the decoupled behaviour weight, as the main head's term).
+    Source: MarkXCloud/RL-MTP `verl/verl/workers/actor/megatron_actor.py`, which builds
+    `scaling = mtp_loss_scaling_factor / num_mtp_heads * (gradient_dot / (gradient_norm+1e-8)).mean()`
+    under no_grad and calls `policy_loss_fn(..., log_prob=aligned_mtp_log_prob_resp,
+    advantages=advantages*scaling, ...)`, then `policy_loss = policy_loss + mtp_pg_loss_k`.
+    Equal to λ_k · L_RL(mtp_k) (OCC Eq. 2's `λ∇J_MTP`) when λ_k ≥ 0; for λ_k < 0 it is the clipped
+    surrogate of the advantage λ_k A, so its push on ρ⁽ᵏ⁾ stops at the clip boundary instead of
+    growing without bound (see the module docstring). ell (B, T) = log π⁽ᵏ⁾_θ − log π_old with
+    grad; adv (B, T); lam a scalar (0-d tensor or float), detached.
+    """
+    lam = lam.detach() if isinstance(lam, torch.Tensor) else lam
+    return policy_loss(ell, adv * lam, mask, cfg, behav_weight, keep, norm)
+
+
 @dataclass
 class MTPLoss:
     loss: torch.Tensor  # scalar, already weighted by λ
-    per_head: list[torch.Tensor]  # unweighted loss per head (detached scalars)
-    token_losses: list[TokenLoss | None]  # per head (policy-type regimes), for clip stats
+    per_head: list[torch.Tensor]  # unweighted loss per head (λ = 1; detached scalars)
+    token_losses: list[TokenLoss | None]  # per head (policy-type regimes, λ applied), clip stats
 
 
 def mtp_regime_loss(
@@ -158,12 +196,10 @@ def mtp_regime_loss(
                 coef = cfg.occ.fixed_lambda if regime == "policy" else lam[k]
                 keep = mk if behav_keep is None else (behav_keep & mk)
                 ell = mtp_logp[k] - old_main  # (B, T) ratio against the main head's old log-prob
-                if regime == "occ" and cfg.occ.estimator == "authors_code":
-                    lk, tl = policy_loss(ell, adv * coef, mk, cfg, behav_weight, keep, norm)
-                    total = total + lk
-                else:
-                    lk, tl = policy_loss(ell, adv, mk, cfg, behav_weight, keep, norm)
-                    total = total + coef * lk
+                weighted, tl = occ_mtp_surrogate(ell, adv, coef, mk, cfg, behav_weight, keep, norm)
+                total = total + weighted
+                with torch.no_grad():  # the head's own surrogate (λ = 1), for the metrics
+                    lk, _ = policy_loss(ell.detach(), adv, mk, cfg, behav_weight, keep, norm)
                 tls.append(tl)
             case _:
                 raise ValueError(f"mtp_regime {regime!r} has no MTP loss")
@@ -189,6 +225,7 @@ __all__ = [
     "occ_lambda_paper",
     "occ_lambda_authors",
     "response_window",
+    "occ_mtp_surrogate",
     "mtp_regime_loss",
     "mtp_backbone_grad",
     "mtp_lm_head_grad",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from learner.config import AlgorithmConfig
 from learner.occ import (
@@ -157,3 +159,78 @@ def test_ce_regime_is_fixed_lambda_times_nll():
     nll = [-(out.logprobs[1 + k][mask[k]]).mean() for k in range(2)]
     # token-mean with the main head's token count as denominator; all response tokens valid here
     assert ml.loss.item() == pytest.approx(0.1 * float((nll[0] + nll[1]).detach()), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- negative λ
+# OCC keeps λ's sign (paper App. E). The authors' code applies λ to the MTP surrogate's advantages,
+# inside the clip; a factor on the clipped loss instead lets a negative λ drive the MTP ratio
+# without bound (a real tiny-model run: loss/mtp 0.16 → −26 000).
+
+
+@settings(max_examples=60, deadline=None)
+@given(lam=st.floats(-2.0, 2.0), scale=st.floats(0.0, 15.0), seed=st.integers(0, 2**16),
+       algorithm=st.sampled_from(["grpo", "dapo", "gspo"]))
+def test_occ_mtp_loss_is_bounded_below_whatever_the_ratio_and_the_sign_of_lambda(lam, scale, seed,
+                                                                                algorithm):
+    """Per token −min(ρ λA, clip(ρ) λA) ≥ −(1+ε_high)|λ||A| for every ρ, so no parameter setting
+    makes the λ-weighted MTP loss unboundedly good (the old λ·loss reached −|λ|ρ|A|, ρ → ∞)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = AlgorithmConfig(algorithm=algorithm, mtp_regime="occ")
+    mtp_logp = scale * torch.randn(2, 3, 6, generator=g)  # (H, B, T) any ratio, huge ones included
+    old = torch.zeros(3, 6)
+    adv = torch.randn(3, 1, generator=g).expand(3, 6)
+    mask = torch.ones(2, 3, 6, dtype=torch.bool)
+    lam_t = torch.tensor([lam, -abs(lam)])
+    loss = mtp_regime_loss(cfg, mtp_logp, mask, old, adv, lam_t).loss
+    bound = -(1 + cfg.clip_high) * float(lam_t.abs().sum()) * float(adv.abs().max())
+    assert float(loss) >= bound - 1e-5
+
+
+@pytest.mark.parametrize("estimator", ["paper", "authors_code"])
+def test_repeated_steps_with_negative_lambda_stop_at_the_clip_boundary(estimator):
+    """Forced ĉ < 0 (λ = −0.5) for 300 SGD steps on free MTP log-probs starting at ρ = 1: the
+    λ-flipped push moves each ratio to the clip boundary and no further (the old λ·loss drove the
+    negative-advantage ratios to e^20), so the MTP head's own surrogate stays bounded."""
+    cfg = AlgorithmConfig(algorithm="grpo", mtp_regime="occ", occ={"estimator": estimator})
+    old = torch.zeros(4, 8)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5]).unsqueeze(1).expand(4, 8)
+    mask = torch.ones(1, 4, 8, dtype=torch.bool)
+    logp = torch.zeros(1, 4, 8, requires_grad=True)
+    opt = torch.optim.SGD([logp], lr=2.0)  # ≤ 0.04 per step in log ρ: a step past the bound
+    for _ in range(300):
+        opt.zero_grad()
+        ml = mtp_regime_loss(cfg, logp, mask, old, adv, torch.tensor([-0.5]))
+        ml.loss.backward()
+        opt.step()
+    ratio = logp.detach().exp()
+    assert ratio.max() <= 1 + cfg.clip_high + 0.05 and ratio.min() >= 1 - cfg.clip_low - 0.05
+    assert float(ml.per_head[0]) <= (1 + cfg.clip_high + 0.05) * float(adv.abs().max())
+
+
+def test_lambda_scales_every_gradient_of_the_mtp_term_with_its_sign():
+    """Inside the trust region (ρ⁽ᵏ⁾ = 1) the λ-weighted MTP term's gradient is exactly λ times the
+    plain surrogate's, for either sign of λ, on the MTP module, the LM head and the backbone trunk:
+    a negative ĉ still flips the MTP direction into the backbone, as OCC intends."""
+    model, ids, attn, resp, adv, _ = _setup(tied=False)
+    cfg = AlgorithmConfig(algorithm="grpo", mtp_regime="occ")
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+
+    def grads(lam):
+        out = model.token_logprobs(ids, attn, num_mtp=1)
+        mask = out.valid[1:] & resp
+        old = out.logprobs[1].detach()  # ρ⁽¹⁾ = 1 on every token
+        loss = mtp_regime_loss(cfg, out.logprobs[1:], mask, old, adv, torch.tensor([lam])).loss
+        gs = torch.autograd.grad(loss, params, allow_unused=True)
+        return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
+                          for g, p in zip(gs, params)])
+
+    g1 = grads(1.0)
+    groups = {name: [n.startswith(prefix) for n, p in model.named_parameters() if p.requires_grad]
+              for name, prefix in [("trunk", "backbone.model.layers."), ("mtp", "mtp."),
+                                   ("lm_head", "backbone.lm_head.")]}
+    sizes = torch.tensor([p.numel() for p in params])
+    for name, sel in groups.items():  # every route carries a gradient to compare
+        idx = torch.repeat_interleave(torch.tensor(sel), sizes)
+        assert g1[idx].abs().sum() > 0, name
+    for lam in (0.3, -0.3, -1.7):  # float32 rounding only: relative to the gradient's norm
+        assert float((grads(lam) - lam * g1).norm()) <= 1e-5 * abs(lam) * float(g1.norm())

@@ -276,3 +276,34 @@ def test_entropy_bonus_raises_entropy_when_rewards_carry_no_signal():
     for _ in range(4):
         last = learner.step(b)["policy/entropy"]
     assert last > first + 1e-3, (first, last)
+
+
+@pytest.mark.parametrize("forced", [False, True])
+def test_occ_with_negative_lambda_does_not_run_away(forced, monkeypatch):
+    """Regression (tiny GRPO run, mtp_regime occ, lr 3e-3, 2 mini-batches): ĉ < 0 gave λ < 0, and
+    λ times the clipped MTP loss pushed the MTP ratio up without bound (loss/mtp 0.16 → −26 000,
+    grad norm 16 000). With λ inside the advantages the term stays within its trust region.
+    Here 15 updates on one batch; the old arithmetic reached loss/mtp −3.9 (natural λ ≈ −0.01)
+    and −34 (λ forced to −0.05)."""
+    import learner.step as step_mod
+    from learner.occ import OCCStats
+
+    if forced:
+        paper = step_mod.occ_lambda_paper
+
+        def negative(*a, **kw):
+            s = paper(*a, **kw)
+            return OCCStats(lam=torch.full_like(s.lam, -0.05), c_hat=s.c_hat, v2_hat=s.v2_hat)
+
+        monkeypatch.setattr(step_mod, "occ_lambda_paper", negative)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, V, (8, 12), generator=g)
+    resp = torch.zeros(8, 12, dtype=torch.bool)
+    resp[:, 4:] = True
+    b = TrainBatch(ids, torch.ones_like(ids), resp, torch.rand(8, generator=g), torch.arange(8) // 4)
+    lrn = Learner(_model(seed=1, num_mtp=1),
+                  AlgorithmConfig(algorithm="grpo", lr=3e-3, mtp_regime="occ", mini_batches=2))
+    hist = [lrn.step(b) for _ in range(15)]
+    assert min(m["mtp/lambda/head1"] for m in hist) < 0  # the regime under test
+    assert max(abs(m["loss/mtp"]) for m in hist) < 0.5
+    assert max(m["optim/grad_norm_max"] for m in hist) < 10
