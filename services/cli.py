@@ -14,13 +14,14 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="mtprl: RL po
 
 
 def _mount() -> None:
-    from services import cli_demo, cli_model, cli_runs, cli_serve, cli_verify
+    from services import cli_demo, cli_model, cli_runs, cli_serve, cli_train, cli_verify
 
     app.add_typer(cli_model.app, name="model")
     app.add_typer(cli_verify.app, name="verify")
     app.add_typer(cli_runs.app, name="runs")
     app.add_typer(cli_serve.app, name="serve")
     app.command("demo")(cli_demo.demo)
+    app.command("train")(cli_train.train)
 
 
 def main() -> None:

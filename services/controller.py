@@ -158,6 +158,10 @@ class RunController:
         self._flag = CANCEL
         self._wake.set()
 
+    def cancel_after_pause(self) -> None:
+        """Stop once the pause checkpoint is written (Ctrl-C in `mtprl train`)."""
+        self._stop_when_paused = True
+
     def _wanted(self) -> str:
         if self._flag == CANCEL:
             return CANCEL
@@ -304,7 +308,8 @@ class RunController:
                     break
                 if want == PAUSE:
                     if not self._pause_point():
-                        state = "cancelled"
+                        stopped = getattr(self, "_stop_when_paused", False) and self._flag != CANCEL
+                        state = "paused" if stopped else "cancelled"
                         break
                     continue
                 self._dispatch()
@@ -677,6 +682,8 @@ class RunController:
         self._checkpoint()
         self._event("log", {"message": f"paused at step {self.state.step}; checkpoint written"})
         self.status = {"state": "paused", "step": self.state.step}
+        if getattr(self, "_stop_when_paused", False):
+            return False
         while True:
             want = self._wanted()
             if want == CANCEL:

@@ -49,11 +49,12 @@ class Settings(BaseSettings):
         description="Ray cluster to attach to ('auto', 'ray://…', 'host:port'). Unset: start or "
         "join a local Ray instance.",
     )
-    launcher: Literal["synthetic", "none"] = Field(
+    launcher: Literal["controller", "synthetic", "none"] = Field(
         "synthetic",
-        description="Which run launcher the API uses. 'synthetic': detached SyntheticRunActor "
-        "(fake metrics, for tests and demos, until the real run controller is plugged in). "
-        "'none': record runs only (they stay pending).",
+        description="Which run launcher the API uses. 'controller': the real run controller "
+        "(services.run_actor.RunActor: vLLM rollout, reward and learner actors; run directories "
+        "under <data_dir>/runs). 'synthetic': detached SyntheticRunActor (fake metrics, for "
+        "exercising the control plane without models). 'none': record runs only (they stay pending).",
     )
     synthetic_step_seconds: float = Field(
         0.2, gt=0, description="Wall time of one synthetic training step."

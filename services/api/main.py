@@ -13,6 +13,8 @@ replicated) at will.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import asyncio
 import contextlib
 import logging
@@ -58,14 +60,19 @@ def redis_url_for(settings: Settings) -> tuple[str, EmbeddedRedis | None]:
 def build_launcher(settings: Settings, redis_url: str) -> RunLauncher:
     if settings.launcher == "none":
         return NullLauncher()
-    from services.synthetic_run import SyntheticRunActor
-
     sink_config = {
         "redis_url": redis_url,
         "metrics_history_cap": settings.metrics_history_cap,
         "events_cap": settings.events_cap,
         "synthetic_step_seconds": settings.synthetic_step_seconds,
+        "runs_dir": str(Path(settings.data_dir).resolve() / "runs"),
     }
+    if settings.launcher == "controller":
+        from services.run_actor import RunActor
+
+        return RayLauncher(RunActor, sink_config, ray_address=settings.ray_address)
+    from services.synthetic_run import SyntheticRunActor
+
     return RayLauncher(SyntheticRunActor, sink_config, ray_address=settings.ray_address)
 
 

