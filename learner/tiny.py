@@ -112,3 +112,40 @@ def write_tiny_checkpoint(out_dir: str | Path, num_mtp: int = 2, seed: int = 0) 
     tokenizer = make_tokenizer()
     model = make_tiny_model(num_mtp=num_mtp, seed=seed, vocab_size=len(tokenizer))
     return save_policy(model, out_dir, tokenizer=tokenizer)
+
+
+def write_guessing_policy(out_dir: str | Path, prompts: list[str], num_mtp: int = 2, seed: int = 0,
+                          steps: int = 150, lr: float = 1e-2) -> Path:
+    """A tiny policy for RL smoke tests: whatever the prompt, it answers "The answer is D." with a
+    digit D drawn roughly uniformly, then stops. Made by a few seconds of supervised training of
+    the tiny model on ``prompts`` (the rendered prompts the run will use) followed by such answers.
+
+    A task whose gold answer is a fixed digit then starts at ~10 % reward with mixed-reward groups
+    from the first step, and RL can only raise it by shifting probability onto that digit — a
+    verifiable, dense-enough toy that a random tiny model (near-uniform over 512 tokens) is not."""
+    import random
+
+    tokenizer = make_tokenizer()
+    model = make_tiny_model(num_mtp=num_mtp, seed=seed, vocab_size=len(tokenizer))
+    rng = random.Random(seed)
+    eos = tokenizer.eos_token
+    opt = torch.optim.AdamW(model.backbone.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        rows, masks = [], []
+        for p in rng.sample(prompts, min(16, len(prompts))):
+            ids = tokenizer.encode(p, add_special_tokens=False)
+            ans = tokenizer.encode(f"The answer is {rng.randrange(10)}.{eos}", add_special_tokens=False)
+            rows.append(ids + ans)
+            masks.append([0] * len(ids) + [1] * len(ans))
+        width = max(map(len, rows))
+        x = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+        m = torch.tensor([k + [0] * (width - len(k)) for k in masks], dtype=torch.bool)
+        attn = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        logits = model.backbone(input_ids=x, attention_mask=attn).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits[m[:, 1:]], x[:, 1:][m[:, 1:]])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return save_policy(model, out_dir, tokenizer=tokenizer)

