@@ -224,9 +224,13 @@ def fix_cpu_rejection_sampler() -> bool:
 
     if not current_platform.is_cpu() or HAS_TRITON:
         return False
+    import warnings
+
     from vllm.triton_utils.dispatcher import register_kernels
 
-    register_kernels({"vllm.v1.sample.rejection_sampler.expand_kernel": _expand_kernel_torch})
+    with warnings.catch_warnings():  # its scan of sys.modules touches deprecated torch attributes
+        warnings.simplefilter("ignore", FutureWarning)
+        register_kernels({"vllm.v1.sample.rejection_sampler.expand_kernel": _expand_kernel_torch})
     return True
 
 

@@ -26,7 +26,7 @@ def serve(
     data_dir: Annotated[Optional[Path], typer.Option(help="Token file and embedded Redis [env MTPRL_DATA_DIR; ~/.mtprl].")] = None,
     redis_url: Annotated[Optional[str], typer.Option(help="External Redis [env MTPRL_REDIS_URL]; default: embedded.")] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster [env RAY_ADDRESS]; default: auto, else local.")] = None,
-    launcher: Annotated[Optional[str], typer.Option(help="'synthetic' (fake-metric runs) or 'none' [env MTPRL_LAUNCHER].")] = None,
+    launcher: Annotated[Optional[str], typer.Option(help="'controller' (real training runs, the default), 'synthetic' (fake-metric runs) or 'none' [env MTPRL_LAUNCHER].")] = None,
     stop_redis: Annotated[bool, typer.Option("--stop-redis", help="Stop the embedded Redis on exit (runs then stop reporting).")] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:

@@ -50,7 +50,7 @@ class Settings(BaseSettings):
         "join a local Ray instance.",
     )
     launcher: Literal["controller", "synthetic", "none"] = Field(
-        "synthetic",
+        "controller",
         description="Which run launcher the API uses. 'controller': the real run controller "
         "(services.run_actor.RunActor: vLLM rollout, reward and learner actors; run directories "
         "under <data_dir>/runs). 'synthetic': detached SyntheticRunActor (fake metrics, for "
