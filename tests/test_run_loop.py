@@ -227,3 +227,49 @@ def test_sampling_with_drafting_follows_the_policy(engines, tiny_ckpt, toy_data)
     assert len(set(texts)) >= 5  # really sampled
     assert [s.token_ids for s in a.samples] == [s.token_ids for s in b.samples]
     assert a.spec.num_draft_tokens > 0  # drafting was on
+
+
+def test_dapo_dynamic_sampling_drops_uniform_groups_and_refills(tiny_ckpt, toy_data, engines, tmp_path):
+    """DAPO: groups whose samples all got the same reward carry no signal; the controller drops them
+    (counted) and dispatches more, so each step still trains on prompts_per_step mixed groups."""
+    spec = _spec(tiny_ckpt, toy_data, steps=4, max_staleness=1, checkpoint_every=0)
+    spec["algorithm"] = {"algorithm": "dapo", "lr": 3e-4, "mini_batches": 2, "mtp_regime": "detach"}
+    res = _run(spec, tmp_path / "run", engines)
+    c = res.counters
+    assert c["dropped_constant"] > 0  # at ~10 % reward, 8 wrong answers in a row are common
+    assert c["dispatched"] == c["trained"] + c["dropped_stale"] + c["dropped_constant"] + c["unused"]
+    assert c["trained"] == 16 and len(set(res.trained)) == 16
+    assert sum(h["loop/groups_dropped_constant"] for h in res.history) <= c["dropped_constant"]
+
+
+def test_cli_train_runs_a_spec_file_and_resumes(ray_session, tiny_ckpt, toy_data, tmp_path):
+    """`mtprl train SPEC` in a subprocess, joining this session's Ray: it places its own engine,
+    reward actor and learner, trains, writes summary.json; a second call on the same run directory
+    resumes (nothing left to do) instead of starting over."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from test_api_support import gcs_address
+
+    spec = _spec(tiny_ckpt, toy_data, steps=3, max_staleness=1, checkpoint_every=0)
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    run_dir = tmp_path / "runs" / "cli"
+    cmd = [sys.executable, "-m", "services.cli", "train", str(spec_file), "--run-dir", str(run_dir),
+           "--ray-address", gcs_address(ray_session)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == str(run_dir / "summary.json")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["state"] == "completed" and summary["steps"] == 3 and summary["counters"]["trained"] == 12
+    assert (run_dir / "checkpoints" / "step-000003" / "policy" / "model.safetensors").is_file()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["counters"]["trained"] == 12  # resumed, not redone
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**spec, "schedule": {"steps": 0}}))
+    err = subprocess.run(cmd[:4] + [str(bad)], capture_output=True, text=True, timeout=120)
+    text = err.stdout + err.stderr
+    assert err.returncode != 0 and "invalid run spec" in text and "schedule.steps" in text, text[-2000:]
