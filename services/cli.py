@@ -14,7 +14,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="mtprl: RL po
 
 
 def _mount() -> None:
-    from services import cli_demo, cli_model, cli_runs, cli_serve, cli_train, cli_verify
+    from services import cli_demo, cli_eval, cli_model, cli_report, cli_runs, cli_serve, cli_train, cli_verify
 
     app.add_typer(cli_model.app, name="model")
     app.add_typer(cli_verify.app, name="verify")
@@ -22,6 +22,8 @@ def _mount() -> None:
     app.add_typer(cli_serve.app, name="serve")
     app.command("demo")(cli_demo.demo)
     app.command("train")(cli_train.train)
+    app.command("eval")(cli_eval.eval_cmd)
+    app.command("report")(cli_report.report)
 
 
 def main() -> None:
