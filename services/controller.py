@@ -315,9 +315,8 @@ class RunController:
                 self._dispatch()
                 self._maybe_train()
                 self._wait_and_handle(timeout=0.5)
-                if bar is not None:
-                    bar.n = self.state.step
-                    bar.refresh()
+                if bar is not None and bar.n != self.state.step:
+                    bar.update(self.state.step - bar.n)
             if state == "completed":
                 self._drain_learner()
                 self._checkpoint()

@@ -19,7 +19,7 @@ def all_items(spec: RunSpec, tokenizer=None) -> list[RewardItem]:
     tok = _chat(tokenizer)
     if d.dataset.startswith("reasoning_gym:"):
         return reasoning_gym_items(d.dataset.split(":", 1)[1], seed=d.seed, size=d.size, template=d.template,
-                                   tokenizer=tok)
+                                   tokenizer=tok, **d.task_config)
     if d.dataset == "human_eval":
         items = humaneval_items(template=d.template, tokenizer=tok)
     elif d.dataset.startswith("jsonl:"):

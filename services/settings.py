@@ -35,6 +35,10 @@ class Settings(BaseSettings):
         description="Holds the API token file and, with no external Redis, the embedded Redis "
         "(append-only file, unix socket).",
     )
+    runs_dir: Path | None = Field(
+        None, description="Where real runs write their directories (checkpoints, metrics.jsonl, "
+        "report): <runs_dir>/<run id>. Default: <data_dir>/runs.",
+    )
     api_token: SecretStr | None = Field(
         None, description="Bearer token required on every endpoint but /healthz and /metrics."
     )

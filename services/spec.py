@@ -67,6 +67,9 @@ class DataSpec(_Strict):
         "(a stable hash split by item id).")
     template: str | None = Field(
         None, description="Prompt template with {question}; default: the task kind's (ask for \\boxed{}).")
+    task_config: dict[str, Any] = Field(
+        default_factory=dict, description="reasoning_gym task options, e.g. {min_terms: 2, max_terms: 2, "
+        "max_digits: 2, operators: ['+', '-']} for basic_arithmetic (difficulty).")
 
     @field_validator("dataset")
     @classmethod

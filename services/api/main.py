@@ -65,7 +65,7 @@ def build_launcher(settings: Settings, redis_url: str) -> RunLauncher:
         "metrics_history_cap": settings.metrics_history_cap,
         "events_cap": settings.events_cap,
         "synthetic_step_seconds": settings.synthetic_step_seconds,
-        "runs_dir": str(Path(settings.data_dir).resolve() / "runs"),
+        "runs_dir": str(Path(settings.runs_dir or Path(settings.data_dir) / "runs").resolve()),
     }
     if settings.launcher == "controller":
         from services.run_actor import RunActor
