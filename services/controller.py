@@ -216,29 +216,13 @@ class RunController:
         if self._rewards is None:
             from reward.actors import RewardActor
 
-            cfg = self._reward_config()
+            cfg = self.spec.reward.actor_config()
             opts = dict(num_cpus=res.cpus_per_reward_worker, max_restarts=3, max_task_retries=0,
                         max_concurrency=cfg["max_concurrency"] + 2)
             if "reward" in strategies:
                 opts["scheduling_strategy"] = strategies["reward"]
             self._rewards = [RewardActor.options(**opts).remote(cfg) for _ in range(spec.reward.actors)]
             self._owned += self._rewards
-
-    def _reward_config(self) -> dict[str, Any]:
-        from reward.config import RewardActorConfig
-
-        r = self.spec.reward
-        math_cfg: dict[str, Any] = {"num_workers": r.workers, "deadline_s": r.timeout_s}
-        if r.math_fallbacks is not None:
-            math_cfg["fallbacks"] = list(r.math_fallbacks)
-        code: dict[str, Any] = {}
-        if r.allow_unsafe_code:
-            import shutil
-
-            if shutil.which("bwrap") is None:
-                code = {"sandbox": {"mode": "unsafe_local"}}
-        return RewardActorConfig.model_validate(
-            {"math": math_cfg, "code": code, "max_concurrency": r.workers}).model_dump()
 
     def _placement(self) -> dict[str, Any]:
         """One placement group for the run's actors (PACK: on one node when they fit)."""

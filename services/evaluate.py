@@ -48,20 +48,8 @@ Split = Literal["held_out", "train", "all"]
 
 
 def reward_actor_config(r: RewardSpec) -> dict[str, Any]:
-    """The `RewardActorConfig` a run builds from its `reward:` section (mirrors
-    `RunController._reward_config`, so evaluation grades exactly as training does)."""
-    import shutil
-
-    from reward.config import RewardActorConfig
-
-    math_cfg: dict[str, Any] = {"num_workers": r.workers, "deadline_s": r.timeout_s}
-    if r.math_fallbacks is not None:
-        math_cfg["fallbacks"] = list(r.math_fallbacks)
-    code: dict[str, Any] = {}
-    if r.allow_unsafe_code and shutil.which("bwrap") is None:
-        code = {"sandbox": {"mode": "unsafe_local"}}
-    return RewardActorConfig.model_validate(
-        {"math": math_cfg, "code": code, "max_concurrency": r.workers}).model_dump()
+    """The reward actors' config a run builds from its `reward:` section (`RewardSpec.actor_config`)."""
+    return r.actor_config()
 
 
 def load_items(data: DataSpec, split: Split = "held_out", tokenizer=None) -> list[RewardItem]:

@@ -121,6 +121,23 @@ class RewardSpec(_Strict):
         "grader's defaults: answer_is, gsm8k_hash).")
 
 
+    def actor_config(self) -> dict[str, Any]:
+        """The `reward.config.RewardActorConfig` (as a dict) that grades this run's samples; the
+        evaluation (`services.evaluate`) uses the same, so both grade alike."""
+        import shutil
+
+        from reward.config import RewardActorConfig
+
+        math_cfg: dict[str, Any] = {"num_workers": self.workers, "deadline_s": self.timeout_s}
+        if self.math_fallbacks is not None:
+            math_cfg["fallbacks"] = list(self.math_fallbacks)
+        code: dict[str, Any] = {}
+        if self.allow_unsafe_code and shutil.which("bwrap") is None:
+            code = {"sandbox": {"mode": "unsafe_local"}}
+        return RewardActorConfig.model_validate(
+            {"math": math_cfg, "code": code, "max_concurrency": self.workers}).model_dump()
+
+
 class ResourcesSpec(_Strict):
     """What the run asks Ray for."""
 
