@@ -200,16 +200,18 @@ class RunController:
             self._learner = create_learner_actor(
                 spec.model.path, spec.algorithm.model_dump(), threads=int(max(1, res.learner_cpus)),
                 seed=spec.data.seed, num_cpus=res.learner_cpus, num_gpus=res.learner_gpus,
-                scheduling_strategy=strategies.get("learner"))
+                scheduling_strategy=(strategies.get("learner") or [None])[0])
             self._owned.append(self._learner)
         if self._engines is None:
+            from rollout.actor import create_engine_actor
+
             cfg = EngineConfig(model=spec.model.path, num_speculative_tokens=spec.rollout.num_speculative_tokens,
                                max_model_len=spec.rollout.max_model_len, kv_cache_gib=spec.rollout.kv_cache_gib,
                                seed=spec.data.seed, num_threads=int(max(1, res.cpus_per_engine)))
             opts = dict(num_cpus=res.cpus_per_engine, num_gpus=res.gpus_per_engine)
-            if "engine" in strategies:
-                opts["scheduling_strategy"] = strategies["engine"]
-            self._engines = EngineGroup(cfg, spec.rollout.engines, actor_options=opts)
+            actors = [create_engine_actor(cfg, **opts, scheduling_strategy=s)
+                      for s in strategies.get("engine", [None] * spec.rollout.engines)]
+            self._engines = EngineGroup(cfg, engines=actors, actor_options=opts)
             self._owned_engines = True
         else:
             self._owned_engines = False
@@ -219,9 +221,8 @@ class RunController:
             cfg = self.spec.reward.actor_config()
             opts = dict(num_cpus=res.cpus_per_reward_worker, max_restarts=3, max_task_retries=0,
                         max_concurrency=cfg["max_concurrency"] + 2)
-            if "reward" in strategies:
-                opts["scheduling_strategy"] = strategies["reward"]
-            self._rewards = [RewardActor.options(**opts).remote(cfg) for _ in range(spec.reward.actors)]
+            self._rewards = [RewardActor.options(**opts, **({"scheduling_strategy": s} if s else {})).remote(cfg)
+                             for s in strategies.get("reward", [None] * spec.reward.actors)]
             self._owned += self._rewards
 
     def _placement(self) -> dict[str, Any]:
@@ -231,14 +232,14 @@ class RunController:
 
         res, spec = self.spec.resources, self.spec
         bundles: list[dict[str, float]] = []
-        index: dict[str, int] = {}
+        kinds: list[str] = []
 
-        def bundle(name: str, cpus: float, gpus: float) -> None:
-            index.setdefault(name, len(bundles))
+        def bundle(kind: str, cpus: float, gpus: float) -> None:
             b = {"CPU": cpus}
             if gpus:
                 b["GPU"] = gpus
             bundles.append(b)
+            kinds.append(kind)
 
         if self._learner is None:
             bundle("learner", res.learner_cpus, res.learner_gpus)
@@ -259,11 +260,11 @@ class RunController:
                 f"{ {k: v for k, v in total.items() if k in ('CPU', 'GPU')} }; lower `resources` or add nodes"
             ) from None
         self._pg = pg
-        # Engines and reward actors of one kind share their first bundle's index only for the
-        # first actor; Ray places the rest anywhere in the group (bundle_index=-1).
-        out = {}
-        for name, i in index.items():
-            out[name] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=-1 if name != "learner" else i)
+        # Every actor gets its own bundle: with a wildcard bundle (-1) a reward actor can take the
+        # learner's bundle, and a restarted learner then waits forever (seen in a fault test).
+        out: dict[str, list] = {}
+        for i, kind in enumerate(kinds):
+            out.setdefault(kind, []).append(PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
         return out
 
     # ---- the loop -------------------------------------------------------------------------------
@@ -358,6 +359,7 @@ class RunController:
             for name in ("gen_clock", "score_clock", "learner_clock"):
                 if hasattr(self, name):
                     getattr(self, name).active = 0
+        self._await_actor(self._learner)  # a learner that cannot be placed fails the run, with a reason
         if first and ckpt is None:
             self._truncate_history(0)
             version = ray.get(self._learner.get_version.remote())
@@ -390,7 +392,8 @@ class RunController:
                 return
             except (RayActorError, GetTimeoutError):
                 time.sleep(0.5)
-        raise RuntimeError("the learner actor did not come back")
+        raise RuntimeError(f"the learner actor did not answer within {timeout_s:.0f}s (not placed, or "
+                           "crashing while it loads the model; see the Ray worker logs)")
 
     # ---- dispatch -------------------------------------------------------------------------------
     def _live_cursors(self) -> list[int]:
