@@ -82,7 +82,9 @@ def main() -> None:
     data.write_text("".join(json.dumps({"question": f"what is {a} plus {b}", "answer": "#### 7"}) + "\n"
                             for a in range(10) for b in range(10)))
     prompts = [it.prompt for it in jsonl_items(data, tokenizer=make_tokenizer())]
-    model = args.model or str(write_guessing_policy(tmp / "guess", prompts, num_mtp=args.mtp_heads, steps=300, lr=1e-2))
+    # vLLM needs at least as many decoder layers as MTP modules (see write_guessing_policy)
+    model = args.model or str(write_guessing_policy(tmp / "guess", prompts, num_mtp=args.mtp_heads, steps=300, lr=1e-2,
+                                                    num_layers=max(2, args.mtp_heads)))
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
     engines = EngineGroup({"model": model, "num_speculative_tokens": 1, "max_model_len": 512, "kv_cache_gib": 0.2,
                            "num_threads": 1}, 1)

@@ -115,18 +115,21 @@ def write_tiny_checkpoint(out_dir: str | Path, num_mtp: int = 2, seed: int = 0) 
 
 
 def write_guessing_policy(out_dir: str | Path, prompts: list[str], num_mtp: int = 2, seed: int = 0,
-                          steps: int = 150, lr: float = 1e-2) -> Path:
+                          steps: int = 150, lr: float = 1e-2, num_layers: int = 2) -> Path:
     """A tiny policy for RL smoke tests: whatever the prompt, it answers "The answer is D." with a
     digit D drawn roughly uniformly, then stops. Made by a few seconds of supervised training of
     the tiny model on ``prompts`` (the rendered prompts the run will use) followed by such answers.
 
     A task whose gold answer is a fixed digit then starts at ~10 % reward with mixed-reward groups
     from the first step, and RL can only raise it by shifting probability onto that digit — a
-    verifiable, dense-enough toy that a random tiny model (near-uniform over 512 tokens) is not."""
+    verifiable, dense-enough toy that a random tiny model (near-uniform over 512 tokens) is not.
+
+    vLLM (0.32) serves a MiMo checkpoint only when ``num_layers >= num_mtp``: its MTP weight-name
+    remapping (``mtp_layers.i`` → ``mtp_layers.{num_layers + i}``) collides otherwise."""
     import random
 
     tokenizer = make_tokenizer()
-    model = make_tiny_model(num_mtp=num_mtp, seed=seed, vocab_size=len(tokenizer))
+    model = make_tiny_model(num_mtp=num_mtp, seed=seed, vocab_size=len(tokenizer), num_layers=num_layers)
     rng = random.Random(seed)
     eos = tokenizer.eos_token
     opt = torch.optim.AdamW(model.backbone.parameters(), lr=lr)
