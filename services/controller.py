@@ -46,6 +46,7 @@ from typing import Any, Callable
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from rollout.engine import SpecStats
 from services import run_checkpoint
 from services.batching import ScoredGroup, data_index, group_seed, reward_items, to_train_batch
 from services.launcher import MetricsSink
@@ -82,6 +83,7 @@ class BusyClock:
         self.active = 0
         self.busy = 0.0
         self._since = 0.0
+        self.iv_busy0 = 0.0  # busy seconds at the start of the current metrics interval
 
     def start(self) -> None:
         if self.active == 0:
@@ -109,6 +111,22 @@ class _Score:
     actor: int
     group: ScoredGroup
     epoch: int
+
+
+_DIED = object()  # what `_result` returns for a call whose actor died
+
+
+def _result(ref):
+    """``ray.get(ref)``, or `_DIED` when the actor died under the call (restarted or gone); other
+    errors (a bug in the call) propagate."""
+    try:
+        return ray.get(ref)
+    except RayTaskError as e:
+        if isinstance(e.cause, RayActorError):
+            return _DIED
+        raise
+    except RayActorError:
+        return _DIED
 
 
 class RunController:
@@ -142,6 +160,12 @@ class RunController:
         self.control = control
         self._items = items
         self._flag = RUN
+        self._stop_when_paused = False
+        self._owned_engines = False
+        self._next_reward = -1
+        self._ids_cache: dict[int, list[int]] = {}  # item index → prompt token ids
+        self.gen_clock, self.score_clock, self.learner_clock = BusyClock(), BusyClock(), BusyClock()
+        self.cum_spec = SpecStats()  # the engines' cumulative drafting counters, as last reported
         self._wake = threading.Event()
         self.status: dict[str, Any] = {"state": "starting", "step": 0}
 
@@ -213,8 +237,6 @@ class RunController:
                       for s in strategies.get("engine", [None] * spec.rollout.engines)]
             self._engines = EngineGroup(cfg, engines=actors, actor_options=opts)
             self._owned_engines = True
-        else:
-            self._owned_engines = False
         if self._rewards is None:
             from reward.actors import RewardActor
 
@@ -293,7 +315,7 @@ class RunController:
                     break
                 if want == PAUSE:
                     if not self._pause_point():
-                        stopped = getattr(self, "_stop_when_paused", False) and self._flag != CANCEL
+                        stopped = self._stop_when_paused and self._flag != CANCEL
                         state = "paused" if stopped else "cancelled"
                         break
                     continue
@@ -356,9 +378,8 @@ class RunController:
                 self._engines.cancel()
             except RayActorError:
                 pass
-            for name in ("gen_clock", "score_clock", "learner_clock"):
-                if hasattr(self, name):
-                    getattr(self, name).active = 0
+            for clock in (self.gen_clock, self.score_clock, self.learner_clock):
+                clock.active = 0
         self._await_actor(self._learner)  # a learner that cannot be placed fails the run, with a reason
         if first and ckpt is None:
             self._truncate_history(0)
@@ -376,8 +397,8 @@ class RunController:
         self.state.counters["faults_learner"] += 1
         self._await_actor(self._learner)
         ckpt = run_checkpoint.latest(self.run_dir)
-        since = run_checkpoint.read_state(ckpt).step if ckpt else 0
-        rolled = len(self.state.trained) - (len(run_checkpoint.read_state(ckpt).trained) if ckpt else 0)
+        kept = run_checkpoint.read_state(ckpt) if ckpt else run_checkpoint.LoopState()
+        since, rolled = kept.step, len(self.state.trained) - len(kept.trained)
         self.state.counters["rolled_back"] += rolled
         self.epoch += 1
         self._restore(ckpt, first=False)
@@ -450,7 +471,7 @@ class RunController:
         return self.items[data_index(cursor, len(self.items), self.spec.data.seed)]
 
     def _prompt_ids(self, cursor: int) -> list[int]:
-        cache = self.__dict__.setdefault("_ids_cache", {})
+        cache = self._ids_cache
         idx = data_index(cursor, len(self.items), self.spec.data.seed)
         if idx not in cache:
             cache[idx] = self.tokenizer.encode(self.items[idx].prompt, add_special_tokens=False)
@@ -481,26 +502,18 @@ class RunController:
     def _on_generated(self, ref) -> None:
         g = self.inflight_gen.pop(ref)
         self.gen_clock.stop()
-        try:
-            batch = ray.get(ref)
-        except (RayActorError, RayTaskError) as e:
-            if isinstance(e, RayTaskError) and not isinstance(e.cause, RayActorError):
-                raise
-            if g.epoch == self.epoch:
-                log.warning("engine %d died mid-batch; re-dispatching %d groups", g.engine, len(g.cursors))
-                self.state.counters["faults_rollout"] += 1
-                self.state.counters["redispatched"] += len(g.cursors)
-                self.queue.extendleft(reversed(g.cursors))
-                self._engines.recover(g.engine)
-                self._event("log", {"message": f"rollout engine {g.engine} restarted; "
-                                               f"{len(g.cursors)} groups re-dispatched"})
-            return
+        batch = _result(ref)
         if g.epoch != self.epoch:
             return
-        if not self._engines.accept(g.engine, batch):
-            self.state.counters["faults_rollout"] += 1
-            self.state.counters["redispatched"] += len(g.cursors)
-            self.queue.extendleft(reversed(g.cursors))
+        if batch is _DIED:
+            log.warning("engine %d died mid-batch; re-dispatching %d groups", g.engine, len(g.cursors))
+            self._redispatch(g.cursors)
+            self._engines.recover(g.engine)
+            self._event("log", {"message": f"rollout engine {g.engine} restarted; "
+                                           f"{len(g.cursors)} groups re-dispatched"})
+            return
+        if not self._engines.accept(g.engine, batch):  # served by a restarted engine's disk weights
+            self._redispatch(g.cursors)
             return
         self.iv_tokens += batch.num_generated_tokens
         self.iv_engine_s += batch.seconds
@@ -526,8 +539,14 @@ class RunController:
             else:
                 self._submit_score(groups[c])
 
+    def _redispatch(self, cursors: list[int]) -> None:
+        """A chunk lost with its engine: its groups go first in the queue, in order."""
+        self.state.counters["faults_rollout"] += 1
+        self.state.counters["redispatched"] += len(cursors)
+        self.queue.extendleft(reversed(cursors))
+
     def _submit_score(self, grp: ScoredGroup) -> None:
-        k = self._next_reward = (getattr(self, "_next_reward", -1) + 1) % len(self._rewards)
+        k = self._next_reward = (self._next_reward + 1) % len(self._rewards)
         ref = self._rewards[k].score_group.remote(reward_items(grp, self._item(grp.cursor)))
         self.inflight_score[ref] = _Score(k, grp, self.epoch)
         self.score_clock.start()
@@ -542,17 +561,13 @@ class RunController:
     def _on_scored(self, ref) -> None:
         s = self.inflight_score.pop(ref)
         self.score_clock.stop()
-        try:
-            verdicts = ray.get(ref)
-        except (RayActorError, RayTaskError) as e:
-            if isinstance(e, RayTaskError) and not isinstance(e.cause, RayActorError):
-                raise
-            if s.epoch == self.epoch:
-                log.warning("reward actor %d died; re-scoring group %d", s.actor, s.group.cursor)
-                self.state.counters["faults_reward"] += 1
-                self.score_retry.append((time.monotonic() + 0.5, s.group))
-            return
+        verdicts = _result(ref)
         if s.epoch != self.epoch:
+            return
+        if verdicts is _DIED:
+            log.warning("reward actor %d died; re-scoring group %d", s.actor, s.group.cursor)
+            self.state.counters["faults_reward"] += 1
+            self.score_retry.append((time.monotonic() + 0.5, s.group))
             return
         grp = s.group
         grp.rewards = [float(v["reward"]) for v in verdicts]
@@ -593,12 +608,9 @@ class RunController:
         ref, groups = self.learner_call
         self.learner_call = None
         self.learner_clock.stop()
-        try:
-            metrics = ray.get(ref)
-        except (RayActorError, RayTaskError) as e:
-            if isinstance(e, RayTaskError) and not isinstance(e.cause, RayActorError):
-                raise
-            self._rollback(type(e).__name__)
+        metrics = _result(ref)
+        if metrics is _DIED:
+            self._rollback("died during a step")
             return
         st = self.state
         st.step += 1
@@ -632,17 +644,12 @@ class RunController:
 
     def _on_synced(self, ref) -> None:
         i, version, t0 = self.sync_calls.pop(ref)
-        try:
-            seconds = ray.get(ref)
-        except (RayActorError, RayTaskError) as e:
-            if isinstance(e, RayTaskError) and not isinstance(e.cause, RayActorError):
-                raise
+        if _result(ref) is _DIED:
             self.state.counters["faults_rollout"] += 1
             self._engines.recover(i)  # reloads the latest weights
             return
         self._engines.confirm(i, version, True)
         self.last_sync_s = time.perf_counter() - t0
-        self.last_engine_load_s = seconds
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def _checkpoint(self) -> None:
@@ -668,7 +675,7 @@ class RunController:
         self._checkpoint()
         self._event("log", {"message": f"paused at step {self.state.step}; checkpoint written"})
         self.status = {"state": "paused", "step": self.state.step}
-        if getattr(self, "_stop_when_paused", False):
+        if self._stop_when_paused:
             return False
         while True:
             want = self._wanted()
@@ -683,19 +690,14 @@ class RunController:
 
     # ---- metrics --------------------------------------------------------------------------------
     def _interval_reset(self) -> None:
-        from rollout.engine import SpecStats
-
         self.iv_t0 = time.perf_counter()
         self.iv_tokens = 0
         self.iv_engine_s = 0.0
         self.iv_spec = SpecStats()
-        self.cum_spec = getattr(self, "cum_spec", SpecStats())
         self.iv_dropped_stale = 0
         self.iv_dropped_constant = 0
-        for name in ("gen_clock", "score_clock", "learner_clock"):
-            clock = getattr(self, name, None) or BusyClock()
+        for clock in (self.gen_clock, self.score_clock, self.learner_clock):
             clock.iv_busy0 = clock.read()
-            setattr(self, name, clock)
 
     def _reward_snapshot(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -811,7 +813,7 @@ class RunController:
                 ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001
                 pass
-        if getattr(self, "_owned_engines", False):
+        if self._owned_engines:
             self._engines.kill()
         if self._pg is not None:
             ray.util.remove_placement_group(self._pg)
