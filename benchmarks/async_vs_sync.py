@@ -72,15 +72,13 @@ def main() -> None:
 
     import ray
 
-    from learner.tiny import make_tokenizer, write_guessing_policy
+    from learner.tiny import make_tokenizer, write_guessing_policy, write_toy_dataset
     from reward.datasets import jsonl_items
     from rollout.group import EngineGroup
     from services.controller import RunController
 
     tmp = Path(tempfile.mkdtemp(prefix="mtprl-bench-"))
-    data = tmp / "toy.jsonl"
-    data.write_text("".join(json.dumps({"question": f"what is {a} plus {b}", "answer": "#### 7"}) + "\n"
-                            for a in range(10) for b in range(10)))
+    data = write_toy_dataset(tmp / "toy.jsonl")
     prompts = [it.prompt for it in jsonl_items(data, tokenizer=make_tokenizer())]
     # vLLM needs at least as many decoder layers as MTP modules (see write_guessing_policy)
     model = args.model or str(write_guessing_policy(tmp / "guess", prompts, num_mtp=args.mtp_heads, steps=300, lr=1e-2,

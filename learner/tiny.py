@@ -152,3 +152,14 @@ def write_guessing_policy(out_dir: str | Path, prompts: list[str], num_mtp: int 
         opt.step()
     model.eval()
     return save_policy(model, out_dir, tokenizer=tokenizer)
+
+
+def write_toy_dataset(path: str | Path, gold: str = "7", num_b: int = 10) -> Path:
+    """The toy task of the RL smoke tests, as GSM8K-layout JSONL: "what is a plus b" for a in 0..9,
+    b in 0..num_b-1, every gold answer ``gold`` (the guessing policy's target)."""
+    import json
+
+    path = Path(path)
+    path.write_text("".join(json.dumps({"question": f"what is {a} plus {b}", "answer": f"#### {gold}"}) + "\n"
+                            for a in range(10) for b in range(num_b)))
+    return path

@@ -4,11 +4,11 @@ placement group and trains the tiny model; pause/resume go through the registry 
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 
+from learner.tiny import write_toy_dataset
 from services.registry import EmbeddedRedis
 from test_api_support import ApiServer, gcs_address, wait_for
 
@@ -16,9 +16,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_rest_run_trains_pauses_resumes_and_checkpoints(ray_session, tiny_ckpt, tmp_path):
-    data = tmp_path / "toy.jsonl"
-    data.write_text("".join(json.dumps({"question": f"what is {a} plus {b}", "answer": "#### 21"}) + "\n"
-                            for a in range(10) for b in range(10)))
+    data = write_toy_dataset(tmp_path / "toy.jsonl", gold="21")
     spec = {
         "name": "tiny-rest",
         "model": {"path": str(tiny_ckpt)},

@@ -19,10 +19,9 @@ from services.spec import DataSpec
 
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "toy.jsonl"
-    path.write_text("".join(json.dumps({"question": f"what is {a} plus {b}", "answer": "#### 7"}) + "\n"
-                            for a in range(10) for b in range(4)))
-    return path
+    from learner.tiny import write_toy_dataset
+
+    return write_toy_dataset(tmp_path_factory.mktemp("data") / "toy.jsonl", num_b=4)
 
 
 @pytest.fixture(scope="module")

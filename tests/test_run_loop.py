@@ -21,10 +21,9 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "toy.jsonl"
-    path.write_text("".join(json.dumps({"question": f"what is {a} plus {b}", "answer": "#### 7"}) + "\n"
-                            for a in range(10) for b in range(10)))
-    return path
+    from learner.tiny import write_toy_dataset
+
+    return write_toy_dataset(tmp_path_factory.mktemp("data") / "toy.jsonl")
 
 
 @pytest.fixture(scope="module")
