@@ -129,6 +129,39 @@ def _result(ref):
         return _DIED
 
 
+def engine_config(spec: RunSpec):
+    """The rollout engines' `EngineConfig` for a run spec."""
+    from rollout.config import EngineConfig
+
+    return EngineConfig(model=spec.model.path, num_speculative_tokens=spec.rollout.num_speculative_tokens,
+                        max_model_len=spec.rollout.max_model_len, kv_cache_gib=spec.rollout.kv_cache_gib,
+                        seed=spec.data.seed, num_threads=int(max(1, spec.resources.cpus_per_engine)))
+
+
+def start_engine_group(spec: RunSpec, strategies: list | None = None):
+    """The run's rollout engine actors (one per ``strategies`` entry, else ``rollout.engines``)."""
+    from rollout.actor import create_engine_actor
+    from rollout.group import EngineGroup
+
+    res = spec.resources
+    cfg = engine_config(spec)
+    opts = dict(num_cpus=res.cpus_per_engine, num_gpus=res.gpus_per_engine)
+    actors = [create_engine_actor(cfg, **opts, scheduling_strategy=s)
+              for s in strategies or [None] * spec.rollout.engines]
+    return EngineGroup(cfg, engines=actors, actor_options=opts)
+
+
+def start_reward_actors(spec: RunSpec, strategies: list | None = None) -> list:
+    """The run's reward actors (one per ``strategies`` entry, else ``reward.actors``)."""
+    from reward.actors import RewardActor
+
+    cfg = spec.reward.actor_config()
+    opts = dict(num_cpus=spec.resources.cpus_per_reward_worker, max_restarts=3, max_task_retries=0,
+                max_concurrency=cfg["max_concurrency"] + 2)
+    return [RewardActor.options(**opts, **({"scheduling_strategy": s} if s else {})).remote(cfg)
+            for s in strategies or [None] * spec.reward.actors]
+
+
 class RunController:
     """Drives one run; see the module docstring. Thread-safe `pause`, `resume`, `cancel`."""
 
@@ -207,9 +240,6 @@ class RunController:
     def _setup(self) -> None:
         from transformers import AutoTokenizer
 
-        from rollout.config import EngineConfig
-        from rollout.group import EngineGroup
-
         spec = self.spec
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model.path)
         self.items = self._load_items()
@@ -227,24 +257,10 @@ class RunController:
                 scheduling_strategy=(strategies.get("learner") or [None])[0])
             self._owned.append(self._learner)
         if self._engines is None:
-            from rollout.actor import create_engine_actor
-
-            cfg = EngineConfig(model=spec.model.path, num_speculative_tokens=spec.rollout.num_speculative_tokens,
-                               max_model_len=spec.rollout.max_model_len, kv_cache_gib=spec.rollout.kv_cache_gib,
-                               seed=spec.data.seed, num_threads=int(max(1, res.cpus_per_engine)))
-            opts = dict(num_cpus=res.cpus_per_engine, num_gpus=res.gpus_per_engine)
-            actors = [create_engine_actor(cfg, **opts, scheduling_strategy=s)
-                      for s in strategies.get("engine", [None] * spec.rollout.engines)]
-            self._engines = EngineGroup(cfg, engines=actors, actor_options=opts)
+            self._engines = start_engine_group(spec, strategies.get("engine"))
             self._owned_engines = True
         if self._rewards is None:
-            from reward.actors import RewardActor
-
-            cfg = self.spec.reward.actor_config()
-            opts = dict(num_cpus=res.cpus_per_reward_worker, max_restarts=3, max_task_retries=0,
-                        max_concurrency=cfg["max_concurrency"] + 2)
-            self._rewards = [RewardActor.options(**opts, **({"scheduling_strategy": s} if s else {})).remote(cfg)
-                             for s in strategies.get("reward", [None] * spec.reward.actors)]
+            self._rewards = start_reward_actors(spec, strategies.get("reward"))
             self._owned += self._rewards
 
     def _placement(self) -> dict[str, Any]:
