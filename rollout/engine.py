@@ -27,12 +27,6 @@ from rollout.config import EngineConfig, SamplingConfig
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-SPEC_COUNTERS = (
-    "vllm:spec_decode_num_drafts",
-    "vllm:spec_decode_num_draft_tokens",
-    "vllm:spec_decode_num_accepted_tokens",
-)
-
 
 @dataclass
 class Sample:
@@ -127,6 +121,43 @@ class RolloutBatch:
             "rollout/cum_num_tokens": float(self.cumulative_tokens),
             "rollout/cancelled": float(self.cancelled),
         }
+
+
+class _SpecCounter:
+    """This engine's own spec-decode counters, fed with every engine step's scheduler stats by the
+    engine's `StatLoggerManager` (it sits in ``llm_engine.logger_manager.stat_loggers`` beside vLLM's
+    loggers and implements the same calls).
+
+    Not ``LLM.get_metrics()``: that reads prometheus_client's process-global ``REGISTRY``, and each
+    new engine's ``PrometheusStatLogger`` first unregisters every ``vllm:`` metric there
+    (vllm 0.32 ``v1/metrics/loggers.py`` → ``prometheus.unregister_vllm_metrics``). With several
+    engines in one process every engine then read the counters of the engine created last: in
+    `benchmarks/spec_decode.py` (engines n = 0, 1, 2 in that order) the n = 1 engine reported 0
+    drafts and acceptance 0.000 although it drafted and accepted 15 % of its tokens (greedy, alone
+    or created last: 0.153)."""
+
+    def __init__(self) -> None:
+        self.stats = SpecStats()
+
+    def record(self, scheduler_stats, iteration_stats=None, mm_cache_stats=None, engine_idx=0) -> None:
+        s = getattr(scheduler_stats, "spec_decoding_stats", None)
+        if s is None:
+            return
+        self.stats = self.stats + SpecStats(
+            s.num_drafts, s.num_draft_tokens, s.num_accepted_tokens, list(s.num_accepted_tokens_per_pos)
+        )
+
+    def log(self) -> None:
+        pass
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+    def record_sleep_state(self, *args, **kwargs) -> None:
+        pass
+
+    def record_admission_rejection(self, reason: str) -> None:
+        pass
 
 
 # Functions run inside the vLLM worker through collective_rpc (first argument: the worker).
@@ -269,6 +300,9 @@ class RolloutEngine:
             **kwargs,
         )
         self.tokenizer = self.llm.get_tokenizer()
+        # Spec-decode counters of this engine only (see _SpecCounter; vLLM's are process-global).
+        self._spec_counter = _SpecCounter()
+        self.llm.llm_engine.logger_manager.stat_loggers.append(self._spec_counter)
         # After LLM(): the worker registers vLLM's own CPU kernel overrides while it starts.
         self.fixed_rejection_sampler = fix_cpu_rejection_sampler()
         # vLLM's first engine step pays one-off set-up (seconds on CPU); pay it here so the first
@@ -325,18 +359,9 @@ class RolloutEngine:
 
     # ---- generation ----------------------------------------------------------------------------
     def spec_stats(self) -> SpecStats:
-        """Cumulative spec-decode counters since the engine started."""
-        s = SpecStats()
-        for m in self.llm.get_metrics():
-            if m.name == SPEC_COUNTERS[0]:
-                s.num_drafts = int(m.value)
-            elif m.name == SPEC_COUNTERS[1]:
-                s.num_draft_tokens = int(m.value)
-            elif m.name == SPEC_COUNTERS[2]:
-                s.num_accepted_tokens = int(m.value)
-            elif m.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
-                s.accepted_per_pos = [int(v) for v in m.values]
-        return s
+        """Cumulative spec-decode counters of this engine since it started."""
+        s = self._spec_counter.stats
+        return SpecStats(s.num_drafts, s.num_draft_tokens, s.num_accepted_tokens, list(s.accepted_per_pos))
 
     def generate(
         self,
