@@ -76,6 +76,12 @@ class TrainBatch:
         if self.advantages is not None and not torch.isfinite(self.advantages).all():
             raise ValueError("advantages are non-finite")
 
+    def to(self, device: torch.device | str) -> TrainBatch:
+        """Every tensor on `device` (the batch arrives from rollout on the host; the learner
+        trains on its own device). Tensors already there are kept, not copied."""
+        return replace(self, **{f.name: (None if getattr(self, f.name) is None
+                                         else getattr(self, f.name).to(device)) for f in fields(self)})
+
     def select(self, idx: torch.Tensor) -> TrainBatch:
         """Rows `idx` of every tensor."""
         return replace(self, **{f.name: (None if getattr(self, f.name) is None

@@ -53,11 +53,14 @@ def export_state_dict(model: PolicyModel) -> dict[str, torch.Tensor]:
 
 
 def iter_export_tensors(model: PolicyModel, mtp_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """Detached tensors in MiMo naming; ``mtp_only`` yields what vLLM's drafter needs."""
+    """Detached CPU tensors in MiMo naming; ``mtp_only`` yields what vLLM's drafter needs.
+
+    A policy on a GPU is copied to the host one tensor at a time (what the object store and the
+    engines take); a CPU policy's tensors are yielded as they are, without a copy."""
     for name, t in export_state_dict(model).items():
         if mtp_only and not (name.startswith(MTP_PREFIX) or "embed_tokens" in name or name == "lm_head.weight"):
             continue
-        yield name, t.detach()
+        yield name, t.detach().cpu()
 
 
 def mimo_config_dict(config: Qwen2Config, num_mtp: int) -> dict:
@@ -99,7 +102,10 @@ def save_policy(model: PolicyModel, out_dir: str | Path, tokenizer=None, extra: 
     out_dir = Path(out_dir)
     tmp = _atomic_dir(out_dir)
     try:
-        tensors = {n: t.detach().contiguous().clone() for n, t in export_state_dict(model).items()}
+        # CPU copies whatever the policy's device (safetensors files hold host tensors); copies,
+        # not views, also for a tied head, which safetensors refuses to store shared
+        tensors = {n: t.detach().to("cpu", copy=True).contiguous()
+                   for n, t in export_state_dict(model).items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         config = mimo_config_dict(model.config, model.num_mtp)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -23,6 +23,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from learner.device import DeviceChoice, Placement, PrecisionChoice, resolve_placement
+
 Algorithm = Literal["ppo", "grpo", "dapo", "gspo", "ctpo", "minpro"]
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 MTPRegime = Literal["none", "detach", "ce", "policy", "occ"]
@@ -315,6 +317,23 @@ class AlgorithmConfig(_Strict):
     )
     seed: int = Field(0, description="Seeds the mini-batch shuffle; the step is deterministic.")
 
+    # --- execution (where the step runs; see `learner/device.py`) ---------------------------------
+    device: DeviceChoice = Field(
+        "auto",
+        description="Where the learner trains. `cpu`: float32 on the host (bit-for-bit repeatable). "
+        "`cuda`: the first visible GPU (an error if torch sees none). `auto`: cuda when CUDA is "
+        "available and the learner actor was given a GPU (`resources.learner_gpus > 0`), else cpu. "
+        "One device per learner: no FSDP, so a 7B full fine-tune does not fit one GPU.",
+    )
+    precision: PrecisionChoice = Field(
+        "auto",
+        description="`fp32`: float32 throughout. `bf16`: float32 parameters, gradients and AdamW "
+        "state, forwards under bf16 autocast (matrix products in bf16, log-probs and losses in "
+        "float32); ~2× faster on a GPU, ratios carry bf16 rounding (~1e-3 relative on logits). "
+        "Needs cuda. Pure bf16 parameters are not offered: lr·w updates (1e-6) vanish under "
+        "bf16 rounding. `auto`: bf16 on cuda, fp32 on cpu.",
+    )
+
     # --- derived (filled at construction) -------------------------------------------------------
     @model_validator(mode="after")
     def _fill_defaults_and_check(self) -> AlgorithmConfig:
@@ -370,6 +389,9 @@ class AlgorithmConfig(_Strict):
                 "with one optimiser step per update π_θ = π_old, so δ_RL = 0 and OCC's λ is always "
                 "0 (the MTP heads never train); use mini_batches >= 2 or epochs >= 2"
             )
+        if self.precision == "bf16" and self.device == "cpu":
+            raise ValueError("precision='bf16' with device='cpu': bf16 autocast is a GPU setting "
+                             "here; use precision='fp32' (or 'auto') on the CPU")
         if self.algorithm == "gspo" and self.aggregation != "seq-mean-token-mean":
             # GSPO's ratio is per sequence; token-mean would re-weight sequences by length.
             raise ValueError(
@@ -377,6 +399,11 @@ class AlgorithmConfig(_Strict):
                 f"{self.aggregation!r}): GSPO's objective is a mean over sequences"
             )
         return self
+
+    def placement(self, gpu_assigned: bool = False) -> Placement:
+        """The resolved device and precision (`learner.device.resolve_placement`); `gpu_assigned`
+        says whether the process was given a GPU, which `device='auto'` needs to pick cuda."""
+        return resolve_placement(self.device, self.precision, gpu_assigned)
 
     # --- checks that need the model -------------------------------------------------------------
     @property

@@ -170,7 +170,8 @@ class PolicyModel(nn.Module):
                     raise ValueError(f"proj_init must be 'token' or 'random', got {proj_init!r}")
             modules.append(m)
         config.num_nextn_predict_layers = num_mtp
-        return cls(backbone, modules.to(next(backbone.parameters()).dtype))
+        ref = next(backbone.parameters())  # the new modules join the backbone's device and dtype
+        return cls(backbone, modules.to(device=ref.device, dtype=ref.dtype))
 
     def backbone_parameters(self):
         return self.backbone.parameters()

@@ -19,12 +19,19 @@ One update, as pseudocode:
                                               sum over micro-batches is the mini-batch loss)
         clip grad norm; if not finite: zero grads, skip, count; else AdamW step
 
+Device: the policy lives on `cfg.placement(gpu_assigned)` (`learner/device.py`): CPU float32 by
+default, a GPU with optional bf16 autocast when asked for or given one. Reward shaping and
+advantages run on the host (a few (B,) tensors); the kept batch then moves to the device once per
+update; metrics come back as python floats. The mini-batch shuffle's generator stays on the host,
+so the sample order is the same on every device.
+
 Not covered here: packing of several sequences per row (rows are padded), FSDP/distributed data
 parallel (the step is single-process; a distributed wrapper would all-reduce the Normaliser and
 the gradients), and reading staleness limits (the run controller drops too-stale groups).
 
 Determinism: given the same model state, batch and config, the update is bit-for-bit repeatable
-on CPU (no dropout in the policy; the only randomness is the seeded mini-batch shuffle).
+on CPU (no dropout in the policy; the only randomness is the seeded mini-batch shuffle). On a GPU
+it agrees with the CPU to float32 rounding (fp32) or bf16 rounding (bf16), not bit for bit.
 
 OCC on-policy: the first mini-batch of an update sees π_θ = π_old, so δ_RL ≈ 0 and λ ≈ 0 (exactly
 0 when the micro-batch matches the π_old pass's; otherwise float noise of ~1e-7). With
@@ -43,6 +50,7 @@ from learner.advantages import constant_groups, grpo_advantages, kl_k3, overlong
 from learner.aggregation import Normaliser, aggregate
 from learner.batch import TrainBatch
 from learner.config import AlgorithmConfig
+from learner.device import Placement
 from learner.mpo import block_log_ratio, block_view, mpo_weights, scale_grad
 from learner.objectives import decoupled_weights, policy_loss
 from learner.occ import (
@@ -89,12 +97,17 @@ class _Stats:
 
 
 class Learner:
-    """Holds the policy, its AdamW optimiser and the policy version; `step` runs one update."""
+    """Holds the policy, its AdamW optimiser and the policy version; `step` runs one update.
 
-    def __init__(self, model: torch.nn.Module, cfg: AlgorithmConfig) -> None:
+    The model is moved to the config's device (`cfg.device`; `gpu_assigned` tells `auto` that
+    this process was given a GPU) before the optimiser is built, so its state lives there too."""
+
+    def __init__(self, model: torch.nn.Module, cfg: AlgorithmConfig, gpu_assigned: bool = False) -> None:
         num_mtp = int(getattr(model, "num_mtp", 0))
         cfg.check_against_model(num_mtp)
-        self.model, self.cfg = model, cfg
+        self.placement: Placement = cfg.placement(gpu_assigned)
+        self.device = self.placement.device
+        self.model, self.cfg = model.to(self.device), cfg
         mpo = cfg.mpo
         # K = 1 when MPO is off or its MTP share is 0: exactly token-level, no MTP heads needed.
         self.k = 1 if mpo is None or mpo.mtp_share == 0.0 else mpo.k
@@ -117,6 +130,7 @@ class Learner:
         adamw = dict(lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
                      weight_decay=cfg.weight_decay)
         try:  # the fused kernel is ~3× faster than the per-tensor loop on CPU (135M params: 0.3 s)
+            # and one launch instead of thousands on a GPU
             self.opt = torch.optim.AdamW(self.params, fused=True, **adamw)
         except (RuntimeError, TypeError):  # dtype/device without a fused kernel
             self.opt = torch.optim.AdamW(self.params, **adamw)
@@ -180,23 +194,32 @@ class Learner:
     def _forward(self, b: TrainBatch, num_mtp: int, backbone_grad: bool, lm_head_grad: bool,
                  entropy: bool):
         width = self._trim(b.input_ids, b.attention_mask)
-        out = self.model.token_logprobs(
-            b.input_ids[:, :width], b.attention_mask[:, :width], num_mtp=num_mtp,
-            mtp_backbone_grad=backbone_grad, mtp_lm_head_grad=lm_head_grad, with_entropy=entropy,
-            # The bonus needs a differentiable entropy; as a metric it stays gradient-free.
-            entropy_grad=entropy and self.cfg.entropy_coef > 0,
-        )
+        # bf16 autocast (GPU) covers the forward only: the log-probs come out float32
+        # (model._token_logprobs_from_hidden upcasts the logits) and backward runs outside it.
+        with self.placement.autocast():
+            out = self.model.token_logprobs(
+                b.input_ids[:, :width], b.attention_mask[:, :width], num_mtp=num_mtp,
+                mtp_backbone_grad=backbone_grad, mtp_lm_head_grad=lm_head_grad, with_entropy=entropy,
+                # The bonus needs a differentiable entropy; as a metric it stays gradient-free.
+                entropy_grad=entropy and self.cfg.entropy_coef > 0,
+            )
         return out, width
 
-    @torch.no_grad()
     def old_logprobs(self, b: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """π_old for the whole batch, once per update: (K, B, T) target-aligned head log-probs
-        (main + the K−1 MTP heads MPO needs) and the main head's entropy (B, T)."""
+        """π_old for the whole batch: (K, B, T) target-aligned head log-probs (main + the K−1 MTP
+        heads MPO needs) and the main head's entropy (B, T), as CPU tensors on any device."""
+        old, ent = self._old_logprobs(b.to(self.device))
+        return old.cpu(), ent.cpu()
+
+    @torch.no_grad()
+    def _old_logprobs(self, b: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """`old_logprobs` of a batch already on the learner's device, left there (once per
+        update, micro-batched)."""
         bsz, t = b.input_ids.shape
-        old = torch.zeros(self.k, bsz, t)
-        ent = torch.zeros(bsz, t)
+        old = torch.zeros(self.k, bsz, t, device=self.device)
+        ent = torch.zeros(bsz, t, device=self.device)
         for s in range(0, bsz, self.cfg.micro_batch_size):
-            idx = torch.arange(s, min(s + self.cfg.micro_batch_size, bsz))
+            idx = torch.arange(s, min(s + self.cfg.micro_batch_size, bsz), device=self.device)
             out, w = self._forward(b.select(idx), self.k - 1, False, False, True)
             old[:, idx, :w] = out.logprobs[: self.k].float()
             if out.entropy is not None:
@@ -319,16 +342,18 @@ class Learner:
         """One policy update (cfg.epochs × cfg.mini_batches AdamW steps); returns flat metrics."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        kept, adv, metrics = self.prepare(batch)
+        kept, adv, metrics = self.prepare(batch.to("cpu"))  # host-side: a few (B,) tensors
         metrics["learner/version"] = float(self.version)
         if kept is None:  # every group constant or every sample empty: nothing to learn from
             metrics["optim/skipped_empty_batch"] = 1.0
             metrics["optim/steps"] = 0.0
             return metrics
+        kept, adv = kept.to(self.device), adv.to(self.device)
         self.model.train()
         t_old = time.perf_counter()
-        old, entropy = self.old_logprobs(kept)
+        old, entropy = self._old_logprobs(kept)
         resp_all = kept.response_mask.bool()
+        self.placement.synchronize()  # device work is queued: time it, not its launch
         metrics["perf/old_logprob_s"] = time.perf_counter() - t_old
         metrics["policy/entropy"] = float(entropy[resp_all].mean()) if resp_all.any() else 0.0
 
@@ -339,7 +364,7 @@ class Learner:
         optim_s = optim_cpu_s = 0.0
         grad_norms: list[float] = []
         for _epoch in range(cfg.epochs):
-            perm = torch.randperm(n, generator=gen)
+            perm = torch.randperm(n, generator=gen).to(self.device)  # host RNG: same order anywhere
             for mb in torch.tensor_split(perm, min(cfg.mini_batches, n)):
                 norm = Normaliser.of(resp_all[mb])
                 self.opt.zero_grad(set_to_none=True)
@@ -358,6 +383,7 @@ class Learner:
                     skipped += 1
                     continue
                 self.opt.step()
+                self.placement.synchronize()
                 optim_s += time.perf_counter() - t_opt
                 optim_cpu_s += time.process_time() - c_opt
                 steps += 1
@@ -366,6 +392,7 @@ class Learner:
                 for name, v in parts.items():
                     loss_st.add(name, v)
         self.opt.zero_grad(set_to_none=True)
+        self.placement.synchronize()
         self.skipped_nonfinite_total += skipped
         self.version += 1
 

@@ -8,6 +8,11 @@ A run checkpoint directory written by `save` holds ``policy/`` (the MiMo layout,
 as it is) and ``trainer.pt`` (optimiser state, learner version, torch RNG state). `restore` reads
 both back. The actor is started with ``max_restarts``: a restarted learner is the base model again,
 and the run controller restores it from its latest checkpoint (see `services.controller`).
+
+Device: the factory tells the worker whether Ray gave it a GPU (``num_gpus > 0``), which is what
+``algorithm.device='auto'`` needs to train there (`learner.device`). Whatever the device, `step`
+returns python floats, `weights` host arrays and `save` host tensors; `restore` reads a
+checkpoint onto the CPU first, so one written on a GPU loads on a CPU-only learner and back.
 """
 
 from __future__ import annotations
@@ -31,14 +36,16 @@ TRAINER_STATE = "trainer.pt"
 class LearnerWorker:
     """One process holding the policy and its optimiser."""
 
-    def __init__(self, model_path: str, algorithm: dict[str, Any], threads: int = 1, seed: int = 0) -> None:
+    def __init__(self, model_path: str, algorithm: dict[str, Any], threads: int = 1, seed: int = 0,
+                 gpus: float = 0) -> None:
         torch.set_num_threads(max(1, int(threads)))
         torch.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
         self.model_path = model_path
-        self.model = load_policy(model_path)
-        self.learner = Learner(self.model, AlgorithmConfig.model_validate(algorithm))
+        self.gpu_assigned = gpus > 0
+        self.model = load_policy(model_path)  # on the host; the Learner moves it to its device
+        self.learner = Learner(self.model, AlgorithmConfig.model_validate(algorithm), self.gpu_assigned)
         self._tokenizer = None
 
     def ping(self) -> int:
@@ -95,13 +102,14 @@ class LearnerWorker:
         if ckpt_dir is None:
             fresh = load_policy(self.model_path)
             self.model.load_state_dict(fresh.state_dict())
-            self.learner = Learner(self.model, self.learner.cfg)
+            self.learner = Learner(self.model, self.learner.cfg, self.gpu_assigned)
         else:
             ckpt = Path(ckpt_dir)
             fresh = load_policy(ckpt / "policy")
             self.model.load_state_dict(fresh.state_dict())
-            state = torch.load(ckpt / TRAINER_STATE, weights_only=False)
-            self.learner = Learner(self.model, self.learner.cfg)
+            # map to the host: AdamW's load_state_dict moves its state to the parameters' device
+            state = torch.load(ckpt / TRAINER_STATE, weights_only=False, map_location="cpu")
+            self.learner = Learner(self.model, self.learner.cfg, self.gpu_assigned)
             if state.get("optimizer") is not None:
                 self.learner.opt.load_state_dict(state["optimizer"])
             self.learner.version = int(state["version"])
@@ -124,4 +132,5 @@ def create_learner_actor(model_path: str, algorithm: dict[str, Any], *, threads:
                                 runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(threads)))}})
     if scheduling_strategy is not None:
         opts["scheduling_strategy"] = scheduling_strategy
-    return ray.remote(LearnerWorker).options(**opts).remote(model_path, algorithm, threads, seed)
+    return ray.remote(LearnerWorker).options(**opts).remote(model_path, algorithm, threads, seed,
+                                                            gpus=num_gpus)
