@@ -54,6 +54,13 @@ def _numbers(metrics: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if not k.startswith("perf/")}
 
 
+# On OCC's first mini-batch π_θ = π_old, so λ is float noise (~1e-7) whose sign depends on the
+# device's rounding; it decides which side of the clip the MTP tokens fall (their clip fraction)
+# and, through AdamW's g/(|g|+ε), the direction of the MTP modules' first update. Only the
+# backbone's update and the other metrics are comparable across devices there.
+_DEVICE_NOISE = ("mtp/clip_frac/",)
+
+
 # ---------------------------------------------------------------- resolution (everywhere)
 def test_auto_stays_on_the_cpu_unless_a_gpu_is_assigned_and_present(monkeypatch):
     assert resolve_placement() == CPU_FP32
@@ -121,9 +128,13 @@ def test_cuda_fp32_step_matches_the_cpu_step(name):
     m_cpu, m_gpu = _numbers(cpu.step(_batch())), _numbers(gpu.step(_batch()))
     assert m_cpu.keys() == m_gpu.keys()
     for k in m_cpu:
+        if name == "occ" and k.startswith(_DEVICE_NOISE):
+            continue
         assert math.isclose(m_cpu[k], m_gpu[k], rel_tol=1e-3, abs_tol=1e-5), (k, m_cpu[k], m_gpu[k])
-    d_cpu = torch.cat([(p.detach() - b).flatten() for p, b in zip(cpu.model.parameters(), before)])
-    d_gpu = torch.cat([(p.detach().cpu() - b).flatten() for p, b in zip(gpu.model.parameters(), before)])
+    n = sum(1 for _ in cpu.model.backbone.parameters()) if name == "occ" else len(before)
+    d_cpu = torch.cat([(p.detach() - b).flatten() for p, b in zip(cpu.model.parameters(), before[:n])])
+    d_gpu = torch.cat([(p.detach().cpu() - b).flatten()
+                       for p, b in zip(gpu.model.parameters(), before[:n])])
     assert (d_gpu - d_cpu).norm() <= 1e-2 * d_cpu.norm()  # the same update, to rounding
 
 
