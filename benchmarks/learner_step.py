@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/learner_step.py                      # SmolLM2-135M + 4 MTP, CPU
     .venv/bin/python benchmarks/learner_step.py --tiny --repeats 3   # quick check on a tiny model
+    python benchmarks/learner_step.py --device cuda --shape qwen2-1.5b --batch 16 --prompt 128 \
+        --response 384                                                # a random 1.5B model on a GPU
 
 One run, one fixed batch (seeded; B samples of prompt P + response R tokens), the same model
 weights for every configuration. Each configuration is one `Learner.step` (π_old recompute +
@@ -25,7 +27,17 @@ with the main head's, so its backward runs once either way). The last line is a 
 
 Model: `--model DIR` (a MiMo-layout checkpoint from `mtprl model import-smollm2`). If it has fewer
 than 4 MTP modules, fresh ones are attached with `PolicyModel.from_backbone` — timing does not
-depend on their values.
+depend on their values. `--shape NAME` builds a random model of a known shape instead (no
+checkpoint needed, e.g. on a GPU machine without the GGUF): `smollm2-135m`, or `qwen2-1.5b`
+(R1-Distill-Qwen-1.5B's config, the MPO paper's model: hidden 1536, 28 layers, vocabulary 151936,
+untied head), each with 4 MTP modules.
+
+GPU (`--device cuda`, bf16 autocast by default; `--precision fp32` for float32): the model is
+built on the GPU, every step is bracketed by `torch.cuda.synchronize()` (the learner also
+synchronises before reading its own clocks), ratios use wall time, peak memory is
+`torch.cuda.max_memory_allocated` over each configuration's steps (reset before each; the
+weights, gradients and AdamW state shared by all configurations are included), and
+`achieved_tflops` divides the counted FLOPs (`step_flops` × tokens) by the median step time.
 """
 
 from __future__ import annotations
@@ -58,7 +70,36 @@ CONFIGS = {
 }
 
 
+#: Random-model shapes (`--shape`): Hugging Face config fields of the named models.
+SHAPES: dict[str, dict] = {
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5,
+                         max_position_embeddings=8192),
+    # deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B (Qwen2 architecture), the MPO paper's policy
+    "qwen2-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                       num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                       tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-6,
+                       max_position_embeddings=131072),
+}
+
+
+def build_shape(name: str, device: torch.device):
+    """A random `PolicyModel` of shape `name` + 4 MTP modules, built directly on `device` (a 2B
+    model is initialised on a GPU in seconds, on one CPU core in minutes)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from learner.model import PolicyModel
+
+    torch.manual_seed(0)
+    with device:
+        backbone = Qwen2ForCausalLM(Qwen2Config(**SHAPES[name]))
+        return PolicyModel.from_backbone(backbone, 4)
+
+
 def load_model(args):
+    if args.shape:
+        return build_shape(args.shape, args.placement.device)
     if args.tiny:
         from learner.tiny import make_tiny_model
 
@@ -90,7 +131,8 @@ def make_batch(vocab: int, b: int, p: int, r: int) -> TrainBatch:
 
 def make_cfg(name: str, args) -> AlgorithmConfig:
     return AlgorithmConfig(algorithm="grpo", lr=1e-6, micro_batch_size=args.micro_batch,
-                           mini_batches=args.mini_batches, **CONFIGS[name])
+                           mini_batches=args.mini_batches, device=args.device,
+                           precision=args.precision, **CONFIGS[name])
 
 
 def step_flops(cfg, t: int, name: str) -> float:
@@ -139,10 +181,41 @@ def measure_memory(name: str, args) -> None:
     print(json.dumps({"peak_mb": _rss_kb("VmHWM") / 1024, "base_mb": base / 1024}))
 
 
+def profile_step(lrn, batch, args) -> None:
+    """One step under torch.profiler; the table of the most expensive device kernels (and the
+    host's ops) goes to `args.profile`, for finding where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    args.placement.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        lrn.step(batch)
+        args.placement.synchronize()
+    wall = time.perf_counter() - t0
+    avg = prof.key_averages()
+    with open(args.profile, "w") as f:
+        f.write(f"{args.profile_config}: one profiled step, {wall:.3f} s wall\n")
+        keys = ("self_device_time_total", "self_cuda_time_total") if torch.cuda.is_available() else ()
+        for key in (*keys, "self_cpu_time_total"):
+            try:
+                f.write(avg.table(sort_by=key, row_limit=30) + "\n")
+                break
+            except (AttributeError, KeyError, ValueError):
+                continue
+        f.write(avg.table(sort_by="cpu_time_total", row_limit=20) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=".cache/models/smollm2-mtp")
     ap.add_argument("--tiny", action="store_true", help="tiny random model (development)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                    help="random model of this shape (+4 MTP) instead of --model")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
+                    help="where the learner runs (auto: cuda if available)")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="auto: bf16 autocast on cuda, fp32 on cpu")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--response", type=int, default=48)
@@ -156,8 +229,16 @@ def main() -> None:
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                     help="what the ratios use: the step's CPU time (one thread) or wall time")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--profile", default=None, metavar="FILE",
+                    help="after timing, profile one step of --profile-config (torch.profiler) and "
+                    "write its kernel table to FILE")
+    ap.add_argument("--profile-config", choices=sorted(CONFIGS), default="ppo")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    from learner.device import resolve_placement
+
+    args.placement = resolve_placement(args.device, args.precision, gpu_assigned=True)
+    args.device, args.precision = args.placement.device.type, args.placement.precision
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_child:
@@ -172,18 +253,29 @@ def main() -> None:
     shared_opt = learners["ppo"].opt  # one AdamW state for the shared weights, not five
     for lrn in learners.values():
         lrn.opt = shared_opt
-    for n, lrn in learners.items():  # warm-up (allocator, AdamW state)
+    on_gpu = args.placement.device.type == "cuda"
+    for n, lrn in learners.items():  # warm-up (allocator, AdamW state, kernel selection)
         lrn.step(batch)
     times: dict[str, list[float]] = {n: [] for n in CONFIGS}
     cpu: dict[str, list[float]] = {n: [] for n in CONFIGS}
     cpu_model: dict[str, list[float]] = {n: [] for n in CONFIGS}  # CPU time less clip + AdamW
+    gpu_peak: dict[str, int] = {n: 0 for n in CONFIGS}
+    phases: dict[str, dict[str, list[float]]] = {n: {"old_logprob_s": [], "optim_s": []} for n in CONFIGS}
     for rep in range(args.repeats):
         for n, lrn in learners.items():
+            if on_gpu:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             t0, c0 = time.perf_counter(), time.process_time()
             m = lrn.step(batch)
+            args.placement.synchronize()
             times[n].append(time.perf_counter() - t0)
             cpu[n].append(time.process_time() - c0)
             cpu_model[n].append(cpu[n][-1] - m["perf/optim_cpu_s"])
+            for k in phases[n]:
+                phases[n][k].append(m["perf/" + k])
+            if on_gpu:
+                gpu_peak[n] = max(gpu_peak[n], torch.cuda.max_memory_allocated())
         print(f"round {rep + 1}/{args.repeats}: " +
               ", ".join(f"{n} {times[n][-1]:.2f}s/{cpu[n][-1]:.2f}cpu" for n in CONFIGS),
               file=sys.stderr, flush=True)
@@ -191,11 +283,11 @@ def main() -> None:
     cpu_med = {n: statistics.median(v) for n, v in cpu.items()}
     # Ratios use the step's CPU time when torch runs one thread: on shared cores, wall time also
     # counts the time other jobs hold the core. `--clock wall` uses wall time instead.
-    med = cpu_med if (args.clock == "cpu" and torch.get_num_threads() == 1) else wall
+    med = cpu_med if (args.clock == "cpu" and torch.get_num_threads() == 1 and not on_gpu) else wall
     model_med = {n: statistics.median(v) for n, v in cpu_model.items()}
 
     mem: dict[str, dict] = {}
-    if not args.no_memory:
+    if not args.no_memory and not on_gpu:
         child = [sys.executable, __file__, *sys.argv[1:]]
         for n in CONFIGS:
             out = subprocess.run(child + ["--memory-child", n], capture_output=True, text=True,
@@ -205,7 +297,11 @@ def main() -> None:
     t = args.prompt + args.response
     flops = {n: step_flops(model.config, t, n) for n in CONFIGS}
     result = {
-        "model": "tiny" if args.tiny else "SmolLM2-135M+4MTP",
+        "model": args.shape or ("tiny" if args.tiny else "SmolLM2-135M+4MTP"),
+        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+        "precision": args.precision,
+        "torch": torch.__version__,
         "shape": {"batch": args.batch, "prompt": args.prompt, "response": args.response,
                   "micro_batch": args.micro_batch, "mini_batches": args.mini_batches},
         "threads": torch.get_num_threads(),
@@ -223,7 +319,21 @@ def main() -> None:
         "occ_flop_ratio": round(flops["occ"] / flops["detach"], 3),
         "occ_h1_over_detach_h1": round(med["occ_h1"] / med["detach_h1"], 3),
         "occ_h1_flop_ratio": round(flops["occ_h1"] / flops["detach_h1"], 3),
+        # π_old pass and clip+AdamW, medians (the learner's own perf/ metrics; synchronised on GPU)
+        "median_phase_s": {n: {k: round(statistics.median(v), 4) for k, v in ph.items()}
+                           for n, ph in phases.items()},
     }
+    if on_gpu:
+        tokens = args.batch * t
+        result["achieved_tflops"] = {n: round(flops[n] * tokens / wall[n] / 1e12, 1) for n in CONFIGS}
+        result["gpu_peak_gib"] = {n: round(v / 2**30, 2) for n, v in gpu_peak.items()}
+        result["peak_mem_ratio_mpo_k5_over_ppo"] = round(gpu_peak["mpo_k5"] / gpu_peak["ppo"], 3)
+        result["peak_mem_ratio_occ_over_detach"] = round(gpu_peak["occ"] / gpu_peak["detach"], 3)
+        # > 0: the caching allocator ran out and freed its cache to retry (slow, a sign of memory
+        # pressure from the configurations' different peaks)
+        result["cuda_alloc_retries"] = int(torch.cuda.memory_stats().get("num_alloc_retries", 0))
+    if args.profile:
+        profile_step(learners[args.profile_config], batch, args)
     if mem:
         result["peak_mb"] = {n: round(m["peak_mb"], 1) for n, m in mem.items()}
         result["peak_mem_ratio_mpo_k5_over_ppo"] = round(mem["mpo_k5"]["peak_mb"] /
