@@ -17,6 +17,18 @@ class EngineConfig(BaseModel):
         le=8,
         description="Tokens drafted per step by MTP module 1 (applied recursively when > 1); 0 turns drafting off.",
     )
+    draft_vocab_size: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Score only the N most frequent tokens in the drafter's LM head (0 = the full vocabulary; see "
+            "rollout.draft_vocab). Output is unchanged (the target verifies over the full vocabulary); "
+            "drafting gets cheaper, acceptance can drop when the subset misses tokens."
+        ),
+    )
+    draft_vocab_path: str | None = Field(
+        None, description="Token ranking (JSON, token_ids by frequency); default <model>/draft_vocab.json."
+    )
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32", description="Weights and activations; float32 keeps vLLM's log-probs equal to the learner's."
     )

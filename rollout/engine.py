@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from rollout.config import EngineConfig, SamplingConfig
+from rollout.draft_vocab import install_draft_vocab, read_draft_vocab, refresh_draft_vocab
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -312,6 +313,11 @@ class RolloutEngine:
         self.llm.generate([{"prompt_token_ids": [0, 1, 2]}], SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)
         self.startup_seconds = time.perf_counter() - t0
         sharing = self.llm.collective_rpc(_module_sharing)
+        self.draft_vocab_size = 0
+        if c.draft_vocab_size and c.num_speculative_tokens:
+            ids = read_draft_vocab(c.model, c.draft_vocab_size, c.draft_vocab_path)
+            self.llm.collective_rpc(install_draft_vocab, args=(ids,))
+            self.draft_vocab_size = len(ids)
         self._shared_head = c.num_speculative_tokens > 0 and all(x["drafter_shares"] for x in sharing)
         self._tied = all(x["tied"] for x in sharing)
         self.last_update_bytes = 0
@@ -508,6 +514,8 @@ class RolloutEngine:
                 self.llm.collective_rpc(_reload_target, args=(target,))
             if self.config.num_speculative_tokens > 0 and drafter:
                 self.llm.collective_rpc(_reload_drafter, args=(drafter,))
+            if self.draft_vocab_size:  # the head is shared with the target: it changed with either
+                self.llm.collective_rpc(refresh_draft_vocab)
             # Cached prefixes were computed with the old weights.
             self.llm.reset_prefix_cache()
             self.policy_version = version
@@ -523,6 +531,7 @@ class RolloutEngine:
             "engine_id": self.engine_id,
             "pid": os.getpid(),
             "torch_threads": torch.get_num_threads(),
+            "draft_vocab_size": self.draft_vocab_size,
         }
 
     # ---- test hooks ----------------------------------------------------------------------------

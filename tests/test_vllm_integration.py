@@ -115,13 +115,17 @@ def _counting_policy(seed: int = 0):
     return m, tok
 
 
-def test_warmed_up_head_raises_acceptance(ray_session, tmp_path):
-    """Self-distillation warm-up: the drafter learns what the policy writes, so acceptance rises far
-    above a random head's; pushing the new heads into the running engine is what changes it."""
+@pytest.fixture(scope="module")
+def warm_counting(ray_session, tmp_path_factory):
+    """The counting policy before and after a self-distillation warm-up of its MTP head, measured in
+    one engine (the warm head pushed live); the warm checkpoint is saved with its draft-vocabulary
+    ranking (rollout.draft_vocab) counted from the policy's own answers to the training prompts."""
     from learner.checkpoint import save_policy
+    from rollout.draft_vocab import write_draft_vocab
 
     policy, tok = _counting_policy()
-    ckpt = save_policy(policy, tmp_path / "counting", tokenizer=tok)
+    root = tmp_path_factory.mktemp("counting")
+    ckpt = save_policy(policy, root / "counting", tokenizer=tok)
     engine = create_engine_actor({"model": str(ckpt), "num_speculative_tokens": 1, "max_model_len": 256, "kv_cache_gib": 0.1})
     try:
         rng = random.Random(0)
@@ -129,7 +133,6 @@ def test_warmed_up_head_raises_acceptance(ray_session, tmp_path):
         held, train = prompts[:16], prompts[16:]
         sampling = {"n": 1, "temperature": 0.0, "max_tokens": 32}
         base = ray_session.get(engine.generate.remote(held, sampling))
-        assert base.samples[0].token_ids[1] == base.samples[0].token_ids[0] + 1  # it counts
         data = ray_session.get(engine.generate.remote(train, sampling))
         res = warmup_mtp(
             policy,
@@ -137,12 +140,53 @@ def test_warmed_up_head_raises_acceptance(ray_session, tmp_path):
             WarmupConfig(epochs=5, batch_size=16, lr=1e-2, loss="ce"),
             progress=False,
         )
-        assert res.heldout_ce_after < res.heldout_ce_before
         ray_session.get(engine.update_weights.remote(1, list(iter_export_tensors(policy, mtp_only=True))))
         warm = ray_session.get(engine.generate.remote(held, sampling))
     finally:
         ray_session.kill(engine)
+    warm_ckpt = save_policy(policy, root / "counting-warm", tokenizer=tok)
+    write_draft_vocab(warm_ckpt, [s.token_ids for s in data.samples], source="test: counting policy answers")
+    return {"held": held, "sampling": sampling, "base": base, "warm": warm, "res": res, "ckpt": warm_ckpt}
+
+
+def test_warmed_up_head_raises_acceptance(warm_counting):
+    """Self-distillation warm-up: the drafter learns what the policy writes, so acceptance rises far
+    above a random head's; pushing the new heads into the running engine is what changes it."""
+    base, warm, res = warm_counting["base"], warm_counting["warm"], warm_counting["res"]
+    assert base.samples[0].token_ids[1] == base.samples[0].token_ids[0] + 1  # it counts
+    assert res.heldout_ce_after < res.heldout_ce_before
     assert [s.token_ids for s in warm.samples] == [s.token_ids for s in base.samples]  # still lossless
     print(f"counting policy acceptance: random head {base.spec.acceptance_rate:.3f} → warmed-up {warm.spec.acceptance_rate:.3f}")
     assert base.spec.acceptance_rate < 0.1
     assert warm.spec.acceptance_rate >= 0.7, (base.spec, warm.spec)
+
+
+def test_pruned_draft_vocabulary_keeps_outputs_and_acceptance(ray_session, warm_counting, tmp_path):
+    """A drafter restricted to the tokens the policy writes accepts as often as the full one; one
+    restricted to tokens it never writes drafts nothing useful. Outputs never change: the target
+    verifies over the full vocabulary."""
+    import json
+
+    held, sampling, warm, ckpt = (warm_counting[k] for k in ("held", "sampling", "warm", "ckpt"))
+    ranked = json.loads((ckpt / "draft_vocab.json").read_text())["token_ids"]
+    used = {t for s in warm.samples for t in s.token_ids}
+    elsewhere = tmp_path / "elsewhere.json"
+    unused = [t for t in range(512) if t not in used]  # the tiny tokenizer's vocabulary
+    assert len(unused) >= 32
+    elsewhere.write_text(json.dumps({"token_ids": unused}))
+    out = {}
+    for name, extra in (("covering", {"draft_vocab_size": len(ranked)}),
+                        ("elsewhere", {"draft_vocab_size": len(unused), "draft_vocab_path": str(elsewhere)})):
+        engine = create_engine_actor({"model": str(ckpt), "num_speculative_tokens": 1, "max_model_len": 256,
+                                      "kv_cache_gib": 0.1, **extra})
+        try:
+            assert ray_session.get(engine.info.remote())["draft_vocab_size"] == extra["draft_vocab_size"]
+            out[name] = ray_session.get(engine.generate.remote(held, sampling))
+        finally:
+            ray_session.kill(engine)
+    for batch in out.values():
+        assert [s.token_ids for s in batch.samples] == [s.token_ids for s in warm.samples]
+    print({k: round(b.spec.acceptance_rate, 3) for k, b in out.items()}, "full:", round(warm.spec.acceptance_rate, 3))
+    assert abs(out["covering"].spec.acceptance_rate - warm.spec.acceptance_rate) <= 0.05
+    assert out["elsewhere"].spec.acceptance_rate <= 0.02
+
