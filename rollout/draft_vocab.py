@@ -22,8 +22,6 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import torch
-
 DRAFT_VOCAB_FILE = "draft_vocab.json"
 
 
@@ -72,6 +70,8 @@ def install_draft_vocab(worker, token_ids: list[int]) -> int:
     """Replace the drafter's ``compute_logits`` with one over ``token_ids`` only; returns the full
     vocabulary size. Logits outside the subset are -inf, so the proposer's argmax (and a
     probabilistic draft's softmax) stays inside it."""
+    import torch
+
     model = worker.model_runner.drafter.model
     ids = torch.tensor(token_ids, dtype=torch.long)
     vocab = int(model.lm_head.org_vocab_size)
@@ -80,7 +80,7 @@ def install_draft_vocab(worker, token_ids: list[int]) -> int:
     model._draft_ids = ids
     model._draft_weight = model.lm_head.weight.detach()[ids].clone()
 
-    def compute_logits(hidden_states: torch.Tensor, spec_step_idx: int = 0) -> torch.Tensor:
+    def compute_logits(hidden_states, spec_step_idx: int = 0):
         sub = hidden_states.to(model._draft_weight.dtype) @ model._draft_weight.T
         out = sub.new_full((hidden_states.shape[0], vocab), float("-inf"))
         out[:, model._draft_ids] = sub

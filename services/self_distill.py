@@ -8,7 +8,8 @@ The pipeline (used by `mtprl model warmup` and the demo):
 5. push the new heads into the *running* engine (a live weight update, no restart) and answer the
    held-out prompts again: the acceptance rate after warm-up, and a check that greedy outputs are
    unchanged (drafting is lossless);
-6. write the warmed-up checkpoint atomically.
+6. write the warmed-up checkpoint atomically, with the ranking of the tokens of those answers
+   (``draft_vocab.json``, for a pruned drafter vocabulary: `rollout.draft_vocab`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pydantic import BaseModel, Field
 from learner.checkpoint import iter_export_tensors, load_policy, save_policy
 from learner.warmup import WarmupConfig, warmup_mtp
 from rollout.config import EngineConfig, SamplingConfig
+from rollout.draft_vocab import write_draft_vocab
 from rollout.engine import RolloutEngine
 
 
@@ -84,6 +86,9 @@ def run_self_distill(model_dir: str | Path, out_dir: str | Path, cfg: SelfDistil
         f"(heads loaded live in {sync_s:.2f}s; greedy outputs unchanged: {lossless})"
     )
     save_policy(policy, out_dir, tokenizer=engine.tokenizer)
+    # The drafter-vocabulary ranking (rollout.draft_vocab) from the same answers the heads learnt.
+    answers = [s.token_ids for s in data.samples if s.token_ids]
+    write_draft_vocab(out_dir, answers, source=f"self-distill answers: {cfg.task}, {len(answers)} samples")
     return {
         "model": str(model_dir),
         "out": str(out_dir),

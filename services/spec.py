@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from learner.config import AlgorithmConfig
+from rollout.draft_vocab import DRAFT_VOCAB_FILE
 
 #: Datasets a run can name. `jsonl:PATH` is the user's own file (GSM8K/MATH/MBPP layouts).
 REASONING_GYM_TASKS = ("basic_arithmetic", "chain_sum", "gsm_symbolic")
@@ -102,6 +103,9 @@ class RolloutSpec(_Strict):
         description="Tokens drafted per step by MTP module 1 (recursively). 0 = no speculative "
         "decoding; > 0 needs a model with MTP modules.",
     )
+    draft_vocab_size: int = Field(
+        0, ge=0, description="Drafter scores only the N most frequent tokens of the model's draft_vocab.json "
+        "(written by `mtprl model warmup`; rollout.draft_vocab). 0 = full vocabulary. Output is unchanged.")
     max_model_len: int = Field(1024, gt=0, description="Longest prompt + response of an engine.")
     kv_cache_gib: float = Field(0.5, gt=0, description="KV-cache size per engine (host memory on CPU).")
 
@@ -227,6 +231,10 @@ def spec_problems(spec: RunSpec) -> list[dict[str, Any]]:
         err(("rollout", "num_speculative_tokens"),
             "speculative decoding drafts with MTP module 1 but the model has none; use 0",
             spec.rollout.num_speculative_tokens)
+    if spec.rollout.draft_vocab_size and not (Path(spec.model.path) / DRAFT_VOCAB_FILE).is_file():
+        err(("rollout", "draft_vocab_size"),
+            f"a pruned drafter vocabulary needs the token ranking {Path(spec.model.path) / DRAFT_VOCAB_FILE} "
+            "(`mtprl model warmup` writes it); use 0 for the full vocabulary", spec.rollout.draft_vocab_size)
     if not out:
         try:  # the learner's own rule set, in case it grows beyond the checks above
             alg.check_against_model(n)

@@ -182,6 +182,15 @@ def test_speculative_tokens_need_mtp_heads(api, tmp_path):
     assert r.json()["detail"][0]["loc"] == ["body", "rollout", "num_speculative_tokens"]
 
 
+def test_a_pruned_draft_vocabulary_needs_its_ranking(api, model_dir):
+    spec = spec_for(model_dir)
+    spec["rollout"]["draft_vocab_size"] = 2048
+    r = api.post("/v1/runs", json=spec)
+    assert r.status_code == 422
+    err = r.json()["detail"][0]
+    assert err["loc"] == ["body", "rollout", "draft_vocab_size"] and "mtprl model warmup" in err["msg"]
+
+
 @pytest.mark.parametrize("method, path", [
     ("GET", "/v1/runs/nope"), ("POST", "/v1/runs/nope/pause"), ("POST", "/v1/runs/nope/resume"),
     ("POST", "/v1/runs/nope/cancel"), ("GET", "/v1/runs/nope/metrics"),
