@@ -22,8 +22,15 @@ thread count (1 vs 2 on the 2-core machine) on n = 0 and n = 1 at batch 8. The e
 ``--threads`` (default 1, what a Ray engine actor with num_cpus=1 gets): on the shared, loaded
 2-core machine two OpenMP threads measured ~3x slower than one.
 
+With ``--draft-vocab N[,M]`` the run adds an n = 1 engine per size whose drafter scores only the N
+most frequent tokens (`rollout.draft_vocab`; label ``n1-dvN``). The ranking is the model's
+``draft_vocab.json`` when it has one, else it is counted here from the n = 0 engine's answers to
+other prompts of the task (``--draft-vocab-prompts``, not the measured ones); the coverage of the
+measured n = 0 answers by each subset is printed.
+
 The last line is a JSON object with ``speedup`` (n=1 over n=0 at batch 8), ``acceptance_rate`` and
-``mean_acceptance_length`` (n=1, batch 8) and the whole table.
+``mean_acceptance_length`` (n=1, batch 8), ``speedup_draft_vocab``/``acceptance_draft_vocab`` (per
+size, batch 8) and the whole table.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,60 +89,81 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="engine torch threads (1 = a Ray actor's default)")
     ap.add_argument("--no-diagnostics", action="store_true", help="skip the greedy and thread-count runs")
+    ap.add_argument("--draft-vocab", default="", help="comma-separated pruned drafter vocabulary sizes (n=1 engines)")
+    ap.add_argument("--draft-vocab-prompts", type=int, default=128,
+                    help="prompts answered by n=0 to rank tokens when the model has no draft_vocab.json")
     args = ap.parse_args()
 
     batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
-    ns = [int(x) for x in args.spec_tokens.split(",")]
+    base_cfg = {"model": args.model, "max_model_len": 768, "kv_cache_gib": 0.5, "max_num_seqs": max(batch_sizes),
+                "seed": args.seed, "num_threads": args.threads}
+    configs: dict[str, dict] = {f"n{n}": {"num_speculative_tokens": n} for n in (int(x) for x in args.spec_tokens.split(","))}
+    dv_sizes = [int(x) for x in args.draft_vocab.split(",")] if args.draft_vocab else []
     default_threads = args.threads
-    engines: dict[int, RolloutEngine] = {}
-    for n in ns:
-        engines[n] = RolloutEngine(
-            {
-                "model": args.model,
-                "num_speculative_tokens": n,
-                "max_model_len": 768,
-                "kv_cache_gib": 0.5,
-                "max_num_seqs": max(batch_sizes),
-                "seed": args.seed,
-                "num_threads": args.threads,
-            }
-        )
-        print(f"engine n={n} up in {engines[n].startup_seconds:.1f}s", flush=True)
-    tok = engines[ns[0]].tokenizer
+    engines: dict[str, RolloutEngine] = {}
+    for label, extra in configs.items():
+        engines[label] = RolloutEngine({**base_cfg, **extra})
+        print(f"engine {label} up in {engines[label].startup_seconds:.1f}s", flush=True)
+    tok = next(iter(engines.values())).tokenizer
     prompts = prompts_for(tok, max(batch_sizes), args.seed + 1)
 
     def sampling(b: int, temperature: float = args.temperature) -> dict:
         return {"n": 1, "temperature": temperature, "max_tokens": args.max_tokens, "seed": args.seed + b}
 
+    diag: dict = {}
+    if dv_sizes:
+        from rollout.draft_vocab import DRAFT_VOCAB_FILE, coverage, read_draft_vocab, write_draft_vocab
+
+        ranking = Path(args.model) / DRAFT_VOCAB_FILE
+        if not ranking.is_file():  # count it from the plain engine's answers to other prompts
+            other = prompts_for(tok, args.draft_vocab_prompts, args.seed + 1000)
+            answers = engines["n0"].generate(other, {**sampling(0), "seed": args.seed + 7}).samples
+            ranking = write_draft_vocab(Path(tempfile.mkdtemp(prefix="draft-vocab-")),
+                                        [a.token_ids for a in answers], source="spec_decode.py n0 answers")
+        measured = [a.token_ids for a in engines["n0"].generate(prompts[:8], sampling(8)).samples]
+        for size in dv_sizes:
+            label = f"n1-dv{size}"
+            engines[label] = RolloutEngine({**base_cfg, "num_speculative_tokens": 1, "draft_vocab_size": size,
+                                            "draft_vocab_path": str(ranking)})
+            configs[label] = {"num_speculative_tokens": 1, "draft_vocab_size": size}
+            cov = coverage(read_draft_vocab(args.model, size, ranking), measured)
+            diag.setdefault("draft_vocab_coverage_b8", {})[label] = round(cov, 4)
+            print(f"engine {label} up in {engines[label].startup_seconds:.1f}s; "
+                  f"covers {cov:.4f} of the n0 answers at batch 8 ({ranking})", flush=True)
+
     # Warm-up: one small batch per engine (first-step costs, allocator).
     for e in engines.values():
         e.generate(prompts[:2], sampling(2))
 
-    rates: dict[tuple[int, int], list[float]] = {}
-    cpu_rates: dict[tuple[int, int], list[float]] = {}
-    spec: dict[tuple[int, int], SpecStats] = {}
-    tokens: dict[tuple[int, int], int] = {}
+    rates: dict[tuple[str, int], list[float]] = {}
+    cpu_rates: dict[tuple[str, int], list[float]] = {}
+    spec: dict[tuple[str, int], SpecStats] = {}
+    tokens: dict[tuple[str, int], int] = {}
     for b in batch_sizes:
         for r in range(args.repeats):
-            for n in ns:
-                tps, s, ntok, cps = run_once(engines[n], prompts[:b], sampling(b))
-                rates.setdefault((n, b), []).append(tps)
-                cpu_rates.setdefault((n, b), []).append(cps)
-                spec[(n, b)] = spec[(n, b)] + s if (n, b) in spec else s
-                tokens[(n, b)] = tokens.get((n, b), 0) + ntok
-                print(f"batch {b:>2} n={n} repeat {r}: {tps:7.1f} tok/s {cps:7.1f} tok/cpu-s  acceptance {s.acceptance_rate:.3f}", flush=True)
+            for label in configs:
+                tps, s, ntok, cps = run_once(engines[label], prompts[:b], sampling(b))
+                rates.setdefault((label, b), []).append(tps)
+                cpu_rates.setdefault((label, b), []).append(cps)
+                spec[(label, b)] = spec[(label, b)] + s if (label, b) in spec else s
+                tokens[(label, b)] = tokens.get((label, b), 0) + ntok
+                print(f"batch {b:>2} {label:>9} repeat {r}: {tps:7.1f} tok/s {cps:7.1f} tok/cpu-s  "
+                      f"acceptance {s.acceptance_rate:.3f}", flush=True)
 
     table = []
     for b in batch_sizes:
-        base = statistics.median(rates[(0, b)]) if (0, b) in rates else None
-        cbase = statistics.median(cpu_rates[(0, b)]) if (0, b) in rates else None
-        for n in ns:
-            tps = statistics.median(rates[(n, b)])
-            cps = statistics.median(cpu_rates[(n, b)])
-            s = spec[(n, b)]
+        base = statistics.median(rates[("n0", b)]) if ("n0", b) in rates else None
+        cbase = statistics.median(cpu_rates[("n0", b)]) if ("n0", b) in rates else None
+        for label, extra in configs.items():
+            n = extra["num_speculative_tokens"]
+            tps = statistics.median(rates[(label, b)])
+            cps = statistics.median(cpu_rates[(label, b)])
+            s = spec[(label, b)]
             row = {
                 "batch": b,
+                "config": label,
                 "n": n,
+                "draft_vocab_size": extra.get("draft_vocab_size", 0),
                 "tokens_per_s": round(tps, 1),
                 "speedup_vs_n0": round(tps / base, 3) if base else None,
                 "tokens_per_cpu_s": round(cps, 1),
@@ -144,37 +173,42 @@ def main() -> None:
                 "accepted_per_position": [round(a / s.num_drafts, 3) for a in s.accepted_per_pos] if s.num_drafts else [],
                 "step_cost_ratio": round(base * s.mean_acceptance_length / tps, 3) if base and n else None,
                 "cpu_step_cost_ratio": round(cbase * s.mean_acceptance_length / cps, 3) if cbase and n else None,
-                "mean_response_tokens": round(tokens[(n, b)] / (b * args.repeats), 1),
+                "mean_response_tokens": round(tokens[(label, b)] / (b * args.repeats), 1),
             }
             table.append(row)
             print(json.dumps(row), flush=True)
 
-    diag: dict = {}
-    if not args.no_diagnostics and 1 in engines and 8 in batch_sizes:
-        greedy = [run_once(engines[1], prompts[:8], sampling(8, 0.0))[1] for _ in range(1)]  # noqa: F841
-        g = greedy[0]
-        diag["greedy_b8_n1"] = {"acceptance_rate": round(g.acceptance_rate, 3), "mean_acceptance_length": round(g.mean_acceptance_length, 3)}
+    if not args.no_diagnostics and "n1" in engines and 8 in batch_sizes:
+        for label in [x for x in configs if x.startswith("n1")]:
+            g = run_once(engines[label], prompts[:8], sampling(8, 0.0))[1]
+            key = "greedy_b8_n1" if label == "n1" else f"greedy_b8_{label}"
+            diag[key] = {"acceptance_rate": round(g.acceptance_rate, 3), "mean_acceptance_length": round(g.mean_acceptance_length, 3)}
         threads: dict[str, list[float]] = {}
         for r in range(args.repeats):
             for t in sorted({1, 2, default_threads}):
                 set_threads(t)
-                for n in (0, 1):
-                    if n in engines:
-                        threads.setdefault(f"threads{t}_n{n}", []).append(run_once(engines[n], prompts[:8], sampling(8))[0])  # wall
+                for label in ("n0", "n1"):
+                    if label in engines:
+                        threads.setdefault(f"threads{t}_{label}", []).append(run_once(engines[label], prompts[:8], sampling(8))[0])  # wall
         set_threads(default_threads)
         diag["threads_b8_tokens_per_s"] = {k: round(statistics.median(v), 1) for k, v in threads.items()}
         diag["default_threads"] = default_threads
         print(json.dumps(diag), flush=True)
 
-    def pick(n: int, b: int) -> dict:
-        return next(r for r in table if r["n"] == n and r["batch"] == b)
+    def pick(label: str, b: int) -> dict:
+        return next(r for r in table if r["config"] == label and r["batch"] == b)
 
-    ref = pick(1, 8) if (1, 8) in rates else table[0]
+    have = ("n1", 8) in rates and ("n0", 8) in rates
+    ref = pick("n1", 8) if ("n1", 8) in rates else table[0]
     result = {
-        "speedup": pick(1, 8)["speedup_vs_n0"] if (1, 8) in rates and (0, 8) in rates else None,
-        "cpu_speedup": pick(1, 8)["cpu_speedup_vs_n0"] if (1, 8) in rates and (0, 8) in rates else None,
+        "speedup": pick("n1", 8)["speedup_vs_n0"] if have else None,
+        "cpu_speedup": pick("n1", 8)["cpu_speedup_vs_n0"] if have else None,
         "acceptance_rate": ref["acceptance_rate"],
         "mean_acceptance_length": ref["mean_acceptance_length"],
+        "speedup_draft_vocab": {f"n1-dv{v}": pick(f"n1-dv{v}", 8)["speedup_vs_n0"] for v in dv_sizes if 8 in batch_sizes},
+        "cpu_speedup_draft_vocab": {f"n1-dv{v}": pick(f"n1-dv{v}", 8)["cpu_speedup_vs_n0"] for v in dv_sizes
+                                    if 8 in batch_sizes},
+        "acceptance_draft_vocab": {f"n1-dv{v}": pick(f"n1-dv{v}", 8)["acceptance_rate"] for v in dv_sizes if 8 in batch_sizes},
         "model": args.model,
         "temperature": args.temperature,
         "max_tokens": args.max_tokens,
