@@ -8,7 +8,12 @@ Naming: a reported key ``a/b/c`` becomes the gauge ``mtprl_a_b_c{run_id=…}``; 
 ``head<k>`` becomes the label ``head="<k>"`` instead (k ≥ 1 = MTP head k; the main head's
 metrics carry no head label), and a name ending in ``_s`` / ``_per_s`` ends in ``_seconds`` /
 ``_per_second`` (Prometheus base units): ``reward/latency_p95_s`` →
-``mtprl_reward_latency_p95_seconds``.
+``mtprl_reward_latency_p95_seconds``. All run metrics are gauges, and a gauge must not end in
+``_total`` (Prometheus's counter suffix): ``loss/total`` becomes ``mtprl_loss``, and any other
+name ending in ``_total`` ends in ``_cumulative`` instead — the run loop's accounting
+``loop/<counter>_total`` → ``mtprl_loop_<counter>_cumulative``
+(``loop/faults_rollout_total`` → ``mtprl_loop_faults_rollout_cumulative``). They stay gauges, not
+counters: a learner rollback restores the group accounting from a checkpoint, so they can fall.
 Every key a run reports is exported, so new learner metrics need no change here;
 :data:`METRIC_CATALOG` lists the keys DESIGN.md asks for (the Grafana dashboard uses them, the
 synthetic run reports all of them, and the tests check each one reaches Prometheus).
@@ -39,7 +44,8 @@ class MetricDef:
 #: producers use: the learner (`learner/step.py`: loss/, ratio/, mtp/, optim/, policy/, batch/,
 #: perf/), the rollout engines (`rollout/engine.py`: rollout/spec_*), the reward actors
 #: (`reward/actors.py`: reward/outcome/*, reward/latency_*), and the run controller (rollout
-#: throughput, stale-group drops, weight sync, policy version).
+#: throughput, stale-group drops, weight sync, policy version, and the loop's own loop/* metrics:
+#: idle fractions, buffer depth, step wall time, group accounting and fault counts).
 METRIC_CATALOG: tuple[MetricDef, ...] = (
     MetricDef("loss/total", "Total loss of the optimiser step."),
     MetricDef("ratio/clip_frac", "Fraction of response tokens whose (main-head or MPO block) ratio was clipped."),
@@ -75,9 +81,30 @@ METRIC_CATALOG: tuple[MetricDef, ...] = (
     MetricDef("reward/outcome/error", "Verifications that errored."),
     MetricDef("reward/outcome/sandbox_violation", "Code samples stopped by the sandbox."),
     MetricDef("policy_version", "Policy version after the step."),
+    # the run loop itself (services/controller.py), per step ...
+    MetricDef("loop/idle_frac_rollout", "Fraction of the step's wall time with no generation call outstanding."),
+    MetricDef("loop/idle_frac_reward", "Fraction of the step's wall time with no scoring call outstanding."),
+    MetricDef("loop/idle_frac_learner", "Fraction of the step's wall time with no learner call outstanding."),
+    MetricDef("loop/buffer_groups", "Scored groups buffered for the learner (buffer depth) at the step's end."),
+    MetricDef("loop/inflight_groups", "Groups being generated or scored at the step's end."),
+    MetricDef("loop/engines", "Rollout engines in the run."),
+    MetricDef("loop/step_wall_s", "Wall-clock seconds of the step (since the previous report, or the resume)."),
+    MetricDef("loop/trained_samples_per_s", "Trained samples (responses) per second of wall time over the step."),
+    MetricDef("loop/groups_dropped_constant", "Groups dropped this step because all their rewards were equal (DAPO)."),
+    # ... and its accounting since the run started (gauges: a rollback restores the first four)
+    MetricDef("loop/dispatched_total", "Groups dispatched for generation since the run started."),
+    MetricDef("loop/trained_total", "Groups trained on since the run started (redone groups counted once)."),
+    MetricDef("loop/dropped_stale_total", "Groups dropped for exceeding max_staleness since the run started."),
+    MetricDef("loop/dropped_constant_total", "Groups dropped for constant rewards since the run started."),
+    MetricDef("loop/faults_rollout_total", "Rollout-engine faults (dead engines) since the run started."),
+    MetricDef("loop/faults_reward_total", "Reward-actor faults (dead reward actors) since the run started."),
+    MetricDef("loop/faults_learner_total", "Learner faults (each one rolls the run back) since the run started."),
+    MetricDef("loop/redispatched_total", "Groups queued again (lost with an engine, or their generation cancelled) since the run started."),
+    MetricDef("loop/rolled_back_total", "Trained groups undone by learner rollbacks since the run started."),
 )
 
-# Gauges must not end in _total (a counter suffix); the policy version is a run attribute.
+# Gauges must not end in _total (a counter suffix): loss/total is the loss, any other ..._total
+# becomes ..._cumulative (see the module doc). The policy version is a run attribute.
 _RENAME = {"mtprl_loss_total": "mtprl_loss", "mtprl_policy_version": "mtprl_run_policy_version"}
 _HEAD = re.compile(r"^head(\d+)$")
 _BAD = re.compile(r"[^a-zA-Z0-9_]")
@@ -96,7 +123,10 @@ def prom_name(key: str) -> tuple[str, str | None]:
     # Prometheus base units: ..._per_s -> ..._per_second, ..._s -> ..._seconds
     name = re.sub(r"_per_s$", "_per_second", name)
     name = re.sub(r"_s$", "_seconds", name)
-    return _RENAME.get(name, name), head
+    name = _RENAME.get(name, name)
+    if name.endswith("_total"):
+        name = name.removesuffix("_total") + "_cumulative"
+    return name, head
 
 
 _HELP = {d.prom_name: d.help for d in METRIC_CATALOG}

@@ -40,6 +40,7 @@ def synthetic_metrics(step: int, total: int, heads: int, rng: random.Random) -> 
     accepted = int(drafted * min(0.95, 0.55 + 0.3 * x + noise(0.02)))
     correct = int(round(acc * g))
     timeouts = rng.randint(0, 1)
+    wall = abs(1.0 + noise(0.1)) + 0.05  # seconds per step
     m: dict[str, float] = {
         "loss/total": 0.5 * math.exp(-2 * x) + noise(0.02),
         "ratio/clip_frac": abs(0.02 + noise(0.003)),
@@ -70,7 +71,30 @@ def synthetic_metrics(step: int, total: int, heads: int, rng: random.Random) -> 
         "reward/outcome/error": 0.0,
         "reward/outcome/sandbox_violation": 0.0,
         "policy_version": float(step),
+        # the run loop's own metrics (services/controller.py): a learner-bound async loop
+        "loop/idle_frac_rollout": min(1.0, abs(0.3 + noise(0.05))),
+        "loop/idle_frac_reward": min(1.0, abs(0.9 + noise(0.03))),
+        "loop/idle_frac_learner": min(1.0, abs(0.05 + noise(0.02))),
+        "loop/buffer_groups": float(rng.randint(0, 8)),
+        "loop/inflight_groups": float(rng.randint(4, 16)),
+        "loop/engines": 2.0,
+        "loop/step_wall_s": wall,
+        "loop/trained_samples_per_s": g / wall,
+        "loop/groups_dropped_constant": float(rng.randint(0, 1)),
     }
+    # cumulative accounting, consistent with itself: dispatched = trained + dropped + in flight
+    trained, stale, constant = step * 4, step // 10, step // 7
+    m.update({
+        "loop/dispatched_total": float(trained + stale + constant + m["loop/inflight_groups"] + m["loop/buffer_groups"]),
+        "loop/trained_total": float(trained),
+        "loop/dropped_stale_total": float(stale),
+        "loop/dropped_constant_total": float(constant),
+        "loop/faults_rollout_total": float(step // 40),
+        "loop/faults_reward_total": float(step // 60),
+        "loop/faults_learner_total": float(step // 100),
+        "loop/redispatched_total": float(2 * (step // 40)),
+        "loop/rolled_back_total": float(3 * (step // 100)),
+    })
     for d in METRIC_CATALOG:
         if not d.per_head:
             continue

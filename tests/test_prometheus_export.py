@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import shutil
 import subprocess
 
@@ -23,9 +24,35 @@ from services.synthetic_run import synthetic_metrics
     ("policy_version", "mtprl_run_policy_version", None),
     ("weird key/with-dash.x", "mtprl_weird_key_with_dash_x", None),
     ("optim/steps", "mtprl_optim_steps", None),  # not a seconds suffix
+    ("loop/idle_frac_learner", "mtprl_loop_idle_frac_learner", None),
+    ("loop/step_wall_s", "mtprl_loop_step_wall_seconds", None),
+    ("loop/trained_samples_per_s", "mtprl_loop_trained_samples_per_second", None),
+    # other gauges ending in _total: ..._cumulative
+    ("loop/faults_rollout_total", "mtprl_loop_faults_rollout_cumulative", None),
+    ("loop/dispatched_total", "mtprl_loop_dispatched_cumulative", None),
+    ("optim/skipped_nonfinite_total", "mtprl_optim_skipped_nonfinite_cumulative", None),
 ])
 def test_prom_name(key, name, head):
     assert prom_name(key) == (name, head)
+
+
+def test_catalog_names_are_valid_distinct_gauge_names():
+    names = [d.prom_name for d in METRIC_CATALOG]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    assert len({d.key for d in METRIC_CATALOG}) == len(METRIC_CATALOG)
+    for d in METRIC_CATALOG:
+        assert re.fullmatch(r"mtprl_[a-z][a-z0-9_]*[a-z0-9]", d.prom_name), d.key
+        assert "__" not in d.prom_name, d.key
+        assert not d.prom_name.endswith(("_total", "_count", "_sum", "_bucket")), d.key  # reserved suffixes
+        assert d.help.strip(), d.key
+
+
+def test_synthetic_keys_do_not_collide():
+    """Two reported keys never land on one series (the run loop's keys included)."""
+    m = synthetic_metrics(7, 10, 3, random.Random(0))
+    series = [prom_name(k) for k in m]
+    assert len(series) == len(set(series))
+    assert {d.key for d in METRIC_CATALOG if d.key.startswith("loop/")} <= m.keys()
 
 
 def _exposition() -> str:
