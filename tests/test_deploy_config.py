@@ -148,14 +148,45 @@ def test_dashboard_has_the_issues_panels_and_covers_the_metric_catalog():
     for needed in ("Reward and accuracy", "Clip fraction per head", "λₜ per head", "ĉₜ per head",
                    "v̂ₜ² per head", "Importance-ratio variance", "KL and entropy", "Tokens/s",
                    "Speculative decoding", "Staleness", "Weight-sync time", "Reward outcomes",
-                   "Reward latency"):
+                   "Reward latency", "Idle fraction per actor kind", "Buffer depth and in-flight groups",
+                   "Throughput (trained samples/s)", "Step wall time", "Group accounting",
+                   "Faults and recoveries"):
         assert needed in titles, needed
+    assert "Loop" in {p["title"] for p in _panels(dash["panels"]) if p["type"] == "row"}
     exprs = " ".join(t["expr"] for p in panels for t in p["targets"])
     used = set(re.findall(r"mtprl_[a-z0-9_]+", exprs))
     for d in METRIC_CATALOG:
         assert d.prom_name in used, f"{d.key} ({d.prom_name}) has no panel"
     per_head = {p["title"] for p in panels if any("{{head}}" in t.get("legendFormat", "") for t in p["targets"])}
     assert {"Clip fraction per head", "λₜ per head", "ĉₜ per head", "v̂ₜ² per head"} <= per_head
+
+
+def _exported_names() -> set[str]:
+    """Every metric name /metrics can serve: the catalog's, and the run-state and API families."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from services.metrics_export import ApiMetrics, render_runs
+    from services.registry import RunRecord
+
+    api = ApiMetrics()
+    api.observe("GET", "/healthz", 200, 0.001)
+    run = RunRecord(id="r", state="running", spec={}, step=1, total_steps=2, last_report_at=1.7e9)
+    out: list[str] = []
+    api.render(out)
+    render_runs(out, [run], {"running": 1})
+    names = {s.name for f in text_string_to_metric_families("".join(out)) for s in f.samples}
+    return names | {d.prom_name for d in METRIC_CATALOG}
+
+
+def test_every_dashboard_metric_is_exported():
+    """No panel queries a name that nothing exports (a typo, or a key renamed by the exporter)."""
+    known = _exported_names()
+    for path in DASHBOARDS:
+        dash = json.loads(path.read_text())
+        for p in _panels(dash["panels"]):
+            for t in p.get("targets", []):
+                for name in re.findall(r"\b(mtprl_[a-zA-Z0-9_]+)", t["expr"]):
+                    assert name in known, f"{path.name}: panel {p['title']!r} queries {name}, which is not exported"
 
 
 def test_control_plane_docs_exist():

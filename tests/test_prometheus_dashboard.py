@@ -13,6 +13,7 @@ import httpx
 import pytest
 import yaml
 
+from services.metrics_export import METRIC_CATALOG
 from services.registry import EmbeddedRedis
 from test_api_support import ApiServer, free_port, gcs_address, make_model_dir, spec_for, wait_for
 
@@ -116,6 +117,22 @@ def test_every_dashboard_expression_returns_data(stack):
         if "$run_id" in expr:  # per-run panels show only the selected run
             assert all(s["metric"].get("run_id") == rid for s in result), (title, result)
     assert not empty, f"dashboard expressions without data: {empty}"
+
+
+def test_every_catalog_metric_reaches_prometheus(stack):
+    """Each key of METRIC_CATALOG, run-loop ones included, is scraped under its exported name."""
+    prom, rid = stack["prom"], stack["run_id"]
+    wait_for(lambda: query(prom, f'mtprl_run_step{{run_id="{rid}"}} >= 2'), 40, what="2 steps in prometheus")
+    missing = []
+    for d in METRIC_CATALOG:
+        result = query(prom, f'{d.prom_name}{{run_id="{rid}"}}')
+        if not any(math.isfinite(float(s["value"][1])) for s in result):
+            missing.append((d.key, d.prom_name))
+        elif d.per_head:  # the model of this run has 2 MTP heads
+            assert {s["metric"].get("head") for s in result} == {str(h) for h in range(d.heads_from, 3)}, d.key
+        else:
+            assert all("head" not in s["metric"] for s in result), d.key
+    assert not missing, f"catalog metrics missing in prometheus: {missing}"
 
 
 def test_per_head_series_carry_a_head_label(stack):
