@@ -246,6 +246,11 @@ def test_dapo_dynamic_sampling_drops_uniform_groups_and_refills(tiny_ckpt, toy_d
     assert c["dispatched"] == c["trained"] + c["dropped_stale"] + c["dropped_constant"] + c["unused"]
     assert c["trained"] == 16 and len(set(res.trained)) == 16
     assert sum(h["loop/groups_dropped_constant"] for h in res.history) <= c["dropped_constant"]
+    from services.metrics_export import METRIC_CATALOG  # the dashboard's Loop row
+
+    loop_keys = {d.key for d in METRIC_CATALOG if d.key.startswith("loop/")}
+    assert all(loop_keys <= h.keys() for h in res.history), loop_keys - res.history[-1].keys()
+    assert res.history[-1]["loop/trained_total"] == 16 and res.history[-1]["loop/engines"] == 1
 
 
 def test_cli_train_runs_a_spec_file_and_resumes(ray_session, tiny_ckpt, toy_data, tmp_path):
