@@ -33,9 +33,10 @@ Determinism: given the same model state, batch and config, the update is bit-for
 on CPU (no dropout in the policy; the only randomness is the seeded mini-batch shuffle). On a GPU
 it agrees with the CPU to float32 rounding (fp32) or bf16 rounding (bf16), not bit for bit.
 
-OCC on-policy: the first mini-batch of an update sees π_θ = π_old, so δ_RL ≈ 0 and λ ≈ 0 (exactly
-0 when the micro-batch matches the π_old pass's; otherwise float noise of ~1e-7). With
-`mini_batches=1, epochs=1` OCC therefore never trains the heads; use ≥ 2 mini-batches or epochs.
+OCC on-policy: until the update's first optimiser step π_θ = π_old, so δ_RL = 0 and λ = 0; the
+learner sets δ_RL to exactly 0 there rather than using the recomputed log-ratio, whose float noise
+(~1e-7) AdamW would amplify into noise-driven steps of the heads. With `mini_batches=1, epochs=1`
+OCC therefore never trains the heads; use ≥ 2 mini-batches or epochs.
 """
 
 from __future__ import annotations
@@ -228,9 +229,10 @@ class Learner:
 
     # ------------------------------------------------------------------ loss of a micro-batch
     def _micro_loss(self, b: TrainBatch, adv: torch.Tensor, old: torch.Tensor,
-                    norm: Normaliser, st: _Stats, parts: dict[str, float]) -> torch.Tensor:
+                    norm: Normaliser, st: _Stats, parts: dict[str, float], at_old: bool = False) -> torch.Tensor:
         """Loss of one micro-batch (a share of the mini-batch loss); adds diagnostics to `st`
-        and loss parts (summed over the mini-batch's micro-batches) to `parts`."""
+        and loss parts (summed over the mini-batch's micro-batches) to `parts`. ``at_old``: no
+        optimiser step yet in this update, so θ = θ_old and δ_RL is 0 by construction."""
         cfg = self.cfg
 
         def part(name: str, value: torch.Tensor) -> None:
@@ -263,7 +265,11 @@ class Learner:
         lam = None
         if n_mtp > 0:
             with torch.no_grad():
-                d_rl = ell0.detach()
+                # At θ = θ_old, δ_RL = 0 exactly (Eq. 13 gives λ = 0); the recomputed log-ratio is
+                # float noise (~1e-7, sign by rounding) that AdamW's normalisation would turn into
+                # learning-rate-sized steps of the MTP heads in a noise direction (seen: head-1
+                # clip fraction 0.16 on CPU vs 0.21 on CUDA after one update).
+                d_rl = torch.zeros_like(ell0) if at_old else ell0.detach()
                 d_mtp = lp[1 : 1 + n_mtp].detach() - old_main.unsqueeze(0)  # (H', B, w)
                 if self.need_lambda:
                     if cfg.occ.estimator == "paper":
@@ -372,7 +378,7 @@ class Learner:
                 parts: dict[str, float] = {}
                 for micro in torch.split(mb, cfg.micro_batch_size):
                     sub = kept.select(micro)
-                    loss = self._micro_loss(sub, adv[micro], old[:, micro], norm, st, parts)
+                    loss = self._micro_loss(sub, adv[micro], old[:, micro], norm, st, parts, at_old=steps == 0)
                     loss.backward()
                     step_loss += float(loss.detach())
                 t_opt, c_opt = time.perf_counter(), time.process_time()

@@ -165,6 +165,35 @@ def test_later_mini_batches_see_moved_ratios_and_nonzero_lambda():
     assert abs(m["mtp/lambda/head1"]) > 1e-4
 
 
+def test_occ_lambda_is_exactly_zero_until_the_first_optimiser_step(monkeypatch):
+    """θ = θ_old until the update's first AdamW step: λ must be 0 exactly there, not the float noise
+    of a recomputed log-ratio (micro-batches that differ from the π_old pass's give ~1e-7), which
+    AdamW would amplify into learning-rate-sized steps of the heads."""
+    import learner.step as step_mod
+
+    seen = []
+    real = step_mod.occ_lambda_paper
+
+    def spy(d_rl, *a, **kw):
+        out = real(d_rl, *a, **kw)
+        seen.append(out.lam.clone())
+        return out
+
+    monkeypatch.setattr(step_mod, "occ_lambda_paper", spy)
+    real_old = Learner._old_logprobs
+
+    def noisy_old(self, batch):  # the recompute noise seen on CUDA (bit-exact on this CPU)
+        old, entropy = real_old(self, batch)
+        return old + 1e-6 * torch.randn(old.shape, generator=torch.Generator().manual_seed(1)), entropy
+
+    monkeypatch.setattr(Learner, "_old_logprobs", noisy_old)
+    cfg = AlgorithmConfig(lr=1e-2, mtp_regime="occ", mini_batches=2, micro_batch_size=3)
+    Learner(_model(), cfg).step(_batch())
+    n_micro = math.ceil(4 / 3)  # micro-batches of the first mini-batch (8 samples / 2)
+    assert all(torch.equal(lam, torch.zeros_like(lam)) for lam in seen[:n_micro])
+    assert any(bool((lam != 0).any()) for lam in seen[n_micro:])
+
+
 def test_stats_mean_and_variance_on_constructed_inputs():
     st = _Stats()
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
