@@ -58,10 +58,14 @@ from rollout.engine import RolloutEngine, SpecStats  # noqa: E402
 _set_num_threads = torch.set_num_threads
 
 
+TASK_CONFIG: dict = {}  # reasoning-gym basic_arithmetic options (--task-config)
+
+
 def prompts_for(tokenizer, n: int, seed: int) -> list[str]:
     from reward.datasets import reasoning_gym_items
 
-    return [it.prompt for it in reasoning_gym_items("basic_arithmetic", seed=seed, size=n, tokenizer=tokenizer)]
+    return [it.prompt for it in reasoning_gym_items("basic_arithmetic", seed=seed, size=n, tokenizer=tokenizer,
+                                                    **TASK_CONFIG)]
 
 
 def run_once(engine: RolloutEngine, prompts, sampling) -> tuple[float, SpecStats, int, float]:
@@ -92,7 +96,13 @@ def main() -> None:
     ap.add_argument("--draft-vocab", default="", help="comma-separated pruned drafter vocabulary sizes (n=1 engines)")
     ap.add_argument("--draft-vocab-prompts", type=int, default=128,
                     help="prompts answered by n=0 to rank tokens when the model has no draft_vocab.json")
+    ap.add_argument("--task-config", default="", help="basic_arithmetic options as JSON; 'demo' = the demo's task "
+                    "(acceptance is only meaningful on the policy's own prompt distribution)")
     args = ap.parse_args()
+    if args.task_config:
+        from services.cli_demo import DEMO_TASK
+
+        TASK_CONFIG.update(DEMO_TASK if args.task_config == "demo" else json.loads(args.task_config))
 
     batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
     base_cfg = {"model": args.model, "max_model_len": 768, "kv_cache_gib": 0.5, "max_num_seqs": max(batch_sizes),
@@ -210,6 +220,7 @@ def main() -> None:
                                     if 8 in batch_sizes},
         "acceptance_draft_vocab": {f"n1-dv{v}": pick(f"n1-dv{v}", 8)["acceptance_rate"] for v in dv_sizes if 8 in batch_sizes},
         "model": args.model,
+        "task_config": TASK_CONFIG,
         "temperature": args.temperature,
         "max_tokens": args.max_tokens,
         "repeats": args.repeats,
