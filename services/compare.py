@@ -192,7 +192,12 @@ def run_comparison(
     specs = regime_specs(base, list(regimes or REGIMES))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "base_spec.json").write_text(base.model_dump_json(indent=2))
+    saved = out / "base_spec.json"
+    if saved.exists() and RunSpec.model_validate_json(saved.read_text()) != base:
+        # Kept regimes would be mixed with runs of another spec in one table.
+        raise ValueError(f"{out} holds a comparison of a different base spec ({saved}); use another --out "
+                         "or remove that directory")
+    saved.write_text(base.model_dump_json(indent=2))
     max_tokens = eval_max_tokens or base.rollout.max_tokens
     log(f"starting {base.rollout.engines} rollout engine(s) and {base.reward.actors} reward actor(s), "
         f"shared by the {len(specs)} runs")

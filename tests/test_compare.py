@@ -131,3 +131,8 @@ def test_compare_trains_every_regime_evaluates_and_resumes(ray_session, toy, tmp
     assert {r: (out / r / "metrics.jsonl").stat().st_mtime_ns for r in REGIMES} == before
     assert [r.regime for r in again.rows] == ["occ", "detach"]
     assert again.rows[0].accuracy == by["occ"].accuracy  # greedy, same weights, same prompts
+
+    # Another spec into the same directory is refused before anything starts (kept rows would mix).
+    other = RunSpec.model_validate(_spec(str(ckpt), str(data), schedule={"steps": 3}))
+    with pytest.raises(ValueError, match="different base spec"):
+        run_comparison(other, out, ["occ"], progress=False, log=log.append)
