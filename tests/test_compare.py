@@ -79,6 +79,28 @@ def test_render_markdown_has_a_row_per_regime_and_the_delta():
     assert "0.400 before training" in md
 
 
+def test_cli_rejects_a_bad_regime_or_spec_before_starting_anything(tiny_ckpt, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from services.cli import _mount, app
+
+    _mount()
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(_spec(str(tiny_ckpt), str(data))))
+    out = tmp_path / "out"
+    runner = CliRunner(env={"COLUMNS": "250"})  # rich wraps error panels at the terminal width
+    res = runner.invoke(app, ["compare", str(spec), "--out", str(out), "--regimes", "detach,fancy"])
+    assert res.exit_code == 2 and "unknown regime" in res.output
+    one_mb = _spec(str(tiny_ckpt), str(data), algorithm={"mini_batches": 1, "mtp_regime": "detach"})
+    spec.write_text(yaml.safe_dump(one_mb))
+    res = runner.invoke(app, ["compare", str(spec), "--out", str(out), "--regimes", "detach,occ"])
+    assert res.exit_code == 2 and "regime 'occ'" in res.output
+    assert not out.exists()  # nothing written, no Ray started
+
+
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     from learner.tiny import make_tokenizer, write_guessing_policy, write_toy_dataset
