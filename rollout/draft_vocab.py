@@ -78,7 +78,7 @@ def install_draft_vocab(worker, token_ids: list[int]) -> int:
     if int(ids.max()) >= vocab:
         raise ValueError(f"draft vocabulary has token id {int(ids.max())} >= vocabulary size {vocab}")
     model._draft_ids = ids
-    model._draft_weight = model.lm_head.weight.detach()[ids].clone()
+    refresh_draft_vocab(worker)
 
     def compute_logits(hidden_states, spec_step_idx: int = 0):
         sub = hidden_states.to(model._draft_weight.dtype) @ model._draft_weight.T
@@ -91,9 +91,10 @@ def install_draft_vocab(worker, token_ids: list[int]) -> int:
 
 
 def refresh_draft_vocab(worker) -> bool:
-    """Re-gather the subset's head rows after a weight update (the head may have changed)."""
+    """Gather the subset's head rows (a copy: indexing with a tensor copies), at install and after
+    each weight update (the head may have changed)."""
     model = worker.model_runner.drafter.model
     if getattr(model, "_draft_ids", None) is None:
         return False
-    model._draft_weight = model.lm_head.weight.detach()[model._draft_ids].clone()
+    model._draft_weight = model.lm_head.weight.detach()[model._draft_ids]
     return True

@@ -26,7 +26,7 @@ def train(
     from pydantic import ValidationError
 
     from services.controller import RunController
-    from services.spec import RunSpec, spec_problems
+    from services.spec import RunSpec, problem_lines, spec_problems
 
     raw = yaml.safe_load(spec_file.read_text())
     try:
@@ -35,8 +35,7 @@ def train(
         raise typer.BadParameter(f"invalid run spec:\n{e}") from None
     problems = spec_problems(spec)
     if problems:
-        raise typer.BadParameter("invalid run spec:\n" + "\n".join(f"  {'.'.join(map(str, p['loc']))}: {p['msg']}"
-                                                                  for p in problems))
+        raise typer.BadParameter("invalid run spec:\n" + "\n".join(f"  {line}" for line in problem_lines(problems)))
     if ray_address:
         ray.init(address=ray_address, log_to_driver=False)
     else:  # logical CPUs: the run's actors share this machine's cores (see resources in the spec)

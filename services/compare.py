@@ -77,7 +77,7 @@ def regime_specs(base: RunSpec, regimes: list[str]) -> dict[str, RunSpec]:
         raise ValueError(f"unknown regime(s) {unknown or regimes}; choose from {', '.join(REGIMES)}")
     from pydantic import ValidationError
 
-    from services.spec import spec_problems
+    from services.spec import problem_lines, spec_problems
 
     out = {}
     for r in regimes:
@@ -90,8 +90,7 @@ def regime_specs(base: RunSpec, regimes: list[str]) -> dict[str, RunSpec]:
             raise ValueError(f"the spec cannot run regime {r!r}:\n{e}") from None
         problems = spec_problems(out[r])
         if problems:
-            raise ValueError(f"the spec cannot run regime {r!r}: "
-                             + "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in problems))
+            raise ValueError(f"the spec cannot run regime {r!r}: " + "; ".join(problem_lines(problems)))
     return out
 
 

@@ -47,11 +47,6 @@ from services.spec import DataSpec, RewardSpec, RunSpec
 Split = Literal["held_out", "train", "all"]
 
 
-def reward_actor_config(r: RewardSpec) -> dict[str, Any]:
-    """The reward actors' config a run builds from its `reward:` section (`RewardSpec.actor_config`)."""
-    return r.actor_config()
-
-
 def load_items(data: DataSpec, split: Split = "held_out", tokenizer=None) -> list[RewardItem]:
     """The items of ``data`` in ``split``, rendered as the run renders them."""
     from services import data as run_data
@@ -136,7 +131,7 @@ def evaluate(
             model=str(path), num_speculative_tokens=num_speculative_tokens, max_model_len=max_model_len,
             kv_cache_gib=kv_cache_gib, seed=seed, num_threads=num_threads, prompt_overflow="reject"))
     if scorer is None:
-        scorer = RewardScorer(reward_actor_config(reward or RewardSpec()))
+        scorer = RewardScorer((reward or RewardSpec()).actor_config())
     drafts = int(engine.config.num_speculative_tokens)
     greedy = temperature == 0
     n_gen = 1 if greedy else samples  # greedy samples are identical: generate one, count it k times

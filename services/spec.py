@@ -124,7 +124,6 @@ class RewardSpec(_Strict):
         None, description="Answer extractors tried when a completion has no \\boxed{} (None = the "
         "grader's defaults: answer_is, gsm8k_hash).")
 
-
     def actor_config(self) -> dict[str, Any]:
         """The `reward.config.RewardActorConfig` (as a dict) that grades this run's samples; the
         evaluation (`services.evaluate`) uses the same, so both grade alike."""
@@ -203,6 +202,11 @@ def read_num_mtp(model_path: str) -> int | None:
         return None
     cfg = json.loads((Path(os.path.expanduser(model_path)) / "config.json").read_text())
     return int(cfg.get("num_nextn_predict_layers", 0) or 0)
+
+
+def problem_lines(problems: list[dict[str, Any]]) -> list[str]:
+    """`spec_problems`' errors as ``loc.path: message`` lines (for a CLI or an exception)."""
+    return [f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in problems]
 
 
 def spec_problems(spec: RunSpec) -> list[dict[str, Any]]:
