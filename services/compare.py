@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
+from services.evaluate import evaluate_in_group
 from services.spec import RunSpec
 
 REGIMES = ("detach", "ce", "policy", "occ")
@@ -139,38 +140,6 @@ def render_markdown(c: Comparison) -> str:
     return "\n".join(lines) + "\n"
 
 
-class _GroupEngine:
-    """`evaluate`'s engine interface over engine 0 of an `EngineGroup` (weights already published)."""
-
-    def __init__(self, group):
-        self.group = group
-        self.config = group.config
-
-    def generate(self, prompts, sampling, seeds=None):
-        import ray
-
-        return ray.get(self.group.submit(0, prompts, sampling, seeds=seeds))
-
-    def spec_stats(self):
-        import ray
-
-        return ray.get(self.group.engines[0].spec_stats.remote())
-
-
-def _policy_tensors(model_dir: str | Path):
-    from learner.checkpoint import iter_export_tensors, load_policy
-
-    return list(iter_export_tensors(load_policy(model_dir)))
-
-
-def _evaluate(group, version: int, model_dir: str | Path, spec: RunSpec, max_tokens: int) -> dict[str, Any]:
-    from services.evaluate import evaluate
-
-    group.publish(version, _policy_tensors(model_dir))
-    return evaluate(model_dir, spec.data, samples=1, max_tokens=max_tokens, temperature=0.0, seed=spec.data.seed,
-                    reward=spec.reward, engine=_GroupEngine(group), progress=False)
-
-
 def run_comparison(
     base: RunSpec,
     out_dir: str | Path,
@@ -228,14 +197,16 @@ def run_comparison(
 
         version = 10**9  # above every run's versions: the engine reloads for each evaluation
         log(f"evaluating the base policy and {len(rows)} final policies on the held-out split")
-        before = _evaluate(group, version, base.model.path, base, max_tokens)
+        before = evaluate_in_group(group, version, base.model.path, base.data, max_tokens=max_tokens,
+                                   seed=base.data.seed, reward=base.reward)
         for row in rows:
             version += 1
             ckpt = run_checkpoint.latest(out / row.regime)
             if ckpt is None:
                 raise RuntimeError(f"the {row.regime} run has no checkpoint in {out / row.regime}")
             t0 = time.perf_counter()
-            res = _evaluate(group, version, ckpt / "policy", specs[row.regime], max_tokens)
+            res = evaluate_in_group(group, version, ckpt / "policy", base.data, max_tokens=max_tokens,
+                                    seed=base.data.seed, reward=specs[row.regime].reward)
             row.accuracy = float(res["pass_at_1"])
             row.eval_acceptance = res.get("spec_acceptance_rate")
             log(f"[{row.regime}] held-out accuracy {row.accuracy:.3f} ({time.perf_counter() - t0:.0f} s)")

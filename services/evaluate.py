@@ -215,3 +215,34 @@ def evaluate(
         out["items"] = per_item
     return out
 
+
+
+class GroupEngine:
+    """`evaluate`'s engine interface over engine 0 of a `rollout.group.EngineGroup`."""
+
+    def __init__(self, group):
+        self.group = group
+        self.config = group.config
+
+    def generate(self, prompts, sampling, seeds=None):
+        import ray
+
+        return ray.get(self.group.submit(0, prompts, sampling, seeds=seeds))
+
+    def spec_stats(self):
+        import ray
+
+        return ray.get(self.group.engines[0].spec_stats.remote())
+
+
+def evaluate_in_group(group, version: int, model_dir: str | Path, data_spec: DataSpec, *, samples: int = 1,
+                      temperature: float = 0.0, max_tokens: int = 512, seed: int = 0, split: Split = "held_out",
+                      reward: RewardSpec | None = None) -> dict[str, Any]:
+    """`evaluate` the checkpoint ``model_dir`` on an already running `EngineGroup` (e.g. the one
+    runs shared): its weights are published into the group as ``version`` first, so the engines
+    (drafter included) serve exactly that policy; no new engine is started."""
+    from learner.checkpoint import iter_export_tensors, load_policy
+
+    group.publish(version, list(iter_export_tensors(load_policy(model_dir))))
+    return evaluate(model_dir, data_spec, samples=samples, max_tokens=max_tokens, temperature=temperature,
+                    seed=seed, split=split, reward=reward, engine=GroupEngine(group), progress=False)
