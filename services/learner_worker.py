@@ -13,6 +13,11 @@ Device: the factory tells the worker whether Ray gave it a GPU (``num_gpus > 0``
 ``algorithm.device='auto'`` needs to train there (`learner.device`). Whatever the device, `step`
 returns python floats, `weights` host arrays and `save` host tensors; `restore` reads a
 checkpoint onto the CPU first, so one written on a GPU loads on a CPU-only learner and back.
+
+KL penalty (``algorithm.advantage.kl_coef > 0``): the reference policy is the model the worker
+started from, kept frozen in a second copy on the learner's device; `step` fills the batch's
+``ref_logprobs`` from it (main head, micro-batched) unless the caller gave them. Restores and
+rollbacks leave it alone: the reference stays the run's starting model.
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ class LearnerWorker:
         self.gpu_assigned = gpus > 0
         self.model = load_policy(model_path)  # on the host; the Learner moves it to its device
         self.learner = Learner(self.model, AlgorithmConfig.model_validate(algorithm), self.gpu_assigned)
+        self.ref_model = None
+        if self.learner.cfg.advantage.kl_coef > 0:
+            self.ref_model = load_policy(model_path).to(self.learner.device).eval().requires_grad_(False)
         self._tokenizer = None
 
     def ping(self) -> int:
@@ -63,7 +71,23 @@ class LearnerWorker:
         self.learner.version = int(version)
 
     def step(self, batch: TrainBatch) -> dict[str, float]:
+        if self.ref_model is not None and batch.ref_logprobs is None:
+            batch.ref_logprobs = self.ref_logprobs(batch)
         return self.learner.step(batch)
+
+    @torch.no_grad()
+    def ref_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """log π_ref(x[b, t]) under the reference's main head, (B, T) float32 on the host, aligned
+        like ``behav_logprobs`` (0 at position 0 and on padding)."""
+        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        dev, step = self.learner.device, self.learner.cfg.micro_batch_size
+        for s in range(0, batch.size, step):
+            ids, attn = batch.input_ids[s : s + step], batch.attention_mask[s : s + step]
+            w = Learner._trim(ids, attn)
+            with self.learner.placement.autocast():
+                lp = self.ref_model.token_logprobs(ids[:, :w].to(dev), attn[:, :w].to(dev), num_mtp=0).logprobs[0]
+            out[s : s + step, :w] = lp.float().cpu()
+        return out
 
     def weights(self) -> list[tuple[str, object]]:
         """Every tensor vLLM loads (target and MTP drafter), as numpy arrays for the object store."""

@@ -117,6 +117,28 @@ def test_worker_on_the_cpu_steps_saves_and_restores(tiny_ckpt, tmp_path):
     assert w.restore(str(tmp_path / "ck")) == 1
 
 
+def test_worker_with_a_kl_penalty_uses_its_starting_model_as_the_reference(tiny_ckpt):
+    """kl_coef > 0: `step` fills the batch's ref_logprobs from a frozen copy of the starting model
+    (the run controller sends none), so the run reports policy/kl_ref instead of failing."""
+    w = LearnerWorker(str(tiny_ckpt), {"mtp_regime": "none", "mini_batches": 1, "lr": 1e-2,
+                                       "advantage": {"kl_coef": 0.1}})
+    b = _batch()
+    resp = b.response_mask
+    ref0 = w.ref_logprobs(b)
+    assert ref0.shape == b.input_ids.shape and ref0.device.type == "cpu"
+    old, _ = w.learner.old_logprobs(b)  # π_θ before any update is the reference
+    assert torch.allclose(ref0[resp], old[0][resp], atol=1e-5)
+    first = w.step(_batch())
+    assert "policy/kl_ref" in first and "loss/kl" in first
+    assert abs(first["policy/kl_ref"]) < 1e-6  # measured before the step's only update
+    later = w.step(_batch(seed=1))
+    assert later["policy/kl_ref"] > 1e-4  # the update moved the policy away from the reference
+    assert torch.equal(w.ref_logprobs(b), ref0)  # the reference itself stays frozen
+    w.restore(None)  # a rollback to the start: the reference is still the starting model
+    assert torch.equal(w.ref_logprobs(b), ref0)
+    old, _ = w.learner.old_logprobs(b)
+    assert torch.allclose(ref0[resp], old[0][resp], atol=1e-5)
+
 # ---------------------------------------------------------------- on a GPU (skipped without one)
 @cuda
 @pytest.mark.parametrize("name", list(CONFIGS))
