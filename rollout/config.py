@@ -55,6 +55,20 @@ class EngineConfig(BaseModel):
             "partial-prefill sample is discarded ('CPU Generator does not use offset')."
         ),
     )
+    weight_reload: Literal["auto", "vllm", "direct_cpu"] = Field(
+        "auto",
+        description=(
+            "How update_weights loads a new policy version: 'vllm' = vLLM's in-place reload_weights (target "
+            "layer-wise, drafter mtp_layers); 'direct_cpu' = rollout.direct_reload (vLLM's CPU backend: copy and "
+            "repack each module directly; the engine refuses to start when it does not cover every parameter); "
+            "'auto' = direct_cpu where it covers the model, otherwise vllm (e.g. GPU builds)."
+        ),
+    )
+    weight_reload_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Threads packing linear weights in the direct CPU reload; None = the engine's torch threads.",
+    )
     prompt_overflow: Literal["reject", "truncate_left"] = Field(
         "reject",
         description=(

@@ -4,10 +4,13 @@
 `rollout.actor` wraps it as a Ray actor. vLLM runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)
 so weight updates can hand tensors to the worker without a copy through a socket.
 
-Weight updates (CPU and single GPU): the target model is reloaded with the worker's
-``model_runner.reload_weights`` (the CPU backend repacks linear weights at load time, so a plain
-``load_weights`` after start-up is wrong), and the drafter with vLLM's in-place ``reload_weights``
-on ``model_runner.drafter.model`` (the ``mtp_layers`` tensors plus the shared embedding and head).
+Weight updates (``EngineConfig.weight_reload``): on vLLM's CPU backend `rollout.direct_reload`
+copies and repacks each module of the target and the drafter directly (``direct_cpu``, chosen by
+``auto`` when it covers every parameter). Otherwise (GPU builds, or ``vllm``) the target model is
+reloaded with the worker's ``model_runner.reload_weights`` (the CPU backend repacks linear weights
+at load time, so a plain ``load_weights`` after start-up is wrong), and the drafter with vLLM's
+in-place ``reload_weights`` on ``model_runner.drafter.model`` (the ``mtp_layers`` tensors plus the
+shared embedding and head).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from rollout import direct_reload
 from rollout.config import EngineConfig, SamplingConfig
 from rollout.draft_vocab import install_draft_vocab, read_draft_vocab, refresh_draft_vocab
 
@@ -320,6 +324,7 @@ class RolloutEngine:
             self.draft_vocab_size = len(ids)
         self._shared_head = c.num_speculative_tokens > 0 and all(x["drafter_shares"] for x in sharing)
         self._tied = all(x["tied"] for x in sharing)
+        self.weight_reload, self.weight_reload_note = self._select_weight_reload()
         self.last_update_bytes = 0
         self.policy_version = 0
         self.engine_id = uuid.uuid4().hex[:12]  # a restarted engine gets a new one
@@ -492,6 +497,26 @@ class RolloutEngine:
         return sum(1 for t in list(self._active) if t <= upto)
 
     # ---- weights -------------------------------------------------------------------------------
+    def _select_weight_reload(self) -> tuple[str, str]:
+        """The one reload path of this engine ("direct_cpu" or "vllm") and why."""
+        mode = self.config.weight_reload
+        if mode == "vllm":
+            return "vllm", "configured"
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            reason = "not vLLM's CPU backend"
+        else:
+            shapes = direct_reload.checkpoint_shapes(self.config.model)
+            res = self.llm.collective_rpc(direct_reload.prepare, args=(shapes,))
+            bad = [r["reason"] for r in res if not r["ok"]]
+            if not bad:
+                return "direct_cpu", ", ".join(f"{k} {v}" for k, v in res[0].items() if k != "ok")
+            reason = bad[0]
+        if mode == "direct_cpu":
+            raise ValueError(f"weight_reload='direct_cpu' cannot load this engine's weights: {reason}")
+        return "vllm", f"direct reload not applicable: {reason}"
+
     def update_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor | np.ndarray]]) -> float:
         """Load MiMo-named tensors into the target and the MTP drafter; returns seconds taken.
 
@@ -510,10 +535,15 @@ class RolloutEngine:
         self.last_update_bytes = sum(t.numel() * t.element_size() for _, t in target + drafter)
         with self._lock:
             t0 = time.perf_counter()
-            if target:
-                self.llm.collective_rpc(_reload_target, args=(target,))
-            if self.config.num_speculative_tokens > 0 and drafter:
-                self.llm.collective_rpc(_reload_drafter, args=(drafter,))
+            if self.weight_reload == "direct_cpu":
+                # One call for both models; it validates the whole update before loading anything.
+                threads = self.config.weight_reload_threads or torch.get_num_threads()
+                self.llm.collective_rpc(direct_reload.reload, args=(weights, threads))
+            else:
+                if target:
+                    self.llm.collective_rpc(_reload_target, args=(target,))
+                if self.config.num_speculative_tokens > 0 and drafter:
+                    self.llm.collective_rpc(_reload_drafter, args=(drafter,))
             if self.draft_vocab_size:  # the head is shared with the target: it changed with either
                 self.llm.collective_rpc(refresh_draft_vocab)
             # Cached prefixes were computed with the old weights.
@@ -532,6 +562,8 @@ class RolloutEngine:
             "pid": os.getpid(),
             "torch_threads": torch.get_num_threads(),
             "draft_vocab_size": self.draft_vocab_size,
+            "weight_reload": self.weight_reload,
+            "weight_reload_note": self.weight_reload_note,
         }
 
     # ---- test hooks ----------------------------------------------------------------------------
