@@ -66,7 +66,9 @@ ACTION_SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
 #: Allowed sources of the transitions a run makes itself.
 RUN_SOURCES: dict[str, tuple[str, ...]] = {
     RUNNING: (PENDING,),  # the controller started
-    COMPLETED: (RUNNING,),
+    # PAUSED too: a pause that lands while the run trains its last step cannot stop anything; the
+    # run completes (else it would stay paused, its actor gone, and the reconciler would fail it)
+    COMPLETED: (RUNNING, PAUSED),
     FAILED: (PENDING, RUNNING, PAUSED),
     CANCELLED: (PENDING, RUNNING, PAUSED),
     PAUSED: (RUNNING,),

@@ -130,6 +130,21 @@ def test_transitions_follow_the_state_machine(registry, sink):
         run(registry.apply_action("no-such-run", "pause"))
 
 
+def test_a_run_paused_during_its_last_step_completes(registry, sink):
+    """The run controller finishes its last step even when a pause arrives meanwhile (nothing is
+    left to pause): its own `completed` must then win over `paused`, or the run would stay paused
+    without an actor and the reconciler would mark it failed."""
+    rid = new_id()
+    run(registry.create_run(rid, {}))
+    assert sink.set_state(rid, "running") is True
+    assert run(registry.apply_action(rid, "pause")) == "running"
+    assert sink.set_state(rid, "completed") is True
+    rec = run(registry.get_run(rid))
+    assert rec.state == "completed" and rec.finished_at
+    with pytest.raises(IllegalTransition):
+        run(registry.apply_action(rid, "resume"))
+
+
 def test_racing_transitions_exactly_one_wins(redis_server):
     """20 concurrent pauses of one running run: one succeeds, 19 see 409 (atomic Lua)."""
     async def go():
