@@ -15,14 +15,16 @@ import pytest
 
 from learner.tiny import write_toy_dataset
 from services.registry import EmbeddedRedis
-from test_api_support import ApiServer, end_run, gcs_address, real_spec, run_actor_gone, wait_for
+from test_api_support import ApiServer, end_run, gcs_address, real_spec, run_actor_gone, wait_for, wait_paused
 
 pytestmark = pytest.mark.integration
 
 
 def test_rest_full_life_cycle_of_a_real_run(ray_session, tiny_ckpt, tmp_path):
+    # 20 steps: after the first one (slow: warm-up) the pause must land before the last
+    steps = 20
     data = write_toy_dataset(tmp_path / "toy.jsonl", gold="21")
-    spec = real_spec(tiny_ckpt, data, 6, name="tiny-rest", schedule={"checkpoint_every": 3})
+    spec = real_spec(tiny_ckpt, data, steps, name="tiny-rest", schedule={"checkpoint_every": 5})
     (tmp_path / "api").mkdir()
     srv = ApiServer(tmp_path / "api", gcs_address(ray_session), launcher="controller")
     rid = None
@@ -31,17 +33,14 @@ def test_rest_full_life_cycle_of_a_real_run(ray_session, tiny_ckpt, tmp_path):
             r = api.post("/v1/runs", json=spec)
             assert r.status_code == 201, r.text
             rid = r.json()["id"]
-            assert r.json()["state"] in ("pending", "running") and r.json()["total_steps"] == 6
+            assert r.json()["state"] in ("pending", "running") and r.json()["total_steps"] == steps
             wait_for(lambda: api.get(f"/v1/runs/{rid}").json()["step"] >= 1, 180, what="first step")
             again = api.post(f"/v1/runs/{rid}/resume")
             assert again.status_code == 409 and again.json()["current_state"] == "running"
             paused = api.post(f"/v1/runs/{rid}/pause")
             assert paused.status_code == 200 and paused.json()["state"] == "paused"
-            # the controller drains, finishes the step in flight, checkpoints and waits
-            ck = wait_for(lambda: (lambda c: c if c and c["step"] >= paused.json()["step"] else None)(
-                api.get(f"/v1/runs/{rid}").json()["last_checkpoint"]), 60, what="pause checkpoint")
-            wait_for(lambda: f"paused at step {ck['step']}; checkpoint written" in api.get(
-                f"/v1/runs/{rid}/events", params={"follow": "false"}).text, 30, what="the paused log event")
+            ck = wait_paused(api, rid)  # the step in flight finished, checkpoint written, waiting
+            assert ck["step"] >= paused.json()["step"]
             assert api.get(f"/v1/runs/{rid}").json()["step"] == ck["step"]  # no progress while paused
             again = api.post(f"/v1/runs/{rid}/pause")
             assert again.status_code == 409 and again.json()["current_state"] == "paused"
@@ -49,23 +48,23 @@ def test_rest_full_life_cycle_of_a_real_run(ray_session, tiny_ckpt, tmp_path):
             done = wait_for(lambda: (lambda x: x if x["state"] in ("completed", "failed", "cancelled") else None)(
                 api.get(f"/v1/runs/{rid}").json()), 180, what="run end")
             assert done["state"] == "completed", done.get("error")
-            assert done["step"] == 6 and done["policy_version"] == 6
+            assert done["step"] == steps and done["policy_version"] == steps
             assert done["finished_at"] >= done["started_at"] >= done["created_at"]
             m = done["latest_metrics"]
             for key in ("batch/reward_mean", "rollout/spec_acceptance_rate", "mtp/lambda/head1", "sync/weight_s",
                         "loop/trained_total", "reward/latency_mean_s"):
                 assert key in m, key
-            assert m["loop/trained_total"] == 12  # 6 steps × 2 groups, each once
-            steps = [c["step"] for c in api.get(f"/v1/runs/{rid}/checkpoints").json()["data"]]
-            assert {3, 6, ck["step"]} <= set(steps) and done["last_checkpoint"]["step"] == 6
-            ckpt = tmp_path / "api" / "runs" / rid / "checkpoints" / "step-000006" / "policy"
+            assert m["loop/trained_total"] == 2 * steps  # 2 groups a step, each once
+            cks = [c["step"] for c in api.get(f"/v1/runs/{rid}/checkpoints").json()["data"]]
+            assert {5, 10, 15, 20, ck["step"]} <= set(cks) and done["last_checkpoint"]["step"] == steps
+            ckpt = tmp_path / "api" / "runs" / rid / "checkpoints" / f"step-{steps:06d}" / "policy"
             assert (ckpt / "model.safetensors").is_file()  # servable MiMo layout on disk
 
             hist = api.get(f"/v1/runs/{rid}/metrics").json()
-            assert [p["step"] for p in hist["points"]] == list(range(1, 7)) and not hist["downsampled"]
+            assert [p["step"] for p in hist["points"]] == list(range(1, steps + 1)) and not hist["downsampled"]
             small = api.get(f"/v1/runs/{rid}/metrics",
-                            params={"max_points": 3, "keys": "batch/reward_mean,loss/total"}).json()
-            assert len(small["points"]) == 3 and small["downsampled"] and small["total_points"] == 6
+                            params={"max_points": 4, "keys": "batch/reward_mean,loss/total"}).json()
+            assert len(small["points"]) == 4 and small["downsampled"] and small["total_points"] == steps
             assert all(set(p["values"]) == {"batch/reward_mean", "loss/total"} for p in small["points"])
             window = api.get(f"/v1/runs/{rid}/metrics", params={"start_step": 2, "end_step": 4}).json()
             assert [p["step"] for p in window["points"]] == [2, 3, 4]
@@ -76,7 +75,7 @@ def test_rest_full_life_cycle_of_a_real_run(ray_session, tiny_ckpt, tmp_path):
             states = [json.loads(line[5:])["data"]["to"] for line in text.splitlines()
                       if line.startswith("data:") and '"kind":"state"' in line]
             assert states == ["pending", "running", "paused", "running", "completed"]
-            assert text.count("event: step") == 6
+            assert text.count("event: step") == steps
             for action in ("pause", "resume", "cancel"):  # nothing after the end
                 r = api.post(f"/v1/runs/{rid}/{action}")
                 assert r.status_code == 409 and r.json()["current_state"] == "completed"

@@ -33,6 +33,7 @@ from test_api_support import (
     run_actor_gone,
     spec_for,
     wait_for,
+    wait_paused,
 )
 
 pytestmark = pytest.mark.integration
@@ -289,11 +290,7 @@ def test_api_restart_mid_run_loses_nothing(tmp_path, ray_address, model_dir):
             paused = api.post(f"/v1/runs/{rid}/pause")
             assert paused.status_code == 200, paused.text
             assert paused.json()["state"] == "paused" and paused.json()["step"] >= s0 + 3
-            # the controller finishes the step in flight, writes a checkpoint and says so
-            ck = wait_for(lambda: (lambda c: c if c and c["step"] >= paused.json()["step"] else None)(
-                api.get(f"/v1/runs/{rid}").json()["last_checkpoint"]), 60, what="pause checkpoint")
-            events = api.get(f"/v1/runs/{rid}/events", params={"follow": "false"}).text
-            assert f"paused at step {ck['step']}; checkpoint written" in events
+            ck = wait_paused(api, rid)  # the step in flight finished, checkpoint written, waiting
             run = api.get(f"/v1/runs/{rid}").json()
             assert run["state"] == "paused" and run["step"] == ck["step"] < steps
             assert (Path(ck["path"]) / "model.safetensors").is_file()

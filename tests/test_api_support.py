@@ -191,3 +191,21 @@ def wait_for(fn, timeout: float = 30.0, interval: float = 0.1, what: str = "cond
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}; last value: {last!r}")
+
+
+def wait_paused(api: httpx.Client, run_id: str, timeout: float = 90.0) -> dict:
+    """After a pause of a real run: wait until its controller has drained, finished the step in
+    flight (which may land after the pause request) and written the pause checkpoint, which it
+    announces with a ``log`` event; return that checkpoint (the run's ``last_checkpoint``), whose
+    step is the run's step from then until a resume."""
+    import re
+
+    def paused_at():
+        text = api.get(f"/v1/runs/{run_id}/events", params={"follow": "false"}).text
+        found = re.findall(r"paused at step (\d+); checkpoint written", text)
+        return int(found[-1]) if found else None
+
+    step = wait_for(paused_at, timeout, interval=0.2, what=f"{run_id}'s pause checkpoint")
+    ck = api.get(f"/v1/runs/{run_id}").json()["last_checkpoint"]
+    assert ck is not None and ck["step"] == step, (step, ck)
+    return ck

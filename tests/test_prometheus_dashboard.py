@@ -27,7 +27,16 @@ from learner.tiny import write_toy_dataset
 from services import run_checkpoint
 from services.metrics_export import METRIC_CATALOG
 from services.registry import EmbeddedRedis
-from test_api_support import ApiServer, end_run, free_port, gcs_address, real_spec, run_actor_gone, wait_for
+from test_api_support import (
+    ApiServer,
+    end_run,
+    free_port,
+    gcs_address,
+    real_spec,
+    run_actor_gone,
+    wait_for,
+    wait_paused,
+)
 
 pytestmark = [
     pytest.mark.integration,
@@ -104,9 +113,7 @@ def stack(tmp_path_factory, ray_session, tiny_ckpt):
         with api.client() as c:
             paused = c.post(f"/v1/runs/{rid}/pause")
             assert paused.status_code == 200 and paused.json()["state"] == "paused", paused.text
-            # the controller finishes the step in flight and checkpoints: from then on it is idle
-            ck = wait_for(lambda: (lambda x: x if x and x["step"] >= paused.json()["step"] else None)(
-                c.get(f"/v1/runs/{rid}").json()["last_checkpoint"]), 60, what="pause checkpoint")
+            ck = wait_paused(c, rid)  # the step in flight finished, checkpoint written: idle from now on
         yield {"prom": url, "run_id": rid, "api": api, "paused_step": ck["step"],
                "run_dir": data / "runs" / rid}
     finally:
