@@ -26,6 +26,17 @@ class EngineConfig(BaseModel):
             "drafting gets cheaper, acceptance can drop when the subset misses tokens."
         ),
     )
+    draft_sample_method: Literal["greedy", "probabilistic"] = Field(
+        "greedy",
+        description=(
+            "How the MTP drafter picks its tokens when sampling (temperature > 0; greedy requests always "
+            "draft the argmax): 'greedy' drafts the drafter's argmax and the target accepts it with probability "
+            "p(token); 'probabilistic' samples the draft from the drafter's own distribution q (at the request's "
+            "temperature) and accepts with min(1, p/q), resampling from max(p - q, 0) on rejection (speculative "
+            "sampling). Both leave the output distributed as the policy; 'probabilistic' accepts more at "
+            "temperature 1 when q is close to p (vLLM speculative_config.draft_sample_method)."
+        ),
+    )
     draft_vocab_path: str | None = Field(
         None, description="Token ranking (JSON, token_ids by frequency); default <model>/draft_vocab.json."
     )

@@ -290,7 +290,8 @@ class RolloutEngine:
 
         kwargs = {}
         if c.num_speculative_tokens > 0:
-            kwargs["speculative_config"] = {"method": "mtp", "num_speculative_tokens": c.num_speculative_tokens}
+            kwargs["speculative_config"] = {"method": "mtp", "num_speculative_tokens": c.num_speculative_tokens,
+                                            "draft_sample_method": c.draft_sample_method}
         t0 = time.perf_counter()
         self.llm = LLM(
             model=c.model,
@@ -562,6 +563,7 @@ class RolloutEngine:
             "pid": os.getpid(),
             "torch_threads": torch.get_num_threads(),
             "draft_vocab_size": self.draft_vocab_size,
+            "draft_sample_method": c.draft_sample_method,
             "weight_reload": self.weight_reload,
             "weight_reload_note": self.weight_reload_note,
         }

