@@ -1,23 +1,35 @@
 """Weight sync: time from the learner's state dict to a rollout engine generating with it.
 
-    .venv/bin/python benchmarks/weight_sync.py                 # SmolLM2-135M + 1 MTP head, CPU
-    .venv/bin/python benchmarks/weight_sync.py --ray           # also through the Ray object store
+    nice -n 10 .venv/bin/python benchmarks/weight_sync.py --ray    # SmolLM2-135M + 1 MTP head, CPU
+    .venv/bin/python benchmarks/weight_sync.py --reload direct_cpu --profile   # one path, + cProfile
 
-The learner (`learner.checkpoint.load_policy`, fp32) and a vLLM engine with MTP drafting (n = 1)
+The learner (`learner.checkpoint.load_policy`, fp32) and vLLM engines with MTP drafting (n = 1)
 live in one process, as on a one-machine deployment where the learner hands tensors over without
-serialisation. Each repeat perturbs the learner's weights, then times
-``RolloutEngine.update_weights(version, iter_export_tensors(policy))`` (target reload, drafter
-reload, prefix-cache reset) — ``seconds`` — and, separately, the first generated token on the
-new weights (``seconds_to_first_token`` includes the load). The log-probs of that token are checked
-against the learner's, so the time is for an engine really serving the new policy.
+serialisation. ``--reload both`` (the default) starts two engines, one per reload path
+(``EngineConfig.weight_reload``): ``direct_cpu`` (`rollout.direct_reload`: copy and repack each
+module) and ``vllm`` (vLLM's layer-wise ``reload_weights``), and times them side by side. Each repeat
+perturbs the learner's weights, then times, on each engine in turn,
+``RolloutEngine.update_weights(version, iter_export_tensors(policy))`` (reload, prefix-cache reset)
+— ``seconds`` — and, separately, the first generated token on the new weights
+(``seconds_to_first_token`` includes the load). The log-probs of that token are checked against the
+learner's, so the time is for an engine really serving the new policy. ``--pool-threads 2`` also
+times the direct reload packing its linear layers on 2 threads (``weight_reload_threads``; the
+engine itself computes on ``--threads``).
 
 The reference is one plain copy of the same bytes (the tensors the engine loads) into
 preallocated buffers, timed in the same run, interleaved with the loads: ``over_memcpy =
 seconds / memcpy_seconds`` (medians; ``over_memcpy_best`` divides the minima, the least disturbed
-by other jobs on shared cores). With ``--ray`` the transfer a multi-process deployment
-pays is added: ``ray.put`` of the tensors (as numpy arrays, `rollout.group.to_transport`: one copy
-into the object store, zero-copy reads) plus an engine actor's ``update_weights`` from the object
-reference (``ray_seconds``). The last line is a JSON object.
+by other jobs on shared cores; ``over_memcpy_paired`` is the median of each load over its own
+repeat's copy). The 2-thread reload is also divided by a 2-thread copy (two Python
+threads copying alternate tensors; ``copy_`` releases the GIL): ``over_memcpy_2threads``. Keys
+without a suffix are the first path of ``--reload`` (direct_cpu for both); ``*_vllm`` are vLLM's,
+``*_direct_2threads`` the pooled direct reload. With ``--ray`` the transfer a multi-process
+deployment pays is added: ``ray.put`` of the tensors (as numpy arrays, `rollout.group.to_transport`:
+one copy into the object store, zero-copy reads) plus an engine actor's ``update_weights`` (its
+default path, ``weight_reload: auto``) from the object reference (``ray_seconds``;
+``ray_update_inside_seconds`` is the actor's own timing of its reload). ``--profile``
+runs cProfile over one more load of the first path and prints the top functions. The last line is
+a JSON object.
 """
 
 from __future__ import annotations
@@ -42,19 +54,47 @@ from learner.checkpoint import iter_export_tensors, load_policy  # noqa: E402
 from rollout.engine import RolloutEngine  # noqa: E402
 
 
-def memcpy_seconds(tensors: list[torch.Tensor], dst: list[torch.Tensor]) -> float:
+def memcpy_seconds(tensors: list[torch.Tensor], dst: list[torch.Tensor], threads: int = 1) -> float:
+    def part(i: int) -> None:
+        for d, t in zip(dst[i::threads], tensors[i::threads]):
+            d.copy_(t)
+
     t0 = time.perf_counter()
-    for d, t in zip(dst, tensors):
-        d.copy_(t)
+    if threads == 1:
+        part(0)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(part, range(threads)))
     return time.perf_counter() - t0
 
 
-def first_token_logprob_error(engine: RolloutEngine, policy, prompt: list[int]) -> float:
+def first_token(engine: RolloutEngine, policy, prompt: list[int]) -> tuple[float, float]:
+    """Seconds of a one-token greedy generation, and |its log-prob - the learner's| (the learner's
+    forward is not timed)."""
+    t0 = time.perf_counter()
     batch = engine.generate([prompt], {"n": 1, "temperature": 0.0, "max_tokens": 1})
+    seconds = time.perf_counter() - t0
     s = batch.samples[0]
     with torch.no_grad():
         ours = policy.token_logprobs(torch.tensor([s.prompt_token_ids + s.token_ids]), num_mtp=0).logprobs[0, 0, -1]
-    return abs(ours.item() - s.logprobs[0])
+    return seconds, abs(ours.item() - s.logprobs[0])
+
+
+def summarise(loads: list[float], firsts: list[float], errors: list[float], copies: list[float], suffix: str) -> dict:
+    seconds, memcpy = statistics.median(loads), statistics.median(copies)
+    return {
+        f"seconds{suffix}": round(seconds, 4),
+        f"over_memcpy{suffix}": round(seconds / memcpy, 3),
+        f"over_memcpy_best{suffix}": round(min(loads) / min(copies), 3),  # least-disturbed of each
+        # each load over the memcpy of its own repeat (same moment's contention), median
+        f"over_memcpy_paired{suffix}": round(statistics.median(x / c for x, c in zip(loads, copies)), 3),
+        f"seconds_to_first_token{suffix}": round(statistics.median(firsts), 4),
+        f"first_token_over_memcpy{suffix}": round(statistics.median(firsts) / memcpy, 3),
+        f"max_logprob_error{suffix}": max(errors),
+        f"loads{suffix}": [round(x, 4) for x in loads],
+    }
 
 
 def main() -> None:
@@ -62,55 +102,103 @@ def main() -> None:
     ap.add_argument("--model", default=str(REPO / ".cache/models/smollm2-mtp1"))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="engine torch threads (1 = a Ray actor's default)")
+    ap.add_argument("--reload", choices=["both", "direct_cpu", "vllm"], default="both",
+                    help="reload path(s) to time (EngineConfig.weight_reload)")
+    ap.add_argument("--pool-threads", type=int, default=1,
+                    help="also time the direct reload packing on this many threads (> 1)")
+    ap.add_argument("--profile", action="store_true", help="cProfile one more load of the first path")
     ap.add_argument("--ray", action="store_true", help="also time ray.put + an engine actor's update")
     args = ap.parse_args()
 
     policy = load_policy(args.model)
-    engine = RolloutEngine(
-        {"model": args.model, "num_speculative_tokens": 1, "max_model_len": 256, "kv_cache_gib": 0.1, "num_threads": args.threads}
-    )
-    prompt = engine.apply_chat_template([{"role": "user", "content": "Calculate 17 + 25."}])
+    paths = ["direct_cpu", "vllm"] if args.reload == "both" else [args.reload]
+    cfg = {"model": args.model, "num_speculative_tokens": 1, "max_model_len": 256, "kv_cache_gib": 0.1,
+           "num_threads": args.threads}
+    engines = {p: RolloutEngine({**cfg, "weight_reload": p, "weight_reload_threads": 1}) for p in paths}
+    first = engines[paths[0]]
+    prompt = first.apply_chat_template([{"role": "user", "content": "Calculate 17 + 25."}])
+    variants = [(p, engines[p], 1) for p in paths]  # (name, engine, packing threads)
+    if args.pool_threads > 1 and "direct_cpu" in engines:
+        variants.insert(1, ("direct_2threads", engines["direct_cpu"], args.pool_threads))
 
     # The bytes the engine loads: every exported tensor once (the drafter shares the target's
     # embedding and head, so update_weights does not load those twice).
-    engine.update_weights(0, iter_export_tensors(policy))
-    nbytes = engine.last_update_bytes
+    for e in engines.values():
+        e.update_weights(0, iter_export_tensors(policy))
+        first_token(e, policy, prompt)  # one-off costs of a first generation (also the learner's)
+    plain_token = []  # the same generation without an update (prefix cache reset as by an update)
+    for _ in range(3):
+        first.llm.reset_prefix_cache()
+        plain_token.append(first_token(first, policy, prompt)[0])
+    nbytes = first.last_update_bytes
     loaded = [t for _, t in iter_export_tensors(policy)]
     assert sum(t.numel() * t.element_size() for t in loaded) == nbytes, "memcpy reference must copy the same bytes"
     dst = [torch.empty_like(t) for t in loaded]
     memcpy_seconds(loaded, dst)  # fault the destination pages in
 
-    loads, firsts, copies, errors = [], [], [], []
+    loads = {v[0]: [] for v in variants}
+    firsts = {v[0]: [] for v in variants}
+    errors = {v[0]: [] for v in variants}
+    copies, copies2 = [], []
     gen = torch.Generator().manual_seed(0)
     for r in range(args.repeats):
         with torch.no_grad():  # a new policy version: every weight changes
             for p in policy.parameters():
                 p.add_(torch.randn(p.shape, generator=gen) * 1e-3)
         copies.append(memcpy_seconds(loaded, dst))
-        t0 = time.perf_counter()
-        engine.update_weights(r + 1, iter_export_tensors(policy))
-        loads.append(time.perf_counter() - t0)
-        errors.append(first_token_logprob_error(engine, policy, prompt))
-        firsts.append(time.perf_counter() - t0)
-        print(f"repeat {r}: load {loads[-1]:.3f}s, +first token {firsts[-1]:.3f}s, memcpy {copies[-1]:.3f}s, "
-              f"log-prob error {errors[-1]:.2e}", flush=True)
+        if args.pool_threads > 1:
+            copies2.append(memcpy_seconds(loaded, dst, args.pool_threads))
+        line = [f"repeat {r}: memcpy {copies[-1]:.3f}s"] + ([f"2-thread memcpy {copies2[-1]:.3f}s"] if copies2 else [])
+        for name, engine, threads in variants:
+            engine.config.weight_reload_threads = threads
+            t0 = time.perf_counter()
+            engine.update_weights(r + 1, iter_export_tensors(policy))
+            loads[name].append(time.perf_counter() - t0)
+            token_seconds, error = first_token(engine, policy, prompt)
+            firsts[name].append(loads[name][-1] + token_seconds)
+            errors[name].append(error)
+            line.append(f"{name} load {loads[name][-1]:.3f}s (+first token {firsts[name][-1]:.3f}s, "
+                        f"log-prob error {errors[name][-1]:.1e})")
+        print("; ".join(line), flush=True)
 
-    seconds, memcpy = statistics.median(loads), statistics.median(copies)
+    memcpy = statistics.median(copies)
     result = {
-        "seconds": round(seconds, 4),
+        "reload": paths[0],
+        "seconds": None,  # filled below: the first path's keys come first
         "bytes": nbytes,
         "memcpy_seconds": round(memcpy, 4),
-        "over_memcpy": round(seconds / memcpy, 3),
-        "over_memcpy_best": round(min(loads) / min(copies), 3),  # least-disturbed of each
-        "seconds_to_first_token": round(statistics.median(firsts), 4),
-        "first_token_over_memcpy": round(statistics.median(firsts) / memcpy, 3),
-        "max_logprob_error": max(errors),
-        "gb_per_s": round(nbytes / seconds / 1e9, 3),
+        "gb_per_s": None,
         "memcpy_gb_per_s": round(nbytes / memcpy / 1e9, 3),
-        "loads": [round(x, 4) for x in loads],
-        "memcpys": [round(x, 4) for x in copies],
-        "load_average": [round(x, 1) for x in os.getloadavg()],
     }
+    for i, (name, engine, threads) in enumerate(variants):
+        suffix = "" if i == 0 else f"_{name}"
+        result.update(summarise(loads[name], firsts[name], errors[name], copies, suffix))
+    result["gb_per_s"] = round(nbytes / result["seconds"] / 1e9, 3)
+    if copies2:
+        m2 = statistics.median(copies2)
+        result.update(memcpy_2threads_seconds=round(m2, 4),
+                      over_memcpy_2threads=round(result["seconds_direct_2threads"] / m2, 3))
+    result.update(token_seconds_without_update=round(statistics.median(plain_token), 4))
+    result.update(memcpys=[round(x, 4) for x in copies], load_average=[round(x, 1) for x in os.getloadavg()])
+
+    if args.profile:
+        import cProfile
+        import io
+        import pstats
+
+        first.config.weight_reload_threads = 1
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 1e-3)
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        first.update_weights(1000, iter_export_tensors(policy))
+        prof.disable()
+        result["profiled_seconds"] = round(time.perf_counter() - t0, 4)
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(18)
+        print(out.getvalue(), flush=True)
 
     if args.ray:
         import ray
@@ -120,13 +208,13 @@ def main() -> None:
 
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
         actor = create_engine_actor({"model": args.model, "num_speculative_tokens": 1, "max_model_len": 256, "kv_cache_gib": 0.1})
-        ray.get(actor.info.remote())
-        puts, updates = [], []
+        result["ray_weight_reload"] = ray.get(actor.info.remote())["weight_reload"]
+        puts, updates, inside = [], [], []
         for r in range(args.repeats):
             t0 = time.perf_counter()
             ref = ray.put(to_transport(iter_export_tensors(policy)))
             t1 = time.perf_counter()
-            ray.get(actor.update_weights.remote(100 + r, ref))
+            inside.append(ray.get(actor.update_weights.remote(100 + r, ref)))  # the engine's own timing
             puts.append(t1 - t0)
             updates.append(time.perf_counter() - t1)
             del ref
@@ -135,6 +223,7 @@ def main() -> None:
             ray_seconds=round(ray_seconds, 4),
             ray_put_seconds=round(statistics.median(puts), 4),
             ray_update_seconds=round(statistics.median(updates), 4),
+            ray_update_inside_seconds=round(statistics.median(inside), 4),  # reload + prefix reset in the actor
             ray_over_memcpy=round(ray_seconds / memcpy, 3),
         )
         ray.shutdown()
