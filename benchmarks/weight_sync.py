@@ -225,6 +225,7 @@ def main() -> None:
             ray_update_seconds=round(statistics.median(updates), 4),
             ray_update_inside_seconds=round(statistics.median(inside), 4),  # reload + prefix reset in the actor
             ray_over_memcpy=round(ray_seconds / memcpy, 3),
+            ray_updates_inside=[round(x, 4) for x in inside],
         )
         ray.shutdown()
     print(json.dumps(result))
