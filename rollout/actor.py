@@ -7,6 +7,9 @@ the latest published weights to it (``update_weights``) before sending it work.
 The actor is threaded (``max_concurrency`` > 1) so that ``cancel`` can arrive while ``generate``
 runs: with Ray's default of one call at a time, a cancel would queue behind the batch it is meant to
 stop. The engine's own lock keeps generation and weight loading apart (see `RolloutEngine`).
+
+``cpu_nice`` (a run's ``resources.cpu_nice``): the actor lowers the CPU priority of its process
+before vLLM starts (`services.cpu_priority`), so vLLM's and OpenMP's threads inherit it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,16 @@ import ray
 
 from rollout.config import EngineConfig
 from rollout.engine import RolloutEngine
+
+
+class RolloutEngineActor(RolloutEngine):
+    """`RolloutEngine` whose process first takes the requested niceness (0: unchanged)."""
+
+    def __init__(self, config: EngineConfig | dict, cpu_nice: int = 0):
+        from services.cpu_priority import lower_cpu_priority
+
+        lower_cpu_priority(cpu_nice)
+        super().__init__(config)
 
 
 def create_engine_actor(
@@ -26,6 +39,7 @@ def create_engine_actor(
     name: str | None = None,
     namespace: str | None = None,
     scheduling_strategy=None,
+    cpu_nice: int = 0,
 ):
     """Start a rollout engine actor; returns its handle (the engine starts in the background:
     the first call waits for it)."""
@@ -47,4 +61,4 @@ def create_engine_actor(
     if cfg.num_threads:
         env["OMP_NUM_THREADS"] = str(cfg.num_threads)  # Ray would set num_cpus otherwise
     opts["runtime_env"] = {"env_vars": env}
-    return ray.remote(RolloutEngine).options(**opts).remote(cfg.model_dump())
+    return ray.remote(RolloutEngineActor).options(**opts).remote(cfg.model_dump(), cpu_nice)

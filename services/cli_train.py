@@ -26,6 +26,7 @@ def train(
     from pydantic import ValidationError
 
     from services.controller import RunController
+    from services.cpu_priority import lower_cpu_priority
     from services.spec import RunSpec, problem_lines, spec_problems
 
     raw = yaml.safe_load(spec_file.read_text())
@@ -36,6 +37,9 @@ def train(
     problems = spec_problems(spec)
     if problems:
         raise typer.BadParameter("invalid run spec:\n" + "\n".join(f"  {line}" for line in problem_lines(problems)))
+    # This process runs the run's controller (and a local Ray started below inherits it); the
+    # actors lower their own priority wherever they run.
+    lower_cpu_priority(spec.resources.cpu_nice)
     if ray_address:
         ray.init(address=ray_address, log_to_driver=False)
     else:  # logical CPUs: the run's actors share this machine's cores (see resources in the spec)

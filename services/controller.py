@@ -28,7 +28,8 @@ One thread drives everything through Ray object references (`ray.wait` on whatev
 
 Resources: a placement group with one bundle per actor (learner, engines, reward actors); CPU
 bundles here, GPU bundles on a cluster (``resources``). Injected actors (tests share engines)
-skip it.
+skip it. ``resources.cpu_nice`` goes to every actor started here, which lowers its own CPU
+priority before anything else (`services.cpu_priority`); injected ones are left as they are.
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ def start_engine_group(spec: RunSpec, strategies: list | None = None):
 
     res = spec.resources
     cfg = engine_config(spec)
-    opts = dict(num_cpus=res.cpus_per_engine, num_gpus=res.gpus_per_engine)
+    # in actor_options too: an engine the group starts to replace a dead one is niced alike
+    opts = dict(num_cpus=res.cpus_per_engine, num_gpus=res.gpus_per_engine, cpu_nice=res.cpu_nice)
     actors = [create_engine_actor(cfg, **opts, scheduling_strategy=s)
               for s in strategies or [None] * spec.rollout.engines]
     return EngineGroup(cfg, engines=actors, actor_options=opts)
@@ -159,8 +161,8 @@ def start_reward_actors(spec: RunSpec, strategies: list | None = None) -> list:
     cfg = spec.reward.actor_config()
     opts = dict(num_cpus=spec.resources.cpus_per_reward_worker, max_restarts=3, max_task_retries=0,
                 max_concurrency=cfg["max_concurrency"] + 2)
-    return [RewardActor.options(**opts, **({"scheduling_strategy": s} if s else {})).remote(cfg)
-            for s in strategies or [None] * spec.reward.actors]
+    return [RewardActor.options(**opts, **({"scheduling_strategy": s} if s else {})).remote(
+        cfg, cpu_nice=spec.resources.cpu_nice) for s in strategies or [None] * spec.reward.actors]
 
 
 class RunController:
@@ -255,7 +257,7 @@ class RunController:
             self._learner = create_learner_actor(
                 spec.model.path, spec.algorithm.model_dump(), threads=int(max(1, res.learner_cpus)),
                 seed=spec.data.seed, num_cpus=res.learner_cpus, num_gpus=res.learner_gpus,
-                scheduling_strategy=(strategies.get("learner") or [None])[0])
+                cpu_nice=res.cpu_nice, scheduling_strategy=(strategies.get("learner") or [None])[0])
             self._owned.append(self._learner)
         if self._engines is None:
             self._engines = start_engine_group(spec, strategies.get("engine"))

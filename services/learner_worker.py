@@ -18,6 +18,9 @@ KL penalty (``algorithm.advantage.kl_coef > 0``): the reference policy is the mo
 started from, kept frozen in a second copy on the learner's device; `step` fills the batch's
 ``ref_logprobs`` from it (main head, micro-batched) unless the caller gave them. Restores and
 rollbacks leave it alone: the reference stays the run's starting model.
+
+``cpu_nice`` (a run's ``resources.cpu_nice``): the worker lowers its CPU priority first
+(`services.cpu_priority`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from learner.batch import TrainBatch
 from learner.checkpoint import iter_export_tensors, load_policy, save_policy
 from learner.config import AlgorithmConfig
 from learner.step import Learner
+from services.cpu_priority import lower_cpu_priority
 
 TRAINER_STATE = "trainer.pt"
 
@@ -42,7 +46,8 @@ class LearnerWorker:
     """One process holding the policy and its optimiser."""
 
     def __init__(self, model_path: str, algorithm: dict[str, Any], threads: int = 1, seed: int = 0,
-                 gpus: float = 0) -> None:
+                 gpus: float = 0, cpu_nice: int = 0) -> None:
+        lower_cpu_priority(cpu_nice)  # before torch starts its thread pool: every thread inherits it
         torch.set_num_threads(max(1, int(threads)))
         torch.manual_seed(seed)
         random.seed(seed)
@@ -148,7 +153,7 @@ class LearnerWorker:
 
 def create_learner_actor(model_path: str, algorithm: dict[str, Any], *, threads: int = 1, seed: int = 0,
                          num_cpus: float = 1, num_gpus: float = 0, max_restarts: int = 3,
-                         scheduling_strategy: Any = None):
+                         cpu_nice: int = 0, scheduling_strategy: Any = None):
     import ray
 
     opts: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
@@ -157,4 +162,4 @@ def create_learner_actor(model_path: str, algorithm: dict[str, Any], *, threads:
     if scheduling_strategy is not None:
         opts["scheduling_strategy"] = scheduling_strategy
     return ray.remote(LearnerWorker).options(**opts).remote(model_path, algorithm, threads, seed,
-                                                            gpus=num_gpus)
+                                                            gpus=num_gpus, cpu_nice=cpu_nice)

@@ -7,6 +7,8 @@ follow the contract in docs/control-plane.md. The registry's state wins: the con
 (through the Redis sink) at every loop iteration, so a pause or cancel whose actor call was lost
 (API crash) still takes effect. Run directories: ``<runs_dir>/<run_id>`` unless the spec's
 ``checkpointing.dir`` says otherwise; a restarted actor resumes from the latest checkpoint there.
+With ``resources.cpu_nice`` the actor lowers its own CPU priority first, and so does every actor
+it starts (`services.cpu_priority`).
 """
 
 from __future__ import annotations
@@ -18,12 +20,16 @@ from typing import Any
 
 import ray
 
+from services.cpu_priority import lower_cpu_priority
 from services.registry import CANCELLED, COMPLETED, FAILED, PAUSED, RUNNING, TERMINAL_STATES, RedisSink
 
 
 @ray.remote(num_cpus=0, max_restarts=3)
 class RunActor:
     def __init__(self, run_id: str, spec: dict[str, Any], sink_config: dict[str, Any]):
+        # Before the controller's imports (torch) start any thread pool; the actors the
+        # controller creates lower their own priority (resources.cpu_nice reaches them too).
+        lower_cpu_priority(int((spec.get("resources") or {}).get("cpu_nice", 0)))
         from services.controller import RunController
 
         self.run_id = run_id

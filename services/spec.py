@@ -152,6 +152,13 @@ class ResourcesSpec(_Strict):
                                 "threads: max(1, int(learner_cpus))).")
     cpus_per_engine: float = Field(1.0, gt=0, description="CPUs reserved per rollout engine (its "
                                    "torch/OpenMP threads: max(1, int(cpus_per_engine))).")
+    cpu_nice: int = Field(
+        0, ge=0, le=19, description="Lowest CPU priority for the run: every thread of every process of "
+        "the run (its controller actor, rollout engines, learner, reward actors and the processes they "
+        "start) gets at least this Unix niceness. 0 = unchanged (Ray's own default applies: +15 on "
+        "its workers' main threads only); 19 = the lowest priority. Set 19 when the control plane "
+        "shares a machine with training, so the API answers promptly while the run uses every core; "
+        "a dedicated training node gains nothing from it. Never raises priority.")
 
 
 class ScheduleSpec(_Strict):

@@ -136,6 +136,8 @@ def test_idempotent_create(api, model_dir):
     (lambda s: s.pop("model"), ["body", "model"]),
     (lambda s: s["model"].update(path="/no/such/model"), ["body", "model", "path"]),
     (lambda s: s.update(surprise=1), ["body", "surprise"]),
+    (lambda s: s.update(resources={"cpu_nice": 20}), ["body", "resources", "cpu_nice"]),  # niceness 0..19
+    (lambda s: s.update(resources={"cpu_nice": -5}), ["body", "resources", "cpu_nice"]),  # never raises priority
 ])
 def test_invalid_specs_are_422_with_field_paths(api, model_dir, change, loc):
     spec = spec_for(model_dir)
