@@ -16,14 +16,17 @@ idle 2-core machine, a checkpoint every 100 steps); the load starts once every r
 steps (the engine takes ~20 s to start). ``--launcher synthetic``: SyntheticRunActor stand-ins
 (one step every 0.1 s, made-up values for every dashboard metric, nothing trained).
 ``training_during_load`` in the result is true when every run's step advanced during the load
-and none left the running state.
+and none left the running state. ``--run-nice N`` (default 19, recorded as ``run_nice``): the real
+runs' ``resources.cpu_nice``, i.e. the recommended single-machine deployment where training has a
+lower CPU priority than the control plane (docs/control-plane.md); ``--run-nice 0`` is the setup
+before that field (Ray's own +15 on its workers' main threads only).
 
 The load is open-loop: request i is due at
 t0 + i/rate whatever earlier requests do, and its latency counts from that due time, so a stall
 shows up in the percentiles instead of silently lowering the rate (no coordinated omission).
 Requests alternate between the two endpoints, over 32 keep-alive connections of a minimal
 HTTP/1.1 client (cheaper than httpx, so the generator steals less CPU from the server). Bounded: ``--rate`` × ``--seconds`` requests,
-loopback only. Last line: a JSON object with ``p99_ms``, ``rps``, ``launcher`` and
+loopback only. Last line: a JSON object with ``p99_ms``, ``rps``, ``launcher``, ``run_nice`` and
 ``training_during_load``.
 """
 
@@ -186,8 +189,9 @@ def _synthetic_spec(data: Path) -> dict:
             "algorithm": {"mpo": {"k": 3}}, "schedule": {"steps": 100000, "checkpoint_every": 50}}
 
 
-def _real_spec(data: Path) -> dict:
-    """A real tiny-model run that trains for as long as the load lasts (and longer)."""
+def _real_spec(data: Path, nice: int) -> dict:
+    """A real tiny-model run that trains for as long as the load lasts (and longer), every thread
+    of its processes at niceness ``nice`` or above (``resources.cpu_nice``)."""
     from learner.tiny import write_tiny_checkpoint, write_toy_dataset
 
     model = write_tiny_checkpoint(data / "model", num_mtp=2, seed=0)
@@ -201,7 +205,7 @@ def _real_spec(data: Path) -> dict:
         "rollout": {"samples_per_prompt": 4, "prompts_per_step": 2, "max_tokens": 8, "max_model_len": 256,
                     "kv_cache_gib": 0.1, "num_speculative_tokens": 1},
         "reward": {"math_fallbacks": ["last_number"], "workers": 1},
-        "resources": {"learner_cpus": 1, "cpus_per_engine": 1, "cpus_per_reward_worker": 1},
+        "resources": {"learner_cpus": 1, "cpus_per_engine": 1, "cpus_per_reward_worker": 1, "cpu_nice": nice},
         "schedule": {"steps": 100000, "max_staleness": 1, "checkpoint_every": 100},
     }
 
@@ -230,7 +234,7 @@ def self_contained(args: argparse.Namespace) -> dict:
     # a real run's placement group takes 3 logical CPUs (learner, engine, reward actor)
     ray.init(num_cpus=max(2, 3 * args.runs) if real else 2, include_dashboard=False, log_to_driver=False)
     data = Path(tempfile.mkdtemp(prefix="mtprl-bench-"))
-    spec = _real_spec(data) if real else _synthetic_spec(data)
+    spec = _real_spec(data, args.run_nice) if real else _synthetic_spec(data)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     token = "bench-token"
@@ -267,6 +271,7 @@ def self_contained(args: argparse.Namespace) -> dict:
             for r in run_ids:
                 c.post(f"/v1/runs/{r}/cancel")
         result["launcher"] = args.launcher
+        result["run_nice"] = args.run_nice if real else None
         result["training_during_load"] = all(a["state"] == "running" and a["step"] > b
                                              for a, b in zip(after, before))
         result["steps_during_load"] = [a["step"] - b for a, b in zip(after, before)]
@@ -307,6 +312,9 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=30.0, help="Load duration.")
     p.add_argument("--launcher", choices=("controller", "synthetic"), default="controller",
                    help="Self-contained mode: real tiny-model runs (controller) or the synthetic stand-in.")
+    p.add_argument("--run-nice", type=int, default=19, metavar="0..19",
+                   help="resources.cpu_nice of the real runs (default 19, the recommended setting when the "
+                        "control plane shares the machine; 0 = Ray's own default, the setup before the field).")
     p.add_argument("--runs", type=int, default=None,
                    help="Runs training during the load (default: 1 real run, or 4 synthetic ones).")
     p.add_argument("--url", help="Use a running control plane instead of starting one.")
@@ -319,6 +327,8 @@ def main() -> None:
         args.runs = 1 if args.launcher == "controller" else 4
     if args.runs < 1:
         p.error("--runs must be at least 1")
+    if not 0 <= args.run_nice <= 19:
+        p.error("--run-nice must be a Unix niceness from 0 to 19")
     load_before = os.getloadavg()[0]
     if args.url:
         if not (args.token and args.run_id):
@@ -328,6 +338,7 @@ def main() -> None:
             result = asyncio.run(drive(args.url, args.token, args.run_id, args.rate, args.seconds))
             after = [c.get(f"/v1/runs/{r}").json() for r in args.run_id]
         result["launcher"] = "external"  # whatever the server at --url runs
+        result["run_nice"] = None  # the runs' own spec says
         result["training_during_load"] = all(a["state"] == "running" and a["step"] > b
                                              for a, b in zip(after, before))
         result["steps_during_load"] = [a["step"] - b for a, b in zip(after, before)]
