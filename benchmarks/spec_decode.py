@@ -22,6 +22,11 @@ thread count (1 vs 2 on the 2-core machine) on n = 0 and n = 1 at batch 8. The e
 ``--threads`` (default 1, what a Ray engine actor with num_cpus=1 gets): on the shared, loaded
 2-core machine two OpenMP threads measured ~3x slower than one.
 
+With ``--probabilistic`` the run adds an n = 1 engine whose drafter samples its token from its own
+distribution and is accepted with min(1, p/q) (``draft_sample_method: probabilistic``, label
+``n1-prob``) instead of drafting its argmax; at temperature 1 this accepts up to Σ min(p, q) rather
+than p(argmax q).
+
 With ``--draft-vocab N[,M]`` the run adds an n = 1 engine per size whose drafter scores only the N
 most frequent tokens (`rollout.draft_vocab`; label ``n1-dvN``). The ranking is the model's
 ``draft_vocab.json`` when it has one, else it is counted here from the n = 0 engine's answers to
@@ -96,6 +101,8 @@ def main() -> None:
     ap.add_argument("--draft-vocab", default="", help="comma-separated pruned drafter vocabulary sizes (n=1 engines)")
     ap.add_argument("--draft-vocab-prompts", type=int, default=128,
                     help="prompts answered by n=0 to rank tokens when the model has no draft_vocab.json")
+    ap.add_argument("--probabilistic", action="store_true",
+                    help="add an n = 1 engine drafting probabilistically (label n1-prob; draft_sample_method)")
     ap.add_argument("--task-config", default="", help="basic_arithmetic options as JSON; 'demo' = the demo's task "
                     "(acceptance is only meaningful on the policy's own prompt distribution)")
     args = ap.parse_args()
@@ -141,6 +148,12 @@ def main() -> None:
             print(f"engine {label} up in {engines[label].startup_seconds:.1f}s; "
                   f"covers {cov:.4f} of the n0 answers at batch 8 ({ranking})", flush=True)
 
+    if args.probabilistic:
+        label = "n1-prob"
+        engines[label] = RolloutEngine({**base_cfg, "num_speculative_tokens": 1, "draft_sample_method": "probabilistic"})
+        configs[label] = {"num_speculative_tokens": 1, "draft_sample_method": "probabilistic"}
+        print(f"engine {label} up in {engines[label].startup_seconds:.1f}s", flush=True)
+
     # Warm-up: one small batch per engine (first-step costs, allocator).
     for e in engines.values():
         e.generate(prompts[:2], sampling(2))
@@ -174,6 +187,7 @@ def main() -> None:
                 "config": label,
                 "n": n,
                 "draft_vocab_size": extra.get("draft_vocab_size", 0),
+                "draft_sample_method": extra.get("draft_sample_method", "greedy"),
                 "tokens_per_s": round(tps, 1),
                 "speedup_vs_n0": round(tps / base, 3) if base else None,
                 "tokens_per_cpu_s": round(cps, 1),
@@ -219,6 +233,8 @@ def main() -> None:
         "cpu_speedup_draft_vocab": {f"n1-dv{v}": pick(f"n1-dv{v}", 8)["cpu_speedup_vs_n0"] for v in dv_sizes
                                     if 8 in batch_sizes},
         "acceptance_draft_vocab": {f"n1-dv{v}": pick(f"n1-dv{v}", 8)["acceptance_rate"] for v in dv_sizes if 8 in batch_sizes},
+        "speedup_probabilistic": pick("n1-prob", 8)["speedup_vs_n0"] if args.probabilistic and have else None,
+        "acceptance_probabilistic": pick("n1-prob", 8)["acceptance_rate"] if args.probabilistic and 8 in batch_sizes else None,
         "model": args.model,
         "task_config": TASK_CONFIG,
         "temperature": args.temperature,

@@ -136,6 +136,7 @@ def engine_config(spec: RunSpec):
 
     return EngineConfig(model=spec.model.path, num_speculative_tokens=spec.rollout.num_speculative_tokens,
                         draft_vocab_size=spec.rollout.draft_vocab_size,
+                        draft_sample_method=spec.rollout.draft_sample_method,
                         max_model_len=spec.rollout.max_model_len, kv_cache_gib=spec.rollout.kv_cache_gib,
                         seed=spec.data.seed, num_threads=int(max(1, spec.resources.cpus_per_engine)))
 

@@ -106,6 +106,10 @@ class RolloutSpec(_Strict):
     draft_vocab_size: int = Field(
         0, ge=0, description="Drafter scores only the N most frequent tokens of the model's draft_vocab.json "
         "(written by `mtprl model warmup`; rollout.draft_vocab). 0 = full vocabulary. Output is unchanged.")
+    draft_sample_method: Literal["greedy", "probabilistic"] = Field(
+        "greedy", description="How sampled (temperature > 0) requests draft: the drafter's argmax, accepted "
+        "with probability p(token), or a sample from the drafter's own distribution q, accepted with "
+        "min(1, p/q). Output is the policy's either way (rollout.config.EngineConfig).")
     max_model_len: int = Field(1024, gt=0, description="Longest prompt + response of an engine.")
     kv_cache_gib: float = Field(0.5, gt=0, description="KV-cache size per engine (host memory on CPU).")
 

@@ -115,3 +115,13 @@ def test_draft_sample_method_is_validated():
     assert EngineConfig(model="m").draft_sample_method == "greedy"
     with pytest.raises(ValidationError, match="draft_sample_method"):
         EngineConfig(model="m", draft_sample_method="random")
+
+
+def test_run_spec_passes_the_draft_sample_method_to_its_engines(tiny_ckpt):
+    from services.controller import engine_config
+    from services.spec import RunSpec
+
+    spec = {"model": {"path": str(tiny_ckpt)}, "data": {"dataset": "reasoning_gym:basic_arithmetic"}}
+    assert engine_config(RunSpec.model_validate(spec)).draft_sample_method == "greedy"
+    spec["rollout"] = {"draft_sample_method": "probabilistic"}
+    assert engine_config(RunSpec.model_validate(spec)).draft_sample_method == "probabilistic"
