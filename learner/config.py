@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from learner.device import DeviceChoice, Placement, PrecisionChoice, resolve_placement
 
@@ -309,11 +309,19 @@ class AlgorithmConfig(_Strict):
         "mini-batches (veRL's default ratio, 1024/256 = 4). 1 = a single fully on-policy step, "
         "where π_θ = π_old throughout, so every ratio is 1 and OCC's λ is 0.",
     )
-    micro_batch_size: int = Field(
-        4,
-        ge=1,
+    micro_batch_size: PositiveInt | Literal["auto"] = Field(
+        "auto",
         description="Samples per forward/backward; gradients accumulate over micro-batches. Only "
-        "memory and speed depend on it, not the loss (see aggregation).",
+        "memory and speed depend on it, not the loss (see aggregation). 'auto': as many samples as "
+        "keep one micro-batch's logits (samples × padded length × vocabulary × heads in the pass) "
+        "within `micro_batch_logits`: the vocabulary projection is what a micro-batch's memory "
+        "grows with, and fewer, larger micro-batches cost less per token.",
+    )
+    micro_batch_logits: int = Field(
+        1 << 27,
+        ge=1,
+        description="Logit elements per micro-batch with micro_batch_size 'auto' (2^27 = 512 MiB of "
+        "float32 logits; backward holds a few such tensors).",
     )
     seed: int = Field(0, description="Seeds the mini-batch shuffle; the step is deterministic.")
 

@@ -186,6 +186,15 @@ class Learner:
         return kept, adv, m
 
     # ------------------------------------------------------------------ forwards
+    def micro_size(self, b: TrainBatch, heads: int) -> int:
+        """Samples per micro-batch: ``micro_batch_size``, or with 'auto' the most that keep one
+        micro-batch's logits (samples × trimmed width × vocabulary × ``heads``) within
+        ``micro_batch_logits`` (at least 1)."""
+        if self.cfg.micro_batch_size != "auto":
+            return int(self.cfg.micro_batch_size)
+        per_sample = self._trim(b.input_ids, b.attention_mask) * self.model.config.vocab_size * max(heads, 1)
+        return max(1, min(b.size, self.cfg.micro_batch_logits // per_sample))
+
     @staticmethod
     def _trim(ids: torch.Tensor, attn: torch.Tensor) -> int:
         """Width after dropping trailing columns that are padding in every row."""
@@ -219,8 +228,9 @@ class Learner:
         bsz, t = b.input_ids.shape
         old = torch.zeros(self.k, bsz, t, device=self.device)
         ent = torch.zeros(bsz, t, device=self.device)
-        for s in range(0, bsz, self.cfg.micro_batch_size):
-            idx = torch.arange(s, min(s + self.cfg.micro_batch_size, bsz), device=self.device)
+        step = self.micro_size(b, self.k)
+        for s in range(0, bsz, step):
+            idx = torch.arange(s, min(s + step, bsz), device=self.device)
             out, w = self._forward(b.select(idx), self.k - 1, False, False, True)
             old[:, idx, :w] = out.logprobs[: self.k].float()
             if out.entropy is not None:
@@ -363,6 +373,8 @@ class Learner:
         metrics["perf/old_logprob_s"] = time.perf_counter() - t_old
         metrics["policy/entropy"] = float(entropy[resp_all].mean()) if resp_all.any() else 0.0
 
+        micro_size = self.micro_size(kept, 1 + self.n_heads)  # main + MTP heads of the training forward
+        metrics["perf/micro_batch_size"] = float(micro_size)
         st, loss_st = _Stats(), _Stats()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.version)
         n = kept.size
@@ -376,7 +388,7 @@ class Learner:
                 self.opt.zero_grad(set_to_none=True)
                 step_loss = 0.0
                 parts: dict[str, float] = {}
-                for micro in torch.split(mb, cfg.micro_batch_size):
+                for micro in torch.split(mb, micro_size):
                     sub = kept.select(micro)
                     loss = self._micro_loss(sub, adv[micro], old[:, micro], norm, st, parts, at_old=steps == 0)
                     loss.backward()

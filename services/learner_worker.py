@@ -85,7 +85,7 @@ class LearnerWorker:
         """log π_ref(x[b, t]) under the reference's main head, (B, T) float32 on the host, aligned
         like ``behav_logprobs`` (0 at position 0 and on padding)."""
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
-        dev, step = self.learner.device, self.learner.cfg.micro_batch_size
+        dev, step = self.learner.device, self.learner.micro_size(batch, 1)
         for s in range(0, batch.size, step):
             ids, attn = batch.input_ids[s : s + step], batch.attention_mask[s : s + step]
             w = Learner._trim(ids, attn)

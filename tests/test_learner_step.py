@@ -88,10 +88,22 @@ def test_step_is_deterministic_under_a_seed():
     assert _same(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
 
 
+def test_auto_micro_batch_fits_the_logits_budget():
+    """'auto' takes as many samples as keep samples × width × vocabulary × heads within the budget."""
+    b = _batch()
+    vocab, width = _model().config.vocab_size, Learner._trim(b.input_ids, b.attention_mask)
+    lrn = Learner(_model(), AlgorithmConfig(mtp_regime="occ"))
+    assert lrn.micro_size(b, 3) == b.size  # a tiny vocabulary: the whole batch at once
+    tight = Learner(_model(), AlgorithmConfig(mtp_regime="occ", micro_batch_logits=2 * width * vocab * 3))
+    assert tight.micro_size(b, 3) == 2 and tight.micro_size(b, 6) == 1  # never below one sample
+    assert tight.step(b)["perf/micro_batch_size"] == 1  # occ trains main + 2 MTP heads: 3 heads
+    assert Learner(_model(), AlgorithmConfig(micro_batch_size=3)).micro_size(b, 3) == 3
+
+
 def test_micro_batch_split_does_not_change_the_update():
     b = _batch()
     outs = []
-    for mbs in (1, 3, 8):
+    for mbs in (1, 3, 8, "auto"):
         for agg in ("token-mean", "seq-mean-token-mean"):
             lrn = Learner(_model(), AlgorithmConfig(lr=1e-2, mtp_regime="detach",
                                                     micro_batch_size=mbs, aggregation=agg))
@@ -111,7 +123,7 @@ class _NaNOnTrain(torch.nn.Module):
 
     def __init__(self, inner):
         super().__init__()
-        self.inner, self.num_mtp = inner, inner.num_mtp
+        self.inner, self.num_mtp, self.config = inner, inner.num_mtp, inner.config
 
     def token_logprobs(self, *a, **kw):
         out = self.inner.token_logprobs(*a, **kw)
