@@ -109,9 +109,27 @@ def _token_logprobs_from_hidden(
     targets: torch.Tensor,  # (N, T)
     entropy_rows: int = 0,
     entropy_grad: bool = False,
+    keep: torch.Tensor | None = None,  # (N, T) bool: positions whose log-prob is used
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of ``targets`` (N, T) from one vocabulary projection, and the entropy (R, T) of
-    the first ``entropy_rows`` rows (the main head's), or None."""
+    the first ``entropy_rows`` rows (the main head's), or None. With ``keep`` the projection runs
+    only at the kept positions (the rest come out 0): a (tokens × vocabulary) matmul and its
+    log-softmax are the largest per-token cost of a small model with a large vocabulary, and in RL
+    only response tokens need them (a prompt is often most of the sequence)."""
+    if keep is not None:
+        rows, cols = keep.nonzero(as_tuple=True)  # (M,) each
+        logits = F.linear(hidden[rows, cols], head_weight).float()  # (M, V)
+        lse = torch.logsumexp(logits, dim=-1)  # (M,)
+        lp = logits.gather(-1, targets[rows, cols].unsqueeze(-1)).squeeze(-1) - lse  # (M,)
+        logp = lp.new_zeros(targets.shape).index_put((rows, cols), lp)  # (N, T)
+        entropy = None
+        if entropy_rows:
+            main = rows < entropy_rows
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                m_logits = logits[main]  # (R·kept, V)
+                ent = lse[main] - (torch.softmax(m_logits, dim=-1) * m_logits).sum(-1)
+                entropy = ent.new_zeros((entropy_rows, targets.shape[1])).index_put((rows[main], cols[main]), ent)
+        return logp, entropy
     logits = F.linear(hidden, head_weight).float()  # (N, T, V)
     lse = torch.logsumexp(logits, dim=-1)  # (N, T)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse  # (N, T)
@@ -188,9 +206,15 @@ class PolicyModel(nn.Module):
         with_entropy: bool = False,
         entropy_grad: bool = False,
         mtp_lm_head_grad: bool = True,
+        needed: torch.Tensor | None = None,  # (B, T) bool, target-aligned
     ) -> HeadLogProbs:
         """Log-probs of ``input_ids`` under the main head and the first ``num_mtp`` MTP heads, from
         one backbone forward and one shared LM-head matmul.
+
+        ``needed`` (e.g. the response mask) limits the LM-head projection to the tokens whose
+        log-probs are used: every head's log-prob of ``input_ids[b, t]`` is computed where
+        ``needed[b, t]`` (and is valid), and is 0 elsewhere; the main-head entropy likewise
+        (entropy at t is that of the distribution predicting x_t). None = every position.
 
         Gradient routes of the MTP log-probs (the main head's always reaches everything):
         ``mtp_backbone_grad=False`` detaches what the MTP modules read from the backbone trunk
@@ -219,7 +243,7 @@ class PolicyModel(nn.Module):
         h, embeds = self._backbone_forward(input_ids)  # (B, T, H) each
         return self.heads_from_hidden(
             h, input_ids, mask, num_mtp, mtp_backbone_grad, with_entropy, entropy_grad,
-            mtp_lm_head_grad=mtp_lm_head_grad, embeds=embeds,
+            mtp_lm_head_grad=mtp_lm_head_grad, embeds=embeds, needed=needed,
         )
 
     def _backbone_forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,10 +317,11 @@ class PolicyModel(nn.Module):
         entropy_grad: bool = False,
         mtp_lm_head_grad: bool = True,
         embeds: torch.Tensor | None = None,  # (B, T, H) the backbone's lookup, to reuse
+        needed: torch.Tensor | None = None,  # (B, T) bool, target-aligned: log-probs used here
     ) -> HeadLogProbs:
         """Main-head and MTP-head log-probs from precomputed backbone hidden states (the MTP
-        warm-up caches ``h`` once and trains the heads over several epochs). Gradient flags as in
-        `token_logprobs`."""
+        warm-up caches ``h`` once and trains the heads over several epochs). Gradient flags and
+        ``needed`` as in `token_logprobs`."""
         B, T = input_ids.shape
         head_w = self.backbone.lm_head.weight  # (V, H)
         mask = mask.bool()
@@ -309,6 +334,13 @@ class PolicyModel(nn.Module):
             n = max(T - k - 1, 0)  # positions whose target lies inside the sequence
             targets[k, :, :n] = input_ids[:, T - n :]
         targets = targets.flatten(0, 1)  # ((K+1)·B, T)
+        keep = None
+        if needed is not None:  # position p of head k is needed when its target p+k+1 is
+            keep = torch.zeros(num_mtp + 1, B, T, dtype=torch.bool, device=input_ids.device)
+            for k in range(num_mtp + 1):
+                n = max(T - k - 1, 0)
+                keep[k, :, :n] = needed[:, T - n :].bool()
+            keep = keep.flatten(0, 1)  # ((K+1)·B, T)
 
         # One vocabulary projection for all heads, unless the MTP rows must not reach the head
         # weight while the main rows do: then a second matmul against the detached weight.
@@ -317,11 +349,13 @@ class PolicyModel(nn.Module):
         )
         n_ent = B if with_entropy else 0
         if split:
-            lp_main, ent = _token_logprobs_from_hidden(hiddens[0], head_w, targets[:B], n_ent, entropy_grad)
-            lp_mtp, _ = _token_logprobs_from_hidden(torch.cat(hiddens[1:]), head_w.detach(), targets[B:])
+            lp_main, ent = _token_logprobs_from_hidden(hiddens[0], head_w, targets[:B], n_ent, entropy_grad,
+                                                       None if keep is None else keep[:B])
+            lp_mtp, _ = _token_logprobs_from_hidden(torch.cat(hiddens[1:]), head_w.detach(), targets[B:],
+                                                    keep=None if keep is None else keep[B:])
             lp_all = torch.cat([lp_main, lp_mtp])  # ((K+1)·B, T)
         else:
-            lp_all, ent = _token_logprobs_from_hidden(torch.cat(hiddens), head_w, targets, n_ent, entropy_grad)
+            lp_all, ent = _token_logprobs_from_hidden(torch.cat(hiddens), head_w, targets, n_ent, entropy_grad, keep)
         lp_all = lp_all.view(num_mtp + 1, B, T)  # (K+1, B, T) at position p
 
         logprobs, valid = [], []

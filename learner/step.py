@@ -212,6 +212,8 @@ class Learner:
                 mtp_backbone_grad=backbone_grad, mtp_lm_head_grad=lm_head_grad, with_entropy=entropy,
                 # The bonus needs a differentiable entropy; as a metric it stays gradient-free.
                 entropy_grad=entropy and self.cfg.entropy_coef > 0,
+                # every loss, ratio and metric reads response tokens only: no logits elsewhere
+                needed=b.response_mask[:, :width],
             )
         return out, width
 

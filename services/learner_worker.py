@@ -82,15 +82,16 @@ class LearnerWorker:
 
     @torch.no_grad()
     def ref_logprobs(self, batch: TrainBatch) -> torch.Tensor:
-        """log π_ref(x[b, t]) under the reference's main head, (B, T) float32 on the host, aligned
-        like ``behav_logprobs`` (0 at position 0 and on padding)."""
+        """log π_ref(x[b, t]) under the reference's main head at the response tokens (the KL term
+        reads no others; 0 elsewhere), (B, T) float32 on the host, aligned like ``behav_logprobs``."""
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
         dev, step = self.learner.device, self.learner.micro_size(batch, 1)
         for s in range(0, batch.size, step):
             ids, attn = batch.input_ids[s : s + step], batch.attention_mask[s : s + step]
             w = Learner._trim(ids, attn)
             with self.learner.placement.autocast():
-                lp = self.ref_model.token_logprobs(ids[:, :w].to(dev), attn[:, :w].to(dev), num_mtp=0).logprobs[0]
+                lp = self.ref_model.token_logprobs(ids[:, :w].to(dev), attn[:, :w].to(dev), num_mtp=0,
+                                                   needed=batch.response_mask[s : s + step, :w].to(dev)).logprobs[0]
             out[s : s + step, :w] = lp.float().cpu()
         return out
 

@@ -251,3 +251,31 @@ def test_entropy_is_a_metric_unless_asked_to_carry_gradient():
     assert ent.requires_grad
     ent.sum().backward()
     assert m.backbone.lm_head.weight.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("lm_head_grad", [True, False])
+def test_needed_positions_give_the_same_logprobs_entropy_and_gradients(lm_head_grad):
+    """``needed`` (the learner passes the response mask) skips the LM-head projection elsewhere:
+    at needed tokens every head's log-prob, the entropy and all gradients equal the full
+    computation; elsewhere the log-probs are 0."""
+    ids = _ids()
+    needed = torch.zeros_like(ids, dtype=torch.bool)
+    needed[:, 6:] = True
+    needed[1, 11:] = False  # a shorter response
+    outs = []
+    for need in (None, needed):
+        m = make_tiny_model(num_mtp=2, seed=3)
+        out = m.token_logprobs(ids, num_mtp=2, with_entropy=True, entropy_grad=True,
+                               mtp_lm_head_grad=lm_head_grad, needed=need)
+        keep = out.valid & needed.unsqueeze(0)
+        loss = out.logprobs[keep].sum() + out.entropy[needed].sum()
+        loss.backward()
+        outs.append((out, keep, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    (full, keep, g_full), (part, keep2, g_part) = outs
+    assert torch.equal(keep, keep2)
+    assert torch.allclose(full.logprobs[keep], part.logprobs[keep], atol=1e-6)
+    assert (part.logprobs[~keep] == 0).all() and (full.logprobs[1:, 0, 7:13] != 0).all()
+    assert torch.allclose(full.entropy[needed], part.entropy[needed], atol=1e-6)
+    assert g_full.keys() == g_part.keys()
+    for k in g_full:
+        assert torch.allclose(g_full[k], g_part[k], atol=1e-6), k
