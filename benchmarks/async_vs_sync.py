@@ -75,10 +75,11 @@ def _throughput(res) -> float:
     return samples / (h[-1]["time/elapsed_s"] - h[0]["time/elapsed_s"])
 
 
-def _mpo_flop_ratio(model: str, k: int, tokens: int) -> float:
+def _mpo_flop_ratio(model: str, k: int, tokens: int, response_fraction: float) -> float:
     """The learner's arithmetic of an MPO K=k update over a PPO update for ``model`` (the count of
     ``benchmarks/learner_step.py``: K−1 MTP heads in the π_old and training passes and their
-    backward), for sequences of ``tokens`` tokens."""
+    backward), for sequences of ``tokens`` tokens of which ``response_fraction`` are response
+    tokens (the only ones projected onto the vocabulary)."""
     from transformers import AutoConfig
 
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -88,7 +89,8 @@ def _mpo_flop_ratio(model: str, k: int, tokens: int) -> float:
 
     CONFIGS.setdefault(f"mpo_k{k}", dict(mtp_regime="none", mpo=MPOConfig(k=k)))
     cfg = AutoConfig.from_pretrained(model)
-    return step_flops(cfg, tokens, f"mpo_k{k}") / step_flops(cfg, tokens, "ppo")
+    return (step_flops(cfg, tokens, f"mpo_k{k}", response_fraction)
+            / step_flops(cfg, tokens, "ppo", response_fraction))
 
 
 def main() -> None:
@@ -191,8 +193,10 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
-    seq = statistics.mean(len(tok.encode(p, add_special_tokens=False)) for p in prompts) + args.max_tokens
-    flop_ratio = _mpo_flop_ratio(model, k, round(seq))
+    # sequence and response lengths as trained (response tokens: the runs' own mean)
+    resp = statistics.mean(h["batch/response_len_mean"] for r in (ppo, mpo) for h in r.history)
+    seq = statistics.mean(len(tok.encode(p, add_special_tokens=False)) for p in prompts) + resp
+    flop_ratio = _mpo_flop_ratio(model, k, round(seq), resp / seq)
     out["iteration_s"] = {n: round(v, 3) for n, v in it.items()}
     out["iteration_learner_s"] = {n: round(v, 3) for n, v in learn.items()}
     out[f"mpo_k{k}_iteration_over_ppo"] = round(it["mpo"] / it["ppo"], 3)

@@ -135,8 +135,10 @@ def make_cfg(name: str, args) -> AlgorithmConfig:
                            precision=args.precision, **CONFIGS[name])
 
 
-def step_flops(cfg, t: int, name: str) -> float:
-    """Forward+backward FLOPs per token of one update in configuration `name` (see docstring)."""
+def step_flops(cfg, t: int, name: str, response_fraction: float = 1.0) -> float:
+    """Forward+backward FLOPs per token of one update in configuration `name` (see docstring).
+    The learner projects onto the vocabulary only at response tokens (`token_logprobs(needed=)`),
+    so the LM head's share counts ``response_fraction`` of the ``t`` tokens."""
     h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     hd = getattr(cfg, "head_dim", None) or h // nh
@@ -144,7 +146,7 @@ def step_flops(cfg, t: int, name: str) -> float:
     ctx = (t + 1) / 2  # mean causal context
     layer = 2 * (h * q + 2 * h * kv + q * h) + 2 * 3 * h * i + 2 * 2 * q * ctx
     bb = cfg.num_hidden_layers * layer  # backbone forward
-    head = 2 * h * v  # LM head forward
+    head = 2 * h * v * response_fraction  # LM head forward, per token of the sequence
     mtp = 2 * (2 * h) * h + layer  # MTP module forward (projection + block)
     main = 4 * (bb + head)  # π_old forward + training forward + backward (2×)
     spec = CONFIGS[name]
@@ -295,7 +297,7 @@ def main() -> None:
             mem[n] = json.loads(out.stdout.strip().splitlines()[-1])
 
     t = args.prompt + args.response
-    flops = {n: step_flops(model.config, t, n) for n in CONFIGS}
+    flops = {n: step_flops(model.config, t, n, args.response / t) for n in CONFIGS}
     result = {
         "model": args.shape or ("tiny" if args.tiny else "SmolLM2-135M+4MTP"),
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
