@@ -125,22 +125,21 @@ def _token_logprobs_from_hidden(
         entropy = None
         if entropy_rows:
             main = rows < entropy_rows
-            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-                m_logits = logits[main]  # (R·kept, V)
-                ent = lse[main] - (torch.softmax(m_logits, dim=-1) * m_logits).sum(-1)
-                entropy = ent.new_zeros((entropy_rows, targets.shape[1])).index_put((rows[main], cols[main]), ent)
+            ent = _entropy(logits[main], lse[main], entropy_grad)  # (R·kept,)
+            entropy = ent.new_zeros((entropy_rows, targets.shape[1])).index_put((rows[main], cols[main]), ent)
         return logp, entropy
     logits = F.linear(hidden, head_weight).float()  # (N, T, V)
     lse = torch.logsumexp(logits, dim=-1)  # (N, T)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse  # (N, T)
-    entropy = None
-    if entropy_rows:
-        # A metric by default: keeping the softmax for backward costs an (R, T, V) tensor.
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            main = logits[:entropy_rows]  # (R, T, V)
-            probs = torch.softmax(main, dim=-1)
-            entropy = lse[:entropy_rows] - (probs * main).sum(-1)  # (R, T)
+    entropy = _entropy(logits[:entropy_rows], lse[:entropy_rows], entropy_grad) if entropy_rows else None  # (R, T)
     return logp, entropy
+
+
+def _entropy(logits: torch.Tensor, lse: torch.Tensor, grad: bool) -> torch.Tensor:
+    """Entropy of softmax(logits) over the last dim, given its logsumexp ``lse``. A metric unless
+    ``grad``: keeping the softmax for backward costs a (rows × vocabulary) tensor."""
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        return lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
 class PolicyModel(nn.Module):
@@ -330,17 +329,15 @@ class PolicyModel(nn.Module):
         hiddens = [self.backbone.model.norm(h)]  # main head reads the final norm
         hiddens += self.mtp_hidden(h, input_ids, num_mtp, mtp_backbone_grad, embeds)
         targets = torch.zeros(num_mtp + 1, B, T, dtype=input_ids.dtype, device=input_ids.device)
+        # position p of head k is needed when its target p+k+1 is
+        keep = None if needed is None else torch.zeros(num_mtp + 1, B, T, dtype=torch.bool, device=input_ids.device)
         for k in range(num_mtp + 1):  # over heads (≤ 5), never tokens
             n = max(T - k - 1, 0)  # positions whose target lies inside the sequence
             targets[k, :, :n] = input_ids[:, T - n :]
-        targets = targets.flatten(0, 1)  # ((K+1)·B, T)
-        keep = None
-        if needed is not None:  # position p of head k is needed when its target p+k+1 is
-            keep = torch.zeros(num_mtp + 1, B, T, dtype=torch.bool, device=input_ids.device)
-            for k in range(num_mtp + 1):
-                n = max(T - k - 1, 0)
+            if keep is not None:
                 keep[k, :, :n] = needed[:, T - n :].bool()
-            keep = keep.flatten(0, 1)  # ((K+1)·B, T)
+        targets = targets.flatten(0, 1)  # ((K+1)·B, T)
+        keep = None if keep is None else keep.flatten(0, 1)  # ((K+1)·B, T)
 
         # One vocabulary projection for all heads, unless the MTP rows must not reach the head
         # weight while the main rows do: then a second matmul against the detached weight.

@@ -216,7 +216,6 @@ def evaluate(
     return out
 
 
-
 class GroupEngine:
     """`evaluate`'s engine interface over engine 0 of a `rollout.group.EngineGroup`."""
 

@@ -160,9 +160,9 @@ class ResourcesSpec(_Strict):
         0, ge=0, le=19, description="Lowest CPU priority for the run: every thread of every process of "
         "the run (its controller actor, rollout engines, learner, reward actors and the processes they "
         "start) gets at least this Unix niceness. 0 = unchanged (Ray's own default applies: +15 on "
-        "its workers' main threads only); 19 = the lowest priority. Set 19 when the control plane "
-        "shares a machine with training, so the API answers promptly while the run uses every core; "
-        "a dedicated training node gains nothing from it. Never raises priority.")
+        "its workers' main threads only); 19 = the lowest priority, for a machine shared with the "
+        "control plane where the API's latency suffers (see docs/control-plane.md); a dedicated "
+        "training node gains nothing from it. Never raises priority.")
 
 
 class ScheduleSpec(_Strict):

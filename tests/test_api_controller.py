@@ -15,7 +15,7 @@ import pytest
 
 from learner.tiny import write_toy_dataset
 from services.registry import EmbeddedRedis
-from test_api_support import ApiServer, end_run, gcs_address, real_spec, run_actor_gone, wait_for, wait_paused
+from test_api_support import ApiServer, create_run, end_run, gcs_address, real_spec, run_actor_gone, wait_for, wait_paused
 
 pytestmark = pytest.mark.integration
 
@@ -30,10 +30,9 @@ def test_rest_full_life_cycle_of_a_real_run(ray_session, tiny_ckpt, tmp_path):
     rid = None
     try:
         with srv.client() as api:
-            r = api.post("/v1/runs", json=spec)
-            assert r.status_code == 201, r.text
-            rid = r.json()["id"]
-            assert r.json()["state"] in ("pending", "running") and r.json()["total_steps"] == steps
+            run = create_run(api, spec)
+            rid = run["id"]
+            assert run["state"] in ("pending", "running") and run["total_steps"] == steps
             wait_for(lambda: api.get(f"/v1/runs/{rid}").json()["step"] >= 1, 180, what="first step")
             again = api.post(f"/v1/runs/{rid}/resume")
             assert again.status_code == 409 and again.json()["current_state"] == "running"

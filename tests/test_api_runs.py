@@ -26,6 +26,7 @@ from services.registry import EmbeddedRedis
 from test_api_support import (
     TOKEN,
     ApiServer,
+    create_run,
     end_run,
     gcs_address,
     make_model_dir,
@@ -68,12 +69,6 @@ def api(server):
         yield c
 
 
-def create(api: httpx.Client, spec: dict, **headers) -> dict:
-    r = api.post("/v1/runs", json=spec, headers=headers)
-    assert r.status_code == 201, r.text
-    return r.json()
-
-
 def wait_state(api: httpx.Client, run_id: str, states: tuple[str, ...] | str, timeout: float = 30.0) -> dict:
     states = (states,) if isinstance(states, str) else states
     return wait_for(lambda: (lambda r: r if r["state"] in states else None)(api.get(f"/v1/runs/{run_id}").json()),
@@ -99,7 +94,7 @@ def test_health_and_metrics_need_no_token_everything_else_does(server):
 
 
 def test_list_is_paginated(api, model_dir):
-    ids = [create(api, spec_for(model_dir, steps=1))["id"] for _ in range(3)]
+    ids = [create_run(api, spec_for(model_dir, steps=1))["id"] for _ in range(3)]
     first = api.get("/v1/runs", params={"limit": 2}).json()
     second = api.get("/v1/runs", params={"limit": 2, "offset": 2}).json()
     assert len(first["data"]) == 2 and first["count"] >= 3 and first["count"] == second["count"]
@@ -177,7 +172,7 @@ def test_unknown_run_is_404(api, method, path):
 
 
 def test_illegal_transitions_are_409(api, model_dir):
-    rid = create(api, spec_for(model_dir, steps=200))["id"]
+    rid = create_run(api, spec_for(model_dir, steps=200))["id"]
     wait_state(api, rid, "running")
     r = api.post(f"/v1/runs/{rid}/resume")  # resume a running run
     assert r.status_code == 409 and r.json()["current_state"] == "running"
@@ -189,7 +184,7 @@ def test_illegal_transitions_are_409(api, model_dir):
 
 def test_cancel_stops_the_run_and_its_actor(api, model_dir):
     """Control flow of a cancel (a real run's cancel: test_prometheus_dashboard.py)."""
-    rid = create(api, spec_for(model_dir, steps=200))["id"]
+    rid = create_run(api, spec_for(model_dir, steps=200))["id"]
     wait_for(lambda: api.get(f"/v1/runs/{rid}").json()["step"] >= 2, what="2 steps")
     assert api.post(f"/v1/runs/{rid}/cancel").json()["state"] == "cancelled"
     wait_for(lambda: run_actor_gone(rid), 20, what="actor exit")
@@ -201,7 +196,7 @@ def test_cancel_stops_the_run_and_its_actor(api, model_dir):
 
 def test_events_stream_live_until_the_run_ends(server, model_dir):
     with server.client() as api:
-        rid = create(api, spec_for(model_dir, steps=8))["id"]
+        rid = create_run(api, spec_for(model_dir, steps=8))["id"]
         kinds, steps = [], []
         with api.stream("GET", f"/v1/runs/{rid}/events", timeout=httpx.Timeout(30, read=15)) as r:
             assert r.headers["content-type"].startswith("text/event-stream")
@@ -226,7 +221,7 @@ def test_events_stream_live_until_the_run_ends(server, model_dir):
 def test_reconciler_fails_a_run_whose_actor_died(api, model_dir):
     import ray
 
-    rid = create(api, spec_for(model_dir, steps=500))["id"]
+    rid = create_run(api, spec_for(model_dir, steps=500))["id"]
     wait_state(api, rid, "running")
     ray.kill(ray.get_actor(f"mtprl-run-{rid}", namespace="mtprl"), no_restart=True)
     failed = wait_state(api, rid, TERMINAL, timeout=20)
@@ -275,7 +270,7 @@ def test_api_restart_mid_run_loses_nothing(tmp_path, ray_address, model_dir):
     second = rid = None
     try:
         with first.client() as api:
-            rid = create(api, spec, **{"Idempotency-Key": key})["id"]
+            rid = create_run(api, spec, **{"Idempotency-Key": key})["id"]
             # the engine starts in ~20 s on an idle machine
             wait_for(lambda: api.get(f"/v1/runs/{rid}").json()["step"] >= 2, 240, what="2 real steps")
         first.kill()

@@ -75,6 +75,13 @@ def real_spec(model_dir: Path, data: Path, steps: int, **over: Any) -> dict[str,
     return spec
 
 
+def create_run(api: httpx.Client, spec: dict[str, Any], **headers: str) -> dict[str, Any]:
+    """POST the spec; asserts 201 Created and returns the run record."""
+    r = api.post("/v1/runs", json=spec, headers=headers)
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
 def run_actor_gone(run_id: str) -> bool:
     """True once the run's detached actor (`mtprl-run-<id>`) no longer exists."""
     import ray

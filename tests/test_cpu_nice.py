@@ -160,7 +160,7 @@ def _run_actors(ray, run_id: str) -> dict[str, list[int]]:
 def test_a_real_runs_processes_all_run_at_its_cpu_nice(ray_session, tiny_ckpt, tmp_path):
     from learner.tiny import write_toy_dataset
     from services.registry import EmbeddedRedis
-    from test_api_support import ApiServer, end_run, gcs_address, real_spec, wait_for
+    from test_api_support import ApiServer, create_run, end_run, gcs_address, real_spec, wait_for
 
     # 19, the recommended value: without it a worker's threads are split between the raylet's
     # niceness (BASE; Ray's own gRPC and event-loop threads) and BASE + 15 (RAY_worker_niceness)
@@ -174,10 +174,9 @@ def test_a_real_runs_processes_all_run_at_its_cpu_nice(ray_session, tiny_ckpt, t
     rid = None
     try:
         with srv.client() as api:
-            r = api.post("/v1/runs", json=spec)
-            assert r.status_code == 201, r.text
-            rid = r.json()["id"]
-            assert r.json()["spec"]["resources"]["cpu_nice"] == nice
+            run = create_run(api, spec)
+            rid = run["id"]
+            assert run["spec"]["resources"]["cpu_nice"] == nice
             # two steps: the engine has generated, the reward actor has started its math worker
             wait_for(lambda: (lambda x: x["step"] >= 2 or x["state"] not in ("pending", "running"))(
                 api.get(f"/v1/runs/{rid}").json()), 300, interval=0.5, what="two steps")

@@ -29,6 +29,7 @@ from services.metrics_export import METRIC_CATALOG
 from services.registry import EmbeddedRedis
 from test_api_support import (
     ApiServer,
+    create_run,
     end_run,
     free_port,
     gcs_address,
@@ -74,9 +75,7 @@ def stack(tmp_path_factory, ray_session, tiny_ckpt):
     prom = rid = None
     try:
         with api.client() as c:
-            r = c.post("/v1/runs", json=spec)
-            assert r.status_code == 201, r.text
-            rid = r.json()["id"]
+            rid = create_run(c, spec)["id"]
 
         # The shipped config, with the control-plane target moved to this test's port and a
         # 1 s scrape interval; Ray's job is dropped (its service-discovery file on this shared
