@@ -73,6 +73,19 @@ def prompts_for(tokenizer, n: int, seed: int) -> list[str]:
                                                     **TASK_CONFIG)]
 
 
+def draft_vocab_ranking(model: str, engine: RolloutEngine, prompts: list[str], sampling: dict, source: str) -> Path:
+    """The model's ``draft_vocab.json``, else a ranking counted from ``engine``'s answers to
+    ``prompts`` (other prompts than the measured ones), written to a temporary directory."""
+    from rollout.draft_vocab import DRAFT_VOCAB_FILE, write_draft_vocab
+
+    ranking = Path(model) / DRAFT_VOCAB_FILE
+    if ranking.is_file():
+        return ranking
+    answers = engine.generate(prompts, sampling).samples
+    return write_draft_vocab(Path(tempfile.mkdtemp(prefix="draft-vocab-")), [a.token_ids for a in answers],
+                             source=source)
+
+
 def run_once(engine: RolloutEngine, prompts, sampling) -> tuple[float, SpecStats, int, float]:
     """Wall-clock tokens/s, spec counters, generated tokens, and tokens per CPU-second of this
     process (the engine runs in-process on --threads threads: CPU time is the work done, which
@@ -129,14 +142,10 @@ def main() -> None:
 
     diag: dict = {}
     if dv_sizes:
-        from rollout.draft_vocab import DRAFT_VOCAB_FILE, coverage, read_draft_vocab, write_draft_vocab
+        from rollout.draft_vocab import coverage, read_draft_vocab
 
-        ranking = Path(args.model) / DRAFT_VOCAB_FILE
-        if not ranking.is_file():  # count it from the plain engine's answers to other prompts
-            other = prompts_for(tok, args.draft_vocab_prompts, args.seed + 1000)
-            answers = engines["n0"].generate(other, {**sampling(0), "seed": args.seed + 7}).samples
-            ranking = write_draft_vocab(Path(tempfile.mkdtemp(prefix="draft-vocab-")),
-                                        [a.token_ids for a in answers], source="spec_decode.py n0 answers")
+        ranking = draft_vocab_ranking(args.model, engines["n0"], prompts_for(tok, args.draft_vocab_prompts, args.seed + 1000),
+                                      {**sampling(0), "seed": args.seed + 7}, "spec_decode.py n0 answers")
         measured = [a.token_ids for a in engines["n0"].generate(prompts[:8], sampling(8)).samples]
         for size in dv_sizes:
             label = f"n1-dv{size}"
@@ -150,8 +159,8 @@ def main() -> None:
 
     if args.probabilistic:
         label = "n1-prob"
-        engines[label] = RolloutEngine({**base_cfg, "num_speculative_tokens": 1, "draft_sample_method": "probabilistic"})
         configs[label] = {"num_speculative_tokens": 1, "draft_sample_method": "probabilistic"}
+        engines[label] = RolloutEngine({**base_cfg, **configs[label]})
         print(f"engine {label} up in {engines[label].startup_seconds:.1f}s", flush=True)
 
     # Warm-up: one small batch per engine (first-step costs, allocator).

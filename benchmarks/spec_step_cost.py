@@ -23,7 +23,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,7 +44,6 @@ def main() -> None:
 
     import spec_decode as sd
 
-    from rollout.draft_vocab import DRAFT_VOCAB_FILE, write_draft_vocab
     from rollout.engine import RolloutEngine
     from services.cli_demo import DEMO_TASK
 
@@ -56,12 +54,9 @@ def main() -> None:
     engines = {k: RolloutEngine({**base, **v}) for k, v in configs.items()}
     prompts = sd.prompts_for(engines["n0"].tokenizer, args.batch, 1)
     if args.draft_vocab:
-        ranking = Path(args.model) / DRAFT_VOCAB_FILE
-        if not ranking.is_file():  # count it from the plain engine's answers to other prompts
-            other = sd.prompts_for(engines["n0"].tokenizer, 128, 1000)
-            answers = engines["n0"].generate(other, {"n": 1, "temperature": 1.0, "max_tokens": 48, "seed": 7}).samples
-            ranking = write_draft_vocab(Path(tempfile.mkdtemp(prefix="draft-vocab-")), [a.token_ids for a in answers],
-                                        source="spec_step_cost.py n0 answers")
+        ranking = sd.draft_vocab_ranking(args.model, engines["n0"], sd.prompts_for(engines["n0"].tokenizer, 128, 1000),
+                                         {"n": 1, "temperature": 1.0, "max_tokens": 48, "seed": 7},
+                                         "spec_step_cost.py n0 answers")
         label = f"n1-dv{args.draft_vocab}"
         configs[label] = {"num_speculative_tokens": 1, "draft_vocab_size": args.draft_vocab,
                           "draft_vocab_path": str(ranking)}
