@@ -5,7 +5,7 @@ speed-up ceiling it implies.
 
 `spec_decode.py` times whole `generate` calls, prefill included, so with short answers its
 step-cost ratio mixes prefill into the decode steps. Here each engine generates the same prompts
-(the demo's task, batch ``--batch``) greedily with ``ignore_eos`` to two lengths, 8 and 72 tokens;
+(the demo's task by default, ``--task-config`` as in `spec_decode.py`; batch ``--batch``) greedily with ``ignore_eos`` to two lengths, 8 and 72 tokens;
 the difference of the two wall times over the difference of their engine steps is the time of
 one decode step (steps: 1 per token without drafting, one per draft round with it, from the
 engine's own counters). An n = 1 step yields at most 2 tokens, so ``max_speedup`` = 2 / cost is
@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--draft-vocab", type=int, default=1024)
+    ap.add_argument("--task-config", default="demo",
+                    help="basic_arithmetic options as JSON, 'demo' (the demo's task) or '{}' (reasoning-gym's defaults)")
     args = ap.parse_args()
 
     import spec_decode as sd
@@ -47,7 +49,7 @@ def main() -> None:
     from rollout.engine import RolloutEngine
     from services.cli_demo import DEMO_TASK
 
-    sd.TASK_CONFIG.update(DEMO_TASK)
+    sd.TASK_CONFIG.update(DEMO_TASK if args.task_config == "demo" else json.loads(args.task_config))
     base = {"model": args.model, "max_model_len": 768, "kv_cache_gib": 0.5, "max_num_seqs": max(32, args.batch),
             "seed": 0, "num_threads": 1}
     configs = {"n0": {"num_speculative_tokens": 0}, "n1": {"num_speculative_tokens": 1}}
@@ -70,7 +72,7 @@ def main() -> None:
                 seconds = time.perf_counter() - t0
                 steps = length if label == "n0" else batch.spec.num_drafts / args.batch
                 runs.setdefault((label, length), []).append((seconds, steps))
-    out: dict = {"model": args.model, "batch": args.batch, "lengths": LENGTHS, "repeats": args.repeats,
+    out: dict = {"model": args.model, "task_config": sd.TASK_CONFIG, "batch": args.batch, "lengths": LENGTHS, "repeats": args.repeats,
                  "load_average": [round(x, 1) for x in os.getloadavg()]}
     per_step = {}
     for label in engines:

@@ -59,6 +59,12 @@ def warmup_cmd(
     task: Annotated[str, typer.Option(help="reasoning-gym task whose prompts are answered.")] = "basic_arithmetic",
     train_prompts: Annotated[int, typer.Option()] = 48,
     epochs: Annotated[int, typer.Option()] = 10,
+    heldout_prompts: Annotated[int, typer.Option(help="Prompts (another seed range) measuring acceptance.")] = 8,
+    samples_per_prompt: Annotated[int, typer.Option(help="Answers per training prompt.")] = 2,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature of the answers (0 = greedy: "
+                                                    "the text a greedy drafter is scored on).")] = 0.7,
+    max_tokens: Annotated[int, typer.Option(help="Answer length cap.")] = 128,
+    seed: Annotated[int, typer.Option(help="Prompt seed (training prompts seed, held-out seed + 10000).")] = 0,
     report: Annotated[Path | None, typer.Option(help="Write the measurements as JSON here.")] = None,
 ) -> None:
     """Train the MTP heads on the model's own answers (backbone frozen); print acceptance before/after."""
@@ -69,8 +75,14 @@ def warmup_cmd(
         read_config(model)
     except CheckpointError as e:
         _fail(str(e))
-    cfg = SelfDistillConfig(task=task, train_prompts=train_prompts)
+    if temperature == 0 and samples_per_prompt > 1:
+        _fail("--temperature 0 gives one answer per prompt; use --samples-per-prompt 1 or more prompts")
+    cfg = SelfDistillConfig(task=task, train_prompts=train_prompts, heldout_prompts=heldout_prompts,
+                            samples_per_prompt=samples_per_prompt, temperature=temperature, max_tokens=max_tokens,
+                            seed=seed)
     cfg.warmup.epochs = epochs
+    # Prompt plus answer must fit the warm-up's sequence cap, or the answers' ends are never learnt.
+    cfg.warmup.max_len = max(cfg.warmup.max_len, max_tokens + 256)
     result = run_self_distill(model, out, cfg)
     if report:
         report.parent.mkdir(parents=True, exist_ok=True)

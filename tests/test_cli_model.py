@@ -37,3 +37,13 @@ def test_tiny_writes_a_mimo_checkpoint_and_warmup_refuses_a_bad_one(tmp_path):
     assert res.exit_code == 2
     assert "MiMoForCausalLM" in res.output
     assert not (tmp_path / "w").exists()
+
+
+def test_warmup_refuses_several_greedy_answers_per_prompt(tmp_path):
+    # Greedy answers to one prompt are identical: asking for two would train on duplicates.
+    assert runner.invoke(app, ["model", "tiny", "--out", str(tmp_path / "t"), "--mtp-layers", "1"]).exit_code == 0
+    res = runner.invoke(app, ["model", "warmup", "--model", str(tmp_path / "t"), "--out", str(tmp_path / "w"),
+                              "--temperature", "0", "--samples-per-prompt", "2"])
+    assert res.exit_code == 2
+    assert "--samples-per-prompt 1" in res.output
+    assert not (tmp_path / "w").exists()
