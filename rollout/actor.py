@@ -14,6 +14,8 @@ before vLLM starts (`services.cpu_priority`), so vLLM's and OpenMP's threads inh
 
 from __future__ import annotations
 
+import os
+
 import ray
 
 from rollout.config import EngineConfig
@@ -57,7 +59,12 @@ def create_engine_actor(
         opts.update(name=name, namespace=namespace, get_if_exists=True)
     # vLLM runs in the actor's own process; its engine core stays in-process so weight updates
     # reach the worker directly.
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    # One malloc arena: glibc gives each new thread a fresh arena, and the actor's call threads
+    # (max_concurrency) each took their first weight update there with nothing freed to reuse,
+    # faulting in every packed weight anew (~140k page faults, 1.5 s instead of 0.25 s for
+    # SmolLM2-135M; see docs/benchmarks.md, weight sync). The engine lock serialises the work, so
+    # one arena costs no contention. A MALLOC_ARENA_MAX set by the caller wins.
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "1")}
     if cfg.num_threads:
         env["OMP_NUM_THREADS"] = str(cfg.num_threads)  # Ray would set num_cpus otherwise
     opts["runtime_env"] = {"env_vars": env}
