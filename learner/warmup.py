@@ -6,8 +6,15 @@ hidden states are computed once per sequence and cached, so each epoch costs onl
 the shared LM head. Progress is shown with tqdm; the trainer checkpoints its state every
 ``save_every`` steps and resumes from it when run again with the same ``state_dir``.
 
-Scope: the held-out cross-entropy reported is the mean over MTP heads and valid tokens of
-``-log p⁽ᵏ⁾(x)``; the backbone, embedding and LM head are never updated here.
+With the prompt lengths and ``answer_only`` the loss covers only the positions a drafter is asked
+about while the policy answers (its input token x_{p+1} is an answer token); otherwise every
+position of the text, the prompt's included. The CE term can score a pruned vocabulary (``ce_vocab``:
+the drafter's, `rollout.draft_vocab`), which makes it about V/N times cheaper.
+
+Scope: the held-out cross-entropy reported is the mean over MTP heads and trained positions of
+``-log p⁽ᵏ⁾(x)`` over the full vocabulary, and the held-out top-1 agreement is head 1's argmax
+against the text's token (on greedy text, what a greedy drafter's acceptance rate estimates); the
+backbone, embedding and LM head are never updated here.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -52,6 +61,13 @@ class WarmupConfig(BaseModel):
         ),
     )
     ce_weight: float = Field(0.0, ge=0, description="Weight of the CE term added to the 'distill' loss.")
+    answer_only: bool = Field(
+        False,
+        description=(
+            "Train only positions whose input token x_{p+1} is an answer token (needs the prompt lengths): "
+            "the drafter is only asked about those; a shared system prompt otherwise fills much of the loss."
+        ),
+    )
 
 
 @dataclass
@@ -60,57 +76,94 @@ class WarmupResult:
     heldout_ce_after: float
     steps: int
     train_losses: list[float] = field(default_factory=list)
+    heldout_top1_before: float = float("nan")
+    heldout_top1_after: float = float("nan")
 
 
-def _pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(batch: list[list[int]], pad_id: int, starts: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and the mask of the tokens to train on: all real tokens, or from each
+    sequence's ``starts`` entry (its prompt length) on."""
     T = max(len(s) for s in batch)
     ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), T), dtype=torch.bool)
     for i, s in enumerate(batch):
         ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = True
+        mask[i, (starts[i] if starts else 0) : len(s)] = True
     return ids, mask
 
 
-def mtp_cross_entropy(model: PolicyModel, h: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over MTP heads of the token-mean cross-entropy ``-log p⁽ᵏ⁾(x_t)`` on valid tokens."""
-    out = model.heads_from_hidden(h, ids, mask, model.num_mtp, mtp_backbone_grad=False)
+def mtp_token_cross_entropy(
+    model: PolicyModel, h: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, vocab: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over MTP heads of the token-mean ``-log p⁽ᵏ⁾(x_{p+k+1})`` over positions whose input
+    x_{p+1} and target lie in ``mask`` (B, T; right-padded, one contiguous run per row). With
+    ``vocab`` (sorted token ids) the softmax runs over those tokens only and targets outside it
+    are skipped: FR-Spec's pruned drafter head, trained as it drafts."""
+    W = model.backbone.lm_head.weight  # (V, H)
+    remap = None
+    if vocab is not None:
+        remap = torch.full((W.shape[0],), -1, dtype=torch.long, device=W.device)
+        remap[vocab] = torch.arange(len(vocab), device=W.device)
+        W = W[vocab]  # (N, H)
+    T = ids.shape[1]
     losses = []
-    for k in range(1, model.num_mtp + 1):
-        v = out.valid[k]
-        losses.append(-(out.logprobs[k] * v).sum() / v.sum().clamp(min=1))
+    for k, hk in enumerate(model.mtp_hidden(h, ids, model.num_mtp, mtp_backbone_grad=False), start=1):
+        n = T - k - 1  # positions whose target x_{p+k+1} lies inside the row
+        valid = mask[:, 1 : 1 + n] & mask[:, k + 1 :]  # (B, n)
+        y = ids[:, k + 1 :][valid]  # (M,)
+        if remap is not None:
+            y = remap[y]
+        logits = F.linear(hk[:, :n][valid], W).float()  # (M, V or N)
+        losses.append(F.cross_entropy(logits, y, ignore_index=-1, reduction="sum") / (y >= 0).sum().clamp(min=1))
     return torch.stack(losses).mean()
 
 
+@torch.no_grad()
+def mtp_top1_agreement(model: PolicyModel, h: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
+    """(hits, positions): head 1's full-vocabulary argmax at p against the text's x_{p+2}, over the
+    positions `mtp_token_cross_entropy` trains. On the policy's greedy text the target's choice is
+    that token, so this is the acceptance rate a greedy one-token drafter would see."""
+    n = ids.shape[1] - 2
+    h1 = model.mtp_hidden(h, ids, 1, mtp_backbone_grad=False)[0]  # (B, T, H)
+    valid = mask[:, 1 : 1 + n] & mask[:, 2:]  # (B, n)
+    pred = F.linear(h1[:, :n][valid], model.backbone.lm_head.weight).argmax(-1)  # (M,)
+    return int((pred == ids[:, 2:][valid]).sum()), int(valid.sum())
+
+
 def mtp_distill_loss(model: PolicyModel, h: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over MTP heads of ``‖h⁽ᵏ⁾ₚ − FinalNorm(h⁽⁰⁾_{p+k})‖² / H`` over positions with p+k < length."""
+    """Mean over MTP heads of ``‖h⁽ᵏ⁾ₚ − FinalNorm(h⁽⁰⁾_{p+k})‖² / H`` over positions whose input
+    x_{p+1} and regression target p+k lie in ``mask`` (B, T; one contiguous run per row)."""
     target = model.backbone.model.norm(h).detach()  # (B, T, H)
+    T = ids.shape[1]
     losses = []
     for k, hk in enumerate(model.mtp_hidden(h, ids, model.num_mtp, mtp_backbone_grad=False), start=1):
-        valid = mask[:, k:].unsqueeze(-1)  # (B, T-k, 1): the target position p+k is a real token
+        valid = (mask[:, 1 : T - k + 1] & mask[:, k:]).unsqueeze(-1)  # (B, T-k, 1)
         err = ((hk[:, :-k] - target[:, k:]) ** 2).mean(-1, keepdim=True)  # (B, T-k, 1)
         losses.append((err * valid).sum() / valid.sum().clamp(min=1))
     return torch.stack(losses).mean()
 
 
-def warmup_loss(model: PolicyModel, h: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, cfg: WarmupConfig) -> torch.Tensor:
+def warmup_loss(model: PolicyModel, h: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, cfg: WarmupConfig,
+                vocab: torch.Tensor | None = None) -> torch.Tensor:
     if cfg.loss == "ce":
-        return mtp_cross_entropy(model, h, ids, mask)
+        return mtp_token_cross_entropy(model, h, ids, mask, vocab)
     loss = mtp_distill_loss(model, h, ids, mask)
     if cfg.ce_weight > 0:
-        loss = loss + cfg.ce_weight * mtp_cross_entropy(model, h, ids, mask)
+        loss = loss + cfg.ce_weight * mtp_token_cross_entropy(model, h, ids, mask, vocab)
     return loss
 
 
 Cached = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (hidden, ids, mask) per batch
 
 
-def _hidden_cache(model: PolicyModel, batches: list[list[list[int]]], pad_id: int, desc: str, progress: bool) -> Cached:
-    """Backbone hidden states of each batch, computed once (the backbone is frozen)."""
+def _hidden_cache(model: PolicyModel, batches: list[list[tuple[list[int], int]]], pad_id: int, desc: str,
+                  progress: bool) -> Cached:
+    """Backbone hidden states of each batch of (sequence, first trained token), computed once (the
+    backbone is frozen)."""
     items = []
     with torch.no_grad():
         for b in tqdm(batches, desc=desc, disable=not progress, leave=False):
-            ids, mask = _pad(b, pad_id)
+            ids, mask = _pad([s for s, _ in b], pad_id, [start for _, start in b])
             items.append((model.backbone_hidden(ids), ids, mask))
     return items
 
@@ -121,9 +174,17 @@ def heldout_ce(model: PolicyModel, cache: Cached) -> float:
         return float("nan")
     total, n = 0.0, 0
     for h, ids, mask in cache:
-        total += mtp_cross_entropy(model, h, ids, mask).item() * len(ids)
+        total += mtp_token_cross_entropy(model, h, ids, mask).item() * len(ids)
         n += len(ids)
     return total / n
+
+
+def heldout_top1(model: PolicyModel, cache: Cached) -> float:
+    hits = total = 0
+    for h, ids, mask in cache:
+        a, b = mtp_top1_agreement(model, h, ids, mask)
+        hits, total = hits + a, total + b
+    return hits / total if total else float("nan")
 
 
 def warmup_mtp(
@@ -134,21 +195,34 @@ def warmup_mtp(
     state_dir: str | Path | None = None,
     progress: bool = True,
     max_steps: int | None = None,
+    prompt_lens: Sequence[int] | None = None,
+    ce_vocab: Sequence[int] | None = None,
 ) -> WarmupResult:
-    """Train ``model.mtp`` in place on ``sequences`` (token ids). Returns held-out CE before/after.
+    """Train ``model.mtp`` in place on ``sequences`` (token ids). Returns held-out CE and top-1
+    agreement before/after.
 
-    ``max_steps`` stops this call early (the state is saved, so a later call with the same
-    ``state_dir`` resumes where it stopped and ends with the same weights as an uninterrupted run)."""
+    ``prompt_lens`` (one per sequence) with ``answer_only`` restricts training to answers;
+    ``ce_vocab`` (token ids) restricts the CE term's softmax to those tokens. ``max_steps`` stops
+    this call early (the state is saved, so a later call with the same ``state_dir`` resumes where
+    it stopped and ends with the same weights as an uninterrupted run)."""
     cfg = config or WarmupConfig()
-    seqs = [s[: cfg.max_len] for s in sequences if len(s) >= 3]
+    if cfg.answer_only and prompt_lens is None:
+        raise ValueError("answer_only needs prompt_lens: the prompt length of each sequence")
+    if prompt_lens is not None and len(prompt_lens) != len(sequences):
+        raise ValueError(f"prompt_lens has {len(prompt_lens)} entries for {len(sequences)} sequences")
+    starts = prompt_lens if cfg.answer_only else [0] * len(sequences)
+    # An answer must keep at least two tokens after the cut for one trained position.
+    seqs = [(s[: cfg.max_len], start) for s, start in zip(sequences, starts) if min(len(s), cfg.max_len) >= start + 3]
     if len(seqs) < 2:
-        raise ValueError(f"MTP warm-up needs at least 2 sequences of ≥ 3 tokens, got {len(seqs)}")
+        what = "answers of ≥ 3 tokens within max_len" if cfg.answer_only else "sequences of ≥ 3 tokens"
+        raise ValueError(f"MTP warm-up needs at least 2 {what}, got {len(seqs)}")
+    vocab = torch.tensor(sorted(set(ce_vocab))) if ce_vocab is not None else None
     rng = random.Random(cfg.seed)
     rng.shuffle(seqs)
     n_held = max(1, int(len(seqs) * cfg.heldout_fraction)) if cfg.heldout_fraction > 0 else 0
     held, train = seqs[:n_held], seqs[n_held:]
     # Sort by length inside each batch-sized window so padding stays small.
-    train.sort(key=len)
+    train.sort(key=lambda x: len(x[0]))
     batches = [train[i : i + cfg.batch_size] for i in range(0, len(train), cfg.batch_size)]
     held_batches = [held[i : i + cfg.batch_size] for i in range(0, len(held), cfg.batch_size)]
 
@@ -161,6 +235,7 @@ def warmup_mtp(
 
     held_cache = _hidden_cache(model, held_batches, pad_id, "hidden states (held-out)", progress)
     before = heldout_ce(model, held_cache)
+    top1_before = heldout_top1(model, held_cache)
     step, losses = 0, []
     state_path = Path(state_dir) / STATE_FILE if state_dir else None
     if state_path and state_path.is_file():
@@ -169,6 +244,7 @@ def warmup_mtp(
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, losses, before = state["step"], state["losses"], state["heldout_ce_before"]
+        top1_before = state.get("heldout_top1_before", top1_before)
         torch.set_rng_state(state["torch_rng"])
 
     train_cache = _hidden_cache(model, batches, pad_id, "hidden states (train)", progress)
@@ -183,7 +259,7 @@ def warmup_mtp(
         stop_at = total_steps if max_steps is None else min(total_steps, step + max_steps)
         while step < stop_at:
             h, ids, mask = train_cache[orders[step]]
-            loss = warmup_loss(model, h, ids, mask, cfg)
+            loss = warmup_loss(model, h, ids, mask, cfg, vocab)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.mtp.parameters(), 1.0)
@@ -194,15 +270,15 @@ def warmup_mtp(
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if state_path and (step % cfg.save_every == 0 or step == stop_at):
-                _save_state(state_path, model, opt, sched, step, losses, before)
+                _save_state(state_path, model, opt, sched, step, losses, before, top1_before)
     finally:
         bar.close()
     model.mtp.eval()
     after = heldout_ce(model, held_cache)
-    return WarmupResult(before, after, step, losses)
+    return WarmupResult(before, after, step, losses, top1_before, heldout_top1(model, held_cache))
 
 
-def _save_state(path: Path, model, opt, sched, step, losses, before) -> None:
+def _save_state(path: Path, model, opt, sched, step, losses, before, top1_before) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(
@@ -213,6 +289,7 @@ def _save_state(path: Path, model, opt, sched, step, losses, before) -> None:
             "step": step,
             "losses": losses,
             "heldout_ce_before": before,
+            "heldout_top1_before": top1_before,
             "torch_rng": torch.get_rng_state(),
         },
         tmp,

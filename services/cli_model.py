@@ -65,6 +65,11 @@ def warmup_cmd(
                                                     "the text a greedy drafter is scored on).")] = 0.7,
     max_tokens: Annotated[int, typer.Option(help="Answer length cap.")] = 128,
     seed: Annotated[int, typer.Option(help="Prompt seed (training prompts seed, held-out seed + 10000).")] = 0,
+    ce_weight: Annotated[float, typer.Option(help="Weight of a CE term next to the feature distillation.")] = 0.0,
+    ce_vocab: Annotated[int, typer.Option(help="Score the CE term over the N most frequent answer tokens "
+                                               "(the pruned drafter's vocabulary); 0 = full vocabulary.")] = 0,
+    answer_only: Annotated[bool, typer.Option(help="Train only the answer positions a drafter is asked about, "
+                                                   "not the prompt's.")] = False,
     report: Annotated[Path | None, typer.Option(help="Write the measurements as JSON here.")] = None,
 ) -> None:
     """Train the MTP heads on the model's own answers (backbone frozen); print acceptance before/after."""
@@ -77,12 +82,20 @@ def warmup_cmd(
         _fail(str(e))
     if temperature == 0 and samples_per_prompt > 1:
         _fail("--temperature 0 gives one answer per prompt; use --samples-per-prompt 1 or more prompts")
-    cfg = SelfDistillConfig(task=task, train_prompts=train_prompts, heldout_prompts=heldout_prompts,
-                            samples_per_prompt=samples_per_prompt, temperature=temperature, max_tokens=max_tokens,
-                            seed=seed)
-    cfg.warmup.epochs = epochs
-    # Prompt plus answer must fit the warm-up's sequence cap, or the answers' ends are never learnt.
-    cfg.warmup.max_len = max(cfg.warmup.max_len, max_tokens + 256)
+    if ce_vocab and not ce_weight:
+        _fail("--ce-vocab prunes the CE term's vocabulary: give the term a weight with --ce-weight")
+    from pydantic import ValidationError
+
+    try:
+        cfg = SelfDistillConfig(task=task, train_prompts=train_prompts, heldout_prompts=heldout_prompts,
+                                samples_per_prompt=samples_per_prompt, temperature=temperature, max_tokens=max_tokens,
+                                seed=seed, ce_vocab_size=ce_vocab)
+        # Prompt plus answer must fit the warm-up's sequence cap, or the answers' ends are never learnt.
+        cfg.warmup = cfg.warmup.model_validate({**cfg.warmup.model_dump(), "epochs": epochs, "ce_weight": ce_weight,
+                                                "answer_only": answer_only,
+                                                "max_len": max(cfg.warmup.max_len, max_tokens + 256)})
+    except ValidationError as e:
+        _fail("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
     result = run_self_distill(model, out, cfg)
     if report:
         report.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from learner.checkpoint import iter_export_tensors, load_policy, save_policy
 from learner.warmup import WarmupConfig, warmup_mtp
 from rollout.config import EngineConfig, SamplingConfig
-from rollout.draft_vocab import write_draft_vocab
+from rollout.draft_vocab import rank_tokens, write_draft_vocab
 from rollout.engine import RolloutEngine
 
 
@@ -37,6 +37,9 @@ class SelfDistillConfig(BaseModel):
     # Distillation onto the backbone's hidden states: ~3.5× cheaper per step than CE on this model
     # (no 49k-vocabulary head per token) and, step for step, as good at raising acceptance here.
     warmup: WarmupConfig = Field(default_factory=lambda: WarmupConfig(loss="distill", epochs=10, batch_size=8, lr=3e-3))
+    ce_vocab_size: int = Field(
+        0, ge=0, description="Score the warm-up's CE term over only the N most frequent tokens of the answers "
+        "(the pruned drafter's vocabulary, rollout.draft_vocab); 0 = the full vocabulary.")
     engine: dict = Field(default_factory=lambda: {"kv_cache_gib": 1.0, "max_model_len": 768, "max_num_seqs": 64})
 
 
@@ -70,12 +73,17 @@ def run_self_distill(model_dir: str | Path, out_dir: str | Path, cfg: SelfDistil
         SamplingConfig(n=cfg.samples_per_prompt, temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed),
         use_tqdm=True,
     )
-    sequences = [s.prompt_token_ids + s.token_ids for s in data.samples if s.token_ids]
+    answered = [s for s in data.samples if s.token_ids]
+    sequences = [s.prompt_token_ids + s.token_ids for s in answered]
+    answers = [s.token_ids for s in answered]
+    ce_vocab = rank_tokens(answers)[0][: cfg.ce_vocab_size] if cfg.ce_vocab_size else None
 
     policy = load_policy(model_dir)
     pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
-    res = warmup_mtp(policy, sequences, cfg.warmup, pad_id=pad, state_dir=Path(out_dir).with_name(Path(out_dir).name + ".warmup-state"))
-    log(f"held-out MTP cross-entropy {res.heldout_ce_before:.3f} → {res.heldout_ce_after:.3f} ({res.steps} steps)")
+    res = warmup_mtp(policy, sequences, cfg.warmup, pad_id=pad, state_dir=Path(out_dir).with_name(Path(out_dir).name + ".warmup-state"),
+                     prompt_lens=[len(s.prompt_token_ids) for s in answered], ce_vocab=ce_vocab)
+    log(f"held-out MTP cross-entropy {res.heldout_ce_before:.3f} → {res.heldout_ce_after:.3f}, head-1 top-1 agreement "
+        f"with the text {res.heldout_top1_before:.3f} → {res.heldout_top1_after:.3f} ({res.steps} steps)")
 
     sync_s = engine.update_weights(1, iter_export_tensors(policy, mtp_only=True))
     after = engine.generate(held, greedy)
@@ -87,7 +95,6 @@ def run_self_distill(model_dir: str | Path, out_dir: str | Path, cfg: SelfDistil
     )
     save_policy(policy, out_dir, tokenizer=engine.tokenizer)
     # The drafter-vocabulary ranking (rollout.draft_vocab) from the same answers the heads learnt.
-    answers = [s.token_ids for s in data.samples if s.token_ids]
     write_draft_vocab(out_dir, answers, source=f"self-distill answers: {cfg.task}, {len(answers)} samples")
     return {
         "model": str(model_dir),
@@ -96,6 +103,10 @@ def run_self_distill(model_dir: str | Path, out_dir: str | Path, cfg: SelfDistil
         "warmup_sequences": len(sequences),
         "heldout_ce_before": res.heldout_ce_before,
         "heldout_ce_after": res.heldout_ce_after,
+        "heldout_top1_before": res.heldout_top1_before,
+        "heldout_top1_after": res.heldout_top1_after,
+        "warmup": cfg.warmup.model_dump(),
+        "ce_vocab_size": cfg.ce_vocab_size,
         "acceptance_before": before.spec.acceptance_rate,
         "acceptance_after": after.spec.acceptance_rate,
         "mean_acceptance_length_before": before.spec.mean_acceptance_length,

@@ -47,3 +47,13 @@ def test_warmup_refuses_several_greedy_answers_per_prompt(tmp_path):
     assert res.exit_code == 2
     assert "--samples-per-prompt 1" in res.output
     assert not (tmp_path / "w").exists()
+
+
+def test_warmup_refuses_bad_loss_settings_before_starting(tmp_path):
+    assert runner.invoke(app, ["model", "tiny", "--out", str(tmp_path / "t"), "--mtp-layers", "1"]).exit_code == 0
+    base = ["model", "warmup", "--model", str(tmp_path / "t"), "--out", str(tmp_path / "w")]
+    res = runner.invoke(app, base + ["--ce-weight", "-1"])
+    assert res.exit_code == 2 and "ce_weight" in res.output
+    res = runner.invoke(app, base + ["--ce-vocab", "1024"])
+    assert res.exit_code == 2 and "--ce-weight" in res.output
+    assert not (tmp_path / "w").exists()

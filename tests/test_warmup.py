@@ -80,3 +80,67 @@ def test_distill_warmup_pulls_heads_onto_the_policys_own_predictions():
         loss_after = mtp_distill_loss(m, m.backbone_hidden(held_ids), held_ids, held_mask).item()
     assert loss_after < 0.5 * loss_before, (loss_before, loss_after)
     assert agreement() > agree_before, (agree_before, agreement())
+
+
+def _reference_ce(m, ids, mask):
+    """The MTP heads' CE from the learner's own log-prob path (`heads_from_hidden`), full masks."""
+    with torch.no_grad():
+        out = m.heads_from_hidden(m.backbone_hidden(ids), ids, mask, m.num_mtp, mtp_backbone_grad=False)
+    return torch.stack([-(out.logprobs[k] * out.valid[k]).sum() / out.valid[k].sum() for k in range(1, m.num_mtp + 1)]).mean()
+
+
+def test_token_ce_matches_the_learners_log_probs_and_prunes_exactly():
+    from learner.warmup import _pad, mtp_token_cross_entropy
+
+    m = make_tiny_model(num_mtp=2, seed=1)
+    ids, mask = _pad(_sequences(n=6, seed=5), 0)
+    with torch.no_grad():
+        h = m.backbone_hidden(ids)
+        full = mtp_token_cross_entropy(m, h, ids, mask)
+        assert torch.allclose(full, _reference_ce(m, ids, mask), atol=1e-5)
+        # every token kept: the same loss; a subset: the softmax over the subset, other targets skipped
+        V = m.backbone.lm_head.weight.shape[0]
+        assert torch.allclose(mtp_token_cross_entropy(m, h, ids, mask, torch.arange(V)), full, atol=1e-5)
+        sub = torch.tensor(sorted(set(ids[mask].tolist()))[::2])
+        h1 = m.mtp_hidden(h, ids, 1, mtp_backbone_grad=False)[0]
+        logits = m.backbone.lm_head(h1[:, :-2])[..., sub]  # head 1 at p over the subset, predicts x_{p+2}
+        tgt = ids[:, 2:]
+        keep = mask[:, 2:] & torch.isin(tgt, sub)
+        pos = torch.searchsorted(sub, tgt.clamp(max=int(sub.max())))
+        want = -(logits.log_softmax(-1).gather(-1, pos.unsqueeze(-1)).squeeze(-1))[keep].mean()
+        m1 = make_tiny_model(num_mtp=1, seed=1)  # same backbone and first head: one head, one term
+        m1.mtp[0].load_state_dict(m.mtp[0].state_dict())
+        assert torch.allclose(mtp_token_cross_entropy(m1, h, ids, mask, sub), want, atol=1e-5)
+
+
+def test_answer_only_trains_only_answer_positions():
+    """With prompt lengths the loss covers exactly the positions a drafter is asked about while the
+    policy answers (input token x_{p+1} in the answer), checked against a sum written by hand."""
+    from learner.warmup import _pad, mtp_token_cross_entropy
+
+    m = make_tiny_model(num_mtp=1, seed=2)
+    seqs = _sequences(n=4, seed=7)
+    starts = [5, 6, 7, 8]
+    ids, mask = _pad(seqs, 0, starts)
+    assert mask.sum() == sum(len(s) - st for s, st in zip(seqs, starts))
+    with torch.no_grad():
+        h = m.backbone_hidden(ids)
+        loss = mtp_token_cross_entropy(m, h, ids, mask)
+        # by hand: head 1 at p predicts x_{p+2}; trained when x_{p+1} is an answer token
+        h1 = m.mtp_hidden(h, ids, 1, mtp_backbone_grad=False)[0]
+        lp = m.backbone.lm_head(h1).log_softmax(-1)
+        terms = [-lp[i, p, ids[i, p + 2]] for i, (s, st) in enumerate(zip(seqs, starts)) for p in range(st - 1, len(s) - 2)]
+        assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-5)
+    with pytest.raises(ValueError, match="prompt_lens"):
+        warmup_mtp(m, seqs, CFG.model_copy(update={"answer_only": True}), progress=False)
+
+
+def test_answer_only_pruned_ce_warmup_raises_top1_agreement():
+    m = make_tiny_model(num_mtp=1, seed=4)
+    prompt = [7, 8, 9, 10, 11]  # a shared "system prompt"
+    seqs = [prompt + s for s in _sequences(n=64, seed=11)]
+    vocab = sorted({t for s in seqs for t in s[len(prompt):]})
+    cfg = CFG.model_copy(update={"loss": "distill", "ce_weight": 1.0, "answer_only": True, "epochs": 6, "lr": 1e-2})
+    res = warmup_mtp(m, seqs, cfg, progress=False, prompt_lens=[len(prompt)] * len(seqs), ce_vocab=vocab)
+    assert res.heldout_top1_after > res.heldout_top1_before + 0.1, res
+    assert res.heldout_ce_after < res.heldout_ce_before, res
