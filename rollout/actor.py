@@ -59,12 +59,17 @@ def create_engine_actor(
         opts.update(name=name, namespace=namespace, get_if_exists=True)
     # vLLM runs in the actor's own process; its engine core stays in-process so weight updates
     # reach the worker directly.
-    # One malloc arena: glibc gives each new thread a fresh arena, and the actor's call threads
-    # (max_concurrency) each took their first weight update there with nothing freed to reuse,
-    # faulting in every packed weight anew (~140k page faults, 1.5 s instead of 0.25 s for
-    # SmolLM2-135M; see docs/benchmarks.md, weight sync). The engine lock serialises the work, so
-    # one arena costs no contention. A MALLOC_ARENA_MAX set by the caller wins.
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "1")}
+    # glibc malloc tuned for weight updates (docs/benchmarks.md, weight sync): each update packs a
+    # new copy of every linear weight and frees the old one. With glibc's defaults the actor's call
+    # threads (max_concurrency) each got a fresh arena, and freed memory went back to the OS, so
+    # updates faulted every packed weight in anew: 1.4-1.7 s for SmolLM2-135M's first four, ~0.53 s
+    # for many later ones, against 0.22-0.25 s when freed memory stays in one arena for the next
+    # update. The engine lock serialises the work, so one arena costs no contention; the price is
+    # that up to one model's packed weights stay reserved between updates. Caller's values win.
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    for var, value in (("MALLOC_ARENA_MAX", "1"), ("MALLOC_MMAP_THRESHOLD_", str(1 << 30)),
+                       ("MALLOC_TRIM_THRESHOLD_", str(4 << 30))):
+        env[var] = os.environ.get(var, value)
     if cfg.num_threads:
         env["OMP_NUM_THREADS"] = str(cfg.num_threads)  # Ray would set num_cpus otherwise
     opts["runtime_env"] = {"env_vars": env}
