@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(DEPS_HASH)
 MODELS ?= .cache/models
 PYTEST_ARGS ?=
 
-.PHONY: venv system-deps test test-fast demo models bench clean
+.PHONY: venv system-deps test test-fast demo models spec-head clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,14 @@ models: venv
 
 demo: venv system-deps
 	$(VENV)/bin/mtprl demo --models-dir $(MODELS)
+
+# The demo's warmed-up MTP head self-distilled on 1024 long greedy answers (~40 min on 2 cores):
+# the drafter of the speculative-decoding measurement in docs/benchmarks.md.
+spec-head: venv
+	@test -f $(MODELS)/smollm2-mtp1-warm/model.safetensors || { echo "spec-head starts from the demo's warmed-up head: run make demo first"; exit 2; }
+	$(VENV)/bin/mtprl model warmup --model $(MODELS)/smollm2-mtp1-warm --out $(MODELS)/smollm2-mtp1-long \
+		--train-prompts 1024 --heldout-prompts 32 --samples-per-prompt 1 --temperature 0 --max-tokens 256 \
+		--seed 2000 --epochs 12 --ce-weight 0.3 --ce-vocab 1024 --answer-only --report runs/warmup-long.json
 
 clean:
 	rm -rf .cache runs .pytest_cache
