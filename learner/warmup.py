@@ -4,7 +4,8 @@ Sequences are the task's prompts with the model's own answers (self-distillation
 to predict what the policy itself writes, which is what speculative decoding needs). The backbone's
 hidden states are computed once per sequence and cached, so each epoch costs only the MTP blocks and
 the shared LM head. Progress is shown with tqdm; the trainer checkpoints its state every
-``save_every`` steps and resumes from it when run again with the same ``state_dir``.
+``save_every`` steps and resumes from it when run again with the same ``state_dir`` (and refuses a
+state written for other settings or other text).
 
 With the prompt lengths and ``answer_only`` the loss covers only the positions a drafter is asked
 about while the policy answers (its input token x_{p+1} is an answer token); otherwise every
@@ -19,6 +20,8 @@ backbone, embedding and LM head are never updated here.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import random
@@ -238,8 +241,14 @@ def warmup_mtp(
     top1_before = heldout_top1(model, held_cache)
     step, losses = 0, []
     state_path = Path(state_dir) / STATE_FILE if state_dir else None
+    fingerprint = _fingerprint(cfg, seqs, vocab)
     if state_path and state_path.is_file():
         state = torch.load(state_path, weights_only=False)
+        # Resuming another recipe's optimiser and step count would silently train the wrong thing.
+        if state.get("fingerprint", fingerprint) != fingerprint:
+            raise ValueError(
+                f"{state_path} holds the state of a different warm-up (other options or other text); "
+                f"delete {state_path.parent} to start this one afresh, or rerun with the same options")
         model.mtp.load_state_dict(state["mtp"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -270,7 +279,7 @@ def warmup_mtp(
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if state_path and (step % cfg.save_every == 0 or step == stop_at):
-                _save_state(state_path, model, opt, sched, step, losses, before, top1_before)
+                _save_state(state_path, model, opt, sched, step, losses, before, top1_before, fingerprint)
     finally:
         bar.close()
     model.mtp.eval()
@@ -278,7 +287,15 @@ def warmup_mtp(
     return WarmupResult(before, after, step, losses, top1_before, heldout_top1(model, held_cache))
 
 
-def _save_state(path: Path, model, opt, sched, step, losses, before, top1_before) -> None:
+def _fingerprint(cfg: WarmupConfig, seqs: list[tuple[list[int], int]], vocab: torch.Tensor | None) -> str:
+    """What a resumable state belongs to: the settings, the text and the CE vocabulary."""
+    h = hashlib.sha256(cfg.model_dump_json(exclude={"save_every"}).encode())
+    h.update(json.dumps(seqs).encode())
+    h.update(json.dumps(None if vocab is None else vocab.tolist()).encode())
+    return h.hexdigest()
+
+
+def _save_state(path: Path, model, opt, sched, step, losses, before, top1_before, fingerprint) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(
@@ -290,6 +307,7 @@ def _save_state(path: Path, model, opt, sched, step, losses, before, top1_before
             "losses": losses,
             "heldout_ce_before": before,
             "heldout_top1_before": top1_before,
+            "fingerprint": fingerprint,
             "torch_rng": torch.get_rng_state(),
         },
         tmp,

@@ -96,7 +96,10 @@ def warmup_cmd(
                                                 "max_len": max(cfg.warmup.max_len, max_tokens + 256)})
     except ValidationError as e:
         _fail("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
-    result = run_self_distill(model, out, cfg)
+    try:
+        result = run_self_distill(model, out, cfg)
+    except ValueError as e:  # e.g. a resumable state left by another recipe
+        _fail(str(e))
     if report:
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps(result, indent=2))

@@ -144,3 +144,13 @@ def test_answer_only_pruned_ce_warmup_raises_top1_agreement():
     res = warmup_mtp(m, seqs, cfg, progress=False, prompt_lens=[len(prompt)] * len(seqs), ce_vocab=vocab)
     assert res.heldout_top1_after > res.heldout_top1_before + 0.1, res
     assert res.heldout_ce_after < res.heldout_ce_before, res
+
+
+def test_warmup_refuses_to_resume_another_recipes_state(tmp_path):
+    first = warmup_mtp(make_tiny_model(num_mtp=1, seed=3), _sequences(), CFG, state_dir=tmp_path, progress=False, max_steps=3)
+    assert first.steps == 3
+    for other_cfg, other_text in ((CFG.model_copy(update={"lr": 1e-2}), _sequences()), (CFG, _sequences(seed=1))):
+        with pytest.raises(ValueError, match="different warm-up"):
+            warmup_mtp(make_tiny_model(num_mtp=1, seed=3), other_text, other_cfg, state_dir=tmp_path, progress=False)
+    # the same recipe still resumes
+    assert warmup_mtp(make_tiny_model(num_mtp=1, seed=3), _sequences(), CFG, state_dir=tmp_path, progress=False).steps == CFG.epochs * 5
