@@ -66,6 +66,15 @@ _set_num_threads = torch.set_num_threads
 TASK_CONFIG: dict = {}  # reasoning-gym basic_arithmetic options (--task-config)
 
 
+def use_task_config(value: str) -> None:
+    """Set TASK_CONFIG from a --task-config value: basic_arithmetic options as JSON, or 'demo' for
+    the demo's task ('' leaves reasoning-gym's defaults)."""
+    if value:
+        from services.cli_demo import DEMO_TASK
+
+        TASK_CONFIG.update(DEMO_TASK if value == "demo" else json.loads(value))
+
+
 def prompts_for(tokenizer, n: int, seed: int) -> list[str]:
     from reward.datasets import reasoning_gym_items
 
@@ -119,10 +128,7 @@ def main() -> None:
     ap.add_argument("--task-config", default="", help="basic_arithmetic options as JSON; 'demo' = the demo's task "
                     "(acceptance is only meaningful on the policy's own prompt distribution)")
     args = ap.parse_args()
-    if args.task_config:
-        from services.cli_demo import DEMO_TASK
-
-        TASK_CONFIG.update(DEMO_TASK if args.task_config == "demo" else json.loads(args.task_config))
+    use_task_config(args.task_config)
 
     batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
     base_cfg = {"model": args.model, "max_model_len": 768, "kv_cache_gib": 0.5, "max_num_seqs": max(batch_sizes),

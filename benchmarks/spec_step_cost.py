@@ -47,9 +47,8 @@ def main() -> None:
     import spec_decode as sd
 
     from rollout.engine import RolloutEngine
-    from services.cli_demo import DEMO_TASK
 
-    sd.TASK_CONFIG.update(DEMO_TASK if args.task_config == "demo" else json.loads(args.task_config))
+    sd.use_task_config(args.task_config)
     base = {"model": args.model, "max_model_len": 768, "kv_cache_gib": 0.5, "max_num_seqs": max(32, args.batch),
             "seed": 0, "num_threads": 1}
     configs = {"n0": {"num_speculative_tokens": 0}, "n1": {"num_speculative_tokens": 1}}

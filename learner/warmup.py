@@ -156,7 +156,7 @@ def warmup_loss(model: PolicyModel, h: torch.Tensor, ids: torch.Tensor, mask: to
     return loss
 
 
-Cached = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (hidden, ids, mask) per batch
+Cached = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (hidden, ids, trained-token mask) per batch
 
 
 def _hidden_cache(model: PolicyModel, batches: list[list[tuple[list[int], int]]], pad_id: int, desc: str,

@@ -59,6 +59,7 @@ def create_engine_actor(
         opts.update(name=name, namespace=namespace, get_if_exists=True)
     # vLLM runs in the actor's own process; its engine core stays in-process so weight updates
     # reach the worker directly.
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     # glibc malloc tuned for weight updates (docs/benchmarks.md, weight sync): each update packs a
     # new copy of every linear weight and frees the old one. With glibc's defaults the actor's call
     # threads (max_concurrency) each got a fresh arena, and freed memory went back to the OS, so
@@ -66,7 +67,6 @@ def create_engine_actor(
     # for many later ones, against 0.22-0.25 s when freed memory stays in one arena for the next
     # update. The engine lock serialises the work, so one arena costs no contention; the price is
     # that up to one model's packed weights stay reserved between updates. Caller's values win.
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     for var, value in (("MALLOC_ARENA_MAX", "1"), ("MALLOC_MMAP_THRESHOLD_", str(1 << 30)),
                        ("MALLOC_TRIM_THRESHOLD_", str(4 << 30))):
         env[var] = os.environ.get(var, value)
