@@ -52,13 +52,29 @@ def export_state_dict(model: PolicyModel) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def export_name(fqn: str) -> str:
+    """A `PolicyModel` parameter's MiMo checkpoint name (``backbone.model.x`` → ``model.x``,
+    ``mtp.0.x`` → ``model.mtp_layers.0.x``): what a sharded learner, which sees its model's own
+    names, writes and publishes under."""
+    if fqn.startswith("backbone."):
+        return fqn[len("backbone."):]
+    if fqn.startswith("mtp."):
+        return MTP_PREFIX + fqn[len("mtp."):]
+    raise ValueError(f"{fqn!r} is not a PolicyModel tensor name (backbone.* or mtp.*)")
+
+
+def is_drafter_tensor(name: str) -> bool:
+    """Whether vLLM's MTP drafter loads the MiMo-named tensor ``name``."""
+    return name.startswith(MTP_PREFIX) or "embed_tokens" in name or name == "lm_head.weight"
+
+
 def iter_export_tensors(model: PolicyModel, mtp_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Detached CPU tensors in MiMo naming; ``mtp_only`` yields what vLLM's drafter needs.
 
     A policy on a GPU is copied to the host one tensor at a time (what the object store and the
     engines take); a CPU policy's tensors are yielded as they are, without a copy."""
     for name, t in export_state_dict(model).items():
-        if mtp_only and not (name.startswith(MTP_PREFIX) or "embed_tokens" in name or name == "lm_head.weight"):
+        if mtp_only and not is_drafter_tensor(name):
             continue
         yield name, t.detach().cpu()
 
@@ -99,16 +115,21 @@ def _publish(tmp: Path, out_dir: Path) -> None:
 def save_policy(model: PolicyModel, out_dir: str | Path, tokenizer=None, extra: dict[str, str] | None = None) -> Path:
     """Write ``model`` (and ``tokenizer`` when given) to ``out_dir`` atomically. ``extra`` maps file
     names to text written alongside (e.g. a ``generation_config.json``)."""
+    # CPU copies whatever the policy's device (safetensors files hold host tensors); copies,
+    # not views, also for a tied head, which safetensors refuses to store shared
+    tensors = {n: t.detach().to("cpu", copy=True).contiguous() for n, t in export_state_dict(model).items()}
+    return save_policy_tensors(tensors, model.config, model.num_mtp, out_dir, tokenizer, extra)
+
+
+def save_policy_tensors(tensors: dict[str, torch.Tensor], config: Qwen2Config, num_mtp: int,
+                        out_dir: str | Path, tokenizer=None, extra: dict[str, str] | None = None) -> Path:
+    """`save_policy` from tensors already in MiMo naming on the host (contiguous, unshared), e.g.
+    the full tensors a sharded learner gathered on its rank 0."""
     out_dir = Path(out_dir)
     tmp = _atomic_dir(out_dir)
     try:
-        # CPU copies whatever the policy's device (safetensors files hold host tensors); copies,
-        # not views, also for a tied head, which safetensors refuses to store shared
-        tensors = {n: t.detach().to("cpu", copy=True).contiguous()
-                   for n, t in export_state_dict(model).items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        config = mimo_config_dict(model.config, model.num_mtp)
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        (tmp / CONFIG_NAME).write_text(json.dumps(mimo_config_dict(config, num_mtp), indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         for name, text in (extra or {}).items():

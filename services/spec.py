@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from learner.config import AlgorithmConfig
 from rollout.draft_vocab import DRAFT_VOCAB_FILE
@@ -148,12 +148,19 @@ class RewardSpec(_Strict):
 class ResourcesSpec(_Strict):
     """What the run asks Ray for."""
 
-    learner_gpus: int = Field(0, ge=0, description="GPUs for the learner group (0 = CPU).")
+    learner_gpus: int = Field(0, ge=0, description="GPUs for the learner group (0 = CPU); one learner "
+                              "rank per GPU, so `learner_workers` defaults to it.")
+    learner_workers: int | None = Field(
+        None, ge=1, le=1024,
+        description="Learner ranks: N actors in the run's placement group form one torch.distributed "
+        "group (gloo on CPU, NCCL on CUDA) and shard the policy, its gradients and AdamW state with "
+        "FSDP2 (docs/scale.md). 1 = the plain single-process learner. Default: `learner_gpus` when "
+        "the learner has GPUs (one rank per GPU), else 1. On GPUs it must equal `learner_gpus`.")
     gpus_per_engine: int = Field(0, ge=0, description="GPUs per rollout engine (0 = CPU vLLM).")
     tensor_parallel: int = Field(1, ge=1, description="Tensor-parallel size of each engine.")
     cpus_per_reward_worker: float = Field(1.0, gt=0, description="CPUs per reward worker.")
-    learner_cpus: float = Field(1.0, gt=0, description="CPUs reserved for the learner (its torch "
-                                "threads: max(1, int(learner_cpus))).")
+    learner_cpus: float = Field(1.0, gt=0, description="CPUs reserved for the whole learner group, split "
+                                "evenly over its ranks (each rank's torch threads: max(1, int(share))).")
     cpus_per_engine: float = Field(1.0, gt=0, description="CPUs reserved per rollout engine (its "
                                    "torch/OpenMP threads: max(1, int(cpus_per_engine))).")
     cpu_nice: int = Field(
@@ -163,6 +170,26 @@ class ResourcesSpec(_Strict):
         "its workers' main threads only); 19 = the lowest priority, for a machine shared with the "
         "control plane where the API's latency suffers (see docs/control-plane.md); a dedicated "
         "training node gains nothing from it. Never raises priority.")
+
+    @model_validator(mode="after")
+    def _learner_ranks(self) -> ResourcesSpec:
+        if self.learner_workers is None:
+            self.learner_workers = max(1, self.learner_gpus)
+        elif self.learner_gpus and self.learner_workers != self.learner_gpus:
+            raise ValueError(
+                f"learner_workers={self.learner_workers} with learner_gpus={self.learner_gpus}: each "
+                "learner rank takes one GPU, so set learner_workers to learner_gpus (or leave it out)")
+        return self
+
+    @property
+    def gpus_per_learner(self) -> int:
+        """GPUs of each learner rank's bundle (0 or 1)."""
+        return 1 if self.learner_gpus else 0
+
+    @property
+    def cpus_per_learner(self) -> float:
+        """CPUs of each learner rank's bundle: `learner_cpus` split over the ranks."""
+        return self.learner_cpus / int(self.learner_workers or 1)
 
 
 class ScheduleSpec(_Strict):
