@@ -46,6 +46,7 @@ Log-probs here are target-aligned (`HeadLogProbs`): head k's entry at t is its l
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -71,10 +72,13 @@ def occ_lambda_paper(
     mask: torch.Tensor,
     lambda_plus: float = 1.0,
     eps: float = 1e-8,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> OCCStats:
     """OCC Eq. 13: λ_k = λ₊·ĉ_k/(v̂²_k + ε), ĉ_k = ⟨δ_RL, δ_MTP,k⟩/n_k, v̂²_k = ‖δ_MTP,k‖²/n_k.
 
     delta_rl (B, T); delta_mtp (H, B, T); mask (H, B, T) — head k's masked response tokens.
+    ``reduce`` sums a tensor over the learner group's ranks (each holds a share of the
+    micro-batch's rows), so the sums and counts, and hence λ, are the whole micro-batch's.
     """
     if delta_mtp.shape != mask.shape or delta_mtp.shape[1:] != delta_rl.shape:
         raise ValueError(
@@ -82,11 +86,13 @@ def occ_lambda_paper(
             f"mask {tuple(mask.shape)}"
         )
     m = mask.to(delta_mtp.dtype)  # (H, B, T)
-    n = m.sum(dim=(1, 2)).clamp(min=1)  # (H,)
     dm = torch.where(mask, delta_mtp, torch.zeros_like(delta_mtp))
     dr = torch.where(mask, delta_rl.unsqueeze(0).expand_as(delta_mtp), torch.zeros_like(dm))
-    c_hat = (dr * dm).sum(dim=(1, 2)) / n  # (H,)
-    v2_hat = (dm * dm).sum(dim=(1, 2)) / n  # (H,)
+    sums = torch.stack([(dr * dm).sum(dim=(1, 2)), (dm * dm).sum(dim=(1, 2)), m.sum(dim=(1, 2))])  # (3, H)
+    if reduce is not None:
+        sums = reduce(sums)
+    dot, sq, n = sums[0], sums[1], sums[2].clamp(min=1)  # (H,) each
+    c_hat, v2_hat = dot / n, sq / n
     return OCCStats(lam=lambda_plus * c_hat / (v2_hat + eps), c_hat=c_hat, v2_hat=v2_hat)
 
 
@@ -98,6 +104,7 @@ def occ_lambda_authors(
     window: torch.Tensor,
     lambda_plus: float = 1.0,
     eps: float = 1e-8,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> OCCStats:
     """The authors' estimator (MarkXCloud/RL-MTP, megatron_actor.py): per token, unmasked:
 
@@ -105,25 +112,35 @@ def occ_lambda_authors(
 
     `window` (B, T) is the padded response window (the denominator counts its padding, whose
     terms are 0 here). ĉ and v̂² are returned as in the paper estimator, for the dashboards.
+    ``reduce``: as in `occ_lambda_paper` (the window must then span the whole micro-batch's
+    widest response, `response_window`'s ``width``).
     """
     h = delta_mtp.shape[0]
     dm = torch.where(mask, delta_mtp, torch.zeros_like(delta_mtp))  # (H, B, T)
     dr = torch.where(mask, delta_rl.unsqueeze(0).expand_as(dm), torch.zeros_like(dm))
     q = dm * dr / (dm * dm + eps)  # (H, B, T); 0 where masked
-    n = window.to(dm.dtype).sum().clamp(min=1)
-    lam = (lambda_plus / h) * q.sum(dim=(1, 2)) / n
-    paper = occ_lambda_paper(delta_rl, delta_mtp, mask, 1.0, eps)
+    sums = torch.cat([q.sum(dim=(1, 2)), window.to(dm.dtype).sum().reshape(1)])  # (H + 1,)
+    if reduce is not None:
+        sums = reduce(sums)
+    lam = (lambda_plus / h) * sums[:h] / sums[h].clamp(min=1)
+    paper = occ_lambda_paper(delta_rl, delta_mtp, mask, 1.0, eps, reduce)
     return OCCStats(lam=lam, c_hat=paper.c_hat, v2_hat=paper.v2_hat)
 
 
-def response_window(response_mask: torch.Tensor) -> torch.Tensor:
+def response_width(response_mask: torch.Tensor) -> int:
+    """The widest response of the rows (0 if none): the authors' padded response length."""
+    return int(response_mask.sum(-1).max()) if response_mask.numel() else 0
+
+
+def response_window(response_mask: torch.Tensor, width: int | None = None) -> torch.Tensor:
     """(B, T) bool: from each row's first response token to the micro-batch's widest response
-    end, i.e. veRL's right-padded `responses` tensor laid over our prompt+response rows."""
+    end, i.e. veRL's right-padded `responses` tensor laid over our prompt+response rows.
+    ``width``: that widest response when these rows are one rank's share of the micro-batch."""
     b, t = response_mask.shape
     pos = torch.arange(t, device=response_mask.device).expand(b, t)
     has = response_mask.any(-1)
     first = torch.where(response_mask, pos, torch.full_like(pos, t)).min(-1).values  # (B,)
-    width = torch.where(has, response_mask.sum(-1), torch.zeros_like(first)).max()
+    width = response_width(response_mask) if width is None else width
     return (pos >= first.unsqueeze(1)) & (pos < first.unsqueeze(1) + width) & has.unsqueeze(1)
 
 

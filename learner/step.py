@@ -25,9 +25,14 @@ advantages run on the host (a few (B,) tensors); the kept batch then moves to th
 update; metrics come back as python floats. The mini-batch shuffle's generator stays on the host,
 so the sample order is the same on every device.
 
-Not covered here: packing of several sequences per row (rows are padded), FSDP/distributed data
-parallel (the step is single-process; a distributed wrapper would all-reduce the Normaliser and
-the gradients), and reading staleness limits (the run controller drops too-stale groups).
+Learner group (``dp``, a `learner.distributed.DataParallel` with world > 1): the policy is
+sharded with FSDP2 and every rank runs this same step on the whole batch, computing its
+token-balanced share of every global micro-batch's rows; normalisers are the mini-batch's, OCC's
+statistics and the loss are summed over ranks, gradients are summed by FSDP and clipped by the
+global norm, so the update is the one-process update (docs/scale.md). dp None: one process.
+
+Not covered here: packing of several sequences per row (rows are padded) and reading staleness
+limits (the run controller drops too-stale groups).
 
 Determinism: given the same model state, batch and config, the update is bit-for-bit repeatable
 on CPU (no dropout in the policy; the only randomness is the seeded mini-batch shuffle). On a GPU
@@ -52,6 +57,7 @@ from learner.aggregation import Normaliser, aggregate
 from learner.batch import TrainBatch
 from learner.config import AlgorithmConfig
 from learner.device import Placement
+from learner.distributed import DataParallel, apply_activation_checkpointing, is_sharded, shard_policy
 from learner.mpo import block_log_ratio, block_view, mpo_weights, scale_grad
 from learner.objectives import decoupled_weights, policy_loss
 from learner.occ import (
@@ -60,6 +66,7 @@ from learner.occ import (
     mtp_regime_loss,
     occ_lambda_authors,
     occ_lambda_paper,
+    response_width,
     response_window,
 )
 
@@ -101,14 +108,24 @@ class Learner:
     """Holds the policy, its AdamW optimiser and the policy version; `step` runs one update.
 
     The model is moved to the config's device (`cfg.device`; `gpu_assigned` tells `auto` that
-    this process was given a GPU) before the optimiser is built, so its state lives there too."""
+    this process was given a GPU) before the optimiser is built, so its state lives there too.
+    With ``dp`` (a learner group of world > 1) it is then sharded (`shard_policy`) unless it
+    already is."""
 
-    def __init__(self, model: torch.nn.Module, cfg: AlgorithmConfig, gpu_assigned: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, cfg: AlgorithmConfig, gpu_assigned: bool = False,
+                 dp: DataParallel | None = None) -> None:
         num_mtp = int(getattr(model, "num_mtp", 0))
         cfg.check_against_model(num_mtp)
         self.placement: Placement = cfg.placement(gpu_assigned)
         self.device = self.placement.device
-        self.model, self.cfg = model.to(self.device), cfg
+        self.dp = dp if dp is not None and dp.world > 1 else None
+        model = model.to(self.device)
+        if self.dp is not None and not is_sharded(model):
+            shard_policy(model, bf16_compute=self.placement.autocast_dtype == torch.bfloat16,
+                         activation_checkpointing=cfg.activation_checkpointing)
+        elif self.dp is None and cfg.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        self.model, self.cfg = model, cfg
         mpo = cfg.mpo
         # K = 1 when MPO is off or its MTP share is 0: exactly token-level, no MTP heads needed.
         self.k = 1 if mpo is None or mpo.mtp_share == 0.0 else mpo.k
@@ -130,13 +147,44 @@ class Learner:
         self.params = [p for p in model.parameters() if p.requires_grad]
         adamw = dict(lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
                      weight_decay=cfg.weight_decay)
-        try:  # the fused kernel is ~3× faster than the per-tensor loop on CPU (135M params: 0.3 s)
-            # and one launch instead of thousands on a GPU
-            self.opt = torch.optim.AdamW(self.params, fused=True, **adamw)
-        except (RuntimeError, TypeError):  # dtype/device without a fused kernel
+        if self.dp is not None:  # sharded (DTensor) parameters: the foreach implementation
             self.opt = torch.optim.AdamW(self.params, **adamw)
+        else:
+            self.opt = self._plain_adamw(adamw)
         self.version = 0
         self.skipped_nonfinite_total = 0
+
+    def _plain_adamw(self, adamw: dict) -> torch.optim.Optimizer:
+        try:  # the fused kernel is ~3× faster than the per-tensor loop on CPU (135M params: 0.3 s)
+            # and one launch instead of thousands on a GPU
+            return torch.optim.AdamW(self.params, fused=True, **adamw)
+        except (RuntimeError, TypeError):  # dtype/device without a fused kernel
+            return torch.optim.AdamW(self.params, **adamw)
+
+    # ------------------------------------------------------------------ the group's rows
+    def row_chunks(self, n: int, size: int) -> list[tuple[torch.Tensor, bool]]:
+        """This rank's forwards over rows 0..n-1 (a no-grad pass): one process's chunks of ``size``
+        rows, dealt to the ranks in turn, as many forwards on every rank (FSDP's collectives run
+        in lock step); a rank with fewer chunks pads with ``(rows[:1], True)`` — a row whose
+        result is discarded."""
+        chunks = list(torch.split(torch.arange(n, device=self.device), size))
+        if self.dp is None:
+            return [(c, False) for c in chunks]
+        mine = chunks[self.dp.rank :: self.dp.world]
+        rounds = -(-len(chunks) // self.dp.world)
+        return [(c, False) for c in mine] + [(chunks[0][:1], True)] * (rounds - len(mine))
+
+    def micro_share(self, micro: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """This rank's rows of a global micro-batch (all of it for one process); an empty share is
+        one padding row (True: its loss is masked to 0)."""
+        if self.dp is None:
+            return micro, False
+        mine = self.dp.share(micro, tokens)
+        return (mine, False) if mine.numel() else (micro[:1], True)
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the group's ranks (identity for one process)."""
+        return t if self.dp is None else self.dp.sum_(t)
 
     # ------------------------------------------------------------------ prepare
     def prepare(self, batch: TrainBatch) -> tuple[TrainBatch | None, torch.Tensor | None, dict]:
@@ -187,13 +235,14 @@ class Learner:
 
     # ------------------------------------------------------------------ forwards
     def micro_size(self, b: TrainBatch, heads: int) -> int:
-        """Samples per micro-batch: ``micro_batch_size``, or with 'auto' the most that keep one
-        micro-batch's logits (samples × trimmed width × vocabulary × ``heads``) within
-        ``micro_batch_logits`` (at least 1)."""
+        """Samples per (global) micro-batch: ``micro_batch_size``, or with 'auto' the most that keep
+        one rank's share of the micro-batch's logits (samples × trimmed width × vocabulary ×
+        ``heads``) within ``micro_batch_logits`` (at least 1 per rank)."""
         if self.cfg.micro_batch_size != "auto":
             return int(self.cfg.micro_batch_size)
         per_sample = self._trim(b.input_ids, b.attention_mask) * self.model.config.vocab_size * max(heads, 1)
-        return max(1, min(b.size, self.cfg.micro_batch_logits // per_sample))
+        ranks = 1 if self.dp is None else self.dp.world  # the budget is each rank's
+        return max(1, min(b.size, ranks * (self.cfg.micro_batch_logits // per_sample)))
 
     @staticmethod
     def _trim(ids: torch.Tensor, attn: torch.Tensor) -> int:
@@ -202,8 +251,11 @@ class Learner:
         return int(cols.max()) + 1 if cols.numel() else 1
 
     def _forward(self, b: TrainBatch, num_mtp: int, backbone_grad: bool, lm_head_grad: bool,
-                 entropy: bool):
-        width = self._trim(b.input_ids, b.attention_mask)
+                 entropy: bool, width: int | None = None):
+        # A row's log-probs depend (in float rounding) on the padded width it is computed at, not
+        # on the other rows: a rank's share of a micro-batch takes the whole micro-batch's width,
+        # so its rows come out bit for bit as in one process.
+        width = self._trim(b.input_ids, b.attention_mask) if width is None else width
         # bf16 autocast (GPU) covers the forward only: the log-probs come out float32
         # (model._token_logprobs_from_hidden upcasts the logits) and backward runs outside it.
         with self.placement.autocast():
@@ -230,28 +282,37 @@ class Learner:
         bsz, t = b.input_ids.shape
         old = torch.zeros(self.k, bsz, t, device=self.device)
         ent = torch.zeros(bsz, t, device=self.device)
+        # One process's chunks (each rank's budget: the 'auto' size of one rank), dealt out to the
+        # ranks whole, so each row is computed at the width one process computes it at.
         step = self.micro_size(b, self.k)
-        for s in range(0, bsz, step):
-            idx = torch.arange(s, min(s + step, bsz), device=self.device)
+        if self.dp is not None and self.cfg.micro_batch_size == "auto":
+            step = max(1, step // self.dp.world)
+        for idx, pad in self.row_chunks(bsz, step):
             out, w = self._forward(b.select(idx), self.k - 1, False, False, True)
+            if pad:
+                continue
             old[:, idx, :w] = out.logprobs[: self.k].float()
             if out.entropy is not None:
                 ent[idx, :w] = out.entropy.float()
-        return old, ent
+        # each rank filled its own rows (zeros elsewhere): the sum is the whole batch's
+        return self._sum(old), self._sum(ent)
 
     # ------------------------------------------------------------------ loss of a micro-batch
     def _micro_loss(self, b: TrainBatch, adv: torch.Tensor, old: torch.Tensor,
-                    norm: Normaliser, st: _Stats, parts: dict[str, float], at_old: bool = False) -> torch.Tensor:
+                    norm: Normaliser, st: _Stats, parts: dict[str, float], at_old: bool = False,
+                    width: int | None = None, occ_width: int | None = None) -> torch.Tensor:
         """Loss of one micro-batch (a share of the mini-batch loss); adds diagnostics to `st`
         and loss parts (summed over the mini-batch's micro-batches) to `parts`. ``at_old``: no
-        optimiser step yet in this update, so θ = θ_old and δ_RL is 0 by construction."""
+        optimiser step yet in this update, so θ = θ_old and δ_RL is 0 by construction. In a
+        learner group ``b`` is this rank's share of the micro-batch, ``width`` the whole
+        micro-batch's padded width and ``occ_width`` its widest response (the authors' OCC window)."""
         cfg = self.cfg
 
         def part(name: str, value: torch.Tensor) -> None:
             parts[name] = parts.get(name, 0.0) + float(value)
 
         out, w = self._forward(b, self.n_heads, self.backbone_grad, self.lm_head_grad,
-                               cfg.entropy_coef > 0)
+                               cfg.entropy_coef > 0, width)
         lp, valid = out.logprobs, out.valid  # (H, B, w) each
         resp = b.response_mask[:, :w].bool()  # (B, w)
         if (resp & ~valid[0]).any():
@@ -284,12 +345,13 @@ class Learner:
                 d_rl = torch.zeros_like(ell0) if at_old else ell0.detach()
                 d_mtp = lp[1 : 1 + n_mtp].detach() - old_main.unsqueeze(0)  # (H', B, w)
                 if self.need_lambda:
+                    reduce = None if self.dp is None else self.dp.sum_  # the micro-batch's λ
                     if cfg.occ.estimator == "paper":
                         occ = occ_lambda_paper(d_rl, d_mtp, mtp_mask, cfg.occ.lambda_plus,
-                                               cfg.occ.eps)
+                                               cfg.occ.eps, reduce)
                     else:
-                        occ = occ_lambda_authors(d_rl, d_mtp, mtp_mask, response_window(resp),
-                                                 cfg.occ.lambda_plus, cfg.occ.eps)
+                        occ = occ_lambda_authors(d_rl, d_mtp, mtp_mask, response_window(resp, occ_width),
+                                                 cfg.occ.lambda_plus, cfg.occ.eps, reduce)
                     lam = occ.lam
                     for k in range(n_mtp):
                         st.add(f"mtp/lambda/head{k + 1}", occ.lam[k])
@@ -355,6 +417,22 @@ class Learner:
         part("loss/policy", pg.detach())
         return total
 
+    def _clip_grad_norm(self) -> torch.Tensor:
+        """The global gradient norm (clipped to ``grad_clip`` when set). Sharded gradients are
+        DTensors: their norm is reduced over the ranks' shards, so every rank clips alike."""
+        limit = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
+        if self.dp is None:
+            return torch.nn.utils.clip_grad_norm_(self.params, limit)
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad for p in self.params if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        if isinstance(total, DTensor):
+            total = total.full_tensor()
+        if self.cfg.grad_clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.params, limit, total)
+        return total
+
     # ------------------------------------------------------------------ the update
     def step(self, batch: TrainBatch) -> dict[str, float]:
         """One policy update (cfg.epochs × cfg.mini_batches AdamW steps); returns flat metrics."""
@@ -377,6 +455,7 @@ class Learner:
 
         micro_size = self.micro_size(kept, 1 + self.n_heads)  # main + MTP heads of the training forward
         metrics["perf/micro_batch_size"] = float(micro_size)
+        row_tokens = kept.attention_mask.sum(-1)  # what a row costs a forward: the group balances it
         st, loss_st = _Stats(), _Stats()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.version)
         n = kept.size
@@ -391,13 +470,21 @@ class Learner:
                 step_loss = 0.0
                 parts: dict[str, float] = {}
                 for micro in torch.split(mb, micro_size):
-                    sub = kept.select(micro)
-                    loss = self._micro_loss(sub, adv[micro], old[:, micro], norm, st, parts, at_old=steps == 0)
+                    rows, pad = self.micro_share(micro, row_tokens)
+                    sub = kept.select(rows)
+                    if pad:  # no rows for this rank: a masked row keeps FSDP's collectives in step
+                        sub.response_mask = torch.zeros_like(sub.response_mask)
+                    loss = self._micro_loss(sub, adv[rows], old[:, rows], norm, st, parts, at_old=steps == 0,
+                                            width=self._trim(kept.input_ids[micro], kept.attention_mask[micro]),
+                                            occ_width=response_width(resp_all[micro]))
                     loss.backward()
                     step_loss += float(loss.detach())
+                if self.dp is not None:  # each rank holds its share of the loss and its parts
+                    names = sorted(parts)
+                    total = self.dp.sum_floats([step_loss] + [parts[k] for k in names])
+                    step_loss, parts = total[0], dict(zip(names, total[1:]))
                 t_opt, c_opt = time.perf_counter(), time.process_time()
-                gn = torch.nn.utils.clip_grad_norm_(
-                    self.params, cfg.grad_clip if cfg.grad_clip is not None else float("inf"))
+                gn = self._clip_grad_norm()
                 if not (math.isfinite(step_loss) and torch.isfinite(gn)):
                     self.opt.zero_grad(set_to_none=True)  # NaN/Inf guard: skip, count
                     skipped += 1
@@ -416,8 +503,13 @@ class Learner:
         self.skipped_nonfinite_total += skipped
         self.version += 1
 
+        if self.dp is not None:  # weighted means over every rank's rows: Σ v·w and Σ w
+            keys = self.dp.union_keys(list(st.num))
+            sums = self.dp.sum_floats([st.num.get(k, 0.0) for k in keys] + [st.den.get(k, 0.0) for k in keys])
+            st.num = dict(zip(keys, sums[: len(keys)]))
+            st.den = dict(zip(keys, sums[len(keys):]))
         metrics.update(st.result())
-        metrics.update(loss_st.result())
+        metrics.update(loss_st.result())  # already global: the loss was summed over ranks
         metrics["optim/steps"] = float(steps)
         metrics["optim/skipped_nonfinite"] = float(skipped)
         metrics["optim/skipped_nonfinite_total"] = float(self.skipped_nonfinite_total)
@@ -426,6 +518,10 @@ class Learner:
             metrics["optim/grad_norm"] = sum(grad_norms) / len(grad_norms)
             metrics["optim/grad_norm_max"] = max(grad_norms)
         dt = time.perf_counter() - t0
+        if self.dp is not None:  # the group is as fast as its slowest rank
+            dt, optim_s, optim_cpu_s, metrics["perf/old_logprob_s"] = self.dp.max_floats(
+                [dt, optim_s, optim_cpu_s, metrics["perf/old_logprob_s"]])
+            metrics["learner/ranks"] = float(self.dp.world)
         metrics["perf/step_s"] = dt
         metrics["perf/optim_s"] = optim_s  # gradient clipping + AdamW
         metrics["perf/optim_cpu_s"] = optim_cpu_s
