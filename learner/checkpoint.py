@@ -1,9 +1,13 @@
 """Save and load the policy in the MiMo checkpoint layout, which vLLM serves natively with
 ``speculative_config={"method": "mtp", ...}``.
 
-Layout (one directory): ``config.json`` (Qwen2 fields plus ``"architectures": ["MiMoForCausalLM"]``
+Layout written (one directory): ``config.json`` (Qwen2 fields plus ``"architectures": ["MiMoForCausalLM"]``
 and ``"num_nextn_predict_layers": N``), ``model.safetensors`` (the Qwen2 weights plus
 ``model.mtp_layers.{i}.*``), and the tokenizer files with the chat template.
+
+Layouts read (`load_policy`): that one, and Hugging Face's sharded release layout
+(``model.safetensors.index.json`` + shards, bf16 or fp32) with ``"model_type": "mimo"`` — what
+XiaomiMiMo publishes MiMo-7B-RL as (same tensor names; vLLM serves both).
 
 Tied embeddings: vLLM's MiMo MTP loader keeps only ``mtp_layers``, ``embed_tokens`` and
 ``lm_head`` tensors and expects ``lm_head.weight`` to be present even when the target model ties it,
@@ -23,14 +27,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from learner.model import MAX_MTP_LAYERS, MTPModule, PolicyModel
 
+try:  # transformers >= 5 moved it; it skips the random init of weights about to be loaded
+    from transformers.initialization import no_init_weights
+except ImportError:  # pragma: no cover - older transformers
+    from transformers.modeling_utils import no_init_weights
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
 ARCHITECTURE = "MiMoForCausalLM"
 MTP_PREFIX = "model.mtp_layers."
 
@@ -141,6 +151,24 @@ def save_policy_tensors(tensors: dict[str, torch.Tensor], config: Qwen2Config, n
     return out_dir
 
 
+# ---- loading ------------------------------------------------------------------------------------
+#: model_type values `load_policy` reads: this project's writer ("qwen2", what vLLM serves today)
+#: and XiaomiMiMo's own release ("mimo": the same Qwen2 fields plus num_nextn_predict_layers; its
+#: MTP tensors use the names above, see vLLM's mimo_mtp.py).
+SUPPORTED_MODEL_TYPES = ("qwen2", "mimo")
+
+#: Tensors a checkpoint may carry that the policy does not hold, dropped on purpose: rotary-embedding
+#: caches that old transformers versions (and ColossalAI/GPTQ exports) saved. They are recomputed
+#: from the config; vLLM's loader drops the same names (`AutoWeightsLoader`'s
+#: REMOVE_UNUSED_ROTARY_EMBEDS_MAPPER). Anything else unexpected is an error, not silently skipped.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq", "rotary_emb.cos_cached",
+                    "rotary_emb.sin_cached")
+
+#: Config keys of a real MiMo release that must not follow the weights into our own layout:
+#: ``auto_map`` names remote-code files (configuration_mimo.py) that `save_policy` does not copy.
+_DROPPED_CONFIG_KEYS = ("architectures", "auto_map", "model_type")
+
+
 def read_config(path: str | Path) -> dict:
     """Read and validate a MiMo-layout ``config.json``; raise `CheckpointError` with advice."""
     path = Path(path)
@@ -162,8 +190,12 @@ def read_config(path: str | Path) -> dict:
             f"{cfg_file} declares architectures={archs}, expected [{ARCHITECTURE!r}] (the MiMo MTP layout); "
             "convert the model with `mtprl model import-smollm2` or save it with learner.checkpoint.save_policy"
         )
-    if cfg.get("model_type") != "qwen2":
-        raise CheckpointError(f"{cfg_file} has model_type={cfg.get('model_type')!r}, expected 'qwen2'")
+    if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"{cfg_file} has model_type={cfg.get('model_type')!r}; supported: 'qwen2' (this project's layout) "
+            "and 'mimo' (XiaomiMiMo's release). Another Qwen2-shaped MiMo export: set model_type to 'qwen2'; "
+            "another architecture: convert it (PolicyModel.from_backbone + save_policy)"
+        )
     n = cfg.get("num_nextn_predict_layers")
     if not isinstance(n, int) or not 1 <= n <= MAX_MTP_LAYERS:
         raise CheckpointError(
@@ -172,38 +204,104 @@ def read_config(path: str | Path) -> dict:
     return cfg
 
 
-def load_policy(path: str | Path, dtype: torch.dtype = torch.float32) -> PolicyModel:
-    """Load a MiMo-layout checkpoint into a `PolicyModel` (fp32 by default, for training)."""
+def weight_files(path: str | Path) -> dict[str, list[str]]:
+    """Which file holds which tensor: ``{shard file name: [tensor names]}``, from
+    ``model.safetensors.index.json`` (Hugging Face's sharded layout, its ``weight_map``) when present,
+    else the single ``model.safetensors``. Raises `CheckpointError` for a missing file or a bad index."""
     path = Path(path)
-    cfg = read_config(path)
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index with a weight_map ({e}); "
+                                  "re-download the checkpoint") from e
+        shards: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            shards.setdefault(shard, []).append(name)
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            raise CheckpointError(f"{index} names shard(s) {missing} that are not in {path}; the download is "
+                                  "incomplete — fetch the missing files again")
+        return shards
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
-        raise CheckpointError(f"{weights} is missing; the checkpoint at {path} is incomplete — re-create it")
+        raise CheckpointError(f"{weights} (or a sharded {INDEX_NAME}) is missing; the checkpoint at {path} "
+                              "is incomplete — re-create it")
     try:
-        tensors = load_file(str(weights))
+        with safe_open(str(weights), framework="pt") as f:
+            return {WEIGHTS_NAME: list(f.keys())}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights} is corrupt or unreadable ({e}); re-create the checkpoint") from e
 
-    num_mtp = cfg["num_nextn_predict_layers"]
-    config = Qwen2Config.from_dict({k: v for k, v in cfg.items() if k != "architectures"})
-    config.num_nextn_predict_layers = num_mtp
-    backbone = Qwen2ForCausalLM(config)
-    mtp = torch.nn.ModuleList(MTPModule(config) for _ in range(num_mtp))
-    model = PolicyModel(backbone, mtp)
 
-    expected = set(export_state_dict(model))
-    missing = sorted(expected - set(tensors))
-    unexpected = sorted(set(tensors) - expected)
+def _empty_policy(cfg: dict, dtype: torch.dtype) -> PolicyModel:
+    """A `PolicyModel` of the config's shape, parameters allocated in ``dtype`` but not initialised
+    (every one is then loaded): random init of a 7B model costs minutes, and building it in fp32 to
+    convert to bf16 would hold two copies."""
+    num_mtp = cfg["num_nextn_predict_layers"]
+    config = Qwen2Config.from_dict({k: v for k, v in cfg.items() if k not in _DROPPED_CONFIG_KEYS})
+    config.num_nextn_predict_layers = num_mtp
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with no_init_weights():
+            backbone = Qwen2ForCausalLM(config)
+            mtp = torch.nn.ModuleList(MTPModule(config) for _ in range(num_mtp))
+    finally:
+        torch.set_default_dtype(previous)
+    backbone.tie_weights()  # part of the init that no_init_weights skipped: a tied head shares the embedding
+    return PolicyModel(backbone, mtp)
+
+
+def load_policy(path: str | Path, dtype: torch.dtype = torch.float32) -> PolicyModel:
+    """Load a MiMo-layout checkpoint into a `PolicyModel` (fp32 by default, for training).
+
+    Reads this project's layout (one ``model.safetensors``, model_type qwen2) and Hugging Face's
+    sharded one (``model.safetensors.index.json`` + shards, e.g. XiaomiMiMo/MiMo-7B-RL as published,
+    model_type mimo), tensors in any float dtype (converted to ``dtype``). Tensors are read one at a
+    time straight into the model's parameters, so the peak is the model plus one tensor, not the
+    model plus every shard."""
+    path = Path(path)
+    cfg = read_config(path)
+    shards = weight_files(path)
+    model = _empty_policy(cfg, dtype if dtype.is_floating_point else torch.float32)
+    targets = export_state_dict(model)  # MiMo name -> the parameter's storage (views, not copies)
+    tied = bool(model.config.tie_word_embeddings)
+
+    present = {n for names in shards.values() for n in names}
+    unexpected = sorted(n for n in present - set(targets) if not n.endswith(IGNORED_SUFFIXES))
+    # A tied head is the embedding matrix: a checkpoint may leave it out (we always write it).
+    missing = sorted(set(targets) - present - ({"lm_head.weight"} if tied else set()))
     if missing or unexpected:
+        where = path / (WEIGHTS_NAME if list(shards) == [WEIGHTS_NAME] else INDEX_NAME)
         raise CheckpointError(
-            f"{weights} does not match its config: missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}"
+            f"{where} does not match its config: missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}; check num_nextn_predict_layers, "
+            "num_hidden_layers and tie_word_embeddings against the weights"
         )
-    backbone_sd = {n: t for n, t in tensors.items() if not n.startswith(MTP_PREFIX)}
-    if config.tie_word_embeddings:
-        backbone_sd.pop("lm_head.weight", None)
-    backbone.load_state_dict(backbone_sd, strict=not config.tie_word_embeddings)
-    for i, m in enumerate(mtp):
-        prefix = f"{MTP_PREFIX}{i}."
-        m.load_state_dict({n[len(prefix) :]: t for n, t in tensors.items() if n.startswith(prefix)})
+    with torch.no_grad():
+        for shard, names in shards.items():
+            _load_shard(path / shard, names, targets, skip={"lm_head.weight"} if tied else set())
     return model.to(dtype)
+
+
+def _load_shard(file: Path, names: list[str], targets: dict[str, torch.Tensor], skip: set[str]) -> None:
+    """Copy ``names`` from one safetensors ``file`` into ``targets`` (converting dtype), a tensor at a time."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            lacking = sorted(set(names) - set(f.keys()))
+            if lacking:
+                raise CheckpointError(
+                    f"{file} lacks {lacking[:5]}{'…' if len(lacking) > 5 else ''}, which the index places "
+                    "there; the shard is truncated or from another revision — fetch it again")
+            for name in names:
+                if name in skip or name not in targets:  # a tied head, or an ignored extra
+                    continue
+                t, dst = f.get_tensor(name), targets[name]
+                if t.shape != dst.shape:
+                    raise CheckpointError(f"{file}: {name} has shape {tuple(t.shape)}, the config gives "
+                                          f"{tuple(dst.shape)}; the config.json does not belong to these weights")
+                dst.copy_(t)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file} is corrupt or unreadable ({e}); fetch or re-create it") from e

@@ -14,7 +14,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="mtprl: RL po
 
 
 def _mount() -> None:
-    from services import cli_compare, cli_demo, cli_eval, cli_model, cli_report, cli_runs, cli_serve, cli_train, cli_verify
+    from services import (cli_compare, cli_demo, cli_eval, cli_model, cli_plan, cli_report, cli_runs, cli_serve,
+                          cli_train, cli_verify)
 
     app.add_typer(cli_model.app, name="model")
     app.add_typer(cli_verify.app, name="verify")
@@ -25,6 +26,7 @@ def _mount() -> None:
     app.command("eval")(cli_eval.eval_cmd)
     app.command("report")(cli_report.report)
     app.command("compare")(cli_compare.compare)
+    app.command("plan")(cli_plan.plan)
 
 
 def main() -> None:

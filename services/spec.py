@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from learner.config import AlgorithmConfig
 from rollout.draft_vocab import DRAFT_VOCAB_FILE
@@ -27,6 +27,16 @@ from rollout.draft_vocab import DRAFT_VOCAB_FILE
 #: Datasets a run can name. `jsonl:PATH` is the user's own file (GSM8K/MATH/MBPP layouts).
 REASONING_GYM_TASKS = ("basic_arithmetic", "chain_sum", "gsm_symbolic")
 BUILTIN_DATASETS = tuple(f"reasoning_gym:{t}" for t in REASONING_GYM_TASKS) + ("human_eval",)
+
+
+#: Validation context key: ``RunSpec.model_validate(raw, context={SKIP_FILE_CHECKS: True})`` checks
+#: a spec's fields but not that its model directory and data file exist here (`mtprl plan` sizes a
+#: cluster spec whose files live on the cluster's shared filesystem).
+SKIP_FILE_CHECKS = "skip_file_checks"
+
+
+def _files_checked(info: ValidationInfo) -> bool:
+    return not (info.context or {}).get(SKIP_FILE_CHECKS, False)
 
 
 class _Strict(BaseModel):
@@ -46,8 +56,8 @@ class ModelSpec(_Strict):
 
     @field_validator("path")
     @classmethod
-    def _local_path_exists(cls, v: str) -> str:
-        if is_local_path(v):
+    def _local_path_exists(cls, v: str, info: ValidationInfo) -> str:
+        if is_local_path(v) and _files_checked(info):
             p = Path(os.path.expanduser(v))
             if not (p / "config.json").is_file():
                 raise ValueError(f"model directory {v!r} has no config.json (or does not exist)")
@@ -74,14 +84,14 @@ class DataSpec(_Strict):
 
     @field_validator("dataset")
     @classmethod
-    def _known(cls, v: str) -> str:
+    def _known(cls, v: str, info: ValidationInfo) -> str:
         if v in BUILTIN_DATASETS:
             return v
         if v.startswith("jsonl:"):
             path = v.removeprefix("jsonl:")
             if not path:
                 raise ValueError("jsonl: needs a path, e.g. jsonl:/data/gsm8k.jsonl")
-            if not Path(os.path.expanduser(path)).is_file():
+            if _files_checked(info) and not Path(os.path.expanduser(path)).is_file():
                 raise ValueError(f"dataset file {path!r} does not exist")
             return v
         raise ValueError(f"unknown dataset {v!r}; known: {', '.join(BUILTIN_DATASETS)}, jsonl:PATH")

@@ -47,7 +47,7 @@ def test_cluster_yaml_survives_rays_config_preparation(cluster):
     assert prepared["head_node_type"] == "head.cpu"
     assert types["head.cpu"]["max_workers"] == 0
     gpu_types = [t for t in types if t != "head.cpu"]
-    assert gpu_types and all(types[t]["node_config"]["InstanceType"].startswith(("g5.", "p4d.", "p5.", "a2-"))
+    assert gpu_types and all(types[t]["node_config"]["InstanceType"].startswith(("g5.", "p4d.", "p4de.", "p5.", "a2-"))
                              for t in gpu_types)
     assert sum(types[t]["max_workers"] for t in gpu_types) <= prepared["max_workers"]
 

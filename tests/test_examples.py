@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.spec import RunSpec, is_local_path, spec_problems
+from services.plan import INSTANCE_TYPES, load_cluster, plan_spec
+from services.spec import SKIP_FILE_CHECKS, RunSpec, is_local_path, spec_problems
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -41,9 +42,9 @@ DATA_ROWS = {  # path -> a row in its documented layout
     f"{SHARED}/data/math-train.jsonl": {"problem": "What is $2+3$?", "solution": "It is $\\boxed{5}$.",
                                         "level": "Level 1", "type": "Prealgebra"},
 }
-# AWS instance types of deploy/cluster.yaml: what Ray sees on such a node (vCPUs, GPUs).
-INSTANCES = {"m5.2xlarge": {"CPU": 8, "GPU": 0}, "g5.2xlarge": {"CPU": 8, "GPU": 1},
-             "p4d.24xlarge": {"CPU": 96, "GPU": 8}}
+# AWS instance types of deploy/cluster.yaml: what Ray sees on such a node (vCPUs, GPUs), from the
+# planner's one table of them.
+INSTANCES = {name: {"CPU": t.cpus, "GPU": t.gpus} for name, t in INSTANCE_TYPES.items()}
 
 
 def _raw(path: Path) -> dict:
@@ -134,9 +135,10 @@ def _nodes() -> dict[str, dict]:
 
 
 def _bundles(spec: RunSpec) -> list[dict[str, float]]:
-    """The run's placement-group bundles, as `RunController._placement` builds them."""
+    """The run's placement-group bundles (docs/scale.md): one per learner rank, then one per
+    engine, then one per reward actor."""
     r = spec.resources
-    return ([{"CPU": r.learner_cpus, "GPU": r.learner_gpus}]
+    return ([{"CPU": r.cpus_per_learner, "GPU": r.gpus_per_learner}] * int(r.learner_workers)
             + [{"CPU": r.cpus_per_engine, "GPU": r.gpus_per_engine * r.tensor_parallel}] * spec.rollout.engines
             + [{"CPU": r.cpus_per_reward_worker, "GPU": 0}] * spec.reward.actors)
 
@@ -169,6 +171,30 @@ def test_gpu_spec_fits_the_cluster_node_types(path, shared_fs):
         assert any(n["CPU"] >= b["CPU"] and n["GPU"] >= b["GPU"] for n in nodes.values()), \
             f"bundle {b} fits no node type of deploy/cluster.yaml ({nodes})"
     assert _pack(_bundles(spec), nodes), f"{path.name}: {_bundles(spec)} do not fit the cluster at its maximum size"
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.relative_to(EXAMPLES).as_posix())
+def test_spec_fits_in_memory_on_the_cluster(path):
+    """`mtprl plan`: every learner rank and engine fits the GPU (or host) memory of a node type of
+    deploy/cluster.yaml, and the bundles pack into the cluster at its maximum size with that memory.
+    The /mnt/mtprl models are sized from the planner's built-in table of their real configs."""
+    spec = RunSpec.model_validate(_raw(path), context={SKIP_FILE_CHECKS: True})
+    plan = plan_spec(spec, load_cluster(ROOT / "deploy/cluster.yaml"))
+    assert plan.fits, f"{path.name}: {plan.problems}; {plan.suggestions}"
+    assert not plan.placement["unplaced"]
+    gpu_learner = spec.resources.learner_gpus > 0
+    placed = [d for n in plan.placement["nodes"] for d in n["gpus"] if d["what"].startswith("learner")]
+    assert len(placed) == (spec.resources.learner_workers if gpu_learner else 0)
+    assert all(d["used_gib"] <= d["capacity_gib"] for n in plan.placement["nodes"] for d in n["gpus"])
+
+
+def test_the_7b_occ_learner_is_sharded_over_its_eight_gpus():
+    spec = RunSpec.model_validate(_raw(EXAMPLES / "occ/mimo7b-dapo-occ.yaml"), context={SKIP_FILE_CHECKS: True})
+    assert spec.resources.learner_workers == 8 and spec.resources.gpus_per_learner == 1
+    assert len(_bundles(spec)) == 8 + spec.rollout.engines + spec.reward.actors
+    plan = plan_spec(spec, load_cluster(ROOT / "deploy/cluster.yaml"))
+    assert plan.model["config_source"].startswith("built-in") and plan.model["hidden_size"] == 4096
+    assert plan.learner["ranks"] == 8 and plan.learner["activation_checkpointing"]
 
 
 def test_fit_check_can_fail():
