@@ -45,7 +45,8 @@ class MathConfig(BaseModel):
     fallbacks: list[Fallback] = Field(
         default_factory=lambda: ["answer_is", "gsm8k_hash"],
         description="Extractors tried in order when the completion has no `\\boxed{}`: "
-                    "`answer_is` ('the answer is X', 'Answer: X'), `gsm8k_hash` ('#### X'), "
+                    "`answer_is` ('the answer is X', 'Answer: X'; a 'final answer is/: X' line after the last box "
+                    "also beats the box), `gsm8k_hash` ('#### X'), "
                     "`last_number` (the last number in the text; lenient, rewards unformatted answers), "
                     "`last_latex` (the last $...$ or \\[...\\] span). Empty list = boxed answers only.")
     multiple_boxed: Literal["last_group", "last", "first", "all"] = Field(

@@ -8,17 +8,20 @@ a parent-side wall-clock deadline as the hard one: past it the worker is SIGKILL
 and the item is reported as `timeout`. A worker that dies (segfault, OOM) yields `error`. Neither
 is ever folded into `wrong`.
 
-Covered: extraction (`reward/extract.py`) in the parent, `math_verify.parse` of gold and answer
-and `math_verify.verify(gold, answer)` (gold first: verify is not symmetric) in the workers, format
-and overlong shaping, per-outcome counters. Shortcuts that do not change a verdict: two plain
+Covered: extraction (`reward/extract.py`; the rules are in its docstring and docs/rewards.md) in
+the parent, `math_verify.parse` of gold and answer and `math_verify.verify(gold, answer)` (gold
+first: verify is not symmetric) on each (gold, answer) pair in the workers (`judge`: when sympy
+cannot compare a pair, math-verify's own text comparison decides, as with its defaults; only a
+failure with no text to compare is an `error`), format and overlong shaping, per-outcome counters. Shortcuts that do not change a verdict: two plain
 integers are compared in the parent (exactly what math-verify does with two sympy Integers),
 identical (gold, answer) pairs in a batch are graded once, checked verdicts (ok/wrong, never
 timeout/error) are cached, and workers cache parsed texts. Workers are plain `python -m`
 subprocesses speaking length-prefixed JSON on stdin/stdout (no multiprocessing: nothing of the
 caller's `__main__` is re-imported, and it works the same inside Ray actors).
 
-Not covered: judging free-form proofs; answers that math-verify cannot parse are graded by its
-string fallback (exact match after normalisation); the deadline is per item, so a batch of N
+Not covered: judging free-form proofs; answers that sympy cannot compare are graded by
+math-verify's text comparison (exact match of the extracted texts), so `12:00` vs `12:00 pm` is
+`wrong`; the deadline is per item, so a batch of N
 stuck items takes about N / num_workers deadlines.
 
     pool = MathVerifierPool(MathConfig(num_workers=2))
