@@ -127,9 +127,11 @@ class RewardScorer:
             return out  # type: ignore[return-value]
 
     def snapshot(self) -> dict[str, float]:
-        """Outcome counts and latencies, plus how often graders had to replace a process."""
+        """Outcome counts and latencies, how often graders had to replace a process, and how many math
+        verdicts were given by math-verify's text comparison because sympy could not compare."""
         out = self.metrics.snapshot()
         out["reward/math_worker_restarts"] = self._math.restarts if self._math else 0
+        out["reward/math_text_fallbacks"] = self._math.text_fallbacks if self._math else 0
         out["reward/sandbox_restarts"] = self._code.sandbox.restarts if self._code else 0
         return out
 

@@ -45,12 +45,15 @@ class MathConfig(BaseModel):
     fallbacks: list[Fallback] = Field(
         default_factory=lambda: ["answer_is", "gsm8k_hash"],
         description="Extractors tried in order when the completion has no `\\boxed{}`: "
-                    "`answer_is` ('the answer is X', 'Answer: X'), `gsm8k_hash` ('#### X'), "
+                    "`answer_is` ('the answer is X', 'Answer: X'; a 'final answer is/: X' line after the last box "
+                    "also beats the box), `gsm8k_hash` ('#### X'), "
                     "`last_number` (the last number in the text; lenient, rewards unformatted answers), "
                     "`last_latex` (the last $...$ or \\[...\\] span). Empty list = boxed answers only.")
-    multiple_boxed: Literal["last", "first", "all"] = Field(
-        "last", description="With several `\\boxed{}`: `last` (the final answer, usual convention), `first`, "
-                            "or `all` (joined with commas, for multi-part answers graded as a set/tuple).")
+    multiple_boxed: Literal["last_group", "last", "first", "all"] = Field(
+        "last_group", description="With several `\\boxed{}`: `last_group` (math-verify's rule: the last box with "
+                                  "the boxes just before it that are < 10 characters apart, or < 70 apart with "
+                                  "and/or/,/; between; graded as a set; see docs/rewards.md), `last` (the last box "
+                                  "alone), `first`, or `all` (every box, joined with commas).")
     correct_reward: float = Field(1.0, description="Reward of a verified answer.")
     wrong_reward: float = Field(0.0, description="Reward of a checked, wrong (or missing) answer.")
     failure_reward: float = Field(0.0, description="Reward reported with `timeout`/`error` outcomes; the outcome "

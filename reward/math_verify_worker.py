@@ -8,17 +8,20 @@ a parent-side wall-clock deadline as the hard one: past it the worker is SIGKILL
 and the item is reported as `timeout`. A worker that dies (segfault, OOM) yields `error`. Neither
 is ever folded into `wrong`.
 
-Covered: extraction (`reward/extract.py`) in the parent, `math_verify.parse` of gold and answer
-and `math_verify.verify(gold, answer)` (gold first: verify is not symmetric) in the workers, format
-and overlong shaping, per-outcome counters. Shortcuts that do not change a verdict: two plain
+Covered: extraction (`reward/extract.py`; the rules are in its docstring and docs/rewards.md) in
+the parent, `math_verify.parse` of gold and answer and `math_verify.verify(gold, answer)` (gold
+first: verify is not symmetric) on each (gold, answer) pair in the workers (`judge`: when sympy
+cannot compare a pair, math-verify's own text comparison decides, as with its defaults; only a
+failure with no text to compare is an `error`), format and overlong shaping, per-outcome counters. Shortcuts that do not change a verdict: two plain
 integers are compared in the parent (exactly what math-verify does with two sympy Integers),
 identical (gold, answer) pairs in a batch are graded once, checked verdicts (ok/wrong, never
 timeout/error) are cached, and workers cache parsed texts. Workers are plain `python -m`
 subprocesses speaking length-prefixed JSON on stdin/stdout (no multiprocessing: nothing of the
 caller's `__main__` is re-imported, and it works the same inside Ray actors).
 
-Not covered: judging free-form proofs; answers that math-verify cannot parse are graded by its
-string fallback (exact match after normalisation); the deadline is per item, so a batch of N
+Not covered: judging free-form proofs; answers that sympy cannot compare are graded by
+math-verify's text comparison (exact match of the extracted texts), so `12:00` vs `12:00 pm` is
+`wrong`; the deadline is per item, so a batch of N
 stuck items takes about N / num_workers deadlines.
 
     pool = MathVerifierPool(MathConfig(num_workers=2))
@@ -28,6 +31,7 @@ stuck items takes about N / num_workers deadlines.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import multiprocessing.connection as mpc
 import os
@@ -38,7 +42,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from reward.config import MathConfig
 from reward.extract import extract_answer
@@ -75,6 +79,51 @@ def _wrap(text: str) -> str:
     return text if ("\\boxed" in text or _DELIM_RE.search(text)) else "\\boxed{" + text + "}"
 
 
+def judge(gold_p: list[Any], pred_p: list[Any], compare: Callable[[Any, Any], bool]) -> tuple[str, str, bool]:
+    """(outcome, detail, fell_back) of a parsed gold against a parsed answer, decided as
+    math-verify's own `verify(gold, pred)` decides it, without hiding why a comparison failed.
+
+    `parse` returns [sympy value, text] (its `fallback_mode="first_match"` appends the extracted
+    text), and `verify` is true if any (gold, pred) pair matches: two sympy values by sympy, two
+    texts by exact comparison after stripping, mixed pairs never. With its defaults a pair that
+    raises or times out counts as False and the next pair is tried, which is how `12:00` (sympy
+    reads 12/0 = zoo and cannot compare it) is still judged by its text. `compare` is `verify` on
+    one pair with `raise_on_error=True`, so every failure is seen here:
+
+    - a pair matches -> `ok` (also after a failed sympy pair: equal texts are math-verify's verdict);
+    - else a pair timed out -> `timeout` (never folded into `wrong`);
+    - else a pair raised and two texts were compared -> `wrong`, as math-verify's defaults judge
+      it, with the error in the detail;
+    - else a pair raised and there was no text to compare -> `error`.
+
+    `fell_back` is true when sympy failed and the texts decided (counted by the pool).
+    """
+    from math_verify.errors import TimeoutException  # lazy: math_verify imports sympy
+
+    failure: str | None = None  # the first sympy failure, for the detail
+    timed_out = text_compared = False
+    for g, t in itertools.product(gold_p, pred_p):
+        is_text = isinstance(g, str) and isinstance(t, str)
+        text_compared |= is_text and bool(g.strip()) and bool(t.strip())
+        try:
+            if compare(g, t):
+                if failure is None:
+                    return "ok", "", False
+                return "ok", f"equal texts (sympy could not compare: {failure})", True
+        except TimeoutException:
+            timed_out = True
+            failure = failure or "timeout"
+        except Exception as e:  # noqa: BLE001 -- reported below, never swallowed into a silent 0
+            failure = failure or f"{type(e).__name__}: {str(e)[:200]}"
+    if timed_out:
+        return "timeout", "math-verify timed out inside the worker", False
+    if failure is not None:
+        if text_compared:
+            return "wrong", f"texts differ (sympy could not compare: {failure})", True
+        return "error", failure, False
+    return "wrong", "answer differs from gold", False
+
+
 def _read_frame(f: Any) -> Any:
     head = f.read(4)
     if len(head) < 4:
@@ -108,6 +157,10 @@ def _serve(inner_timeout: int, float_rounding: int, strict: bool) -> None:
     from math_verify.errors import TimeoutException
 
     configs = [LatexExtractionConfig(), ExprExtractionConfig()]
+
+    def compare(g: Any, t: Any) -> bool:  # one (gold, pred) pair; `judge` sees every failure
+        return verify(g, t, float_rounding=float_rounding, strict=strict,
+                      timeout_seconds=inner_timeout, raise_on_error=True)
     # Parsed golds and answers, by text: a GRPO group shares one gold and repeats answers, and
     # parsing is most of the cost. Only successful parses are kept (a timeout raises past the cache).
     parsed: collections.OrderedDict[str, Any] = collections.OrderedDict()
@@ -145,9 +198,7 @@ def _serve(inner_timeout: int, float_rounding: int, strict: bool) -> None:
                 if not pred_p:
                     reply = ["wrong", "answer could not be parsed"]
                 else:
-                    ok = verify(gold_p, pred_p, float_rounding=float_rounding, strict=strict,
-                                timeout_seconds=inner_timeout, raise_on_error=True)
-                    reply = ["ok", ""] if ok else ["wrong", "answer differs from gold"]
+                    reply = list(judge(gold_p, pred_p, compare))  # [outcome, detail, fell_back]
         except TimeoutException:
             reply = ["timeout", "math-verify timed out inside the worker"]
         except Exception as e:  # reported as `error` with its type, never as a wrong answer
@@ -193,6 +244,7 @@ class MathVerifierPool:
         self.counts: collections.Counter[str] = collections.Counter({o: 0 for o in OUTCOMES})
         self.restarts = 0
         self.cache_hits = 0
+        self.text_fallbacks = 0  # verdicts math-verify's text comparison gave after sympy failed
         # (gold, extracted answer) -> (outcome, detail), for checked verdicts only (ok/wrong): never
         # a timeout or an error, which may not recur.
         self._cache: collections.OrderedDict[tuple[str, str], tuple[str, str]] = collections.OrderedDict()
@@ -323,7 +375,9 @@ class MathVerifierPool:
                         w.state = "idle"
                         continue
                     w.state, w.job = "idle", None
-                    outcome, detail = msg
+                    outcome, detail = msg[0], msg[1]
+                    if len(msg) > 2 and msg[2]:  # sympy failed and the texts decided (see `judge`)
+                        self.text_fallbacks += 1
                     if outcome in ("ok", "wrong"):
                         self._cache_put(jobs[i], (outcome, detail))
                     results[i] = self._shape(outcome, detail, sources[i], length_of(i), now - t_start[i])

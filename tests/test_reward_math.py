@@ -67,10 +67,15 @@ def test_extraction_order_and_fallback_configuration():
     assert extract_answer("we get 3 then 8", fallbacks=["last_number"]).answer == "8"
     assert extract_answer(r"so $x=2$ done", fallbacks=["last_latex"]).answer == "x=2"
     both = r"\boxed{1} then \boxed{2}"
-    assert extract_answer(both).answer == "2"
+    assert extract_answer(both).answer == "1, 2"  # < 10 characters apart: one answer (math-verify)
+    assert extract_answer(both, multiple_boxed="last").answer == "2"
     assert extract_answer(both, multiple_boxed="first").answer == "1"
     assert extract_answer(both, multiple_boxed="all").answer == "1, 2"
     assert extract_answer(both).source == "boxed"
+    apart = r"\boxed{1}. That was the first try; now the second try, with the fix: \boxed{2}"
+    assert extract_answer(apart).answer == "1, 2"  # < 70 apart with a separator (";", ",")
+    assert extract_answer(apart.replace(";", " and").replace(",", "")).answer == "1, 2"
+    assert extract_answer(r"\boxed{1}. That was the first try. Now the second try with the fix: \boxed{2}").answer == "2"
 
 
 ADVERSARIAL = [
@@ -196,7 +201,9 @@ def test_integer_shortcut_agrees_with_math_verify(gold, answer):
 
 
 @pytest.mark.parametrize("text", ["\\boxed{" * 8000, "\\[" * 8000, "\\(" * 8000, "{" * 16000, "$" + "a" * 16000,
-                                  "answer is " * 2000, "1," * 8000])
+                                  "answer is " * 2000, "1," * 8000, "answer: $ $" * 1400, "\\boxed{1} " * 1500,
+                                  "answer is " + "1 000 " * 2600, "answer is 1" + " + 1" * 3900, "#### " + "1 " * 7900,
+                                  "answer is " + "1+" * 7900 + "=", r"\\boxed{1} " + "final answer: $ $" * 900])
 def test_extraction_is_linear_on_adversarial_text(text):
     # runs in the caller's process (a Ray actor thread): it must never take seconds
     t0 = time.perf_counter()

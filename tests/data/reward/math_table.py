@@ -63,9 +63,12 @@ CASES = [
     ("30", r"\boxed{30^\circ}", "ok"),
     ("10", r"\boxed{10\%}", "ok"),
     (r"\text{(B)}", r"\boxed{\text{(B)}}", "ok"),
-    # multiple boxes: the last one is the final answer
-    ("7", r"First \boxed{3}, then corrected: \boxed{7}", "ok"),
-    ("3", r"First \boxed{3}, then corrected: \boxed{7}", "wrong"),
+    # multiple boxes (math-verify's rule, docs/rewards.md): boxes far apart -> the last one alone;
+    # close together or joined by and/or/,/; -> one answer, graded as a set
+    ("7", r"First \boxed{3}. Then I noticed the slip in step two. So the result changes to \boxed{7}", "ok"),
+    ("3", r"First \boxed{3}. Then I noticed the slip in step two. So the result changes to \boxed{7}", "wrong"),
+    ("7", r"First \boxed{3}, then corrected: \boxed{7}", "wrong"),  # the comma joins them: {3, 7}
+    (r"\{3, 7\}", r"First \boxed{3}, then corrected: \boxed{7}", "ok"),
     ("7", r"\boxed{7} and the check \boxed{7}", "ok"),
     # no answer / malformed
     ("7", "I am not sure.", "wrong"),
