@@ -51,6 +51,7 @@ from rollout.engine import SpecStats
 from services import run_checkpoint
 from services.batching import ScoredGroup, data_index, group_seed, reward_items, to_train_batch
 from services.launcher import MetricsSink
+from services.learner_group import GroupCall, LearnerGroup, LearnerLost
 from services.spec import RunSpec
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ class RunController:
         resume: bool = True,
         engines: Any = None,  # an EngineGroup to reuse (tests, benchmarks); default: started here
         reward_actors: list | None = None,
-        learner: Any = None,  # a learner actor handle to reuse
+        learner: Any = None,  # a LearnerGroup (or one learner actor handle) to reuse
         control: Callable[[], str | None] | None = None,  # external state (the registry): run/pause/cancel
         items: list | None = None,  # training items; default from spec.data
     ) -> None:
@@ -191,7 +192,10 @@ class RunController:
         self.sink = sink
         self.progress = progress
         self.resume_from_disk = resume
+        if learner is not None and not isinstance(learner, LearnerGroup):
+            learner = LearnerGroup.wrap(learner)
         self._engines, self._rewards, self._learner = engines, reward_actors, learner
+        self._owned_learner = False
         self._owned: list = []  # actors this controller started (killed at the end)
         self._pg = None
         self.control = control
@@ -253,13 +257,11 @@ class RunController:
         need_pg = self._learner is None or self._engines is None or self._rewards is None
         strategies = self._placement() if need_pg else {}
         if self._learner is None:
-            from services.learner_worker import create_learner_actor
-
-            self._learner = create_learner_actor(
-                spec.model.path, spec.algorithm.model_dump(), threads=int(max(1, res.learner_cpus)),
-                seed=spec.data.seed, num_cpus=res.learner_cpus, num_gpus=res.learner_gpus,
-                cpu_nice=res.cpu_nice, scheduling_strategy=(strategies.get("learner") or [None])[0])
-            self._owned.append(self._learner)
+            self._learner = LearnerGroup(
+                spec.model.path, spec.algorithm.model_dump(), workers=int(res.learner_workers),
+                threads=int(max(1, res.cpus_per_learner)), seed=spec.data.seed, num_cpus=res.cpus_per_learner,
+                num_gpus=res.gpus_per_learner, cpu_nice=res.cpu_nice, strategies=strategies.get("learner"))
+            self._owned_learner = True
         if self._engines is None:
             self._engines = start_engine_group(spec, strategies.get("engine"))
             self._owned_engines = True
@@ -283,8 +285,9 @@ class RunController:
             bundles.append(b)
             kinds.append(kind)
 
-        if self._learner is None:
-            bundle("learner", res.learner_cpus, res.learner_gpus)
+        if self._learner is None:  # one bundle per learner rank
+            for _ in range(int(res.learner_workers)):
+                bundle("learner", res.cpus_per_learner, res.gpus_per_learner)
         if self._engines is None:
             for _ in range(spec.rollout.engines):
                 bundle("engine", res.cpus_per_engine, res.gpus_per_engine * res.tensor_parallel)
@@ -386,7 +389,7 @@ class RunController:
         self.inflight_score: dict[ray.ObjectRef, _Score] = {}
         self.score_retry: list[tuple[float, ScoredGroup]] = []
         self.buffer: dict[int, ScoredGroup] = {}
-        self.learner_call: tuple[ray.ObjectRef, list[ScoredGroup]] | None = None
+        self.learner_call: tuple[GroupCall, list[ScoredGroup]] | None = None
         self.sync_calls: dict[ray.ObjectRef, tuple[int, int, float]] = {}
         self.constant_drops_this_step = 0
         self.last_sync_s = float("nan")
@@ -400,13 +403,13 @@ class RunController:
                 pass
             for clock in (self.gen_clock, self.score_clock, self.learner_clock):
                 clock.active = 0
-        self._await_actor(self._learner)  # a learner that cannot be placed fails the run, with a reason
+        self._learner.wait_ready()  # a learner that cannot be placed fails the run, with a reason
         if first and ckpt is None:
             self._truncate_history(0)
-            version = ray.get(self._learner.get_version.remote())
+            version = self._learner.get_version()
         else:
             version = max(self.published + 1, self.state.version) if not first else self.state.version
-            version = ray.get(self._learner.restore.remote(None if ckpt is None else str(ckpt), version))
+            version = self._learner.restore(None if ckpt is None else str(ckpt), version)
             self._truncate_history(self.state.history_len)
         self.state.version = version
         self._publish(version, wait=True)
@@ -415,7 +418,7 @@ class RunController:
         """The learner died: restart from the latest checkpoint, redo what was trained since."""
         log.warning("learner lost (%s); rolling back to the latest checkpoint", reason)
         self.state.counters["faults_learner"] += 1
-        self._await_actor(self._learner)
+        self._learner.restart()  # one actor: Ray restarts it; a group: every rank, re-formed
         ckpt = run_checkpoint.latest(self.run_dir)
         kept = run_checkpoint.read_state(ckpt) if ckpt else run_checkpoint.LoopState()
         since, rolled = kept.step, len(self.state.trained) - len(kept.trained)
@@ -424,17 +427,6 @@ class RunController:
         self._restore(ckpt, first=False)
         self._event("log", {"message": f"learner restarted ({reason}); rolled back to step {since}, "
                                        f"{rolled} trained groups will be redone"})
-
-    def _await_actor(self, actor, timeout_s: float = 600.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                ray.get(actor.ping.remote(), timeout=30)
-                return
-            except (RayActorError, GetTimeoutError):
-                time.sleep(0.5)
-        raise RuntimeError(f"the learner actor did not answer within {timeout_s:.0f}s (not placed, or "
-                           "crashing while it loads the model; see the Ray worker logs)")
 
     # ---- dispatch -------------------------------------------------------------------------------
     def _live_cursors(self) -> list[int]:
@@ -501,7 +493,7 @@ class RunController:
     def _wait_and_handle(self, timeout: float) -> None:
         self._resubmit_scores()
         refs = list(self.inflight_gen) + list(self.inflight_score) + list(self.sync_calls)
-        refs += [self.learner_call[0]] if self.learner_call else []
+        refs += self.learner_call[0].pending() if self.learner_call else []
         if not refs:
             time.sleep(min(timeout, 0.05))
             return
@@ -516,7 +508,7 @@ class RunController:
                 self._on_scored(ref)
             elif ref in self.sync_calls:
                 self._on_synced(ref)
-            elif self.learner_call and ref == self.learner_call[0]:
+            elif self.learner_call and ref in self.learner_call[0].refs:
                 self._on_trained()
 
     def _on_generated(self, ref) -> None:
@@ -616,7 +608,7 @@ class RunController:
         cursors = sorted(self.buffer)[: self.P]
         groups = [self.buffer.pop(c) for c in cursors]
         batch = to_train_batch(groups, pad_id=self.tokenizer.pad_token_id or 0)
-        self.learner_call = (self._learner.step.remote(batch), groups)
+        self.learner_call = (self._learner.step(batch), groups)
         self.learner_clock.start()
         self.constant_drops_this_step = 0
 
@@ -625,13 +617,19 @@ class RunController:
             self._wait_and_handle(timeout=1.0)
 
     def _on_trained(self) -> None:
-        ref, groups = self.learner_call
+        """A rank answered: the step's metrics once every rank has, a rollback if one died."""
+        call, groups = self.learner_call
+        try:
+            metrics = call.result()
+        except LearnerLost as e:
+            self.learner_call = None
+            self.learner_clock.stop()
+            self._rollback(f"died during a step: {e}")
+            return
+        if metrics is None:  # other ranks still at work
+            return
         self.learner_call = None
         self.learner_clock.stop()
-        metrics = _result(ref)
-        if metrics is _DIED:
-            self._rollback("died during a step")
-            return
         st = self.state
         st.step += 1
         # the learner reports the version it trained from; an all-filtered batch leaves it as it was
@@ -650,9 +648,9 @@ class RunController:
     def _publish(self, version: int, wait: bool) -> None:
         t0 = time.perf_counter()
         try:
-            ref = self._learner.weights.remote()
+            ref = self._learner.weights()
             refs = self._engines.publish_ref(version, ref)
-        except RayActorError:
+        except (RayActorError, LearnerLost):
             self._rollback("died while exporting weights")
             return
         self.published = max(self.published, version)
@@ -676,8 +674,8 @@ class RunController:
         st = self.state
         tmp = run_checkpoint.begin(self.run_dir, st.step)
         try:
-            ray.get(self._learner.save.remote(str(tmp), self.spec.checkpointing.save_optimizer))
-        except RayActorError:
+            self._learner.save(str(tmp), self.spec.checkpointing.save_optimizer)
+        except (RayActorError, LearnerLost):
             self._rollback("died while checkpointing")
             return
         st.pending = sorted(set(self._live_cursors()) | set(self.queue))
@@ -828,6 +826,8 @@ class RunController:
                 pass
 
     def _teardown(self) -> None:
+        if self._owned_learner:
+            self._learner.kill()
         for a in self._owned:
             try:
                 ray.kill(a, no_restart=True)

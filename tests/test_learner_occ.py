@@ -234,3 +234,41 @@ def test_lambda_scales_every_gradient_of_the_mtp_term_with_its_sign():
         assert g1[idx].abs().sum() > 0, name
     for lam in (0.3, -0.3, -1.7):  # float32 rounding only: relative to the gradient's norm
         assert float((grads(lam) - lam * g1).norm()) <= 1e-5 * abs(lam) * float(g1.norm())
+
+
+@pytest.mark.parametrize("estimator", ["paper", "authors_code"])
+def test_lambda_from_summed_shares_equals_the_whole_micro_batch(estimator):
+    """A learner group's ranks each hold some rows of a micro-batch and sum OCC's statistics over
+    the ranks before λ is formed (``reduce``): the λ, ĉ and v̂² are the whole micro-batch's."""
+    g = torch.Generator().manual_seed(0)
+    d_rl = torch.randn(6, 9, generator=g) * 1e-2
+    d_mtp = torch.randn(3, 6, 9, generator=g) * 1e-2
+    resp = torch.zeros(6, 9, dtype=torch.bool)
+    for row, (a, b) in enumerate([(2, 9), (3, 6), (2, 4), (5, 9), (1, 8), (4, 5)]):
+        resp[row, a:b] = True
+    mask = resp.unsqueeze(0).expand(3, 6, 9)
+
+    def lam(rows, reduce=None, width=None):
+        if estimator == "paper":
+            return occ_lambda_paper(d_rl[rows], d_mtp[:, rows], mask[:, rows], 1.0, 1e-8, reduce)
+        window = response_window(resp[rows], width)
+        return occ_lambda_authors(d_rl[rows], d_mtp[:, rows], mask[:, rows], window, 1.0, 1e-8, reduce)
+
+    whole = lam(torch.arange(6))
+    shares = [torch.tensor([0, 3, 4]), torch.tensor([1, 2, 5])]
+    partial: list[torch.Tensor] = []
+
+    def collect(t):  # one pass per share records its sums; the second pass sees their total
+        partial.append(t.clone())
+        return t
+
+    for rows in shares:
+        lam(rows, collect, width=int(resp.sum(-1).max()))
+    n = len(partial) // 2  # the authors' estimator also calls the paper one: two sums per share
+    totals = [partial[i] + partial[i + n] for i in range(n)] if n else []
+    it = iter(totals)
+    got = lam(shares[0], lambda t: next(it), width=int(resp.sum(-1).max()))
+    for a, b in ((got.lam, whole.lam), (got.c_hat, whole.c_hat), (got.v2_hat, whole.v2_hat)):
+        assert torch.allclose(a, b, rtol=1e-6, atol=0)
+    # and a rank-local λ (no reduce) is not the micro-batch's
+    assert not torch.allclose(lam(shares[0], width=int(resp.sum(-1).max())).lam, whole.lam, rtol=1e-3)

@@ -198,7 +198,7 @@ def test_killed_actors_are_recovered_with_exact_accounting(ray_session, tiny_ckp
         # not at a checkpointed step (every 3): a kill there would leave nothing to roll back
         elif step >= 8 and step % 3 and "learner" not in done and ctl.learner_call:
             done.add("learner")
-            ray_session.kill(ctl._learner, no_restart=False)
+            ray_session.kill(ctl._learner.workers[0], no_restart=False)
         return None
 
     ctl = RunController("t", spec, tmp_path / "run", engines=engines, control=control)
@@ -211,6 +211,38 @@ def test_killed_actors_are_recovered_with_exact_accounting(ray_session, tiny_ckp
     assert c["redispatched"] >= 1  # the killed engine's chunk came back
     assert c["rolled_back"] >= 1  # the learner's steps since the latest checkpoint were redone
     assert [h["step"] for h in res.history] == list(range(1, 13))  # history follows the kept lineage
+
+
+def test_a_learner_group_trains_and_a_killed_rank_rolls_the_run_back_with_exact_accounting(
+        ray_session, tiny_ckpt, toy_data, engines, tmp_path):
+    """`resources.learner_workers: 2`: two FSDP2 ranks (gloo) train the run, publish to the vLLM
+    engine and checkpoint in shards; killing one rank mid-step brings the whole group back (every
+    rank new) and the run rolls back to its latest checkpoint with exact accounting."""
+    spec = _spec(tiny_ckpt, toy_data, steps=8, max_staleness=1, checkpoint_every=3)
+    spec["resources"] = {"learner_workers": 2, "learner_cpus": 1, "cpus_per_engine": 1, "cpus_per_reward_worker": 1}
+    killed: list[int] = []
+
+    def control():
+        step = ctl.state.step
+        if step >= 4 and step % 3 and not killed and ctl.learner_call:
+            killed.append(ray_session.get(ctl._learner.workers[1].ping.remote()))
+            ray_session.kill(ctl._learner.workers[1], no_restart=True)
+        return None
+
+    from services.controller import RunController
+
+    ctl = RunController("t", spec, tmp_path / "run", engines=engines, control=control)
+    res = ctl.run()
+    assert killed and res.state == "completed"
+    _assert_exact_accounting(res, 8)
+    c = res.counters
+    assert c["faults_learner"] == 1 and c["rolled_back"] >= 1
+    assert [h["step"] for h in res.history] == list(range(1, 9))
+    assert all(h["learner/ranks"] == 2.0 for h in res.history)
+    # the sharded checkpoint next to the servable policy, and the engine serves the final weights
+    last = tmp_path / "run" / "checkpoints" / (tmp_path / "run" / "checkpoints" / "LATEST").read_text().strip()
+    assert (last / "policy" / "model.safetensors").is_file() and (last / "trainer" / ".metadata").is_file()
+    assert engines.loaded_version == [res.version]
 
 
 def test_sampling_with_drafting_follows_the_policy(engines, tiny_ckpt, toy_data):
