@@ -417,6 +417,16 @@ class Learner:
         part("loss/policy", pg.detach())
         return total
 
+    def state_bytes(self) -> int:
+        """Bytes of this rank's parameters, gradients and optimiser state (its shards, in a
+        group): what sharding divides by the number of ranks."""
+        def local(t: torch.Tensor) -> int:
+            t = t.to_local() if hasattr(t, "to_local") else t
+            return t.numel() * t.element_size()
+
+        n = sum(local(p) + (local(p.grad) if p.grad is not None else 0) for p in self.params)
+        return n + sum(local(v) for st in self.opt.state.values() for v in st.values() if torch.is_tensor(v))
+
     def _clip_grad_norm(self) -> torch.Tensor:
         """The global gradient norm (clipped to ``grad_clip`` when set). Sharded gradients are
         DTensors: their norm is reduced over the ranks' shards, so every rank clips alike."""
@@ -490,6 +500,8 @@ class Learner:
                     skipped += 1
                     continue
                 self.opt.step()
+                if steps == 0:  # parameters, gradients and AdamW state are all alive here
+                    metrics["mem/state_bytes"] = float(self.state_bytes())
                 self.placement.synchronize()
                 optim_s += time.perf_counter() - t_opt
                 optim_cpu_s += time.process_time() - c_opt
@@ -522,6 +534,8 @@ class Learner:
             dt, optim_s, optim_cpu_s, metrics["perf/old_logprob_s"] = self.dp.max_floats(
                 [dt, optim_s, optim_cpu_s, metrics["perf/old_logprob_s"]])
             metrics["learner/ranks"] = float(self.dp.world)
+            if "mem/state_bytes" in metrics:  # the largest rank's (shards differ by padding)
+                metrics["mem/state_bytes"] = self.dp.max_floats([metrics["mem/state_bytes"]])[0]
         metrics["perf/step_s"] = dt
         metrics["perf/optim_s"] = optim_s  # gradient clipping + AdamW
         metrics["perf/optim_cpu_s"] = optim_cpu_s

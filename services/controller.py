@@ -492,6 +492,8 @@ class RunController:
     # ---- completions ----------------------------------------------------------------------------
     def _wait_and_handle(self, timeout: float) -> None:
         self._resubmit_scores()
+        if self.learner_call and not self.learner_call[0].pending():
+            self._on_trained()  # every rank answered since the last wait
         refs = list(self.inflight_gen) + list(self.inflight_score) + list(self.sync_calls)
         refs += self.learner_call[0].pending() if self.learner_call else []
         if not refs:

@@ -84,3 +84,40 @@ def test_rest_full_life_cycle_of_a_real_run(ray_session, tiny_ckpt, tmp_path):
             end_run(api, rid)
         srv.stop()
         EmbeddedRedis(tmp_path / "api").stop()
+
+
+def test_a_rest_run_with_a_two_rank_learner_group_trains_publishes_and_checkpoints(ray_session, tiny_ckpt, tmp_path):
+    """`POST /v1/runs` with `resources.learner_workers: 2`: the run places two FSDP2 learner ranks
+    (gloo) beside its vLLM engine and reward actor, trains, publishes every version to the engine
+    (the drafter's acceptance is reported from it) and writes sharded checkpoints next to the
+    servable policy."""
+    steps = 6
+    data = write_toy_dataset(tmp_path / "toy.jsonl", gold="21")
+    spec = real_spec(tiny_ckpt, data, steps, name="tiny-group", schedule={"checkpoint_every": 3},
+                     resources={"learner_workers": 2, "learner_cpus": 1, "cpus_per_engine": 1,
+                                "cpus_per_reward_worker": 1})
+    (tmp_path / "api").mkdir()
+    srv = ApiServer(tmp_path / "api", gcs_address(ray_session), launcher="controller")
+    rid = None
+    try:
+        with srv.client() as api:
+            rid = create_run(api, spec)["id"]
+            done = wait_for(lambda: (lambda x: x if x["state"] in ("completed", "failed", "cancelled") else None)(
+                api.get(f"/v1/runs/{rid}").json()), 300, what="run end")
+            assert done["state"] == "completed", done.get("error")
+            assert done["step"] == steps and done["policy_version"] == steps
+            m = done["latest_metrics"]
+            assert m["learner/ranks"] == 2.0 and m["loop/trained_total"] == 2 * steps
+            assert m["sync/weight_s"] > 0 and "rollout/spec_acceptance_rate" in m  # the engine got weights
+            hist = api.get(f"/v1/runs/{rid}/metrics").json()["points"]
+            versions = {p["values"].get("learner/version") for p in hist}
+            assert versions == set(range(steps))  # every step trained from the version before it
+            for step in (3, 6):
+                ck = tmp_path / "api" / "runs" / rid / "checkpoints" / f"step-{step:06d}"
+                assert (ck / "policy" / "model.safetensors").is_file()
+                assert sorted(p.name for p in (ck / "trainer").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    finally:
+        with srv.client() as api:
+            end_run(api, rid)
+        srv.stop()
+        EmbeddedRedis(tmp_path / "api").stop()
