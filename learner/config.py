@@ -24,6 +24,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from learner.device import DeviceChoice, Placement, PrecisionChoice, resolve_placement
+from learner.shaping import OverlongCacheLength, OverlongMaxLength, check_overlong_lengths
 
 Algorithm = Literal["ppo", "grpo", "dapo", "gspo", "ctpo", "minpro"]
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
@@ -82,21 +83,27 @@ class DAPOConfig(_Strict):
         "gradient, only a diluted denominator). Dropped groups are counted in "
         "`batch/groups_dropped_constant`. None = on for `dapo`, off otherwise.",
     )
-    overlong_max_len: int | None = Field(
+    # Bounds from learner.shaping, shared with the math grader's `reward.config.MathConfig.overlong`.
+    overlong_max_len: OverlongMaxLength | None = Field(
         None,
-        gt=0,
         description="L_max of the soft overlong penalty (normally the generation's max new "
         "tokens). None disables the penalty. DAPO used 20480.",
     )
-    overlong_cache_len: int = Field(
+    overlong_cache_len: OverlongCacheLength = Field(
         4096,
-        gt=0,
-        description="L_cache: responses longer than L_max − L_cache get a linear penalty "
-        "((L_max − L_cache) − |y|)/L_cache, reaching −1 at L_max; beyond L_max the penalty is −1.",
+        description="L_cache (< overlong_max_len): responses longer than L_max − L_cache get a linear "
+        "penalty ((L_max − L_cache) − |y|)/L_cache, reaching −1 at L_max; beyond L_max the penalty is −1.",
     )
     overlong_penalty_factor: float = Field(
         1.0, ge=0, description="Scales the overlong penalty before it is added to the reward."
     )
+
+    @model_validator(mode="after")
+    def _overlong_bounds(self) -> DAPOConfig:
+        if self.overlong_max_len is not None:
+            check_overlong_lengths(self.overlong_max_len, self.overlong_cache_len,
+                                   max_name="dapo.overlong_max_len", cache_name="dapo.overlong_cache_len")
+        return self
 
 
 class CTPOConfig(_Strict):
@@ -392,13 +399,6 @@ class AlgorithmConfig(_Strict):
                     f"mpo.grad='occ' scales MTP gradients by OCC's λ, which only "
                     f"mtp_regime='occ' computes (got mtp_regime={regime!r})"
                 )
-        if self.dapo.overlong_max_len is not None and (
-            self.dapo.overlong_cache_len >= self.dapo.overlong_max_len
-        ):
-            raise ValueError(
-                f"dapo.overlong_cache_len={self.dapo.overlong_cache_len} must be smaller than "
-                f"dapo.overlong_max_len={self.dapo.overlong_max_len}"
-            )
         if self.mtp_regime == "occ" and self.epochs * self.mini_batches == 1:
             raise ValueError(
                 f"mtp_regime='occ' with epochs={self.epochs} and mini_batches={self.mini_batches}: "

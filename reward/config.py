@@ -10,32 +10,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# DAPO's overlong shaping is defined once, for the learner and this grader alike (learner.shaping is
+# pydantic only: importing it here pulls in no torch).
+from learner.shaping import OverlongShaping
+
 Fallback = Literal["answer_is", "gsm8k_hash", "last_number", "last_latex"]
-
-
-class OverlongShaping(BaseModel):
-    """DAPO overlong shaping (DESIGN.md): 0 if |y| <= L_max - L_c, ((L_max - L_c) - |y|) / L_c if
-    |y| <= L_max, -1 beyond. Added to the reward of graded (`ok`/`wrong`) items."""
-
-    model_config = ConfigDict(extra="forbid")
-    max_length: int = Field(gt=0, description="L_max: the hard response-length limit (tokens if the caller "
-                                              "passes token counts, else characters).")
-    cache_length: int = Field(gt=0, description="L_c: the soft band before L_max in which the penalty ramps "
-                                                "linearly from 0 to -1.")
-
-    @model_validator(mode="after")
-    def _check(self) -> "OverlongShaping":
-        if self.cache_length > self.max_length:
-            raise ValueError(f"cache_length ({self.cache_length}) must be <= max_length ({self.max_length})")
-        return self
-
-    def penalty(self, length: int) -> float:
-        soft = self.max_length - self.cache_length
-        if length <= soft:
-            return 0.0
-        if length <= self.max_length:
-            return (soft - length) / self.cache_length
-        return -1.0
 
 
 class MathConfig(BaseModel):
