@@ -27,7 +27,7 @@ from learner.device import DeviceChoice, Placement, PrecisionChoice, resolve_pla
 from learner.shaping import OverlongCacheLength, OverlongMaxLength, check_overlong_lengths
 
 Algorithm = Literal["ppo", "grpo", "dapo", "gspo", "ctpo", "minpro"]
-Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 MTPRegime = Literal["none", "detach", "ce", "policy", "occ"]
 
 # (clip_low, clip_high) in ratio space, per algorithm. CTPO clips in log space (see CTPOConfig);
@@ -62,7 +62,7 @@ class AdvantageConfig(_Strict):
         description="Divide by the group's reward std: A_i = (R_i − mean_G R)/(std_G R + eps) "
         "(GRPO, Shao et al. 2024). False = Dr. GRPO (Liu et al. 2025): A_i = R_i − mean_G R, which "
         "removes the bias towards low-variance (too easy / too hard) groups; pair it with "
-        "`aggregation='seq-mean-token-sum'` for Dr. GRPO's length-unbiased loss.",
+        "`aggregation='seq-mean-token-sum-norm'` for Dr. GRPO's length-unbiased loss.",
     )
     eps: float = Field(1e-6, gt=0, description="Added to the group std before dividing.")
     kl_coef: float = Field(
@@ -245,9 +245,13 @@ class AlgorithmConfig(_Strict):
         description="How token losses become one number (see `learner/aggregation.py`). "
         "`token-mean`: Σ loss / Σ tokens over the mini-batch; long responses weigh more (DAPO). "
         "`seq-mean-token-mean`: mean over tokens, then over samples; every sample equal, long "
-        "responses' tokens diluted (GRPO paper, GSPO). `seq-mean-token-sum`: Σ over tokens, mean "
-        "over samples, divided by a constant max length (Dr. GRPO); no length bias. None = "
-        "algorithm default (gspo: seq-mean-token-mean; others token-mean).",
+        "responses' tokens diluted (GRPO paper, GSPO). `seq-mean-token-sum`: Σ over each sample's "
+        "tokens, mean over samples; long responses weigh more, by their length. "
+        "`seq-mean-token-sum-norm`: Σ over all tokens of the mini-batch divided by a constant (its "
+        "longest response), not by token or sample counts (Dr. GRPO); no length bias, scale grows "
+        "with the batch. Names and scales are veRL's `loss_agg_mode`s (except L_const: veRL "
+        "divides by the padded width). None = algorithm default (gspo: seq-mean-token-mean; "
+        "others token-mean).",
     )
     entropy_coef: float = Field(
         0.0, ge=0.0, description="Entropy bonus coefficient (main head); 0 = off (DAPO, OCC)."
