@@ -51,7 +51,9 @@ _DEFAULT_AGG: dict[str, str] = {
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+    # No inf/NaN: no coefficient or bound here means anything at either, and a run spec holding one
+    # could not be stored or answered as JSON (the control plane's 422 names the field instead).
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, allow_inf_nan=False)
 
 
 class AdvantageConfig(_Strict):

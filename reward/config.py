@@ -16,6 +16,11 @@ from learner.shaping import OverlongShaping
 
 Fallback = Literal["answer_is", "gsm8k_hash", "last_number", "last_latex"]
 
+#: math-verify's own SIGALRM timeout inside a verifier worker (`MathConfig.inner_timeout_s`'s
+#: default). The parent's hard deadline must be longer so the inner one fires first; the run spec
+#: (`services.spec.RewardSpec.timeout_s`) imports it.
+DEFAULT_INNER_TIMEOUT_S = 3
+
 
 class MathConfig(BaseModel):
     """Math answer extraction, verification and reward shaping."""
@@ -42,7 +47,7 @@ class MathConfig(BaseModel):
     overlong: OverlongShaping | None = Field(None, description="Length shaping; None disables.")
     deadline_s: float = Field(5.0, gt=0, description="Hard parent-side wall-clock deadline per item; past it the "
                                                       "worker is killed and replaced and the item is a `timeout`.")
-    inner_timeout_s: int = Field(3, ge=1, description="math-verify's own SIGALRM timeout per parse/compare, inside "
+    inner_timeout_s: int = Field(DEFAULT_INNER_TIMEOUT_S, ge=1, description="math-verify's own SIGALRM timeout per parse/compare, inside "
                                                       "the worker (must be below deadline_s so it fires first when "
                                                       "the stuck code is interruptible Python).")
     num_workers: int = Field(2, ge=1, description="Verifier processes.")

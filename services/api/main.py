@@ -18,11 +18,14 @@ from pathlib import Path
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from services.api.routes import health, runs
@@ -113,6 +116,21 @@ async def _reconciler(app: FastAPI, interval: float) -> None:
             log.exception("reconciler pass failed")
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float as its text (``"inf"``, ``"nan"``) and every string that
+    UTF-8 cannot encode escaped: JSON has no inf/NaN and Starlette's encoder refuses them (and such
+    strings), so a 422 echoing the offending input back would itself fail (a 500)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, str):  # an unpaired surrogate ("\\ud800" in the body) is not UTF-8: escape it
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 class _RequestMetrics:
     """Pure-ASGI middleware: request count and latency per route template (bounded labels)."""
 
@@ -194,6 +212,11 @@ def create_app(settings: Settings | None = None, *, launcher: RunLauncher | None
     app.include_router(health.router)
     app.include_router(runs.router)
     app.add_middleware(_RequestMetrics, metrics=app.state.api_metrics)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler, but encodable whatever the body held (see json_safe).
+        return JSONResponse({"detail": json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
 
     @app.exception_handler(RunNotFound)
     async def _not_found(_req: Request, exc: RunNotFound) -> JSONResponse:
