@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -229,6 +230,14 @@ def create_app(settings: Settings | None = None, *, launcher: RunLauncher | None
     @app.exception_handler(IdempotencyConflict)
     async def _idem(_req: Request, exc: IdempotencyConflict) -> JSONResponse:
         return JSONResponse({"detail": str(exc), "run_id": exc.run_id}, status_code=409)
+
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    async def _redis_away(_req: Request, exc: Exception) -> JSONResponse:
+        # Redis holds every run: without it there is nothing to answer, but nothing is wrong with
+        # the request either. The client reconnects by itself on the next request.
+        return JSONResponse({"detail": f"the run registry (Redis) is unreachable: {type(exc).__name__}: {exc}; "
+                                       "retry shortly"}, status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(RegistryError)
     async def _registry(_req: Request, exc: RegistryError) -> JSONResponse:
