@@ -198,7 +198,8 @@ def create_app(settings: Settings | None = None, *, launcher: RunLauncher | None
             await app.state.launcher.close()
             if registry is None:
                 await app.state.registry.close()
-            if embedded is not None and not settings.embedded_redis_keep_running:
+            stop_redis = not settings.embedded_redis_keep_running or getattr(app.state, "stop_embedded_redis", False)
+            if embedded is not None and stop_redis:
                 await asyncio.to_thread(embedded.stop)
 
     app = FastAPI(
