@@ -40,6 +40,14 @@ def serve(
     if stop_redis:
         overrides["embedded_redis_keep_running"] = False
     settings = Settings(**overrides)
+    if settings.launcher != "none":
+        from services.launcher import RayUnreachable, check_ray_reachable
+
+        try:  # before the server starts: one clear line, not a failed start-up's traceback
+            check_ray_reachable(settings.ray_address)
+        except RayUnreachable as e:
+            typer.echo(f"mtprl serve: {e}", err=True)
+            raise typer.Exit(1) from None
     typer.echo(f"mtprl control plane on http://{settings.host}:{settings.port} (data dir {settings.data_dir})")
     api = create_app(settings)
     # Event streams end on their own when the server stops; anything else gets 10 s to finish.

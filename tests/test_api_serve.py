@@ -217,3 +217,42 @@ def test_sigterm_finishes_requests_stops_the_embedded_redis_and_exits_0(tmp_path
     finally:
         stop(proc2)
         EmbeddedRedis(tmp_path).stop()
+
+
+def test_a_dead_ray_address_is_a_clear_error_within_seconds(tmp_path):
+    """ray.init retries a dead GCS address for minutes; `mtprl serve` says so at once, exit 1."""
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("MTPRL_", "RAY_ADDRESS"))}
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "services.cli_serve", "--data-dir", str(tmp_path),
+                        "--launcher", "synthetic", "--ray-address", dead, "--port", str(free_port())],
+                       cwd=ROOT, env=e, capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - t0
+    assert r.returncode == 1, r.stdout + r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert dead in line and "ray start --head" in line and "--ray-address" in line, r.stderr
+    assert took < 20, f"took {took:.0f}s"
+    assert not EmbeddedRedis(tmp_path).is_running()  # refused before anything was started
+
+
+def test_a_dead_clusters_address_in_rays_session_file_is_named(tmp_path, monkeypatch):
+    """`auto` reads the last `ray start`'s address from <RAY_TMPDIR>/ray/ray_current_cluster."""
+    import ray._private.services as ray_services
+
+    from services.launcher import RayUnreachable, check_ray_reachable
+
+    dead = f"127.0.0.1:{free_port()}"
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(dead)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # Ray's `auto` prefers a gcs_server found running on this machine (other tests' clusters).
+    monkeypatch.setattr(ray_services, "find_gcs_addresses", lambda: [])
+    t0 = time.monotonic()
+    with pytest.raises(RayUnreachable) as err:
+        check_ray_reachable("auto")
+    assert time.monotonic() - t0 < 10
+    msg = str(err.value)
+    assert dead in msg and str(tmp_path / "ray" / "ray_current_cluster") in msg and "ray stop" in msg
+    (tmp_path / "ray" / "ray_current_cluster").unlink()
+    check_ray_reachable("auto")  # no cluster recorded: Ray starts a local one, nothing to probe
