@@ -542,8 +542,10 @@ class RedisSink:
     it: one whose reply was lost (applied, then the connection dropped) is not applied again on
     replay, so the history holds every step exactly once. ``close(flush_timeout_s)`` waits that
     long for Redis to take what is still buffered. Not covered: a buffered state change that
-    Redis then refuses (the user cancelled first) is only logged; the run learns the state at
-    its next ``get_state``.
+    Redis then refuses (the user cancelled first) is only logged, the run learns the state at
+    its next ``get_state``; a run actor that dies while Redis is away loses what it buffered
+    (the run directory's ``metrics.jsonl`` still has the steps); past ``max_buffered``
+    operations the newest step reports are dropped (counted in ``dropped``).
     """
 
     def __init__(self, url: str, *, prefix: str = PREFIX, metrics_history_cap: int = 5000,
