@@ -20,11 +20,10 @@ Bounds that a component owns are imported from it, never copied (`MAX_SPECULATIV
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
-
-import math
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -309,14 +308,14 @@ def problem_lines(problems: list[dict[str, Any]]) -> list[str]:
 
 
 #: Where each field of a config built at run start comes from in the spec (its errors are reported
-#: there); a field missing here is reported at its section.
-_ENGINE_FROM = {"model": ("model", "path"), "num_speculative_tokens": ("rollout", "num_speculative_tokens"),
-                "draft_vocab_size": ("rollout", "draft_vocab_size"),
-                "draft_sample_method": ("rollout", "draft_sample_method"),
-                "max_model_len": ("rollout", "max_model_len"), "kv_cache_gib": ("rollout", "kv_cache_gib"),
-                "seed": ("data", "seed"), "num_threads": ("resources", "cpus_per_engine")}
-_SAMPLING_FROM = {"n": ("rollout", "samples_per_prompt"), "temperature": ("rollout", "temperature"),
-                  "top_p": ("rollout", "top_p"), "max_tokens": ("rollout", "max_tokens")}
+#: there): the longest matching prefix of the error's location wins; none matching, its section.
+_ENGINE_FROM = {("model",): ("model", "path"), ("num_speculative_tokens",): ("rollout", "num_speculative_tokens"),
+                ("draft_vocab_size",): ("rollout", "draft_vocab_size"),
+                ("draft_sample_method",): ("rollout", "draft_sample_method"),
+                ("max_model_len",): ("rollout", "max_model_len"), ("kv_cache_gib",): ("rollout", "kv_cache_gib"),
+                ("seed",): ("data", "seed"), ("num_threads",): ("resources", "cpus_per_engine")}
+_SAMPLING_FROM = {("n",): ("rollout", "samples_per_prompt"), ("temperature",): ("rollout", "temperature"),
+                  ("top_p",): ("rollout", "top_p"), ("max_tokens",): ("rollout", "max_tokens")}
 _REWARD_FROM = {("math", "num_workers"): ("reward", "workers"), ("math", "deadline_s"): ("reward", "timeout_s"),
                 # MathConfig's only cross-field rule the spec can break: deadline_s > inner_timeout_s
                 ("math",): ("reward", "timeout_s"),
@@ -332,8 +331,7 @@ def _component_errors(build, fields: dict, section: tuple[str, ...], what: str) 
         out = []
         for x in e.errors(include_url=False):
             loc = tuple(str(p) for p in x["loc"])
-            key = loc if isinstance(next(iter(fields)), tuple) else (loc[0] if loc else "")
-            where = fields.get(key, section)
+            where = next((fields[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in fields), section)
             out.append({"type": x["type"], "loc": where,
                         "msg": f"{what}.{'.'.join(loc) or '*'}: {x['msg']}", "input": x.get("input")})
         return out

@@ -151,3 +151,19 @@ def test_the_controllers_engine_config_is_the_specs():
                                    "rollout": {"num_speculative_tokens": 3, "draft_sample_method": "probabilistic"},
                                    "resources": {"cpus_per_engine": 2.5}})
     assert engine_config(spec) == spec.engine_config()
+
+
+def test_component_refusals_are_located_at_the_spec_field_they_come_from():
+    """The safety net under the field bounds: what a component refuses (here past the spec's own
+    bounds, built without validation) is reported at the spec's field, not as a failed run."""
+    from services.spec import RewardSpec, RolloutSpec, RunSpec, spec_problems
+
+    spec = RunSpec.model_validate({"model": {"path": "some/hub-id"}, "data": {"dataset": "human_eval"}})
+    bad = spec.model_copy(update={
+        "rollout": RolloutSpec.model_construct(**{**spec.rollout.model_dump(), "num_speculative_tokens": 99}),
+        "reward": RewardSpec.model_construct(**{**spec.reward.model_dump(), "timeout_s": 1.0}),
+    })
+    got = {p["loc"]: p["msg"] for p in spec_problems(bad)}
+    assert set(got) == {("rollout", "num_speculative_tokens"), ("reward", "timeout_s")}, got
+    assert "EngineConfig.num_speculative_tokens" in got[("rollout", "num_speculative_tokens")]
+    assert "inner_timeout_s (3) must be < deadline_s (1.0)" in got[("reward", "timeout_s")]
