@@ -171,4 +171,6 @@ def test_eval_guessing_policy_with_vllm(tmp_path_factory, toy_data):
     # One drafted token per decoding step of each sequence: at least one per sample that went past its first token.
     assert drafted >= 40 * 8, res
     assert 0 < accepted <= drafted and res["spec_acceptance_rate"] == pytest.approx(accepted / drafted)
-    assert res["spec_acceptance_rate"] > 0.3, res  # a warmed-up head; a random one is accepted ~never
+    # A warmed-up head: measured 0.997 (1914 of 1919 drafts; the sampled digit falls in the verified
+    # token's slot, not a draft's), far from the untrained head's.
+    assert res["spec_acceptance_rate"] > 0.5, res
