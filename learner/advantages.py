@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from learner.shaping import OverlongShaping
+
 
 def _group_index(group_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     if group_ids.dim() != 1:
@@ -67,8 +69,7 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, cache_len: int) -> tor
         ((L_max − L_cache) − |y|)/L_cache if L_max − L_cache < |y| ≤ L_max
         −1                                if |y| > L_max
     """
-    if cache_len >= max_len:
-        raise ValueError(f"cache_len={cache_len} must be < max_len={max_len}")
+    OverlongShaping(max_length=max_len, cache_length=cache_len)  # the one check of the bounds
     y = lengths.to(torch.float32)
     soft = max_len - cache_len
     pen = torch.where(y <= soft, torch.zeros_like(y), (soft - y) / cache_len)

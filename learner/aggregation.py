@@ -1,21 +1,37 @@
 """The one reduction from token losses to a scalar, shared by every loss in the learner.
 
-Three modes (config `aggregation`), for a mini-batch of N samples with mask m and n_i = Σ_t m_it:
+Four modes (config `aggregation`), named and scaled as veRL's `agg_loss` modes
+(`verl/trainer/ppo/core_algos.py`, `loss_agg_mode`), for a mini-batch of N samples with mask m
+and n_i = Σ_t m_it:
 
-- `token-mean`           L = Σ_i Σ_t m_it ℓ_it / Σ_i n_i            (DAPO Eq. 8; veRL default)
-- `seq-mean-token-mean`  L = (1/N') Σ_i (Σ_t m_it ℓ_it / n_i)      (GRPO Eq. 3, GSPO)
-- `seq-mean-token-sum`   L = (1/N') Σ_i Σ_t m_it ℓ_it / L_const    (Dr. GRPO, Liu et al. 2025)
+- `token-mean`               L = Σ_i Σ_t m_it ℓ_it / Σ_i n_i          (DAPO Eq. 8; veRL default)
+- `seq-mean-token-mean`      L = (1/N') Σ_i (Σ_t m_it ℓ_it / n_i)    (GRPO Eq. 3, GSPO)
+- `seq-mean-token-sum`       L = (1/N') Σ_i Σ_t m_it ℓ_it            (sum per sequence, mean over sequences)
+- `seq-mean-token-sum-norm`  L = Σ_i Σ_t m_it ℓ_it / L_const          (veRL's Dr. GRPO mode, Liu et al. 2025)
 
-N' counts samples with at least one token (an all-masked sample contributes nothing anywhere).
+N' counts samples with at least one token (an all-masked sample contributes nothing anywhere;
+veRL's `seq_mask` does the same). `seq-mean-token-sum` grows with response length (a sequence's
+loss is its tokens' sum); `seq-mean-token-sum-norm` divides the batch's token sum by a constant
+instead of by token or sample counts, so no sample's weight depends on its length (Dr. GRPO's
+"no length bias"). Like veRL's it does not divide by N': its scale grows with the batch, which
+matters for gradient clipping, not for AdamW's direction.
+
+Departure from veRL: `L_const` is the mini-batch's longest response (veRL: `loss_scale_factor`,
+by default the padded response width `loss_mask.shape[-1]` of its micro-batch; Dr. GRPO uses the
+generation budget). Any constant keeps the estimator unbiased; the longest response is the width
+the mini-batch pads to, and it is the same for every micro-batch of the mini-batch.
+
+Until 2026-12 this project's `seq-mean-token-sum` meant (1/N') Σ_i Σ_t m_it ℓ_it / L_const —
+veRL's name with another scale (1/L_const of veRL's `seq-mean-token-sum`, 1/N' of its
+`seq-mean-token-sum-norm`). No algorithm defaulted to it; a spec that named it now gets veRL's
+scale, L_const times the old one.
 
 Why a `Normaliser`: the step splits a mini-batch into micro-batches and accumulates gradients.
 If each micro-batch divided by its *own* token or sample count, the summed loss would depend on
 how the batch was split (a micro-batch of short responses would weigh as much as one of long
 ones). So the denominators (Σ n_i, N', L_const) are computed once over the whole mini-batch and
 every micro-batch divides by them: Σ over micro-batches of `aggregate(...)` then equals the
-mini-batch loss exactly, for any split. `L_const` is the mini-batch's longest response (Dr. GRPO
-uses the generation budget; any constant keeps the estimator unbiased; the mini-batch's longest
-keeps the loss scale comparable to token-mean's).
+mini-batch loss exactly, for any split.
 """
 
 from __future__ import annotations
@@ -24,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
 @dataclass(frozen=True)
@@ -67,7 +83,9 @@ def aggregate(
             per_seq = masked.sum(-1) / m.sum(-1).clamp(min=1)  # (B,)
             return per_seq.sum() / norm.num_seqs
         case "seq-mean-token-sum":
-            return masked.sum() / (norm.num_seqs * norm.const_len)
+            return masked.sum() / norm.num_seqs  # Σ_i (Σ_t ℓ_it) / N'
+        case "seq-mean-token-sum-norm":
+            return masked.sum() / norm.const_len  # no 1/N', as veRL's
         case _:
             raise ValueError(f"unknown aggregation {mode!r}; expected one of {AGGREGATIONS}")
 

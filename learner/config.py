@@ -24,9 +24,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from learner.device import DeviceChoice, Placement, PrecisionChoice, resolve_placement
+from learner.shaping import OverlongCacheLength, OverlongMaxLength, check_overlong_lengths
 
 Algorithm = Literal["ppo", "grpo", "dapo", "gspo", "ctpo", "minpro"]
-Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 MTPRegime = Literal["none", "detach", "ce", "policy", "occ"]
 
 # (clip_low, clip_high) in ratio space, per algorithm. CTPO clips in log space (see CTPOConfig);
@@ -50,7 +51,9 @@ _DEFAULT_AGG: dict[str, str] = {
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+    # No inf/NaN: no coefficient or bound here means anything at either, and a run spec holding one
+    # could not be stored or answered as JSON (the control plane's 422 names the field instead).
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, allow_inf_nan=False)
 
 
 class AdvantageConfig(_Strict):
@@ -61,7 +64,7 @@ class AdvantageConfig(_Strict):
         description="Divide by the group's reward std: A_i = (R_i − mean_G R)/(std_G R + eps) "
         "(GRPO, Shao et al. 2024). False = Dr. GRPO (Liu et al. 2025): A_i = R_i − mean_G R, which "
         "removes the bias towards low-variance (too easy / too hard) groups; pair it with "
-        "`aggregation='seq-mean-token-sum'` for Dr. GRPO's length-unbiased loss.",
+        "`aggregation='seq-mean-token-sum-norm'` for Dr. GRPO's length-unbiased loss.",
     )
     eps: float = Field(1e-6, gt=0, description="Added to the group std before dividing.")
     kl_coef: float = Field(
@@ -82,21 +85,27 @@ class DAPOConfig(_Strict):
         "gradient, only a diluted denominator). Dropped groups are counted in "
         "`batch/groups_dropped_constant`. None = on for `dapo`, off otherwise.",
     )
-    overlong_max_len: int | None = Field(
+    # Bounds from learner.shaping, shared with the math grader's `reward.config.MathConfig.overlong`.
+    overlong_max_len: OverlongMaxLength | None = Field(
         None,
-        gt=0,
         description="L_max of the soft overlong penalty (normally the generation's max new "
         "tokens). None disables the penalty. DAPO used 20480.",
     )
-    overlong_cache_len: int = Field(
+    overlong_cache_len: OverlongCacheLength = Field(
         4096,
-        gt=0,
-        description="L_cache: responses longer than L_max − L_cache get a linear penalty "
-        "((L_max − L_cache) − |y|)/L_cache, reaching −1 at L_max; beyond L_max the penalty is −1.",
+        description="L_cache (< overlong_max_len): responses longer than L_max − L_cache get a linear "
+        "penalty ((L_max − L_cache) − |y|)/L_cache, reaching −1 at L_max; beyond L_max the penalty is −1.",
     )
     overlong_penalty_factor: float = Field(
         1.0, ge=0, description="Scales the overlong penalty before it is added to the reward."
     )
+
+    @model_validator(mode="after")
+    def _overlong_bounds(self) -> DAPOConfig:
+        if self.overlong_max_len is not None:
+            check_overlong_lengths(self.overlong_max_len, self.overlong_cache_len,
+                                   max_name="dapo.overlong_max_len", cache_name="dapo.overlong_cache_len")
+        return self
 
 
 class CTPOConfig(_Strict):
@@ -238,9 +247,13 @@ class AlgorithmConfig(_Strict):
         description="How token losses become one number (see `learner/aggregation.py`). "
         "`token-mean`: Σ loss / Σ tokens over the mini-batch; long responses weigh more (DAPO). "
         "`seq-mean-token-mean`: mean over tokens, then over samples; every sample equal, long "
-        "responses' tokens diluted (GRPO paper, GSPO). `seq-mean-token-sum`: Σ over tokens, mean "
-        "over samples, divided by a constant max length (Dr. GRPO); no length bias. None = "
-        "algorithm default (gspo: seq-mean-token-mean; others token-mean).",
+        "responses' tokens diluted (GRPO paper, GSPO). `seq-mean-token-sum`: Σ over each sample's "
+        "tokens, mean over samples; long responses weigh more, by their length. "
+        "`seq-mean-token-sum-norm`: Σ over all tokens of the mini-batch divided by a constant (its "
+        "longest response), not by token or sample counts (Dr. GRPO); no length bias, scale grows "
+        "with the batch. Names and scales are veRL's `loss_agg_mode`s (except L_const: veRL "
+        "divides by the padded width). None = algorithm default (gspo: seq-mean-token-mean; "
+        "others token-mean).",
     )
     entropy_coef: float = Field(
         0.0, ge=0.0, description="Entropy bonus coefficient (main head); 0 = off (DAPO, OCC)."
@@ -392,13 +405,6 @@ class AlgorithmConfig(_Strict):
                     f"mpo.grad='occ' scales MTP gradients by OCC's λ, which only "
                     f"mtp_regime='occ' computes (got mtp_regime={regime!r})"
                 )
-        if self.dapo.overlong_max_len is not None and (
-            self.dapo.overlong_cache_len >= self.dapo.overlong_max_len
-        ):
-            raise ValueError(
-                f"dapo.overlong_cache_len={self.dapo.overlong_cache_len} must be smaller than "
-                f"dapo.overlong_max_len={self.dapo.overlong_max_len}"
-            )
         if self.mtp_regime == "occ" and self.epochs * self.mini_batches == 1:
             raise ValueError(
                 f"mtp_regime='occ' with epochs={self.epochs} and mini_batches={self.mini_batches}: "

@@ -1,5 +1,6 @@
 """Rewards: math answer verification and sandboxed code execution; datasets.
-Imports nothing of ours outside itself.
+Imports nothing of ours outside itself but `learner.shaping` (DAPO's overlong bounds, one
+definition shared with the learner; pydantic only, see docs/rewards.md).
 
 - `extract`, `math_verify_worker`: final-answer extraction and math-verify in worker processes
   with hard parent-side deadlines (`MathVerifierPool`).

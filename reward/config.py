@@ -10,32 +10,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# DAPO's overlong shaping is defined once, for the learner and this grader alike (learner.shaping is
+# pydantic only: importing it here pulls in no torch).
+from learner.shaping import OverlongShaping
+
 Fallback = Literal["answer_is", "gsm8k_hash", "last_number", "last_latex"]
 
-
-class OverlongShaping(BaseModel):
-    """DAPO overlong shaping (DESIGN.md): 0 if |y| <= L_max - L_c, ((L_max - L_c) - |y|) / L_c if
-    |y| <= L_max, -1 beyond. Added to the reward of graded (`ok`/`wrong`) items."""
-
-    model_config = ConfigDict(extra="forbid")
-    max_length: int = Field(gt=0, description="L_max: the hard response-length limit (tokens if the caller "
-                                              "passes token counts, else characters).")
-    cache_length: int = Field(gt=0, description="L_c: the soft band before L_max in which the penalty ramps "
-                                                "linearly from 0 to -1.")
-
-    @model_validator(mode="after")
-    def _check(self) -> "OverlongShaping":
-        if self.cache_length > self.max_length:
-            raise ValueError(f"cache_length ({self.cache_length}) must be <= max_length ({self.max_length})")
-        return self
-
-    def penalty(self, length: int) -> float:
-        soft = self.max_length - self.cache_length
-        if length <= soft:
-            return 0.0
-        if length <= self.max_length:
-            return (soft - length) / self.cache_length
-        return -1.0
+#: math-verify's own SIGALRM timeout inside a verifier worker (`MathConfig.inner_timeout_s`'s
+#: default). The parent's hard deadline must be longer so the inner one fires first; the run spec
+#: (`services.spec.RewardSpec.timeout_s`) imports it.
+DEFAULT_INNER_TIMEOUT_S = 3
 
 
 class MathConfig(BaseModel):
@@ -63,7 +47,7 @@ class MathConfig(BaseModel):
     overlong: OverlongShaping | None = Field(None, description="Length shaping; None disables.")
     deadline_s: float = Field(5.0, gt=0, description="Hard parent-side wall-clock deadline per item; past it the "
                                                       "worker is killed and replaced and the item is a `timeout`.")
-    inner_timeout_s: int = Field(3, ge=1, description="math-verify's own SIGALRM timeout per parse/compare, inside "
+    inner_timeout_s: int = Field(DEFAULT_INNER_TIMEOUT_S, ge=1, description="math-verify's own SIGALRM timeout per parse/compare, inside "
                                                       "the worker (must be below deadline_s so it fires first when "
                                                       "the stuck code is interruptible Python).")
     num_workers: int = Field(2, ge=1, description="Verifier processes.")

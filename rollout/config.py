@@ -6,6 +6,11 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+#: Most tokens one drafting step may propose (MTP module 1 applied recursively). Each extra token
+#: costs a drafter forward and is accepted less often than the one before; the run spec
+#: (`services.spec.RolloutSpec`) imports this bound so a spec the engine would refuse is a 422.
+MAX_SPECULATIVE_TOKENS = 8
+
 
 class EngineConfig(BaseModel):
     """How one vLLM engine is built (the same fields on CPU and GPU)."""
@@ -14,7 +19,7 @@ class EngineConfig(BaseModel):
     num_speculative_tokens: int = Field(
         1,
         ge=0,
-        le=8,
+        le=MAX_SPECULATIVE_TOKENS,
         description="Tokens drafted per step by MTP module 1 (applied recursively when > 1); 0 turns drafting off.",
     )
     draft_vocab_size: int = Field(

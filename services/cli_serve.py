@@ -40,9 +40,44 @@ def serve(
     if stop_redis:
         overrides["embedded_redis_keep_running"] = False
     settings = Settings(**overrides)
+    if settings.launcher != "none":
+        from services.launcher import RayUnreachable, check_ray_reachable
+
+        try:  # before the server starts: one clear line, not a failed start-up's traceback
+            check_ray_reachable(settings.ray_address)
+        except RayUnreachable as e:
+            typer.echo(f"mtprl serve: {e}", err=True)
+            raise typer.Exit(1) from None
     typer.echo(f"mtprl control plane on http://{settings.host}:{settings.port} (data dir {settings.data_dir})")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-                access_log=False)
+    api = create_app(settings)
+    # Event streams end on their own when the server stops; anything else gets 10 s to finish.
+    config = uvicorn.Config(api, host=settings.host, port=settings.port, log_level=log_level,
+                            access_log=False, timeout_graceful_shutdown=10)
+    _serve(config, api)
+
+
+def _serve(config, api) -> None:
+    import signal
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, but SIGTERM is a clean stop (a service manager's `stop`): in-flight
+        requests finish, the app shuts down, the embedded Redis it serves from is stopped (its
+        append-only file flushed; runs buffer their reports until the next start) and the process
+        exits 0. uvicorn itself re-raises the signal after shutting down, so the process died with
+        status 143 and left redis-server running with no owner. SIGINT (Ctrl-C) keeps uvicorn's
+        behaviour and leaves the embedded Redis running for the next start."""
+
+        def handle_exit(self, sig, frame):
+            api.state.stopping = True  # open event streams end at their next keep-alive
+            if sig == signal.SIGTERM:
+                api.state.stop_embedded_redis = True  # read by the app's shutdown
+                self.should_exit = True  # not recorded in _captured_signals: not re-raised
+                return
+            super().handle_exit(sig, frame)
+
+    Server(config).run()
 
 
 if __name__ == "__main__":

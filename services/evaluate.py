@@ -29,6 +29,10 @@ Metrics (N prompts, k samples per prompt, c_i = correct samples of prompt i):
 Greedy decoding (temperature 0) is deterministic, so only one sample per prompt is generated and
 it stands for all k (``samples_generated`` says so); avg@k = pass@k = pass@1 then.
 
+Speculative decoding over the evaluation: ``spec_num_draft_tokens`` drafted, of which
+``spec_num_accepted_tokens`` accepted, ``spec_acceptance_rate`` their ratio (0 when nothing was
+drafted).
+
 Not covered: code datasets need the sandbox like training does (bubblewrap, or
 ``reward.allow_unsafe_code``); tensor-parallel engines (one in-process engine).
 """
@@ -207,6 +211,9 @@ def evaluate(
         "tokens_per_s": n_tokens / gen_s if gen_s > 0 else 0.0,
         "num_speculative_tokens": drafts,
         "spec_acceptance_rate": spec.acceptance_rate,
+        # The engine's counters over this evaluation, so the rate can be checked and re-aggregated.
+        "spec_num_draft_tokens": spec.num_draft_tokens,
+        "spec_num_accepted_tokens": spec.num_accepted_tokens,
         "generation_s": gen_s,
         "scoring_s": score_s,
         "wall_s": time.perf_counter() - t0,

@@ -108,6 +108,55 @@ class NullLauncher:
         return None
 
 
+class RayUnreachable(ConnectionError):
+    """The Ray cluster the settings (or Ray's session files) name does not answer."""
+
+
+#: How long `mtprl serve` waits for a Ray cluster's GCS port before saying it is unreachable
+#: (ray.init itself retries a dead address for minutes).
+RAY_PROBE_TIMEOUT_S = 3.0
+
+
+def _ray_address_source(address: str | None) -> tuple[str | None, str]:
+    """The GCS address ``ray.init(address=address or "auto")`` would connect to, and where it came
+    from; (None, …) when there is none to connect to (Ray then starts a local instance)."""
+    import os
+
+    from ray._common.utils import get_ray_address_file
+    from ray._private.services import get_ray_address_from_environment  # Ray's own resolution
+
+    if os.environ.get("RAY_ADDRESS"):
+        where = "RAY_ADDRESS"
+    elif address and address != "auto":
+        where = "--ray-address / MTPRL ray_address"
+    else:
+        where = f"{get_ray_address_file(None)} (the last `ray start` on this machine)"
+    try:
+        resolved = get_ray_address_from_environment(address or "auto", None)
+    except ConnectionError:  # "auto" and no cluster recorded or running
+        return None, where
+    return resolved, where
+
+
+def check_ray_reachable(address: str | None, timeout_s: float = RAY_PROBE_TIMEOUT_S) -> None:
+    """Raise `RayUnreachable` with the address and what to do when the cluster that
+    ``ray.init`` would join does not accept connections within ``timeout_s``."""
+    import socket
+
+    resolved, where = _ray_address_source(address)
+    if not resolved or resolved == "local" or "://" in resolved:
+        return  # a new local instance, or a Ray client address (not a GCS port)
+    host, _, port = resolved.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            return
+    except (OSError, ValueError) as e:
+        raise RayUnreachable(
+            f"the Ray cluster at {resolved} (from {where}) does not answer ({type(e).__name__}: {e}); "
+            "start it (`ray start --head`), clear a dead cluster's address (`ray stop`), or point "
+            "--ray-address / RAY_ADDRESS at a running cluster") from None
+
+
 class RayLauncher:
     """Detached named Ray actors, one per run.
 
@@ -124,6 +173,7 @@ class RayLauncher:
         self.sink_config = sink_config
         self.actor_options = actor_options or {}
         if not ray.is_initialized():
+            check_ray_reachable(ray_address)  # seconds, instead of ray.init retrying for minutes
             # `auto` attaches to a running cluster (`ray start --head` or `ray up`); the runs then
             # outlive this process. Without one, Ray starts a local instance owned by this
             # process, and runs end with it.

@@ -32,8 +32,10 @@ while the API restarts); ``EmbeddedRedis.stop`` ends it.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
+import logging
 import math
 import os
 import signal
@@ -48,6 +50,8 @@ from typing import Any
 
 import redis
 import redis.asyncio as aredis
+
+log = logging.getLogger(__name__)
 
 PREFIX = "mtprl:"
 
@@ -155,16 +159,37 @@ return {'ok', cur}
 
 _REPORT_STEP = """
 -- KEYS: run, steps, events
--- ARGV: step, now, metrics_json, hist_cap, policy_version, ev_cap, event_json
+-- ARGV: step, now, metrics_json, hist_cap, policy_version, ev_cap, event_json, sink_id, seq
 local st = redis.call('HGET', KEYS[1], 'state')
 if not st then return 'missing' end
+if redis.call('HGET', KEYS[1], 'sink_id') == ARGV[8]
+   and tonumber(redis.call('HGET', KEYS[1], 'sink_seq') or '0') >= tonumber(ARGV[9]) then
+  return 'ok'  -- a replay of a report already applied (its reply was lost)
+end
 if st ~= 'running' and st ~= 'paused' then return st end
 redis.call('HSET', KEYS[1], 'step', ARGV[1], 'updated_at', ARGV[2], 'last_report_at', ARGV[2],
-  'latest_metrics', ARGV[3])
+  'latest_metrics', ARGV[3], 'sink_id', ARGV[8], 'sink_seq', ARGV[9])
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'policy_version', ARGV[5]) end
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], '*', 'step', ARGV[1], 't', ARGV[2], 'm', ARGV[3])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'kind', 'step', 'data', ARGV[7])
 return 'ok'
+"""
+
+_EVENT = """
+-- KEYS: run, events, checkpoints
+-- ARGV: kind, data, ev_cap, sink_id, seq
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing', ''} end
+if redis.call('HGET', KEYS[1], 'sink_id') == ARGV[4]
+   and tonumber(redis.call('HGET', KEYS[1], 'sink_seq') or '0') >= tonumber(ARGV[5]) then
+  return {'dup', ''}
+end
+local eid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'kind', ARGV[1], 'data', ARGV[2])
+if ARGV[1] == 'checkpoint' then
+  redis.call('RPUSH', KEYS[3], ARGV[2])
+  redis.call('HSET', KEYS[1], 'last_checkpoint', ARGV[2])
+end
+redis.call('HSET', KEYS[1], 'sink_id', ARGV[4], 'sink_seq', ARGV[5])
+return {'ok', eid}
 """
 
 
@@ -507,70 +532,197 @@ class RedisSink:
     Synchronous (redis-py), to be called from a Ray actor; cheap enough per step (one Lua call).
     Non-finite metric values are dropped (JSON and Prometheus text both choke on them otherwise;
     the run's own logs keep them).
+
+    **Redis outages do not stop a run.** When Redis does not answer (after redis-py's own short
+    retries), reports, events and the run's own state changes are kept in order in memory and
+    replayed, in that order, the next time Redis answers (tried after ``retry_every_s``, then
+    less and less often, up to every 30 s, so a run does not wait on a dead server at every step). Meanwhile ``report_step`` and
+    ``set_state`` answer True and ``get_state`` the last state seen, so the run keeps training.
+    Every report and event carries this sink's id and a sequence number that Redis records with
+    it: one whose reply was lost (applied, then the connection dropped) is not applied again on
+    replay, so the history holds every step exactly once. ``close(flush_timeout_s)`` waits that
+    long for Redis to take what is still buffered. Not covered: a buffered state change that
+    Redis then refuses (the user cancelled first) is only logged, the run learns the state at
+    its next ``get_state``; a run actor that dies while Redis is away loses what it buffered
+    (the run directory's ``metrics.jsonl`` still has the steps); past ``max_buffered``
+    operations the newest step reports are dropped (counted in ``dropped``).
     """
 
     def __init__(self, url: str, *, prefix: str = PREFIX, metrics_history_cap: int = 5000,
-                 events_cap: int = 10000):
+                 events_cap: int = 10000, retry_every_s: float = 1.0, max_buffered: int = 100_000):
+        from redis.backoff import ExponentialBackoff
+        from redis.retry import Retry
+
         self.url = url
-        self.r = redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+        # Short timeouts and retries: a longer outage is the buffer's job, and a blocked call
+        # would stall the training loop that reports through this sink.
+        self.r = redis.Redis.from_url(url, decode_responses=True, health_check_interval=30,
+                                      socket_timeout=5.0, socket_connect_timeout=2.0,
+                                      retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2))
         self.prefix = prefix
         self.history_cap = metrics_history_cap
         self.events_cap = events_cap
+        self.retry_every_s = retry_every_s
+        self.max_buffered = max_buffered
         self._report = self.r.register_script(_REPORT_STEP)
+        self._event = self.r.register_script(_EVENT)
         self._transition = self.r.register_script(_TRANSITION)
+        self._id = os.urandom(6).hex()  # this sink's reports; a restarted actor has a new one
+        self._seq = 0
+        self._lock = threading.RLock()  # the controller's thread and the actor's share the sink
+        self._buffer: collections.deque[tuple[str, str, tuple]] = collections.deque()  # (op, run_id, args)
+        self._next_try = 0.0
+        self._delay = 0.0  # seconds between tries while Redis is away (0: it answers)
+        self._states: dict[str, str] = {}  # the last state seen (or set) per run
+        self.dropped = 0  # reports dropped because the buffer was full (max_buffered)
 
-    def close(self) -> None:
+    @property
+    def buffered(self) -> int:
+        """Operations waiting for Redis."""
+        return len(self._buffer)
+
+    def close(self, flush_timeout_s: float = 0.0) -> None:
+        """Wait up to ``flush_timeout_s`` for Redis to take what is buffered, then disconnect."""
+        deadline = time.monotonic() + flush_timeout_s
+        while True:
+            with self._lock:
+                self._next_try = 0.0
+                if self._flush():
+                    break
+            if time.monotonic() >= deadline:
+                log.warning("closing the sink with %d reports Redis never took (%s)", len(self._buffer), self.url)
+                break
+            time.sleep(min(self.retry_every_s, max(0.0, deadline - time.monotonic())))
         self.r.close()
 
+    # ---- the MetricsSink methods ------------------------------------------------------------
     def report_step(self, run_id: str, step: int, metrics: dict[str, float]) -> bool:
         """Record one finished step. Returns False (and records nothing) once the run is no
         longer running or paused, e.g. after a cancel raced with the step."""
         clean = {k: float(v) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and math.isfinite(float(v))}
-        m = json.dumps(clean, separators=(",", ":"))
-        pv = clean.get("policy_version")
         now = repr(time.time())
-        k = _keys(self.prefix, run_id)
-        status = self._report(
-            keys=[k["run"], k["steps"], k["events"]],
-            args=[str(int(step)), now, m, str(self.history_cap),
-                  "" if pv is None else str(int(pv)), str(self.events_cap),
-                  json.dumps({"step": int(step), "t": float(now), "metrics": clean}, separators=(",", ":"))],
-        )
-        if status == "missing":
-            raise RunNotFound(run_id)
-        return status == "ok"
+        args = (int(step), now, clean, self._next_seq())
+        status = self._do("report", run_id, args)
+        return status is None or status == "ok"
 
     def event(self, run_id: str, kind: str, payload: dict[str, Any]) -> str:
         """Append an event. Kind ``checkpoint`` (payload: step, path, policy_version) is also
-        recorded in the run's checkpoint list and as its ``last_checkpoint``."""
-        k = _keys(self.prefix, run_id)
+        recorded in the run's checkpoint list and as its ``last_checkpoint``. Returns the event id
+        ("" while it waits in the buffer)."""
         data = json.dumps({**payload, "t": time.time()}, separators=(",", ":"), default=str)
-        with self.r.pipeline(transaction=True) as p:  # MULTI/EXEC: event and record together
-            p.xadd(k["events"], {"kind": kind, "data": data}, maxlen=self.events_cap, approximate=True)
-            if kind == "checkpoint":
-                p.rpush(k["checkpoints"], data)
-                p.hset(k["run"], mapping={"last_checkpoint": data})
-            eid = p.execute()[0]
-        return eid
+        return self._do("event", run_id, (kind, data, self._next_seq())) or ""
 
     def set_state(self, run_id: str, state: str, *, error: str | None = None) -> bool:
         """The run's own transition (started, completed, failed, …) with the sources of
         ``RUN_SOURCES``. Returns False when the current state forbids it (e.g. the user
-        cancelled first); raises RunNotFound for an unknown run."""
-        k = _keys(self.prefix, run_id)
-        status, _cur = self._transition(
-            keys=[k["run"], k["events"]],
-            args=[self.prefix, run_id, state, repr(time.time()), error or "", str(self.events_cap),
-                  *RUN_SOURCES[state]],
-        )
-        if status == "missing":
-            raise RunNotFound(run_id)
-        return status == "ok"
+        cancelled first); raises RunNotFound for an unknown run. True while Redis is away."""
+        ok = self._do("state", run_id, (state, error or "", repr(time.time())))
+        if ok is None or ok:
+            self._states[run_id] = state
+        return ok is None or bool(ok)
 
     def get_state(self, run_id: str) -> str | None:
-        """The state the registry holds (the user's pause/cancel land here first)."""
-        return self.r.hget(_keys(self.prefix, run_id)["run"], "state")
+        """The state the registry holds (the user's pause/cancel land here first); while Redis is
+        away, the last one seen."""
+        with self._lock:
+            if self._flush():
+                try:
+                    state = self.r.hget(_keys(self.prefix, run_id)["run"], "state")
+                except (redis.ConnectionError, redis.TimeoutError) as e:
+                    self._down(e)
+                else:
+                    self._delay = 0.0
+                    if state is None:
+                        self._states.pop(run_id, None)
+                    else:
+                        self._states[run_id] = state
+                    return state
+            return self._states.get(run_id, RUNNING)  # unknown while away: the run keeps going
+
+    # ---- buffering ----------------------------------------------------------------------------
+    def _next_seq(self) -> int:
+        with self._lock:
+            self._seq += 1
+            return self._seq
+
+    def _do(self, op: str, run_id: str, args: tuple) -> Any:
+        """Apply now when Redis answers and nothing is waiting, else buffer (result None)."""
+        with self._lock:
+            if self._flush():
+                try:
+                    out = self._apply(op, run_id, args)
+                    self._delay = 0.0
+                    return out
+                except (redis.ConnectionError, redis.TimeoutError) as e:
+                    self._down(e)
+            if len(self._buffer) >= self.max_buffered and op == "report":
+                self.dropped += 1  # bounded memory: the newest step reports go first, never states
+                return None
+            self._buffer.append((op, run_id, args))
+            return None
+
+    def _down(self, e: Exception) -> None:
+        if self._delay == 0.0:
+            log.warning("Redis unreachable (%s: %s); buffering the run's reports", type(e).__name__, e)
+        # Back off to at most 30 s between tries: against a black-holed host each try blocks the
+        # caller for the connect timeout.
+        self._delay = min(max(self.retry_every_s, 2 * self._delay), max(self.retry_every_s, 30.0))
+        self._next_try = time.monotonic() + self._delay
+
+    def _flush(self) -> bool:
+        """Replay the buffer in order; True when it is empty (Redis took everything)."""
+        if time.monotonic() < self._next_try:
+            return False  # away at the last try: not again yet
+        if not self._buffer:
+            return True
+        while self._buffer:
+            op, run_id, args = self._buffer[0]
+            try:
+                self._apply(op, run_id, args)
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                self._down(e)
+                return False
+            except RunNotFound:
+                log.warning("dropping a buffered %s of run %s: the registry no longer has it", op, run_id)
+            self._buffer.popleft()
+        log.warning("Redis is back; replayed the buffered reports")
+        self._delay = 0.0
+        return True
+
+    def _apply(self, op: str, run_id: str, args: tuple) -> Any:
+        k = _keys(self.prefix, run_id)
+        if op == "report":
+            step, now, clean, seq = args
+            m = json.dumps(clean, separators=(",", ":"))
+            pv = clean.get("policy_version")
+            status = self._report(
+                keys=[k["run"], k["steps"], k["events"]],
+                args=[str(step), now, m, str(self.history_cap), "" if pv is None else str(int(pv)),
+                      str(self.events_cap),
+                      json.dumps({"step": step, "t": float(now), "metrics": clean}, separators=(",", ":")),
+                      self._id, str(seq)])
+            if status == "missing":
+                raise RunNotFound(run_id)
+            if status != "ok":
+                self._states[run_id] = status
+            return status
+        if op == "event":
+            kind, data, seq = args
+            status, eid = self._event(keys=[k["run"], k["events"], k["checkpoints"]],
+                                      args=[kind, data, str(self.events_cap), self._id, str(seq)])
+            if status == "missing":
+                raise RunNotFound(run_id)
+            return eid
+        state, error, now = args
+        status, cur = self._transition(
+            keys=[k["run"], k["events"]],
+            args=[self.prefix, run_id, state, now, error, str(self.events_cap), *RUN_SOURCES[state]])
+        if status == "missing":
+            raise RunNotFound(run_id)
+        if status != "ok" and self._buffer and self._buffer[0][2] is args:
+            log.warning("buffered transition of run %s to %s refused: it is %s", run_id, state, cur)
+        return status == "ok"
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,6 +24,10 @@ from services.cpu_priority import lower_cpu_priority
 from services.registry import CANCELLED, COMPLETED, FAILED, PAUSED, RUNNING, TERMINAL_STATES, RedisSink
 
 
+#: How long a finished run's actor waits for an unreachable Redis to take its buffered reports.
+SINK_FLUSH_TIMEOUT_S = 600.0
+
+
 @ray.remote(num_cpus=0, max_restarts=3)
 class RunActor:
     def __init__(self, run_id: str, spec: dict[str, Any], sink_config: dict[str, Any]):
@@ -36,6 +40,7 @@ class RunActor:
         self.sink = RedisSink(sink_config["redis_url"],
                               metrics_history_cap=sink_config.get("metrics_history_cap", 5000),
                               events_cap=sink_config.get("events_cap", 10000))
+        self._flush_timeout_s = float(sink_config.get("sink_flush_timeout_s", SINK_FLUSH_TIMEOUT_S))
         ck = (spec.get("checkpointing") or {}).get("dir")
         run_dir = Path(ck) if ck else Path(sink_config.get("runs_dir", "runs")) / run_id
         self.ctl = RunController(run_id, spec, run_dir, sink=self.sink, control=self._control)
@@ -67,7 +72,9 @@ class RunActor:
             self.sink.set_state(self.run_id, FAILED, error=f"{type(e).__name__}: {e}")
             self.sink.event(self.run_id, "log", {"message": traceback.format_exc()[-2000:]})
         finally:
-            self.sink.close()
+            # A run that ends while Redis is away waits for it (reports and the final state are
+            # buffered in the sink), else the reconciler would fail a run that completed.
+            self.sink.close(flush_timeout_s=self._flush_timeout_s)
             ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     async def pause(self) -> None:

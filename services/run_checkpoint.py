@@ -5,6 +5,12 @@ is), ``trainer.pt`` (optimiser, learner version, RNG; written by the learner act
 ``state.json`` (the controller's `LoopState`: step, data cursor, groups to redo, counters, metric
 history length). It is written into ``.tmp-step-…`` and renamed into place, then ``LATEST`` is
 replaced atomically, so a crash at any point leaves the previous checkpoint as the latest.
+
+``LATEST`` never names a directory that is being deleted or replaced. Re-checkpointing a step
+that already has a checkpoint (pausing twice with no step between, a pause right after a learner
+rollback) replaces ``step-N`` while ``LATEST`` may name it: the old ``step-N`` is first hard-linked
+into ``.old-step-N`` (no data copied) and ``LATEST`` pointed there, and only then is ``step-N``
+deleted and the new one renamed in. Pruning never deletes what ``LATEST`` names.
 """
 
 from __future__ import annotations
@@ -45,28 +51,74 @@ def begin(run_dir: str | Path, step: int) -> Path:
 
 
 def commit(run_dir: str | Path, tmp: Path, state: LoopState, keep_last: int) -> Path:
-    """Write the state, move ``tmp`` into place, point LATEST at it, prune old ones."""
+    """Write the state, move ``tmp`` into place, point LATEST at it, prune old ones.
+
+    At every instant (so after a crash at any point) ``LATEST`` names a complete checkpoint: the
+    previous one until the new one is in place, then the new one.
+    """
     root = checkpoint_root(run_dir)
     (tmp / STATE).write_text(state.model_dump_json(indent=1))
     final = root / f"step-{state.step:06d}"
+    aside = root / f".old-{final.name}"
     if final.exists():
+        if _pointed(root) == final.name:
+            # Give LATEST an identical complete copy to name while ``final`` is deleted (hard links:
+            # no data copied; a copy where the filesystem has none). A crash from here on leaves
+            # LATEST on ``aside``, which the next commit of this step reuses and any commit prunes.
+            shutil.rmtree(aside, ignore_errors=True)
+            shutil.copytree(final, aside, copy_function=_link_or_copy)
+            _point(root, aside.name)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    pointer = root / (LATEST + ".tmp")
-    pointer.write_text(final.name)
-    os.replace(pointer, root / LATEST)
-    done = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for old in done[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    _point(root, final.name)
+    _prune(root, final, keep_last)
     return final
+
+
+def _pointed(root: Path) -> str | None:
+    try:
+        return (root / LATEST).read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def _point(root: Path, name: str) -> None:
+    pointer = root / (LATEST + ".tmp")
+    pointer.write_text(name)
+    os.replace(pointer, root / LATEST)  # atomic: a reader sees the old name or the new one
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step-"))
+
+
+def _prune(root: Path, final: Path, keep_last: int) -> None:
+    """Keep ``final`` and the ``keep_last - 1`` newest before it; delete the rest.
+
+    Checkpoints of a later step than ``final`` are deleted too: they belong to a timeline the run
+    abandoned (written just before a crash that left LATEST on an earlier one, from which the run
+    resumed), and ordering by name would otherwise keep them and prune ``final`` itself.
+    """
+    done = sorted((p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()), key=_step_of)
+    older = [p for p in done if _step_of(p) < _step_of(final)]
+    newer = [p for p in done if _step_of(p) > _step_of(final)]
+    stale = [p for p in root.glob(".old-step-*") if p.is_dir()]  # LATEST names ``final`` now
+    for old in older[: max(len(older) - (keep_last - 1), 0)] + newer + stale:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def latest(run_dir: str | Path) -> Path | None:
     """The latest complete checkpoint, or None."""
     root = checkpoint_root(run_dir)
-    try:
-        name = (root / LATEST).read_text().strip()
-    except FileNotFoundError:
+    name = _pointed(root)
+    if name is None:
         return None
     path = root / name
     return path if (path / STATE).is_file() else None

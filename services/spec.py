@@ -2,8 +2,13 @@
 
 `RunSpec` is a typed pydantic model (unknown fields are errors). Field-level rules (sizes ≥ 0,
 known datasets, a model given) are checked by pydantic and come back as 422 with the field path;
-rules that need the model directory (MPO's K against the MTP modules in `config.json`) are in
-:func:`spec_problems`, which returns errors of the same shape so the API reports both alike.
+rules that need the model directory (MPO's K against the MTP modules in `config.json`) and the
+configs a run builds from the spec at start (`RunSpec.engine_config`, `RolloutSpec.sampling_config`,
+`RewardSpec.actor_config`, each validated by its component's own model) are in
+:func:`spec_problems`, which returns errors of the same shape so the API reports both alike. So a
+value that would fail at run start is refused before the run is created (422 naming the field).
+Bounds that a component owns are imported from it, never copied (`MAX_SPECULATIVE_TOKENS`,
+`DEFAULT_INNER_TIMEOUT_S`). JSON has no inf/NaN: a non-finite number anywhere is a 422 too.
 
     model:    {path: /models/smollm2-mtp}
     data:     {dataset: "reasoning_gym:basic_arithmetic"}
@@ -15,13 +20,16 @@ rules that need the model directory (MPO's K against the MTP modules in `config.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from learner.config import AlgorithmConfig
+from reward.config import DEFAULT_INNER_TIMEOUT_S
+from rollout.config import MAX_SPECULATIVE_TOKENS
 from rollout.draft_vocab import DRAFT_VOCAB_FILE
 
 #: Datasets a run can name. `jsonl:PATH` is the user's own file (GSM8K/MATH/MBPP layouts).
@@ -40,7 +48,20 @@ def _files_checked(info: ValidationInfo) -> bool:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: `1e309` or `NaN` in a JSON body is a 422 at its field, never a spec that
+    # satisfies no bound meaningfully and cannot be stored or sent back as JSON.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _non_finite_paths(value: Any, path: str = "") -> list[str]:
+    """Where a free-form value (a dict of options) holds inf or NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [path or "."]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _non_finite_paths(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in _non_finite_paths(v, f"{path}[{i}]")]
+    return []
 
 
 class ModelSpec(_Strict):
@@ -82,6 +103,14 @@ class DataSpec(_Strict):
         default_factory=dict, description="reasoning_gym task options, e.g. {min_terms: 2, max_terms: 2, "
         "max_digits: 2, operators: ['+', '-']} for basic_arithmetic (difficulty).")
 
+    @field_validator("task_config")
+    @classmethod
+    def _finite(cls, v: dict[str, Any]) -> dict[str, Any]:
+        bad = _non_finite_paths(v)
+        if bad:
+            raise ValueError(f"non-finite number at {', '.join(bad)} (JSON has no inf or NaN)")
+        return v
+
     @field_validator("dataset")
     @classmethod
     def _known(cls, v: str, info: ValidationInfo) -> str:
@@ -109,9 +138,9 @@ class RolloutSpec(_Strict):
     num_speculative_tokens: int = Field(
         1,
         ge=0,
-        le=16,
+        le=MAX_SPECULATIVE_TOKENS,  # the engine's own bound (rollout.config)
         description="Tokens drafted per step by MTP module 1 (recursively). 0 = no speculative "
-        "decoding; > 0 needs a model with MTP modules.",
+        f"decoding; > 0 needs a model with MTP modules; at most {MAX_SPECULATIVE_TOKENS} (the engine's bound).",
     )
     draft_vocab_size: int = Field(
         0, ge=0, description="Drafter scores only the N most frequent tokens of the model's draft_vocab.json "
@@ -120,8 +149,16 @@ class RolloutSpec(_Strict):
         "greedy", description="How sampled (temperature > 0) requests draft: the drafter's argmax, accepted "
         "with probability p(token), or a sample from the drafter's own distribution q, accepted with "
         "min(1, p/q). Output is the policy's either way (rollout.config.EngineConfig).")
-    max_model_len: int = Field(1024, gt=0, description="Longest prompt + response of an engine.")
+    max_model_len: int = Field(1024, gt=0, description="Longest prompt + response of an engine; more than "
+                               "max_tokens (a prompt needs room) and at most the model's max_position_embeddings.")
     kv_cache_gib: float = Field(0.5, gt=0, description="KV-cache size per engine (host memory on CPU).")
+
+    def sampling_config(self):
+        """The `rollout.config.SamplingConfig` of the run's generation calls."""
+        from rollout.config import SamplingConfig
+
+        return SamplingConfig(n=self.samples_per_prompt, temperature=self.temperature, top_p=self.top_p,
+                              max_tokens=self.max_tokens)
 
 
 class RewardSpec(_Strict):
@@ -129,7 +166,10 @@ class RewardSpec(_Strict):
 
     kind: str = Field("auto", pattern="^(auto|math|code)$", description="auto = by dataset.")
     workers: int = Field(2, ge=1, description="Verification worker processes.")
-    timeout_s: float = Field(5.0, gt=0, description="Hard deadline per verification.")
+    timeout_s: float = Field(
+        5.0, gt=DEFAULT_INNER_TIMEOUT_S,  # the math workers' inner timeout must fire first (reward.config)
+        description="Hard deadline per verification, in seconds; more than the math workers' own "
+        f"math-verify timeout ({DEFAULT_INNER_TIMEOUT_S} s), which must fire first.")
     allow_unsafe_code: bool = Field(
         False, description="Run code without a sandbox when none is available (unsafe)."
     )
@@ -238,6 +278,16 @@ class RunSpec(_Strict):
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     checkpointing: CheckpointSpec = Field(default_factory=CheckpointSpec)
 
+    def engine_config(self):
+        """The rollout engines' `rollout.config.EngineConfig` for this run (what run start builds)."""
+        from rollout.config import EngineConfig
+
+        return EngineConfig(model=self.model.path, num_speculative_tokens=self.rollout.num_speculative_tokens,
+                            draft_vocab_size=self.rollout.draft_vocab_size,
+                            draft_sample_method=self.rollout.draft_sample_method,
+                            max_model_len=self.rollout.max_model_len, kv_cache_gib=self.rollout.kv_cache_gib,
+                            seed=self.data.seed, num_threads=int(max(1, self.resources.cpus_per_engine)))
+
 
 def is_local_path(path: str) -> bool:
     """A model path we can check here: absolute, ./relative, ~, or an existing directory."""
@@ -257,17 +307,109 @@ def problem_lines(problems: list[dict[str, Any]]) -> list[str]:
     return [f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in problems]
 
 
-def spec_problems(spec: RunSpec) -> list[dict[str, Any]]:
-    """Cross-checks against the model directory, as pydantic-style errors
-    (``{"type", "loc", "msg", "input"}``, loc relative to the spec)."""
-    n = read_num_mtp(spec.model.path)
-    if n is None:  # a remote model name: the run checks it when it loads the config
+#: Where each field of a config built at run start comes from in the spec (its errors are reported
+#: there): the longest matching prefix of the error's location wins; none matching, its section.
+_ENGINE_FROM = {("model",): ("model", "path"), ("num_speculative_tokens",): ("rollout", "num_speculative_tokens"),
+                ("draft_vocab_size",): ("rollout", "draft_vocab_size"),
+                ("draft_sample_method",): ("rollout", "draft_sample_method"),
+                ("max_model_len",): ("rollout", "max_model_len"), ("kv_cache_gib",): ("rollout", "kv_cache_gib"),
+                ("seed",): ("data", "seed"), ("num_threads",): ("resources", "cpus_per_engine")}
+_SAMPLING_FROM = {("n",): ("rollout", "samples_per_prompt"), ("temperature",): ("rollout", "temperature"),
+                  ("top_p",): ("rollout", "top_p"), ("max_tokens",): ("rollout", "max_tokens")}
+_REWARD_FROM = {("math", "num_workers"): ("reward", "workers"), ("math", "deadline_s"): ("reward", "timeout_s"),
+                # MathConfig's only cross-field rule the spec can break: deadline_s > inner_timeout_s
+                ("math",): ("reward", "timeout_s"),
+                ("math", "fallbacks"): ("reward", "math_fallbacks"), ("max_concurrency",): ("reward", "workers")}
+
+
+def _component_errors(build, fields: dict, section: tuple[str, ...], what: str) -> list[dict[str, Any]]:
+    """Build a component config as run start does; its validation errors, located in the spec."""
+    try:
+        build()
         return []
-    alg = spec.algorithm
-    out: list[dict[str, Any]] = []
+    except ValidationError as e:
+        out = []
+        for x in e.errors(include_url=False):
+            loc = tuple(str(p) for p in x["loc"])
+            where = next((fields[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in fields), section)
+            out.append({"type": x["type"], "loc": where,
+                        "msg": f"{what}.{'.'.join(loc) or '*'}: {x['msg']}", "input": x.get("input")})
+        return out
+
+
+def _unencodable(value: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], str]]:
+    """Strings (values or keys) that UTF-8 cannot encode (pydantic refuses them in `str` fields; this
+    covers free-form ones such as `data.task_config`): JSON's ``"\\ud800"`` escapes decode to
+    unpaired surrogates, which Redis, the request hash and every response would fail on."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return [(path, value)]
+        return []
+    if isinstance(value, dict):
+        return [bad for k, v in value.items() for bad in _unencodable(k, path) + _unencodable(v, (*path, str(k)))]
+    if isinstance(value, (list, tuple)):
+        return [bad for i, v in enumerate(value) for bad in _unencodable(v, (*path, str(i)))]
+    return []
+
+
+def component_problems(spec: RunSpec) -> list[dict[str, Any]]:
+    """What run start would refuse, whatever the model: text that cannot be stored, the configs it
+    builds from the spec (each validated by its component's own model), and cross-field rules
+    between spec sections."""
+    out: list[dict[str, Any]] = [
+        {"type": "value_error", "loc": loc, "msg": "text with an unpaired UTF-16 surrogate cannot be "
+         "stored (not encodable as UTF-8)", "input": text} for loc, text in _unencodable(spec.model_dump())]
+    if out:
+        return out  # the rest would only echo the same text
+    out += _component_errors(spec.engine_config, _ENGINE_FROM, ("rollout",), "rollout.config.EngineConfig")
+    out += _component_errors(spec.rollout.sampling_config, _SAMPLING_FROM, ("rollout",), "rollout.config.SamplingConfig")
+    out += _component_errors(spec.reward.actor_config, _REWARD_FROM, ("reward",), "reward.config.RewardActorConfig")
 
     def err(loc: tuple[str, ...], msg: str, value: Any) -> None:
         out.append({"type": "value_error", "loc": loc, "msg": msg, "input": value})
+
+    r, alg, gpus = spec.rollout, spec.algorithm, spec.resources.learner_gpus
+    if r.max_tokens >= r.max_model_len:
+        err(("rollout", "max_tokens"), f"max_tokens={r.max_tokens} leaves no room for a prompt in "
+            f"max_model_len={r.max_model_len}: every prompt would be rejected as too long; raise "
+            "rollout.max_model_len or lower max_tokens", r.max_tokens)
+    # The learner's ranks get no GPU when learner_gpus is 0 (Ray hides them), so these fail at start.
+    if alg.device == "cuda" and not gpus:
+        err(("algorithm", "device"), "device='cuda' but resources.learner_gpus=0 gives the learner no GPU; "
+            "set resources.learner_gpus or use device='auto'|'cpu'", alg.device)
+    if alg.precision == "bf16" and not gpus:
+        err(("algorithm", "precision"), "precision='bf16' needs a GPU learner but resources.learner_gpus=0; "
+            "use precision='fp32'|'auto' or give the learner GPUs", alg.precision)
+    return out
+
+
+def read_model_config(model_path: str) -> dict[str, Any] | None:
+    """A local checkpoint's config.json; None if not local."""
+    if not is_local_path(model_path):
+        return None
+    return json.loads((Path(os.path.expanduser(model_path)) / "config.json").read_text())
+
+
+def spec_problems(spec: RunSpec) -> list[dict[str, Any]]:
+    """What run start would refuse, as pydantic-style errors (``{"type", "loc", "msg", "input"}``,
+    loc relative to the spec): `component_problems`, then cross-checks against the model directory."""
+    out = component_problems(spec)
+    n = read_num_mtp(spec.model.path)
+    if n is None:  # a remote model name: the run checks it when it loads the config
+        return out
+    alg = spec.algorithm
+
+    def err(loc: tuple[str, ...], msg: str, value: Any) -> None:
+        out.append({"type": "value_error", "loc": loc, "msg": msg, "input": value})
+
+    cfg = read_model_config(spec.model.path) or {}
+    limit = cfg.get("max_position_embeddings")
+    # vLLM refuses a max_model_len above the model's positions (rope scaling may extend them: skip then).
+    if isinstance(limit, int) and not cfg.get("rope_scaling") and spec.rollout.max_model_len > limit:
+        err(("rollout", "max_model_len"), f"max_model_len={spec.rollout.max_model_len} is more than the model's "
+            f"max_position_embeddings={limit}; use max_model_len <= {limit}", spec.rollout.max_model_len)
 
     if alg.mpo is not None and alg.mpo.k - 1 > n:
         err(("algorithm", "mpo", "k"),
@@ -287,7 +429,7 @@ def spec_problems(spec: RunSpec) -> list[dict[str, Any]]:
         err(("rollout", "draft_vocab_size"),
             f"a pruned drafter vocabulary needs the token ranking {Path(spec.model.path) / DRAFT_VOCAB_FILE} "
             "(`mtprl model warmup` writes it); use 0 for the full vocabulary", spec.rollout.draft_vocab_size)
-    if not out:
+    if not any(p["loc"][:1] == ("algorithm",) for p in out):
         try:  # the learner's own rule set, in case it grows beyond the checks above
             alg.check_against_model(n)
         except ValueError as e:

@@ -126,6 +126,7 @@ class SyntheticRunActor:
             events_cap=sink_config.get("events_cap", 10000),
         )
         self.step_seconds = float(sink_config.get("synthetic_step_seconds", 0.2))
+        self.flush_timeout_s = float(sink_config.get("sink_flush_timeout_s", 600.0))
         sched = spec.get("schedule", {})
         self.total = int(sched.get("steps", 100))
         self.ckpt_every = int(sched.get("checkpoint_every", 0))
@@ -199,7 +200,8 @@ class SyntheticRunActor:
             self.sink.set_state(self.run_id, FAILED, error=f"{type(e).__name__}: {e}")
             self.sink.event(self.run_id, "log", {"message": traceback.format_exc()[-2000:]})
         finally:
-            self.sink.close()
+            # As the real run actor: what Redis did not take yet (an outage) is flushed first.
+            await asyncio.to_thread(self.sink.close, flush_timeout_s=self.flush_timeout_s)
             self._exit_soon()
 
     def _exit_soon(self) -> None:

@@ -8,6 +8,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -161,3 +162,97 @@ def test_a_run_that_cannot_be_started_is_503_and_recorded_failed(tmp_path):
             assert run["state"] == "failed" and "could not start: ConnectionError" in run["error"]
     finally:
         EmbeddedRedis(tmp_path).stop()
+
+
+def test_sigterm_finishes_requests_stops_the_embedded_redis_and_exits_0(tmp_path):
+    """A service manager's stop: exit status 0 (not 143), no redis-server left without its owner,
+    an open event stream does not hold the shutdown, and what was recorded is on disk."""
+    import threading
+
+    proc, url = serve(tmp_path, env={"MTPRL_API_TOKEN": "t"})
+    emb = EmbeddedRedis(tmp_path)
+    redis_pid = emb.pid()
+    assert redis_pid and emb.is_running()
+    h = {"Authorization": "Bearer t"}
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text('{"num_nextn_predict_layers": 1}')
+    r = httpx.post(url + "/v1/runs", headers=h, json={"model": {"path": str(model)}, "data": {"dataset": "human_eval"}})
+    assert r.status_code == 201
+    run_id = r.json()["id"]
+    streamed: list[int] = []
+    errors: list[Exception] = []
+
+    def follow():  # a pending run's event stream stays open until the server closes it
+        try:
+            with httpx.stream("GET", f"{url}/v1/runs/{run_id}/events", headers=h, timeout=60) as s:
+                streamed.append(s.status_code)
+                for _ in s.iter_lines():
+                    pass
+        except httpx.HTTPError as e:  # cut mid-message instead of ended
+            errors.append(e)
+
+    t = threading.Thread(target=follow, daemon=True)
+    t.start()
+    wait_for(lambda: streamed, 10, what="the event stream to open")
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        rc = proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    took = time.monotonic() - t0
+    out = proc.stdout.read()
+    assert rc == 0, out[-2000:]
+    wait_for(lambda: not os.path.exists(f"/proc/{redis_pid}"), 10, what="redis-server to exit")
+    assert not emb.is_running()
+    t.join(5)
+    assert not t.is_alive() and streamed == [200] and errors == []  # the stream ended, cleanly
+    assert took < 8, f"shutdown took {took:.1f}s: the open stream held it"
+    # The run recorded before the stop is there when the next start brings Redis back.
+    proc2, url2 = serve(tmp_path, env={"MTPRL_API_TOKEN": "t"})
+    try:
+        assert httpx.get(f"{url2}/v1/runs/{run_id}", headers=h).json()["state"] == "pending"
+    finally:
+        stop(proc2)
+        EmbeddedRedis(tmp_path).stop()
+
+
+def test_a_dead_ray_address_is_a_clear_error_within_seconds(tmp_path):
+    """ray.init retries a dead GCS address for minutes; `mtprl serve` says so at once, exit 1."""
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("MTPRL_", "RAY_ADDRESS"))}
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "services.cli_serve", "--data-dir", str(tmp_path),
+                        "--launcher", "synthetic", "--ray-address", dead, "--port", str(free_port())],
+                       cwd=ROOT, env=e, capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - t0
+    assert r.returncode == 1, r.stdout + r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert dead in line and "ray start --head" in line and "--ray-address" in line, r.stderr
+    assert took < 20, f"took {took:.0f}s"
+    assert not EmbeddedRedis(tmp_path).is_running()  # refused before anything was started
+
+
+def test_a_dead_clusters_address_in_rays_session_file_is_named(tmp_path, monkeypatch):
+    """`auto` reads the last `ray start`'s address from <RAY_TMPDIR>/ray/ray_current_cluster."""
+    import ray._private.services as ray_services
+
+    from services.launcher import RayUnreachable, check_ray_reachable
+
+    dead = f"127.0.0.1:{free_port()}"
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(dead)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # Ray's `auto` prefers a gcs_server found running on this machine (other tests' clusters).
+    monkeypatch.setattr(ray_services, "find_gcs_addresses", lambda: [])
+    t0 = time.monotonic()
+    with pytest.raises(RayUnreachable) as err:
+        check_ray_reachable("auto")
+    assert time.monotonic() - t0 < 10
+    msg = str(err.value)
+    assert dead in msg and str(tmp_path / "ray" / "ray_current_cluster") in msg and "ray stop" in msg
+    (tmp_path / "ray" / "ray_current_cluster").unlink()
+    check_ray_reachable("auto")  # no cluster recorded: Ray starts a local one, nothing to probe

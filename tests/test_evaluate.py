@@ -132,15 +132,27 @@ def test_cli_errors_name_the_bad_option(tmp_path, toy_data):
 @pytest.mark.integration
 def test_eval_guessing_policy_with_vllm(tmp_path_factory, toy_data):
     """Real engine (MTP drafting on) and verifier through the CLI: the guessing policy is right about
-    1 time in 10; with k=8 samples at temperature 1 some prompt gets a 7."""
+    1 time in 10; with k=8 samples at temperature 1 some prompt gets a 7. Its MTP head is warmed up
+    on the policy's kind of answers ("The answer is D."), so the drafter predicts the policy's
+    answers: the reported acceptance is the engine's accepted/drafted and well above 0."""
+    import random
     import subprocess
     import sys
 
+    from learner.checkpoint import load_policy, save_policy
     from learner.tiny import make_tokenizer, write_guessing_policy
+    from learner.warmup import WarmupConfig, warmup_mtp
     from reward.datasets import jsonl_items
 
-    prompts = [it.prompt for it in jsonl_items(toy_data, tokenizer=make_tokenizer())]
-    ckpt = write_guessing_policy(tmp_path_factory.mktemp("models") / "guess", prompts, steps=150, lr=1e-2)
+    tok = make_tokenizer()
+    prompts = [it.prompt for it in jsonl_items(toy_data, tokenizer=tok)]
+    models = tmp_path_factory.mktemp("models")
+    policy = load_policy(write_guessing_policy(models / "guess", prompts, steps=150, lr=1e-2))
+    rng = random.Random(0)
+    texts = [tok.encode(p + f"The answer is {rng.randrange(10)}.{tok.eos_token}", add_special_tokens=False)
+             for p in prompts for _ in range(2)]
+    warmup_mtp(policy, texts, WarmupConfig(epochs=3, batch_size=16, lr=1e-2, loss="ce"), progress=False)
+    ckpt = save_policy(policy, models / "guess-warm", tokenizer=tok)
     out = tmp_path_factory.mktemp("eval") / "eval.json"
     r = subprocess.run([sys.executable, "-m", "services.cli", "eval", "--model", str(ckpt), "--data",
                         f"jsonl:{toy_data}", "--split", "all", "--samples", "8", "--temperature", "1.0",
@@ -154,4 +166,10 @@ def test_eval_guessing_policy_with_vllm(tmp_path_factory, toy_data):
     assert 0.0 < res["avg_at_k"] < 0.4, res  # ~0.1: right only by chance
     assert res["pass_at_k"] >= res["pass_at_1"] and res["pass_at_k"] >= res["avg_at_k"]
     assert sum(res["outcomes"].values()) == 40 * 8 and res["prompt_too_long"] == 0
-    assert res["num_speculative_tokens"] == 1 and res["spec_acceptance_rate"] >= 0.0
+    assert res["num_speculative_tokens"] == 1
+    drafted, accepted = res["spec_num_draft_tokens"], res["spec_num_accepted_tokens"]
+    # One drafted token per decoding step of each sequence: at least one per sample that went past its first token.
+    assert drafted >= 40 * 8, res
+    assert 0 < accepted <= drafted and res["spec_acceptance_rate"] == pytest.approx(accepted / drafted)
+    # A warmed-up head: measured 0.997 here (1914 of 1919 drafted tokens accepted).
+    assert res["spec_acceptance_rate"] > 0.5, res

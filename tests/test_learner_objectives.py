@@ -152,12 +152,25 @@ def test_aggregation_modes_by_hand():
     mask = torch.tensor([[True, True, True], [True, False, False]])
     assert aggregate(loss, mask, "token-mean").item() == pytest.approx(10 / 4)
     assert aggregate(loss, mask, "seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
-    assert aggregate(loss, mask, "seq-mean-token-sum").item() == pytest.approx((6 + 4) / 2 / 3)
+    # veRL's agg_loss: sum over each sequence's tokens, mean over sequences...
+    assert aggregate(loss, mask, "seq-mean-token-sum").item() == pytest.approx((6 + 4) / 2)
+    # ...and its Dr. GRPO mode: the batch's token sum over a constant (here the longest response, 3).
+    assert aggregate(loss, mask, "seq-mean-token-sum-norm").item() == pytest.approx((6 + 4) / 3)
     with pytest.raises(ValueError, match="unknown aggregation"):
         aggregate(loss, mask, "sum")
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_sequence_modes_skip_all_masked_samples_by_hand():
+    """An empty sample (all tokens masked) is no sequence: N' = 2, not 3 (veRL's seq_mask)."""
+    loss = _t([1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [9.0, 9.0, 9.0])
+    mask = torch.tensor([[True, True, False], [True, True, True], [False, False, False]])
+    assert aggregate(loss, mask, "token-mean").item() == pytest.approx((3 + 4) / 5)
+    assert aggregate(loss, mask, "seq-mean-token-mean").item() == pytest.approx((3 / 2 + 4 / 3) / 2)
+    assert aggregate(loss, mask, "seq-mean-token-sum").item() == pytest.approx((3 + 4) / 2)
+    assert aggregate(loss, mask, "seq-mean-token-sum-norm").item() == pytest.approx((3 + 4) / 3)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
 def test_aggregation_with_batch_normaliser_is_independent_of_the_split(mode):
     torch.manual_seed(0)
     loss = torch.randn(6, 7)

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from learner.aggregation import AGGREGATIONS
 from learner.batch import TrainBatch
 from learner.config import AlgorithmConfig, MPOConfig
 from learner.step import Learner, _Stats
@@ -104,12 +105,12 @@ def test_micro_batch_split_does_not_change_the_update():
     b = _batch()
     outs = []
     for mbs in (1, 3, 8, "auto"):
-        for agg in ("token-mean", "seq-mean-token-mean"):
+        for agg in AGGREGATIONS:
             lrn = Learner(_model(), AlgorithmConfig(lr=1e-2, mtp_regime="detach",
                                                     micro_batch_size=mbs, aggregation=agg))
             m = lrn.step(b)
             outs.append((agg, m["loss/total"], m["optim/grad_norm"], _params(lrn.model)))
-    for agg in ("token-mean", "seq-mean-token-mean"):
+    for agg in AGGREGATIONS:
         ref = [o for o in outs if o[0] == agg]
         for o in ref[1:]:
             assert o[1] == pytest.approx(ref[0][1], rel=1e-5)

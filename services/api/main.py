@@ -18,11 +18,15 @@ from pathlib import Path
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import redis
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from services.api.routes import health, runs
@@ -113,6 +117,21 @@ async def _reconciler(app: FastAPI, interval: float) -> None:
             log.exception("reconciler pass failed")
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float as its text (``"inf"``, ``"nan"``) and every string that
+    UTF-8 cannot encode escaped: JSON has no inf/NaN and Starlette's encoder refuses them (and such
+    strings), so a 422 echoing the offending input back would itself fail (a 500)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, str):  # an unpaired surrogate ("\\ud800" in the body) is not UTF-8: escape it
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 class _RequestMetrics:
     """Pure-ASGI middleware: request count and latency per route template (bounded labels)."""
 
@@ -179,7 +198,8 @@ def create_app(settings: Settings | None = None, *, launcher: RunLauncher | None
             await app.state.launcher.close()
             if registry is None:
                 await app.state.registry.close()
-            if embedded is not None and not settings.embedded_redis_keep_running:
+            stop_redis = not settings.embedded_redis_keep_running or getattr(app.state, "stop_embedded_redis", False)
+            if embedded is not None and stop_redis:
                 await asyncio.to_thread(embedded.stop)
 
     app = FastAPI(
@@ -195,6 +215,11 @@ def create_app(settings: Settings | None = None, *, launcher: RunLauncher | None
     app.include_router(runs.router)
     app.add_middleware(_RequestMetrics, metrics=app.state.api_metrics)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler, but encodable whatever the body held (see json_safe).
+        return JSONResponse({"detail": json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+
     @app.exception_handler(RunNotFound)
     async def _not_found(_req: Request, exc: RunNotFound) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=404)
@@ -206,6 +231,14 @@ def create_app(settings: Settings | None = None, *, launcher: RunLauncher | None
     @app.exception_handler(IdempotencyConflict)
     async def _idem(_req: Request, exc: IdempotencyConflict) -> JSONResponse:
         return JSONResponse({"detail": str(exc), "run_id": exc.run_id}, status_code=409)
+
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    async def _redis_away(_req: Request, exc: Exception) -> JSONResponse:
+        # Redis holds every run: without it there is nothing to answer, but nothing is wrong with
+        # the request either. The client reconnects by itself on the next request.
+        return JSONResponse({"detail": f"the run registry (Redis) is unreachable: {type(exc).__name__}: {exc}; "
+                                       "retry shortly"}, status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(RegistryError)
     async def _registry(_req: Request, exc: RegistryError) -> JSONResponse:

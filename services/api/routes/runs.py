@@ -200,7 +200,9 @@ async def run_events(
             return
         async for ev in registry.follow_events(run_id, start, block_ms=1000):
             if ev is None:
-                if await request.is_disconnected():
+                # The server is stopping (`mtprl serve` got SIGTERM/SIGINT): end the stream cleanly
+                # at the next keep-alive; the client resumes with Last-Event-ID.
+                if await request.is_disconnected() or getattr(request.app.state, "stopping", False):
                     return
                 yield b": keep-alive\n\n"
             else:
