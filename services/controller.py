@@ -132,14 +132,9 @@ def _result(ref):
 
 
 def engine_config(spec: RunSpec):
-    """The rollout engines' `EngineConfig` for a run spec."""
-    from rollout.config import EngineConfig
-
-    return EngineConfig(model=spec.model.path, num_speculative_tokens=spec.rollout.num_speculative_tokens,
-                        draft_vocab_size=spec.rollout.draft_vocab_size,
-                        draft_sample_method=spec.rollout.draft_sample_method,
-                        max_model_len=spec.rollout.max_model_len, kv_cache_gib=spec.rollout.kv_cache_gib,
-                        seed=spec.data.seed, num_threads=int(max(1, spec.resources.cpus_per_engine)))
+    """The rollout engines' `EngineConfig` for a run spec (`RunSpec.engine_config`: the one
+    translation, which the API also checks before it accepts a spec)."""
+    return spec.engine_config()
 
 
 def start_engine_group(spec: RunSpec, strategies: list | None = None):
