@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--response", type=int, default=64)
     ap.add_argument("--objectives", default=",".join(OBJECTIVES))
+    ap.add_argument("--lr", type=float, default=None, help="one learning rate for every objective "
+                    "(default: OCC 1e-5, the others 1e-4)")
     args = ap.parse_args()
 
     import ray
@@ -101,7 +103,7 @@ def main() -> None:
     diffs: dict[str, float] = {}
     out: dict = {}
     for name in args.objectives.split(","):
-        alg = {**common, **OBJECTIVES[name]}
+        alg = {**common, **OBJECTIVES[name], **({} if args.lr is None else {"lr": args.lr})}
         t0 = time.perf_counter()
         w1, m1 = run(model, alg, 1, 2, data)
         w2, m2 = run(model, alg, 2, 1, data)
@@ -122,7 +124,7 @@ def main() -> None:
     if "state_bytes_1" in out:
         result["state_memory_ratio"] = out["state_bytes_2"] / out["state_bytes_1"]
         result["step_time_ratio"] = out["step_s_2ranks_1thread"] / out["step_s_1rank_2threads"]
-    result.update(model=str(model), steps=args.steps, samples=args.samples, prompt=args.prompt,
+    result.update(model=str(model), lr=args.lr or "occ 1e-5, others 1e-4", steps=args.steps, samples=args.samples, prompt=args.prompt,
                   response=args.response)
     print(json.dumps(result))
 
