@@ -9,6 +9,9 @@ Three measurements (issue 14), each on real Ray actors and gloo:
 - ``state_memory_ratio``: per-rank bytes of parameters + gradients + AdamW state, measured right
   after the first optimiser step (`Learner.state_bytes`), at N = 2 over N = 1 (goal ≤ 0.6).
 - ``step_time_ratio``: mean update time of 2 ranks × 1 thread over 1 rank × 2 threads (reported).
+- ``floor_by_objective`` (``--floor``): the same difference between two ONE-process runs whose
+  micro-batches differ (4 vs 2 samples: the same update, summed in another order): float32's
+  own noise floor for that objective, to read ``max_param_diff`` against.
 
 The last line is one JSON object. Run it on an otherwise idle machine.
 """
@@ -83,6 +86,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--response", type=int, default=64)
     ap.add_argument("--objectives", default=",".join(OBJECTIVES))
+    ap.add_argument("--floor", action="store_true", help="also measure the one-process noise floor")
     ap.add_argument("--lr", type=float, default=None, help="one learning rate for every objective "
                     "(default: OCC 1e-5, the others 1e-4)")
     args = ap.parse_args()
@@ -101,6 +105,7 @@ def main() -> None:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
 
     diffs: dict[str, float] = {}
+    floors: dict[str, float] = {}
     out: dict = {}
     for name in args.objectives.split(","):
         alg = {**common, **OBJECTIVES[name], **({} if args.lr is None else {"lr": args.lr})}
@@ -108,6 +113,10 @@ def main() -> None:
         w1, m1 = run(model, alg, 1, 2, data)
         w2, m2 = run(model, alg, 2, 1, data)
         diffs[name] = max(float(np.abs(w1[k] - w2[k]).max()) for k in w1)
+        if args.floor:
+            wf, _ = run(model, {**alg, "micro_batch_size": 2}, 1, 2, data)
+            floors[name] = max(float(np.abs(w1[k] - wf[k]).max()) for k in w1)
+            print(f"{name}: one-process floor (micro-batch 4 vs 2) = {floors[name]:.3g}", file=sys.stderr)
         print(f"{name}: max |2 ranks - 1 rank| = {diffs[name]:.3g} ({time.perf_counter() - t0:.0f} s)",
               file=sys.stderr)
         if name == "ppo":  # memory and time from the plain objective: 1 rank x 2 threads vs 2 x 1
@@ -119,6 +128,7 @@ def main() -> None:
     result = {
         "max_param_diff": max(diffs.values()),
         "param_diff_by_objective": diffs,
+        **({"floor_by_objective": floors} if floors else {}),
         **out,
     }
     if "state_bytes_1" in out:

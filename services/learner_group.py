@@ -103,7 +103,6 @@ class LearnerGroup:
             raise ValueError(f"{self.size} learner ranks but {len(self._strategies)} placements")
         self.max_restarts = max_restarts
         self.workers: list = []
-        self.restarts = 0
         self._formed = False
         self._start()
 
@@ -112,7 +111,7 @@ class LearnerGroup:
         """A one-rank group around an existing learner actor (tests and benchmarks reuse one)."""
         g = cls.__new__(cls)
         g._args, g.size, g._strategies, g.max_restarts = {}, 1, [None], 0
-        g.workers, g.restarts, g._formed = [actor], 0, True
+        g.workers, g._formed = [actor], True
         return g
 
     # ---- life cycle -----------------------------------------------------------------------------
@@ -159,7 +158,6 @@ class LearnerGroup:
     def restart(self) -> None:
         """After `LearnerLost`: a single learner is restarted by Ray (wait for it); a group's ranks
         are all killed and started again, and form a new group at the next `wait_ready`."""
-        self.restarts += 1
         if self.size == 1:
             return
         log.warning("re-forming the learner group (%d ranks)", self.size)
