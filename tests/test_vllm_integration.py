@@ -55,6 +55,26 @@ def test_vllm_logprobs_equal_the_learners(ray_session, engines, tiny_ckpt):
     assert err <= 1e-3
 
 
+def test_vllm_logprobs_equal_the_learners_at_temperature_0_7(ray_session, engines, tiny_ckpt):
+    """Behaviour log-probs are the sampling distribution's (vLLM `processed_logprobs`): at T = 0.7
+    they equal the learner's at T = 0.7, with and without MTP drafting, and are not the T = 1 ones."""
+    policy = load_policy(tiny_ckpt)
+    sampling = {"n": 2, "temperature": 0.7, "max_tokens": 24, "seed": 7}
+    for engine in engines:
+        batch = ray_session.get(engine.generate.remote(PROMPTS, sampling))
+        err = max_logprob_error(policy, batch, temperature=0.7)
+        print(f"tiny vLLM vs learner at T=0.7 max |Δlogprob| = {err:.2e}")
+        assert err <= 1e-3
+        assert max_logprob_error(policy, batch, temperature=1.0) > 1e-2  # not the raw log-probs
+
+
+def test_greedy_logprobs_stay_the_untempered_policys(ray_session, engines, tiny_ckpt):
+    """Evaluation at T = 0 is unchanged: greedy samples carry the T = 1 log-probs."""
+    spec, _ = engines
+    batch = ray_session.get(spec.generate.remote(PROMPTS, GREEDY))
+    assert max_logprob_error(load_policy(tiny_ckpt), batch, temperature=1.0) <= 1e-3
+
+
 def test_greedy_mtp_drafting_is_lossless(ray_session, engines):
     spec, plain = engines
     a, b = ray_session.get([spec.generate.remote(PROMPTS, GREEDY), plain.generate.remote(PROMPTS, GREEDY)])
