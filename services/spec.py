@@ -182,6 +182,15 @@ class RewardSpec(_Strict):
         False, description="Run code without a sandbox when none is available (unsafe)."
     )
     actors: int = Field(1, ge=1, description="Reward actors (each grades `max_concurrency` groups at once).")
+    on_error: Literal["drop", "zero"] = Field(
+        "drop",
+        description="What training does with a sample whose grading failed (math `timeout`/`error`, code "
+        "`error`: reward.schema.GRADER_FAILURES). `drop` (default): the sample leaves the batch, so it "
+        "adds nothing to the loss and its group's GRPO mean/std are over the valid members only; a group "
+        "left with fewer than 2 valid samples is dropped whole (`loop/groups_dropped_errors`, "
+        "`loop/dropped_errors_total`); dropped samples are counted per outcome (`reward/dropped/<outcome>`). "
+        "`zero`: train them with the grader's failure_reward (0), as if the answer were wrong — a grader "
+        "outage then teaches the policy; the outcomes are still counted (`reward/outcome/*`).")
     math_fallbacks: list[Literal["answer_is", "gsm8k_hash", "last_number", "last_latex"]] | None = Field(
         None, description="Answer extractors tried when a completion has no \\boxed{} (None = the "
         "grader's defaults: answer_is, gsm8k_hash).")

@@ -71,7 +71,8 @@ def _assert_exact_accounting(res, steps: int, per_step: int = 4):
     assert res.state == "completed" and res.step == steps
     assert c["trained"] == steps * per_step == len(res.trained)
     assert len(set(res.trained)) == len(res.trained), "a group was trained twice"
-    assert c["dispatched"] == c["trained"] + c["dropped_stale"] + c["dropped_constant"] + c["unused"]
+    assert c["dispatched"] == (c["trained"] + c["dropped_stale"] + c["dropped_constant"] + c["dropped_errors"]
+                               + c["unused"])
     assert set(res.trained).isdisjoint(res.unused)
     assert set(res.trained) | set(res.unused) <= set(range(c["dispatched"]))
 
@@ -276,7 +277,8 @@ def test_dapo_dynamic_sampling_drops_uniform_groups_and_refills(tiny_ckpt, toy_d
     res = _run(spec, tmp_path / "run", engines)
     c = res.counters
     assert c["dropped_constant"] > 0  # at ~10 % reward, 8 wrong answers in a row are common
-    assert c["dispatched"] == c["trained"] + c["dropped_stale"] + c["dropped_constant"] + c["unused"]
+    assert c["dispatched"] == (c["trained"] + c["dropped_stale"] + c["dropped_constant"] + c["dropped_errors"]
+                               + c["unused"])
     assert c["trained"] == 16 and len(set(res.trained)) == 16
     assert sum(h["loop/groups_dropped_constant"] for h in res.history) <= c["dropped_constant"]
     from services.metrics_export import METRIC_CATALOG  # the dashboard's Loop row
