@@ -54,9 +54,9 @@ from typing import Any, Callable
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from reward.schema import GRADER_FAILURES, grader_failed
 from rollout.engine import SpecStats
 from services import run_checkpoint
-from reward.schema import GRADER_FAILURES, grader_failed
 from services.batching import ScoredGroup, data_index, group_seed, reward_items, to_train_batch
 from services.launcher import MetricsSink
 from services.learner_group import GroupCall, LearnerGroup, LearnerLost
