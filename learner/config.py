@@ -255,6 +255,19 @@ class AlgorithmConfig(_Strict):
         "divides by the padded width). None = algorithm default (gspo: seq-mean-token-mean; "
         "others token-mean).",
     )
+    temperature: float = Field(
+        1.0,
+        gt=0.0,
+        le=10.0,
+        description="Sampling temperature T of the rollouts: the learner's policy is "
+        "softmax(logits / T) for every head — π_θ, π_old, the entropy and the MTP heads' log-probs "
+        "(OCC, MPO) — so ratios compare the distribution the samples were drawn from with vLLM's "
+        "behaviour log-probs (returned after temperature, `logprobs_mode='processed_logprobs'`). "
+        "A run spec fills it from `rollout.temperature` (one definition; `services.spec`); set it "
+        "by hand only when building a Learner directly. Greedy (T = 0) rollouts have no sampling "
+        "distribution and are refused for training. As veRL's actor (`logits.div_(temperature)`). "
+        "The reference model of the KL term stays at T = 1.",
+    )
     entropy_coef: float = Field(
         0.0, ge=0.0, description="Entropy bonus coefficient (main head); 0 = off (DAPO, OCC)."
     )

@@ -110,15 +110,19 @@ def _token_logprobs_from_hidden(
     entropy_rows: int = 0,
     entropy_grad: bool = False,
     keep: torch.Tensor | None = None,  # (N, T) bool: positions whose log-prob is used
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of ``targets`` (N, T) from one vocabulary projection, and the entropy (R, T) of
     the first ``entropy_rows`` rows (the main head's), or None. With ``keep`` the projection runs
     only at the kept positions (the rest come out 0): a (tokens × vocabulary) matmul and its
     log-softmax are the largest per-token cost of a small model with a large vocabulary, and in RL
-    only response tokens need them (a prompt is often most of the sequence)."""
+    only response tokens need them (a prompt is often most of the sequence).
+
+    ``temperature`` T: log-probs (and entropy) of softmax(logits / T), the distribution a sampler
+    at temperature T draws from (vLLM divides the float32 logits by T, as here)."""
     if keep is not None:
         rows, cols = keep.nonzero(as_tuple=True)  # (M,) each
-        logits = F.linear(hidden[rows, cols], head_weight).float()  # (M, V)
+        logits = _tempered(F.linear(hidden[rows, cols], head_weight).float(), temperature)  # (M, V)
         lse = torch.logsumexp(logits, dim=-1)  # (M,)
         lp = logits.gather(-1, targets[rows, cols].unsqueeze(-1)).squeeze(-1) - lse  # (M,)
         logp = lp.new_zeros(targets.shape).index_put((rows, cols), lp)  # (N, T)
@@ -128,11 +132,20 @@ def _token_logprobs_from_hidden(
             ent = _entropy(logits[main], lse[main], entropy_grad)  # (R·kept,)
             entropy = ent.new_zeros((entropy_rows, targets.shape[1])).index_put((rows[main], cols[main]), ent)
         return logp, entropy
-    logits = F.linear(hidden, head_weight).float()  # (N, T, V)
+    logits = _tempered(F.linear(hidden, head_weight).float(), temperature)  # (N, T, V)
     lse = torch.logsumexp(logits, dim=-1)  # (N, T)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse  # (N, T)
     entropy = _entropy(logits[:entropy_rows], lse[:entropy_rows], entropy_grad) if entropy_rows else None  # (R, T)
     return logp, entropy
+
+
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / T; T = 1 returns the logits themselves (bit for bit today's path)."""
+    if temperature == 1.0:
+        return logits
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (0 is greedy: no sampling distribution), got {temperature}")
+    return logits / temperature
 
 
 def _entropy(logits: torch.Tensor, lse: torch.Tensor, grad: bool) -> torch.Tensor:
@@ -206,9 +219,16 @@ class PolicyModel(nn.Module):
         entropy_grad: bool = False,
         mtp_lm_head_grad: bool = True,
         needed: torch.Tensor | None = None,  # (B, T) bool, target-aligned
+        temperature: float = 1.0,
     ) -> HeadLogProbs:
         """Log-probs of ``input_ids`` under the main head and the first ``num_mtp`` MTP heads, from
         one backbone forward and one shared LM-head matmul.
+
+        ``temperature`` T > 0: every head's log-probs (and the entropy) are those of
+        softmax(logits / T), the policy a sampler at temperature T draws from — the main head's
+        for vLLM's behaviour log-probs, the MTP heads' because the drafter proposes for that
+        tempered target (vLLM's probabilistic drafting divides the drafter's logits by the same T).
+        1 = the untempered policy.
 
         ``needed`` (e.g. the response mask) limits the LM-head projection to the tokens whose
         log-probs are used: every head's log-prob of ``input_ids[b, t]`` is computed where
@@ -242,7 +262,7 @@ class PolicyModel(nn.Module):
         h, embeds = self._backbone_forward(input_ids)  # (B, T, H) each
         return self.heads_from_hidden(
             h, input_ids, mask, num_mtp, mtp_backbone_grad, with_entropy, entropy_grad,
-            mtp_lm_head_grad=mtp_lm_head_grad, embeds=embeds, needed=needed,
+            mtp_lm_head_grad=mtp_lm_head_grad, embeds=embeds, needed=needed, temperature=temperature,
         )
 
     def _backbone_forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,10 +337,11 @@ class PolicyModel(nn.Module):
         mtp_lm_head_grad: bool = True,
         embeds: torch.Tensor | None = None,  # (B, T, H) the backbone's lookup, to reuse
         needed: torch.Tensor | None = None,  # (B, T) bool, target-aligned: log-probs used here
+        temperature: float = 1.0,
     ) -> HeadLogProbs:
         """Main-head and MTP-head log-probs from precomputed backbone hidden states (the MTP
-        warm-up caches ``h`` once and trains the heads over several epochs). Gradient flags and
-        ``needed`` as in `token_logprobs`."""
+        warm-up caches ``h`` once and trains the heads over several epochs). Gradient flags,
+        ``needed`` and ``temperature`` as in `token_logprobs`."""
         B, T = input_ids.shape
         head_w = self.backbone.lm_head.weight  # (V, H)
         mask = mask.bool()
@@ -347,12 +368,14 @@ class PolicyModel(nn.Module):
         n_ent = B if with_entropy else 0
         if split:
             lp_main, ent = _token_logprobs_from_hidden(hiddens[0], head_w, targets[:B], n_ent, entropy_grad,
-                                                       None if keep is None else keep[:B])
+                                                       None if keep is None else keep[:B], temperature)
             lp_mtp, _ = _token_logprobs_from_hidden(torch.cat(hiddens[1:]), head_w.detach(), targets[B:],
-                                                    keep=None if keep is None else keep[B:])
+                                                    keep=None if keep is None else keep[B:],
+                                                    temperature=temperature)
             lp_all = torch.cat([lp_main, lp_mtp])  # ((K+1)·B, T)
         else:
-            lp_all, ent = _token_logprobs_from_hidden(torch.cat(hiddens), head_w, targets, n_ent, entropy_grad, keep)
+            lp_all, ent = _token_logprobs_from_hidden(torch.cat(hiddens), head_w, targets, n_ent, entropy_grad, keep,
+                                                      temperature)
         lp_all = lp_all.view(num_mtp + 1, B, T)  # (K+1, B, T) at position p
 
         logprobs, valid = [], []

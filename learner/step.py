@@ -25,6 +25,10 @@ advantages run on the host (a few (B,) tensors); the kept batch then moves to th
 update; metrics come back as python floats. The mini-batch shuffle's generator stays on the host,
 so the sample order is the same on every device.
 
+Temperature: every log-prob the step computes (π_θ, π_old, entropy, MTP heads) is of
+softmax(logits / cfg.temperature), the distribution the rollouts sampled from, so the ratios and the
+decoupled behaviour weights compare like with like (vLLM returns its log-probs after temperature).
+
 Learner group (``dp``, a `learner.distributed.DataParallel` with world > 1): the policy is
 sharded with FSDP2 and every rank runs this same step on the whole batch, computing its
 token-balanced share of every global micro-batch's rows; normalisers are the mini-batch's, OCC's
@@ -266,6 +270,7 @@ class Learner:
                 entropy_grad=entropy and self.cfg.entropy_coef > 0,
                 # every loss, ratio and metric reads response tokens only: no logits elsewhere
                 needed=b.response_mask[:, :width],
+                temperature=self.cfg.temperature,  # the sampling distribution (cfg.temperature)
             )
         return out, width
 

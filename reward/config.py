@@ -40,8 +40,12 @@ class MathConfig(BaseModel):
                                   "alone), `first`, or `all` (every box, joined with commas).")
     correct_reward: float = Field(1.0, description="Reward of a verified answer.")
     wrong_reward: float = Field(0.0, description="Reward of a checked, wrong (or missing) answer.")
-    failure_reward: float = Field(0.0, description="Reward reported with `timeout`/`error` outcomes; the outcome "
-                                                   "tells the learner to drop or count them, never a silent 0.")
+    failure_reward: float = Field(0.0, description="Reward reported with `timeout`/`error` outcomes (always counted "
+                                                   "per outcome, `reward/outcome/*`). A training run drops those "
+                                                   "samples from the loss by default (`reward.on_error: drop` in the "
+                                                   "run spec: removed from their group, GRPO statistics over the "
+                                                   "group's valid members, a group left with < 2 dropped whole and "
+                                                   "counted); with `on_error: zero` it trains them with this reward.")
     format_reward: float = Field(0.0, description="Added when the answer came from a `\\boxed{}` (format shaping; "
                                                   "0 disables).")
     overlong: OverlongShaping | None = Field(None, description="Length shaping; None disables.")
@@ -116,7 +120,11 @@ class CodeConfig(BaseModel):
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="Sandbox limits and mode.")
     correct_reward: float = Field(1.0, description="Reward when every test passes.")
     wrong_reward: float = Field(0.0, description="Reward when a test fails.")
-    failure_reward: float = Field(0.0, description="Reward reported with timeout/error/sandbox_violation.")
+    failure_reward: float = Field(0.0, description="Reward reported with timeout/error/sandbox_violation. A "
+                                                   "program's timeout or violation is the program's doing and is "
+                                                   "trained with this reward; an `error` (the sandbox or harness "
+                                                   "failed) is dropped by a training run with `reward.on_error: "
+                                                   "drop` (the default; reward.schema.GRADER_FAILURES).")
     partial_credit: bool = Field(False, description="Stdio only: reward = fraction of cases passed (still `wrong` "
                                                      "unless all pass).")
 

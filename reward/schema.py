@@ -17,6 +17,19 @@ from pydantic import BaseModel, ConfigDict, Field
 Outcome = Literal["ok", "wrong", "timeout", "error", "sandbox_violation"]
 OUTCOMES: tuple[Outcome, ...] = ("ok", "wrong", "timeout", "error", "sandbox_violation")
 
+#: Outcomes that are a failure of the *grader*, not a judgement of the answer, per item kind: the
+#: run loop drops such samples (`services.spec.RewardSpec.on_error`). Math: `timeout` (math-verify
+#: or its worker ran past a deadline) and `error` (an exception, a dead worker, an unparsable gold).
+#: Code: `error` only (the sandbox or harness failed); a program's `timeout` and a
+#: `sandbox_violation` are the program's doing, graded with the failure reward so that a policy
+#: cannot escape a penalty by looping forever.
+GRADER_FAILURES: dict[str, tuple[Outcome, ...]] = {"math": ("timeout", "error"), "code": ("error",)}
+
+
+def grader_failed(kind: str, outcome: str) -> bool:
+    """Whether a verdict of an item of ``kind`` says the grader failed (see `GRADER_FAILURES`)."""
+    return outcome in GRADER_FAILURES.get(kind, ("timeout", "error"))
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Verdict:

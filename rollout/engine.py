@@ -41,7 +41,7 @@ class Sample:
     prompt_token_ids: list[int]
     token_ids: list[int]
     text: str  # the response; for a rejected prompt, the reason
-    logprobs: list[float]  # behaviour log-prob of each sampled token
+    logprobs: list[float]  # behaviour log-prob of each sampled token, under softmax(logits / T) (T = 1 if greedy)
     finish_reason: str  # "stop" | "length" | "prompt_too_long" | "cancelled" (no tokens: aborted in flight)
     policy_version: int
 
@@ -303,6 +303,10 @@ class RolloutEngine:
             max_num_seqs=c.max_num_seqs,
             enable_chunked_prefill=c.chunked_prefill,
             disable_log_stats=False,  # the spec-decode counters come from the stat loggers
+            # Behaviour log-probs of the distribution sampled from: after temperature (and top-p
+            # masking, which training specs refuse), not the raw T = 1 ones. Greedy requests get
+            # the raw logits' log-probs (vLLM 0.32 applies no temperature to them), as before.
+            logprobs_mode="processed_logprobs",
             **kwargs,
         )
         self.tokenizer = self.llm.get_tokenizer()

@@ -42,6 +42,19 @@ class ScoredGroup:
     def constant_reward(self) -> bool:
         return len(set(self.rewards)) <= 1
 
+    def drop_samples(self, failed: Sequence[bool]) -> list[str]:
+        """Remove the samples marked ``failed`` (a grader failure, not a reward) from every per-sample
+        list; returns their outcomes. What is left is the group the learner sees: its GRPO statistics
+        are over these valid members only."""
+        if len(failed) != len(self.responses):
+            raise ValueError(f"group {self.cursor}: {len(failed)} flags for {len(self.responses)} samples")
+        gone = [o for o, f in zip(self.outcomes, failed) if f]
+        for name in ("responses", "logprobs", "versions", "finish_reasons", "texts", "rewards", "outcomes"):
+            values = getattr(self, name)
+            if values:
+                setattr(self, name, [v for v, f in zip(values, failed) if not f])
+        return gone
+
 
 def to_train_batch(groups: Sequence[ScoredGroup], pad_id: int = 0) -> TrainBatch:
     """Rows: every sample of every group, prompt + response, right-padded to the longest."""

@@ -24,7 +24,14 @@ One thread drives everything through Ray object references (`ray.wait` on whatev
   learner: the run rolls back to its latest checkpoint (or the start), the restarted learner loads
   it, and every group trained since then is redone — so each group contributes to the final policy
   at most once. Counters (`counters`) account for every dispatched group exactly:
-  ``trained + dropped_stale + dropped_constant + unused == dispatched`` with no cursor twice.
+  ``trained + dropped_stale + dropped_constant + dropped_errors + unused == dispatched`` with no
+  cursor twice.
+- **Grader failures** (``reward.on_error: drop``, the default): a sample whose grading failed
+  (`reward.schema.grader_failed`: math timeout/error, code error) leaves its group before the
+  group is buffered, so the learner never sees it and the group's advantages are over its valid
+  members; a group left with fewer than 2 samples is dropped whole (``dropped_errors``). Dropped
+  samples are counted per outcome (``reward/dropped/<outcome>``). ``zero`` trains them with the
+  grader's failure reward.
 
 Resources: a placement group with one bundle per actor (learner, engines, reward actors); CPU
 bundles here, GPU bundles on a cluster (``resources``). Injected actors (tests share engines)
@@ -47,6 +54,7 @@ from typing import Any, Callable
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from reward.schema import GRADER_FAILURES, grader_failed
 from rollout.engine import SpecStats
 from services import run_checkpoint
 from services.batching import ScoredGroup, data_index, group_seed, reward_items, to_train_batch
@@ -57,7 +65,7 @@ from services.spec import RunSpec
 log = logging.getLogger(__name__)
 
 RUN, PAUSE, CANCEL = "run", "pause", "cancel"
-ACCOUNT = ("dispatched", "trained", "dropped_stale", "dropped_constant")
+ACCOUNT = ("dispatched", "trained", "dropped_stale", "dropped_constant", "dropped_errors")
 FAULTS = ("faults_rollout", "faults_reward", "faults_learner", "redispatched", "rolled_back")
 
 
@@ -581,6 +589,8 @@ class RunController:
         grp = s.group
         grp.rewards = [float(v["reward"]) for v in verdicts]
         grp.outcomes = [str(v["outcome"]) for v in verdicts]
+        if self.spec.reward.on_error == "drop" and not self._drop_failed_samples(grp):
+            return
         if self.dynamic and grp.constant_reward():
             budget = (self.spec.schedule.max_refill_factor - 1) * self.P
             if self.constant_drops_this_step < budget:
@@ -589,6 +599,21 @@ class RunController:
                 self.iv_dropped_constant += 1
                 return
         self.buffer[grp.cursor] = grp
+
+    def _drop_failed_samples(self, grp: ScoredGroup) -> bool:
+        """Take the samples whose grading failed out of ``grp`` (counted per outcome); False when
+        fewer than 2 valid samples are left: the group is dropped whole and counted."""
+        kind = self._item(grp.cursor).kind
+        failed = [grader_failed(kind, o) for o in grp.outcomes]
+        if not any(failed):
+            return True
+        for outcome in grp.drop_samples(failed):
+            self.iv_dropped_samples[outcome] += 1
+        if len(grp.responses) >= 2:  # a group to compare against: GRPO over the valid members
+            return True
+        self.state.counters["dropped_errors"] += 1
+        self.iv_dropped_errors += 1
+        return False
 
     # ---- training -------------------------------------------------------------------------------
     def _maybe_train(self) -> None:
@@ -711,6 +736,8 @@ class RunController:
         self.iv_spec = SpecStats()
         self.iv_dropped_stale = 0
         self.iv_dropped_constant = 0
+        self.iv_dropped_errors = 0
+        self.iv_dropped_samples: collections.Counter[str] = collections.Counter()
         for clock in (self.gen_clock, self.score_clock, self.learner_clock):
             clock.iv_busy0 = clock.read()
 
@@ -744,6 +771,8 @@ class RunController:
             "rollout/num_tokens": float(self.iv_tokens),
             "batch/groups_dropped_stale": float(self.iv_dropped_stale),
             "loop/groups_dropped_constant": float(self.iv_dropped_constant),
+            "loop/groups_dropped_errors": float(self.iv_dropped_errors),
+            "loop/samples_dropped_errors": float(sum(self.iv_dropped_samples.values())),
             "loop/buffer_groups": float(len(self.buffer)),
             "loop/inflight_groups": float(len(self._live_cursors()) - len(self.buffer)),
             "loop/idle_frac_rollout": 1.0 - min(1.0, (self.gen_clock.read() - self.gen_clock.iv_busy0) / wall),
@@ -756,6 +785,8 @@ class RunController:
             "time/elapsed_s": now - self.t_start,
             "time/eta_s": (now - self.t_start) / max(st.step, 1) * (self.spec.schedule.steps - st.step),
         })
+        failures = sorted({o for outs in GRADER_FAILURES.values() for o in outs})
+        m.update({f"reward/dropped/{o}": float(self.iv_dropped_samples[o]) for o in failures})
         m.update({f"loop/{k}_total": float(v) for k, v in st.counters.items()})
         m = {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
         with self.history_path.open("a") as f:

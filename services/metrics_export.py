@@ -91,11 +91,18 @@ METRIC_CATALOG: tuple[MetricDef, ...] = (
     MetricDef("loop/step_wall_s", "Wall-clock seconds of the step (since the previous report, or the resume)."),
     MetricDef("loop/trained_samples_per_s", "Trained samples (responses) per second of wall time over the step."),
     MetricDef("loop/groups_dropped_constant", "Groups dropped this step because all their rewards were equal (DAPO)."),
+    MetricDef("loop/groups_dropped_errors", "Groups dropped this step because fewer than 2 samples were left after "
+              "dropping failed gradings (reward.on_error: drop)."),
+    MetricDef("loop/samples_dropped_errors", "Samples taken out of training this step because their grading failed "
+              "(never trained as a 0 reward)."),
+    MetricDef("reward/dropped/timeout", "Samples dropped this step because math verification timed out."),
+    MetricDef("reward/dropped/error", "Samples dropped this step because their grader errored."),
     # ... and its accounting since the run started (gauges: a rollback restores the first four)
     MetricDef("loop/dispatched_total", "Groups dispatched for generation since the run started."),
     MetricDef("loop/trained_total", "Groups trained on since the run started (redone groups counted once)."),
     MetricDef("loop/dropped_stale_total", "Groups dropped for exceeding max_staleness since the run started."),
     MetricDef("loop/dropped_constant_total", "Groups dropped for constant rewards since the run started."),
+    MetricDef("loop/dropped_errors_total", "Groups dropped for failed gradings (< 2 valid samples) since the run started."),
     MetricDef("loop/faults_rollout_total", "Rollout-engine faults (dead engines) since the run started."),
     MetricDef("loop/faults_reward_total", "Reward-actor faults (dead reward actors) since the run started."),
     MetricDef("loop/faults_learner_total", "Learner faults (each one rolls the run back) since the run started."),

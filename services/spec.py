@@ -133,8 +133,16 @@ class RolloutSpec(_Strict):
     samples_per_prompt: int = Field(8, ge=1, description="G: samples per prompt (group size).")
     prompts_per_step: int = Field(8, ge=1, description="Prompts per training step.")
     max_tokens: int = Field(512, ge=1, description="Max new tokens per sample.")
-    temperature: float = Field(1.0, ge=0.0, le=10.0, description="Sampling temperature.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    temperature: float = Field(
+        1.0, ge=0.0, le=10.0,
+        description="Sampling temperature T (> 0 for training: 0 is greedy, no sampling distribution "
+        "and G identical samples). The learner's policy is softmax(logits / T) too: the spec copies it "
+        "into `algorithm.temperature`, and vLLM returns its log-probs after temperature.")
+    top_p: float = Field(
+        1.0, gt=0.0, le=1.0,
+        description="Nucleus sampling mass. Training needs 1.0: the learner does not reproduce "
+        "top-p truncation, so with < 1 the behaviour log-probs (of the truncated, renormalised "
+        "distribution) and the learner's would differ.")
     num_speculative_tokens: int = Field(
         1,
         ge=0,
@@ -174,6 +182,15 @@ class RewardSpec(_Strict):
         False, description="Run code without a sandbox when none is available (unsafe)."
     )
     actors: int = Field(1, ge=1, description="Reward actors (each grades `max_concurrency` groups at once).")
+    on_error: Literal["drop", "zero"] = Field(
+        "drop",
+        description="What training does with a sample whose grading failed (math `timeout`/`error`, code "
+        "`error`: reward.schema.GRADER_FAILURES). `drop` (default): the sample leaves the batch, so it "
+        "adds nothing to the loss and its group's GRPO mean/std are over the valid members only; a group "
+        "left with fewer than 2 valid samples is dropped whole (`loop/groups_dropped_errors`, "
+        "`loop/dropped_errors_total`); dropped samples are counted per outcome (`reward/dropped/<outcome>`). "
+        "`zero`: train them with the grader's failure_reward (0), as if the answer were wrong — a grader "
+        "outage then teaches the policy; the outcomes are still counted (`reward/outcome/*`).")
     math_fallbacks: list[Literal["answer_is", "gsm8k_hash", "last_number", "last_latex"]] | None = Field(
         None, description="Answer extractors tried when a completion has no \\boxed{} (None = the "
         "grader's defaults: answer_is, gsm8k_hash).")
@@ -278,6 +295,20 @@ class RunSpec(_Strict):
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     checkpointing: CheckpointSpec = Field(default_factory=CheckpointSpec)
 
+    @model_validator(mode="after")
+    def _one_temperature(self) -> RunSpec:
+        """`algorithm.temperature` is `rollout.temperature` (one definition): filled from it, and
+        an explicit value that disagrees is an error. A greedy rollout (0) leaves the learner at
+        its default; `component_problems` refuses training at 0."""
+        t = self.rollout.temperature
+        if t > 0 and "temperature" in self.algorithm.model_fields_set and self.algorithm.temperature != t:
+            raise ValueError(
+                f"algorithm.temperature={self.algorithm.temperature} differs from rollout.temperature={t}: "
+                "the learner's policy is the sampling distribution; set rollout.temperature only")
+        if t > 0:
+            self.algorithm.temperature = t
+        return self
+
     def engine_config(self):
         """The rollout engines' `rollout.config.EngineConfig` for this run (what run start builds)."""
         from rollout.config import EngineConfig
@@ -375,6 +406,13 @@ def component_problems(spec: RunSpec) -> list[dict[str, Any]]:
         err(("rollout", "max_tokens"), f"max_tokens={r.max_tokens} leaves no room for a prompt in "
             f"max_model_len={r.max_model_len}: every prompt would be rejected as too long; raise "
             "rollout.max_model_len or lower max_tokens", r.max_tokens)
+    if r.temperature == 0:
+        err(("rollout", "temperature"), "temperature=0 is greedy decoding: no sampling distribution for "
+            "the importance ratios, and a group's samples are all the same (zero advantages); train "
+            "with temperature > 0 (evaluation may use 0)", r.temperature)
+    if r.top_p < 1.0:
+        err(("rollout", "top_p"), f"top_p={r.top_p} truncates the sampling distribution, which the learner "
+            "does not reproduce: behaviour log-probs and every ratio would be off; use top_p=1.0", r.top_p)
     # The learner's ranks get no GPU when learner_gpus is 0 (Ray hides them), so these fail at start.
     if alg.device == "cuda" and not gpus:
         err(("algorithm", "device"), "device='cuda' but resources.learner_gpus=0 gives the learner no GPU; "

@@ -81,14 +81,20 @@ def synthetic_metrics(step: int, total: int, heads: int, rng: random.Random) -> 
         "loop/step_wall_s": wall,
         "loop/trained_samples_per_s": g / wall,
         "loop/groups_dropped_constant": float(rng.randint(0, 1)),
+        "loop/groups_dropped_errors": float(step % 50 == 0),
+        "loop/samples_dropped_errors": float(timeouts),
+        "reward/dropped/timeout": float(timeouts),
+        "reward/dropped/error": 0.0,
     }
     # cumulative accounting, consistent with itself: dispatched = trained + dropped + in flight
-    trained, stale, constant = step * 4, step // 10, step // 7
+    trained, stale, constant, errors = step * 4, step // 10, step // 7, step // 50
     m.update({
-        "loop/dispatched_total": float(trained + stale + constant + m["loop/inflight_groups"] + m["loop/buffer_groups"]),
+        "loop/dispatched_total": float(trained + stale + constant + errors + m["loop/inflight_groups"]
+                                       + m["loop/buffer_groups"]),
         "loop/trained_total": float(trained),
         "loop/dropped_stale_total": float(stale),
         "loop/dropped_constant_total": float(constant),
+        "loop/dropped_errors_total": float(errors),
         "loop/faults_rollout_total": float(step // 40),
         "loop/faults_reward_total": float(step // 60),
         "loop/faults_learner_total": float(step // 100),

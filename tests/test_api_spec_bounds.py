@@ -122,6 +122,8 @@ def test_reward_timeout_must_exceed_the_math_workers_inner_timeout(client):
      "max_position_embeddings=512"),
     ({"algorithm": {"device": "cuda"}}, ["body", "algorithm", "device"], "learner_gpus=0"),
     ({"algorithm": {"precision": "bf16"}}, ["body", "algorithm", "precision"], "learner_gpus=0"),
+    ({"rollout": {"temperature": 0.0}}, ["body", "rollout", "temperature"], "greedy"),
+    ({"rollout": {"top_p": 0.9}}, ["body", "rollout", "top_p"], "use top_p=1.0"),
 ])
 def test_cross_section_rules_are_422_naming_the_field(client, sections, loc, words):
     r = _post_raw(client, json.dumps(_spec(client, **sections)).encode())
@@ -167,3 +169,24 @@ def test_component_refusals_are_located_at_the_spec_field_they_come_from():
     assert set(got) == {("rollout", "num_speculative_tokens"), ("reward", "timeout_s")}, got
     assert "EngineConfig.num_speculative_tokens" in got[("rollout", "num_speculative_tokens")]
     assert "inner_timeout_s (3) must be < deadline_s (1.0)" in got[("reward", "timeout_s")]
+
+
+def test_the_learner_temperature_is_the_rollouts():
+    """One definition: `algorithm.temperature` is filled from `rollout.temperature` (the learner's
+    policy is the sampling distribution), and an explicit value that disagrees is refused."""
+    from pydantic import ValidationError
+
+    from services.spec import RunSpec
+
+    base = {"model": {"path": "some/hub-id"}, "data": {"dataset": "human_eval"}}
+    spec = RunSpec.model_validate({**base, "rollout": {"temperature": 0.7}})
+    assert spec.algorithm.temperature == 0.7
+    assert RunSpec.model_validate(spec.model_dump()).algorithm.temperature == 0.7  # stored and read back
+    assert RunSpec.model_validate(base).algorithm.temperature == 1.0
+    with pytest.raises(ValidationError, match="differs from rollout.temperature"):
+        RunSpec.model_validate({**base, "rollout": {"temperature": 0.7}, "algorithm": {"temperature": 1.0}})
+
+
+def test_a_tempered_spec_is_accepted(client):
+    r = _post_raw(client, json.dumps(_spec(client, rollout={"temperature": 0.7})).encode())
+    assert r.status_code == 201, r.text

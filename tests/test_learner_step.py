@@ -172,6 +172,26 @@ def test_on_policy_single_step_has_unit_ratio_and_no_clipping():
     assert m["ratio/clip_frac"] == 0.0
 
 
+def test_the_learner_trains_the_tempered_policy():
+    """AlgorithmConfig.temperature: π_old (every head MPO needs) and π_θ are softmax(logits / T), so
+    behaviour log-probs sampled at T (vLLM's, after temperature) give decoupled weights of exactly 1
+    on an on-policy batch; judged against the T = 1 policy they would not."""
+    cfg = AlgorithmConfig(lr=1e-2, mtp_regime="occ", mini_batches=2, temperature=0.7, mpo=MPOConfig(k=3))
+    model, b = _model(), _batch()
+    learner = Learner(model, cfg)
+    old, _ = learner.old_logprobs(b)
+    with torch.no_grad():
+        want = model.token_logprobs(b.input_ids, b.attention_mask, num_mtp=2, temperature=0.7).logprobs
+        raw = model.token_logprobs(b.input_ids, b.attention_mask, num_mtp=2).logprobs
+    resp = b.response_mask
+    assert torch.allclose(old[:, resp], want[:3, resp], atol=1e-5)
+    assert (old[0, resp] - raw[0, resp]).abs().max() > 1e-2
+    b.behav_logprobs = torch.where(resp, want[0], 0.0)
+    m = learner.step(b)
+    assert m["ratio/behav_weight_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert math.isfinite(m["loss/total"]) and "mtp/lambda/head1" in m
+
+
 def test_later_mini_batches_see_moved_ratios_and_nonzero_lambda():
     m = Learner(_model(), AlgorithmConfig(lr=1e-2, mtp_regime="occ", mini_batches=4)).step(_batch())
     assert m["ratio/token_var"] > 0 and m["ratio/approx_kl"] > 0

@@ -279,3 +279,29 @@ def test_needed_positions_give_the_same_logprobs_entropy_and_gradients(lm_head_g
     assert g_full.keys() == g_part.keys()
     for k in g_full:
         assert torch.allclose(g_full[k], g_part[k], atol=1e-6), k
+
+
+@pytest.mark.parametrize("needed", [False, True])
+def test_temperature_gives_every_heads_tempered_distribution(needed):
+    """token_logprobs(temperature=T) is softmax(logits / T) for the main head and every MTP head (the
+    drafter proposes for the tempered target): with an untied LM head, dividing the head weight by T
+    divides every head's logits by T and nothing else, so the two must agree; T = 1 is bit for bit
+    the untempered path, and the entropy is the tempered distribution's."""
+    m = make_tiny_model(num_mtp=2, seed=3, tie_word_embeddings=False).eval()
+    ids = _ids(B=2, T=12, seed=4)
+    need = torch.zeros_like(ids, dtype=torch.bool)
+    need[:, 5:] = True
+    kw = {"num_mtp": 2, "with_entropy": True, "needed": need if needed else None}
+    scaled = make_tiny_model(num_mtp=2, seed=3, tie_word_embeddings=False).eval()
+    with torch.no_grad():
+        scaled.backbone.lm_head.weight.div_(0.7)
+        hot = m.token_logprobs(ids, temperature=0.7, **kw)
+        ref = scaled.token_logprobs(ids, **kw)
+        cold = m.token_logprobs(ids, **kw)
+        one = m.token_logprobs(ids, temperature=1.0, **kw)
+    assert torch.allclose(hot.logprobs, ref.logprobs, atol=1e-5)
+    assert torch.allclose(hot.entropy, ref.entropy, atol=1e-5)
+    assert (hot.logprobs - cold.logprobs).abs().max() > 1e-2  # really tempered
+    assert torch.equal(one.logprobs, cold.logprobs) and torch.equal(one.entropy, cold.entropy)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        m.token_logprobs(ids, temperature=0.0)

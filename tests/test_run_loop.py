@@ -71,7 +71,8 @@ def _assert_exact_accounting(res, steps: int, per_step: int = 4):
     assert res.state == "completed" and res.step == steps
     assert c["trained"] == steps * per_step == len(res.trained)
     assert len(set(res.trained)) == len(res.trained), "a group was trained twice"
-    assert c["dispatched"] == c["trained"] + c["dropped_stale"] + c["dropped_constant"] + c["unused"]
+    assert c["dispatched"] == (c["trained"] + c["dropped_stale"] + c["dropped_constant"] + c["dropped_errors"]
+                               + c["unused"])
     assert set(res.trained).isdisjoint(res.unused)
     assert set(res.trained) | set(res.unused) <= set(range(c["dispatched"]))
 
@@ -276,7 +277,8 @@ def test_dapo_dynamic_sampling_drops_uniform_groups_and_refills(tiny_ckpt, toy_d
     res = _run(spec, tmp_path / "run", engines)
     c = res.counters
     assert c["dropped_constant"] > 0  # at ~10 % reward, 8 wrong answers in a row are common
-    assert c["dispatched"] == c["trained"] + c["dropped_stale"] + c["dropped_constant"] + c["unused"]
+    assert c["dispatched"] == (c["trained"] + c["dropped_stale"] + c["dropped_constant"] + c["dropped_errors"]
+                               + c["unused"])
     assert c["trained"] == 16 and len(set(res.trained)) == 16
     assert sum(h["loop/groups_dropped_constant"] for h in res.history) <= c["dropped_constant"]
     from services.metrics_export import METRIC_CATALOG  # the dashboard's Loop row
@@ -317,3 +319,64 @@ def test_cli_train_runs_a_spec_file_and_resumes(ray_session, tiny_ckpt, toy_data
     err = subprocess.run(cmd[:4] + [str(bad)], capture_output=True, text=True, timeout=120)
     text = err.stdout + err.stderr
     assert err.returncode != 0 and "invalid run spec" in text and "schedule.steps" in text, text[-2000:]
+
+
+def test_failed_gradings_are_dropped_not_trained_as_zeros(ray_session, tiny_ckpt, toy_data, engines, tmp_path):
+    """`reward.on_error: drop` with real reward grading and injected verifier errors: a grader that
+    fails on the answer "3" (a sample here and there) and on every answer to two prompts (their
+    groups are left empty). The run trains on the rest — groups that lost members reach the
+    learner smaller, the emptied groups are dropped whole and counted in the exact accounting —
+    and reports the dropped samples per outcome."""
+    import dataclasses
+
+    from reward.actors import RewardScorer
+    from services.batching import data_index
+    from services.data import train_items
+    from services.spec import RunSpec
+
+    @ray_session.remote(num_cpus=0, max_concurrency=4)
+    class FlakyGrader:
+        """The real math grader, with an injected failure for some answers."""
+
+        def __init__(self):
+            self.scorer = RewardScorer({"math": {"num_workers": 1}, "max_concurrency": 2})
+            self.injected = 0
+
+        def score_group(self, items):
+            out = [v.to_dict() for v in self.scorer.score_group(items)]
+            for it, v in zip(items, out):
+                if it["gold"] == "70" or it["completion"].strip() == "The answer is 3.":
+                    v.update(outcome="error", reward=0.0, detail="injected: verifier crashed")
+                    self.injected += 1
+            return out
+
+        def metrics(self):
+            return self.scorer.snapshot()
+
+        def count(self):
+            return self.injected
+
+    spec = _spec(tiny_ckpt, toy_data, steps=4, max_staleness=0, checkpoint_every=0)
+    rs = RunSpec.model_validate(spec)
+    from learner.tiny import make_tokenizer
+
+    items = train_items(rs, make_tokenizer())
+    poisoned = {data_index(c, len(items), rs.data.seed) for c in (1, 6)}  # two groups of the first steps
+    items = [dataclasses.replace(it, gold="70") if i in poisoned else it for i, it in enumerate(items)]
+    grader = FlakyGrader.remote()
+    try:
+        res = _run(spec, tmp_path / "run", engines, reward_actors=[grader], items=items)
+        injected = ray_session.get(grader.count.remote())
+    finally:
+        ray_session.kill(grader)
+    _assert_exact_accounting(res, 4)
+    c = res.counters
+    assert c["dropped_errors"] >= 2 and not {1, 6} & set(res.trained)  # emptied groups: never trained
+    dropped = sum(h["reward/dropped/error"] for h in res.history)
+    assert 16 <= dropped <= injected  # both poisoned groups' 8 samples, plus the "3"s of trained groups
+    assert sum(h["loop/samples_dropped_errors"] for h in res.history) == dropped
+    assert sum(h["loop/groups_dropped_errors"] for h in res.history) <= c["dropped_errors"]
+    assert all(h["reward/dropped/timeout"] == 0 for h in res.history)
+    rows = [h["batch/samples"] + h.get("batch/samples_dropped_empty", 0) for h in res.history]
+    assert min(rows) < 32, rows  # a trained group reached the learner without its failed samples
+    assert res.history[-1]["loop/dropped_errors_total"] == c["dropped_errors"]

@@ -53,6 +53,16 @@ def test_smollm2_vllm_logprobs_equal_the_learners(ray_session, smol_engines, smo
     assert err <= 1e-3
 
 
+def test_smollm2_vllm_logprobs_equal_the_learners_at_temperature_0_7(ray_session, smol_engines, smollm2_ckpt):
+    spec, _ = smol_engines
+    batch = ray_session.get(spec.generate.remote(_chats(), {"n": 1, "temperature": 0.7, "max_tokens": 32, "seed": 0}))
+    policy = load_policy(smollm2_ckpt)
+    err = max_logprob_error(policy, batch, temperature=0.7)
+    print(f"SmolLM2 vLLM vs learner at T=0.7 max |Δlogprob| = {err:.2e}")
+    assert err <= 1e-3
+    assert max_logprob_error(policy, batch, temperature=1.0) > 1e-2  # processed, not raw, log-probs
+
+
 def test_smollm2_greedy_drafting_is_lossless(ray_session, smol_engines):
     spec, plain = smol_engines
     greedy = {"n": 1, "temperature": 0.0, "max_tokens": 48}

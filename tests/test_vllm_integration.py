@@ -30,18 +30,20 @@ def engines(ray_session, tiny_ckpt):
         ray_session.kill(a)
 
 
-def _drafter_vs_learner(ray, engine, policy, prompt) -> float:
+def _drafter_vs_learner(ray, engine, policy, prompt, temperature: float = 1.0) -> float:
     """Max |log-prob| difference between vLLM's drafter distribution right after prefill and the
-    learner's MTP head 1 at the same position, over the drafter's top tokens and some random ones."""
+    learner's MTP head 1 at the same position, over the drafter's top tokens and some random ones.
+    At ``temperature`` T both sides are tempered: vLLM's probabilistic drafting samples from
+    softmax(drafter logits / T) (`llm_base_proposer`), the learner's head-1 log-probs at T."""
     ray.get(engine.start_drafter_capture.remote())
     batch = ray.get(engine.generate.remote([prompt], {"n": 1, "temperature": 0.0, "max_tokens": 2}))
     logits = ray.get(engine.take_drafter_capture.remote())[0][-1]  # first draft: after prefill
-    vllm_lp = torch.log_softmax(logits, -1)
+    vllm_lp = torch.log_softmax(logits / temperature, -1)
     first = batch.samples[0].token_ids[0]
     cand = torch.cat([vllm_lp.topk(16).indices, torch.randperm(vllm_lp.numel(), generator=torch.Generator().manual_seed(0))[:32]])
     ids = torch.tensor([list(prompt) + [first, int(c)] for c in cand])
     with torch.no_grad():
-        ours = policy.token_logprobs(ids, num_mtp=1).logprobs[1, :, -1]
+        ours = policy.token_logprobs(ids, num_mtp=1, temperature=temperature).logprobs[1, :, -1]
     return (ours - vllm_lp[cand]).abs().max().item()
 
 
@@ -53,6 +55,26 @@ def test_vllm_logprobs_equal_the_learners(ray_session, engines, tiny_ckpt):
     err = max_logprob_error(load_policy(tiny_ckpt), batch)
     print(f"tiny vLLM vs learner max |Δlogprob| = {err:.2e}")
     assert err <= 1e-3
+
+
+def test_vllm_logprobs_equal_the_learners_at_temperature_0_7(ray_session, engines, tiny_ckpt):
+    """Behaviour log-probs are the sampling distribution's (vLLM `processed_logprobs`): at T = 0.7
+    they equal the learner's at T = 0.7, with and without MTP drafting, and are not the T = 1 ones."""
+    policy = load_policy(tiny_ckpt)
+    sampling = {"n": 2, "temperature": 0.7, "max_tokens": 24, "seed": 7}
+    for engine in engines:
+        batch = ray_session.get(engine.generate.remote(PROMPTS, sampling))
+        err = max_logprob_error(policy, batch, temperature=0.7)
+        print(f"tiny vLLM vs learner at T=0.7 max |Δlogprob| = {err:.2e}")
+        assert err <= 1e-3
+        assert max_logprob_error(policy, batch, temperature=1.0) > 1e-2  # not the raw log-probs
+
+
+def test_greedy_logprobs_stay_the_untempered_policys(ray_session, engines, tiny_ckpt):
+    """Evaluation at T = 0 is unchanged: greedy samples carry the T = 1 log-probs."""
+    spec, _ = engines
+    batch = ray_session.get(spec.generate.remote(PROMPTS, GREEDY))
+    assert max_logprob_error(load_policy(tiny_ckpt), batch, temperature=1.0) <= 1e-3
 
 
 def test_greedy_mtp_drafting_is_lossless(ray_session, engines):
@@ -68,6 +90,9 @@ def test_learner_mtp_head_equals_vllm_drafter(ray_session, engines, tiny_ckpt):
     errs = [_drafter_vs_learner(ray_session, spec, policy, prompt) for prompt in PROMPTS[:3]]
     print(f"tiny vLLM drafter vs learner MTP head max |Δlogprob| = {max(errs):.2e}")
     assert max(errs) <= 1e-3
+    hot = _drafter_vs_learner(ray_session, spec, policy, PROMPTS[0], temperature=0.7)
+    print(f"tiny vLLM drafter vs learner MTP head at T=0.7 max |Δlogprob| = {hot:.2e}")
+    assert hot <= 1e-3
 
 
 def test_prompt_too_long_is_rejected_with_a_reason(ray_session, engines):
