@@ -129,7 +129,7 @@ class LearnerWorker:
 
     @torch.no_grad()
     def ref_logprobs(self, batch: TrainBatch) -> torch.Tensor:
-        """log π_ref(x[b, t]) under the reference's main head at the response tokens (the KL term
+        """log π_ref(x[b, t]) (tempered by the sampling temperature) under the reference's main head at the response tokens (the KL term
         reads no others; 0 elsewhere), (B, T) float32 on the host, aligned like ``behav_logprobs``."""
         dev, step = self.learner.device, self.learner.micro_size(batch, 1)
         if self.dp is not None and self.learner.cfg.micro_batch_size == "auto":
@@ -140,8 +140,10 @@ class LearnerWorker:
             ids, attn = batch.input_ids[idx], batch.attention_mask[idx]
             w = Learner._trim(ids, attn)
             with self.learner.placement.autocast():
+                # at the sampling temperature, like the policy's (veRL's reference does the same)
                 lp = self.ref_model.token_logprobs(ids[:, :w].to(dev), attn[:, :w].to(dev), num_mtp=0,
-                                                   needed=batch.response_mask[idx, :w].to(dev)).logprobs[0]
+                                                   needed=batch.response_mask[idx, :w].to(dev),
+                                                   temperature=self.learner.cfg.temperature).logprobs[0]
             if not pad:
                 out[idx.to(dev), :w] = lp.float()
         return self.learner._sum(out).cpu()  # disjoint rows: the sum is the whole batch's
