@@ -45,10 +45,6 @@ class DataParallel:
                                     timeout=COLLECTIVE_TIMEOUT)
         return DataParallel(rank, world)
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         """In-place sum over ranks (returns ``t``)."""
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
