@@ -178,6 +178,15 @@ class Learner:
         rounds = -(-len(chunks) // self.dp.world)
         return [(c, False) for c in mine] + [(chunks[0][:1], True)] * (rounds - len(mine))
 
+    def chunk_size(self, b: TrainBatch, heads: int) -> int:
+        """Rows per forward of a no-grad pass (`row_chunks`): one process's micro-batch size, so
+        each row is computed at the width one process computes it at; with 'auto' that is one
+        rank's budget (`micro_size` gives the group's)."""
+        size = self.micro_size(b, heads)
+        if self.dp is not None and self.cfg.micro_batch_size == "auto":
+            size = max(1, size // self.dp.world)
+        return size
+
     def micro_share(self, micro: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """This rank's rows of a global micro-batch (all of it for one process); an empty share is
         one padding row (True: its loss is masked to 0)."""
@@ -287,12 +296,7 @@ class Learner:
         bsz, t = b.input_ids.shape
         old = torch.zeros(self.k, bsz, t, device=self.device)
         ent = torch.zeros(bsz, t, device=self.device)
-        # One process's chunks (each rank's budget: the 'auto' size of one rank), dealt out to the
-        # ranks whole, so each row is computed at the width one process computes it at.
-        step = self.micro_size(b, self.k)
-        if self.dp is not None and self.cfg.micro_batch_size == "auto":
-            step = max(1, step // self.dp.world)
-        for idx, pad in self.row_chunks(bsz, step):
+        for idx, pad in self.row_chunks(bsz, self.chunk_size(b, self.k)):
             out, w = self._forward(b.select(idx), self.k - 1, False, False, True)
             if pad:
                 continue

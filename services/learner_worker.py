@@ -131,9 +131,7 @@ class LearnerWorker:
     def ref_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """log π_ref(x[b, t]) (tempered by the sampling temperature) under the reference's main head at the response tokens (the KL term
         reads no others; 0 elsewhere), (B, T) float32 on the host, aligned like ``behav_logprobs``."""
-        dev, step = self.learner.device, self.learner.micro_size(batch, 1)
-        if self.dp is not None and self.learner.cfg.micro_batch_size == "auto":
-            step = max(1, step // self.dp.world)  # one rank's budget, as in the π_old pass
+        dev, step = self.learner.device, self.learner.chunk_size(batch, 1)
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=dev)
         for idx, pad in self.learner.row_chunks(batch.size, step):  # this rank's share of the rows
             idx = idx.cpu()
