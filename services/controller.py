@@ -153,7 +153,7 @@ def start_engine_group(spec: RunSpec, strategies: list | None = None):
     res = spec.resources
     cfg = engine_config(spec)
     # in actor_options too: an engine the group starts to replace a dead one is niced alike
-    opts = dict(num_cpus=res.cpus_per_engine, num_gpus=res.gpus_per_engine, cpu_nice=res.cpu_nice)
+    opts = dict(num_cpus=res.cpus_per_engine, num_gpus=res.engine_gpus, cpu_nice=res.cpu_nice)
     actors = [create_engine_actor(cfg, **opts, scheduling_strategy=s)
               for s in strategies or [None] * spec.rollout.engines]
     return EngineGroup(cfg, engines=actors, actor_options=opts)
@@ -293,7 +293,7 @@ class RunController:
                 bundle("learner", res.cpus_per_learner, res.gpus_per_learner)
         if self._engines is None:
             for _ in range(spec.rollout.engines):
-                bundle("engine", res.cpus_per_engine, res.gpus_per_engine * res.tensor_parallel)
+                bundle("engine", res.cpus_per_engine, res.engine_gpus)
         if self._rewards is None:
             for _ in range(spec.reward.actors):
                 bundle("reward", res.cpus_per_reward_worker, 0)
