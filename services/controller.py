@@ -56,7 +56,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from reward.schema import GRADER_FAILURES, grader_failed
 from rollout.engine import SpecStats
-from services import run_checkpoint
+from services import run_checkpoint, run_storage
 from services.batching import ScoredGroup, data_index, group_seed, reward_items, to_train_batch
 from services.launcher import MetricsSink
 from services.learner_group import GroupCall, LearnerGroup, LearnerLost
@@ -191,7 +191,7 @@ class RunController:
         self.run_id = run_id
         self.spec = RunSpec.model_validate(spec)
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.storage = run_storage.mark(self.run_dir)  # the learner checks it sees this directory
         self.sink = sink
         self.progress = progress
         self.resume_from_disk = resume
@@ -263,7 +263,8 @@ class RunController:
             self._learner = LearnerGroup(
                 spec.model.path, spec.algorithm.model_dump(), workers=int(res.learner_workers),
                 threads=int(max(1, res.cpus_per_learner)), seed=spec.data.seed, num_cpus=res.cpus_per_learner,
-                num_gpus=res.gpus_per_learner, cpu_nice=res.cpu_nice, strategies=strategies.get("learner"))
+                num_gpus=res.gpus_per_learner, cpu_nice=res.cpu_nice, strategies=strategies.get("learner"),
+                storage=self.storage)
             self._owned_learner = True
         if self._engines is None:
             self._engines = start_engine_group(spec, strategies.get("engine"))
