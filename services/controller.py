@@ -156,7 +156,7 @@ def start_engine_group(spec: RunSpec, strategies: list | None = None):
     opts = dict(num_cpus=res.cpus_per_engine, num_gpus=res.engine_gpus, cpu_nice=res.cpu_nice)
     actors = [create_engine_actor(cfg, **opts, scheduling_strategy=s)
               for s in strategies or [None] * spec.rollout.engines]
-    return EngineGroup(cfg, engines=actors, actor_options=opts)
+    return EngineGroup(cfg, engines=actors, actor_options=opts, strategies=strategies)
 
 
 def start_reward_actors(spec: RunSpec, strategies: list | None = None) -> list:
