@@ -36,7 +36,7 @@ One thread drives everything through Ray object references (`ray.wait` on whatev
 Resources: a placement group with one bundle per actor (learner, engines, reward actors); CPU
 bundles here, GPU bundles on a cluster (``resources``). Injected actors (tests share engines)
 skip it. ``resources.cpu_nice`` goes to every actor started here, which lowers its own CPU
-priority before anything else (`services.cpu_priority`); injected ones are left as they are.
+priority before anything else (`runtime.cpu_priority`); injected ones are left as they are.
 """
 
 from __future__ import annotations

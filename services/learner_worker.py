@@ -29,7 +29,7 @@ started from, kept frozen in a second copy on the learner's device; `step` fills
 rollbacks leave it alone: the reference stays the run's starting model.
 
 ``cpu_nice`` (a run's ``resources.cpu_nice``): the worker lowers its CPU priority first
-(`services.cpu_priority`).
+(`runtime.cpu_priority`).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from learner.checkpoint import export_name, iter_export_tensors, load_policy, sa
 from learner.config import AlgorithmConfig
 from learner.distributed import DataParallel, full_tensors, shard_policy
 from learner.step import Learner
-from services.cpu_priority import lower_cpu_priority
+from runtime.cpu_priority import lower_cpu_priority
 
 TRAINER_STATE = "trainer.pt"
 TRAINER_SHARDS = "trainer"  # torch.distributed.checkpoint of {"model", "optim"}
