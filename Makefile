@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 DEPS_HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(DEPS_HASH)
 MODELS ?= .cache/models
-PYTEST_ARGS ?=
+# The slowest tests in every run's log (CI's too): what to trim when `make test` outgrows its budget.
+PYTEST_ARGS ?= --durations=30
 
 .PHONY: venv system-deps test test-fast demo models spec-head clean
 
