@@ -48,12 +48,21 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
+    import torch
+
     from learner.tiny import make_tokenizer, write_guessing_policy, write_toy_dataset
     from reward.datasets import jsonl_items
 
     data = write_toy_dataset(tmp_path_factory.mktemp("data") / "toy.jsonl")
     prompts = [it.prompt for it in jsonl_items(data, tokenizer=make_tokenizer())]
-    model = write_guessing_policy(tmp_path_factory.mktemp("models") / "guess", prompts, steps=300, lr=1e-2)
+    threads = torch.get_num_threads()
+    # One thread: on a busy shared CPU, intra-op threads wait at every op for a descheduled peer
+    # (measured on the 2 shared cores here: 20 steps took 120 s with 2 threads, 10 s with 1).
+    torch.set_num_threads(1)
+    try:
+        model = write_guessing_policy(tmp_path_factory.mktemp("models") / "guess", prompts, steps=150, lr=1e-2)
+    finally:
+        torch.set_num_threads(threads)
     return model, data
 
 
@@ -80,7 +89,7 @@ def _node_and_group(actor) -> tuple[str, str | None]:
     return ray.get(actor.__ray_call__.remote(where), timeout=120)
 
 
-def test_a_run_spans_nodes_and_survives_losing_an_engines_node(cluster, toy, tmp_path):
+def test_a_run_spans_nodes_and_survives_losing_an_engines_node(toy, cluster, tmp_path):
     import ray
 
     from services.controller import RunController
