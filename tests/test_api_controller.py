@@ -121,3 +121,54 @@ def test_a_rest_run_with_a_two_rank_learner_group_trains_publishes_and_checkpoin
             end_run(api, rid)
         srv.stop()
         EmbeddedRedis(tmp_path / "api").stop()
+
+
+def test_a_real_run_trains_through_a_30_s_redis_outage(ray_session, tiny_ckpt, tmp_path):
+    """The embedded redis-server of `mtprl serve`'s API is SIGKILLed mid-run and restarted 30 s
+    later (far past redis-py's retries): the real controller keeps training meanwhile (its
+    run directory's metrics.jsonl grows), the API answers 503 instead of failing, the reconciler
+    fails nothing, and once Redis is back the run completes with every step in its history exactly
+    once and one step event per step."""
+    import os
+    import signal
+    import time
+
+    steps, outage_s = 150, 30.0
+    data = write_toy_dataset(tmp_path / "toy.jsonl", gold="21")
+    spec = real_spec(tiny_ckpt, data, steps, name="tiny-outage")
+    api_dir = tmp_path / "api"
+    api_dir.mkdir()
+    srv = ApiServer(api_dir, gcs_address(ray_session), launcher="controller")
+    redis_server = EmbeddedRedis(api_dir)
+    rid = None
+    try:
+        with srv.client() as api:
+            rid = create_run(api, spec)["id"]
+            wait_for(lambda: api.get(f"/v1/runs/{rid}").json()["step"] >= 3, 300, what="third step")
+            history = api_dir / "runs" / rid / "metrics.jsonl"
+            os.kill(redis_server.pid(), signal.SIGKILL)
+            wait_for(lambda: not redis_server.is_running(), 10, what="redis-server to die")
+            start, at_kill = time.monotonic(), len(history.read_text().splitlines())
+            codes = set()
+            while time.monotonic() - start < outage_s:
+                codes.add(api.get(f"/v1/runs/{rid}").status_code)
+                time.sleep(1.0)
+            trained_meanwhile = len(history.read_text().splitlines()) - at_kill
+            assert codes == {503}, codes
+            assert trained_meanwhile >= 3, trained_meanwhile  # the run did not wait for Redis
+            redis_server.start()
+            done = wait_for(lambda: (lambda r: r.json() if r.status_code == 200 and r.json()["state"] in
+                                     ("completed", "failed", "cancelled") else None)(api.get(f"/v1/runs/{rid}")),
+                            240, what="run end after the outage")
+            assert done["state"] == "completed", done.get("error")
+            assert done["step"] == steps and done["latest_metrics"]["loop/trained_total"] == 2 * steps
+            points = api.get(f"/v1/runs/{rid}/metrics").json()["points"]
+            assert [p["step"] for p in points] == list(range(1, steps + 1))
+            text = api.get(f"/v1/runs/{rid}/events", params={"follow": "false"}).text
+            assert text.count("event: step") == steps
+    finally:
+        redis_server.start()
+        with srv.client() as api:
+            end_run(api, rid)
+        srv.stop()
+        redis_server.stop()
