@@ -178,13 +178,19 @@ def send(group: BroadcastGroup, version: int, weights: Iterable[tuple[str, torch
     layout = bucket_layout(metas, bucket_bytes)
     largest = max((sum(metas[i].nbytes for i in b) for b in layout), default=0)
     buf = torch.empty(largest, dtype=torch.uint8, device=group.device)  # reused: each broadcast waits
-    for b in layout:
-        off = 0
-        for i in b:
-            m = metas[i]
-            buf[off:off + m.nbytes].view(dt).view(m.shape).copy_(weights[i][1])  # the one dtype conversion
-            off += m.nbytes
-        group.broadcast(buf[:off])
+    try:
+        for b in layout:
+            off = 0
+            for i in b:
+                m = metas[i]
+                buf[off:off + m.nbytes].view(dt).view(m.shape).copy_(weights[i][1])  # the one dtype conversion
+                off += m.nbytes
+            group.broadcast(buf[:off])
+    except Exception:
+        # A member died mid-transfer: close our end so the others fail now instead of waiting
+        # out the group's timeout; the caller forms a new group.
+        group.close()
+        raise
     return {"version": int(version), "tensors": len(metas), "buckets": len(layout),
             "bytes": sum(m.nbytes for m in metas)}
 
@@ -229,3 +235,21 @@ def check_against(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> Cal
         return None if not bad else "; ".join(bad[:8]) + (f" (and {len(bad) - 8} more)" if len(bad) > 8 else "")
 
     return check
+
+
+def resolve(transport: str, learner_node: str, engine_nodes: list[str], gpus: bool) -> tuple[str, str]:
+    """The transport a run uses and why. ``auto``: the object store when the learner's rank 0 and
+    every engine share one node and no GPU is involved (one copy into shared memory that every
+    engine reads without a copy: measured the faster path on one machine, docs/benchmarks.md);
+    broadcast otherwise (across nodes the object store moves one copy per engine's node through
+    Ray's object transfer; with GPUs NCCL sends from device memory, no host round trip)."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"weight_sync.transport {transport!r}: one of {', '.join(TRANSPORTS)}")
+    if transport != "auto":
+        return transport, "configured"
+    others = sorted({n for n in engine_nodes if n != learner_node})
+    if others:
+        return "broadcast", f"engines on {len(others)} other node(s) than the learner's rank 0"
+    if gpus:
+        return "broadcast", "GPUs: NCCL from device memory"
+    return "object_store", "learner and engines on one node, CPU"
