@@ -196,6 +196,13 @@ def _module_sharing(worker) -> dict[str, bool]:
     return {"tied": bool(tied), "drafter_shares": bool(shares)}
 
 
+def _node_id() -> str:
+    """The Ray node this engine runs on ("" outside Ray): where `weight_sync.transport: auto` looks."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 def _param_dtype(worker) -> str:
     """The target's parameter dtype (what a weight broadcast converts to)."""
     return weight_transport.dtype_name(next(worker.model_runner.get_model().parameters()).dtype)
@@ -584,7 +591,14 @@ class RolloutEngine:
             raise RuntimeError("receive_weights: this engine has not joined a weight broadcast group")
         dtype = weight_transport.dtype_of(self.llm.collective_rpc(_param_dtype)[0])
         t0 = time.perf_counter()
-        version, weights = weight_transport.receive(group, weight_transport.check_against(self._checkpoint_shapes, dtype))
+        try:
+            version, weights = weight_transport.receive(group, weight_transport.check_against(self._checkpoint_shapes,
+                                                                                              dtype))
+        except ValueError:
+            raise  # refused in the handshake by every member: the group stays usable
+        except Exception:
+            self.leave_weight_group()  # broken mid-transfer (a member died): the next publish re-forms it
+            raise
         received = time.perf_counter() - t0
         return {"version": version, "receive_seconds": received, "seconds": self._load_weights(version, weights)}
 
@@ -608,6 +622,7 @@ class RolloutEngine:
             "draft_sample_method": c.draft_sample_method,
             "weight_reload": self.weight_reload,
             "weight_reload_note": self.weight_reload_note,
+            "node_id": _node_id(),
         }
 
     # ---- test hooks ----------------------------------------------------------------------------

@@ -124,13 +124,23 @@ class EngineGroup:
 
     def publish_broadcast(self, version: int, sender, bucket_bytes: int, backend: str = "gloo"):
         """Non-blocking publish by broadcast from ``sender`` (a `services.learner_group.LearnerGroup`,
-        duck-typed: ``weight_group_address``, ``join_weight_group``, ``send_weights``). The group is
-        (re-)formed first when its members are not exactly the engines now serving, or the sender
-        is another one (a restarted learner group): a new port each time. Returns (the sender's call, one ``receive_weights`` call per engine); the
-        caller waits for the sender and passes each engine's result to `confirm`."""
-        ids = [info["engine_id"] for info in ray.get([e.info.remote() for e in self.engines])]
-        if ids != self._members or sender is not self._sender:
-            self._members, self._sender = None, sender
+        duck-typed: ``sender_id``, ``weight_group_address``, ``join_weight_group``, ``send_weights``).
+        The group is (re-)formed first, on a new port, when its members are not exactly the engines
+        now serving or the sender is another process (a new or restarted learner rank 0); an
+        engine that is down is recovered first. Returns (the sender's call, one ``receive_weights``
+        call per engine); the caller waits for the sender and passes each engine's result to
+        `confirm`."""
+        ids = []
+        for i, e in enumerate(self.engines):
+            try:
+                ids.append(ray.get(e.info.remote(), timeout=self.restart_timeout_s)["engine_id"])
+            except (RayActorError, ActorUnavailableError, GetTimeoutError):
+                self.recoveries += 1
+                self._load(i)  # restarted or replaced (it fetches the current weights once), then a member
+                ids.append(self._loaded[i])
+        sender_id = sender.sender_id()
+        if ids != self._members or sender_id != self._sender:
+            self._members, self._sender = None, sender_id
             address = sender.weight_group_address()
             world = len(self.engines) + 1
             joins = [e.join_weight_group.remote(address, i + 1, world, backend) for i, e in enumerate(self.engines)]
@@ -145,6 +155,10 @@ class EngineGroup:
         self.version, self.weights_ref = version, None
         recv = [e.receive_weights.remote() for e in self.engines]
         return sender.send_weights(version, self.member_dtype, bucket_bytes), recv
+
+    def drop_weight_group(self) -> None:
+        """Forget the broadcast group (a transfer failed): the next publish forms a new one."""
+        self._members = None
 
     def confirm(self, i: int, version: int, ok: bool) -> None:
         """Record that engine i loaded ``version`` (ok) or failed to (it died: recover on next use)."""

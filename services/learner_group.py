@@ -188,6 +188,14 @@ class LearnerGroup:
         return call.refs[0]
 
     # ---- weights by broadcast (rollout.weight_transport): rank 0 is member 0 of the group -------
+    def node_id(self) -> str:
+        """Rank 0's Ray node (the sender's)."""
+        return ray.get(self.workers[0].node_id.remote())
+
+    def sender_id(self) -> str:
+        """Rank 0's process instance: the weight group must be formed again when it changes."""
+        return ray.get(self.workers[0].instance_id.remote())
+
     def weight_group_address(self) -> str:
         return ray.get(self.workers[0].weight_group_address.remote())
 

@@ -164,6 +164,19 @@ class LearnerWorker:
 
         return free_address()
 
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def instance_id(self) -> str:
+        """New in every process (a restarted rank is another sender: the engines' group is gone)."""
+        if getattr(self, "_instance_id", None) is None:
+            import uuid
+
+            self._instance_id = uuid.uuid4().hex
+        return self._instance_id
+
     def join_weight_group(self, address: str, world_size: int, backend: str = "gloo") -> None:
         """Rank 0: join the weight broadcast group as its sender, member 0 (blocks until the
         engines joined). A previous group is left first."""
