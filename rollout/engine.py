@@ -577,10 +577,12 @@ class RolloutEngine:
         joined; a previous group is left first). Returns this engine's id and parameter dtype
         (what the sender converts to)."""
         self.leave_weight_group()
-        if not hasattr(self, "_checkpoint_shapes"):
+        if not hasattr(self, "_weights_dtype"):
             self._checkpoint_shapes = direct_reload.checkpoint_shapes(self.config.model)
+            with self._lock:  # a worker RPC: not beside a generation (vLLM's engine core is not thread-safe)
+                self._weights_dtype = self.llm.collective_rpc(_param_dtype)[0]
         self._weight_group = weight_transport.BroadcastGroup(address, rank, world_size, backend)
-        return {"engine_id": self.engine_id, "dtype": self.llm.collective_rpc(_param_dtype)[0]}
+        return {"engine_id": self.engine_id, "dtype": self._weights_dtype}
 
     def receive_weights(self) -> dict:
         """Receive one version from the group and load it through the same reload as
@@ -589,7 +591,7 @@ class RolloutEngine:
         group = getattr(self, "_weight_group", None)
         if group is None:
             raise RuntimeError("receive_weights: this engine has not joined a weight broadcast group")
-        dtype = weight_transport.dtype_of(self.llm.collective_rpc(_param_dtype)[0])
+        dtype = weight_transport.dtype_of(self._weights_dtype)
         t0 = time.perf_counter()
         try:
             version, weights = weight_transport.receive(group, weight_transport.check_against(self._checkpoint_shapes,

@@ -55,6 +55,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from reward.schema import GRADER_FAILURES, grader_failed
+from rollout import weight_transport
 from rollout.engine import SpecStats
 from services import run_checkpoint
 from services.batching import ScoredGroup, data_index, group_seed, reward_items, to_train_batch
@@ -206,6 +207,8 @@ class RunController:
         self._flag = RUN
         self._stop_when_paused = False
         self._owned_engines = False
+        self._transport: str | None = None  # weight_sync.transport, resolved at the first publish
+        self._backend = "gloo"
         self._next_reward = -1
         self._ids_cache: dict[int, list[int]] = {}  # item index → prompt token ids
         self.gen_clock, self.score_clock, self.learner_clock = BusyClock(), BusyClock(), BusyClock()
@@ -667,11 +670,36 @@ class RunController:
             self._checkpoint()
 
     # ---- weights --------------------------------------------------------------------------------
+    def _weight_transport(self) -> str:
+        """``weight_sync.transport`` resolved once, where the learner and the engines were placed."""
+        if self._transport is None:
+            res, ws = self.spec.resources, self.spec.weight_sync
+            nodes = [i.get("node_id", "") for i in ray.get([e.info.remote() for e in self._engines.engines])]
+            self._transport, why = weight_transport.resolve(ws.transport, self._learner.node_id(), nodes,
+                                                            res.learner_gpus > 0 or res.gpus_per_engine > 0)
+            self._backend = "nccl" if res.learner_gpus > 0 and res.gpus_per_engine > 0 else "gloo"
+            if self._transport == "broadcast":
+                # an engine that missed a broadcast (restarted, replaced) gets the current weights
+                # once through the object store; calls on one actor run in order, so no step
+                # lands between the version and the weights
+                self._engines.fetch_weights = lambda: (self._learner.get_version(), self._learner.weights())
+            log.info("weight_sync.transport: %s (%s)", self._transport, why)
+        return self._transport
+
     def _publish(self, version: int, wait: bool) -> None:
         t0 = time.perf_counter()
         try:
-            ref = self._learner.weights()
-            refs = self._engines.publish_ref(version, ref)
+            if self._weight_transport() == "broadcast":
+                send, refs = self._engines.publish_broadcast(version, self._learner,
+                                                             self.spec.weight_sync.bucket_mib << 20, self._backend)
+                try:
+                    send.wait()
+                except RayTaskError as e:  # an engine died mid-transfer; _on_synced recovers it
+                    log.warning("weight broadcast of version %d failed (%s); the group is re-formed", version, e)
+                    self._engines.drop_weight_group()
+            else:
+                ref = self._learner.weights()
+                refs = self._engines.publish_ref(version, ref)
         except (RayActorError, LearnerLost):
             self._rollback("died while exporting weights")
             return
@@ -684,7 +712,13 @@ class RunController:
 
     def _on_synced(self, ref) -> None:
         i, version, t0 = self.sync_calls.pop(ref)
-        if _result(ref) is _DIED:
+        try:
+            res = _result(ref)
+        except RayTaskError:
+            if self._transport != "broadcast":
+                raise
+            res = _DIED  # its transfer broke (a peer died): reload it like a dead engine
+        if res is _DIED:
             self.state.counters["faults_rollout"] += 1
             self._engines.recover(i)  # reloads the latest weights
             return

@@ -150,3 +150,42 @@ def test_broadcast_from_a_two_rank_learner_group(ray_session, setup):
         _assert_identical(ray_session, group, fresh, 5)
     finally:
         learner.kill()
+
+
+@pytest.mark.integration
+def test_a_run_with_broadcast_weight_sync_keeps_the_engine_on_the_learners_version(
+        ray_session, setup, tiny_ckpt, tmp_path):
+    """A tiny real run (this module's engine, its own learner and reward actor) with
+    ``weight_sync.transport: broadcast``: every publish goes over the gloo group, the run completes
+    with exact accounting, and the engine ends at the learner's final version serving the final
+    checkpoint's weights (its log-probs equal the learner's)."""
+    from learner.checkpoint import load_policy
+    from learner.tiny import write_toy_dataset
+    from parity import max_logprob_error
+    from services import run_checkpoint
+    from services.controller import RunController
+
+    group = setup[0]
+    data = write_toy_dataset(tmp_path / "toy.jsonl")
+    spec = {
+        "model": {"path": str(tiny_ckpt)},
+        "data": {"dataset": f"jsonl:{data}", "size": 40, "held_out_fraction": 0.0, "seed": 3},
+        "algorithm": {"algorithm": "grpo", "lr": 3e-4, "mtp_regime": "detach"},
+        "rollout": {"samples_per_prompt": 2, "prompts_per_step": 2, "max_tokens": 8, "temperature": 1.0,
+                    "max_model_len": 256, "kv_cache_gib": 0.1, "num_speculative_tokens": 1},
+        "reward": {"workers": 1},
+        "resources": {"learner_cpus": 0.5, "cpus_per_engine": 1, "cpus_per_reward_worker": 0.5},
+        "schedule": {"steps": 3, "max_staleness": 1, "checkpoint_every": 0},
+        "weight_sync": {"transport": "broadcast", "bucket_mib": 1},
+    }
+    res = RunController("bcast", spec, tmp_path / "run", engines=group).run()
+    c = res.counters
+    assert res.state == "completed" and res.step == 3 and c["trained"] == 3 * 2 == len(res.trained)
+    assert c["dispatched"] == (c["trained"] + c["dropped_stale"] + c["dropped_constant"] + c["dropped_errors"]
+                               + c["unused"])
+    assert group._members is not None  # the broadcast group was formed and is the one in use
+    assert group.loaded_version == [res.version] == [3]
+    assert ray_session.get(group.engines[0].info.remote())["policy_version"] == 3
+    batch = ray_session.get(group.engines[0].generate.remote(PROMPTS[:2], GREEDY))
+    final = load_policy(run_checkpoint.latest(tmp_path / "run") / "policy")
+    assert max_logprob_error(final, batch) <= 1e-4
