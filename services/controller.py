@@ -57,7 +57,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from reward.schema import GRADER_FAILURES, grader_failed
 from rollout import weight_transport
 from rollout.engine import SpecStats
-from services import run_checkpoint
+from services import run_checkpoint, run_storage
 from services.batching import ScoredGroup, data_index, group_seed, reward_items, to_train_batch
 from services.launcher import MetricsSink
 from services.learner_group import GroupCall, LearnerGroup, LearnerLost
@@ -154,10 +154,10 @@ def start_engine_group(spec: RunSpec, strategies: list | None = None):
     res = spec.resources
     cfg = engine_config(spec)
     # in actor_options too: an engine the group starts to replace a dead one is niced alike
-    opts = dict(num_cpus=res.cpus_per_engine, num_gpus=res.gpus_per_engine, cpu_nice=res.cpu_nice)
+    opts = dict(num_cpus=res.cpus_per_engine, num_gpus=res.engine_gpus, cpu_nice=res.cpu_nice)
     actors = [create_engine_actor(cfg, **opts, scheduling_strategy=s)
               for s in strategies or [None] * spec.rollout.engines]
-    return EngineGroup(cfg, engines=actors, actor_options=opts)
+    return EngineGroup(cfg, engines=actors, actor_options=opts, strategies=strategies)
 
 
 def start_reward_actors(spec: RunSpec, strategies: list | None = None) -> list:
@@ -192,7 +192,7 @@ class RunController:
         self.run_id = run_id
         self.spec = RunSpec.model_validate(spec)
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.storage = run_storage.mark(self.run_dir)  # the learner checks it sees this directory
         self.sink = sink
         self.progress = progress
         self.resume_from_disk = resume
@@ -266,7 +266,8 @@ class RunController:
             self._learner = LearnerGroup(
                 spec.model.path, spec.algorithm.model_dump(), workers=int(res.learner_workers),
                 threads=int(max(1, res.cpus_per_learner)), seed=spec.data.seed, num_cpus=res.cpus_per_learner,
-                num_gpus=res.gpus_per_learner, cpu_nice=res.cpu_nice, strategies=strategies.get("learner"))
+                num_gpus=res.gpus_per_learner, cpu_nice=res.cpu_nice, strategies=strategies.get("learner"),
+                storage=self.storage)
             self._owned_learner = True
         if self._engines is None:
             self._engines = start_engine_group(spec, strategies.get("engine"))
@@ -296,7 +297,7 @@ class RunController:
                 bundle("learner", res.cpus_per_learner, res.gpus_per_learner)
         if self._engines is None:
             for _ in range(spec.rollout.engines):
-                bundle("engine", res.cpus_per_engine, res.gpus_per_engine * res.tensor_parallel)
+                bundle("engine", res.cpus_per_engine, res.engine_gpus)
         if self._rewards is None:
             for _ in range(spec.reward.actors):
                 bundle("reward", res.cpus_per_reward_worker, 0)
