@@ -32,7 +32,7 @@ rollbacks leave it alone: the reference stays the run's starting model.
 node that does not see the run directory the controller writes, saying what to mount.
 
 ``cpu_nice`` (a run's ``resources.cpu_nice``): the worker lowers its CPU priority first
-(`services.cpu_priority`).
+(`runtime.cpu_priority`).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from learner.checkpoint import export_name, iter_export_tensors, load_policy, sa
 from learner.config import AlgorithmConfig
 from learner.distributed import DataParallel, full_tensors, shard_policy
 from learner.step import Learner
-from services.cpu_priority import lower_cpu_priority
+from runtime.cpu_priority import lower_cpu_priority
 from services.run_storage import check as check_storage
 
 TRAINER_STATE = "trainer.pt"

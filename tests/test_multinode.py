@@ -93,14 +93,14 @@ def test_a_run_spans_nodes_and_survives_losing_an_engines_node(cluster, toy, tmp
             pg = ctl._pg.id.hex()
             seen["pg"] = pg
             seen["placed"] = ray.util.placement_group_table(ctl._pg)["bundles_to_node_id"]
-            seen["engine_nodes"] = [_node_and_group(e) for e in ctl._engines.engines]
-        if "removed" not in seen and step >= 2 and ctl.inflight_gen:
+            seen["engine_nodes"] = [_node_and_group(e) for e in ctl.engines.engines]
+        if "removed" not in seen and step >= 2 and ctl.dispatch.inflight:
             node_id = seen["engine_nodes"][0][0]
             node = next(n for n in cluster.worker_nodes if n.node_id == node_id)
             cluster.remove_node(node, allow_graceful=False)
             seen["removed"] = (step, node_id)
         if "replaced" not in seen and "removed" in seen and step >= seen["removed"][0] + 2:
-            seen["replaced"] = _node_and_group(ctl._engines.engines[0])
+            seen["replaced"] = _node_and_group(ctl.engines.engines[0])
         return None
 
     t0 = time.monotonic()
