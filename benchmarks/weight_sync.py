@@ -1,6 +1,7 @@
 """Weight sync: time from the learner's state dict to a rollout engine generating with it.
 
     nice -n 10 .venv/bin/python benchmarks/weight_sync.py --ray    # SmolLM2-135M + 1 MTP head, CPU
+    nice -n 10 .venv/bin/python benchmarks/weight_sync.py --transport both   # object store and broadcast
     .venv/bin/python benchmarks/weight_sync.py --reload direct_cpu --profile   # one path, + cProfile
 
 The learner (`learner.checkpoint.load_policy`, fp32) and vLLM engines with MTP drafting (n = 1)
@@ -27,7 +28,11 @@ without a suffix are the first path of ``--reload`` (direct_cpu for both); ``*_v
 deployment pays is added: ``ray.put`` of the tensors (as numpy arrays, `rollout.group.to_transport`:
 one copy into the object store, zero-copy reads) plus an engine actor's ``update_weights`` (its
 default path, ``weight_reload: auto``) from the object reference (``ray_seconds``;
-``ray_update_inside_seconds`` is the actor's own timing of its reload). ``--profile``
+``ray_update_inside_seconds`` is the actor's own timing of its reload; ``--transport
+object_store`` is the same). ``--transport broadcast`` times the broadcast path instead
+(`rollout.weight_transport`, gloo): this process sends as the learner's rank 0 would, in buckets of
+``--bucket-mib``, and the engine actor receives and loads (``broadcast_seconds`` until the actor
+has loaded, ``broadcast_over_memcpy``); ``--transport both`` times both. ``--profile``
 runs cProfile over one more load of the first path and prints the top functions. The last line is
 a JSON object.
 """
@@ -52,6 +57,7 @@ sys.path.insert(0, str(REPO))
 
 from learner.checkpoint import iter_export_tensors, load_policy  # noqa: E402
 from rollout.engine import RolloutEngine  # noqa: E402
+from rollout.weight_transport import BUCKET_MIB_DEFAULT  # noqa: E402
 
 
 def memcpy_seconds(tensors: list[torch.Tensor], dst: list[torch.Tensor], threads: int = 1) -> float:
@@ -97,6 +103,44 @@ def summarise(loads: list[float], firsts: list[float], errors: list[float], copi
     }
 
 
+def broadcast_over(policy, actor, args, memcpy: float) -> dict:
+    """This process as the sender (learner rank 0) and the engine actor as member 1 of a gloo
+    weight group (`rollout.weight_transport`): per repeat, from the start of the send until the
+    engine has received and loaded (``broadcast_seconds``), the send alone, and the engine's own
+    receive and load timings."""
+    import ray
+
+    from rollout.weight_transport import BroadcastGroup, free_address, send
+
+    address = free_address()
+    joined = actor.join_weight_group.remote(address, 1, 2, "gloo")
+    group = BroadcastGroup(address, 0, 2, "gloo")
+    dtype = ray.get(joined)["dtype"]
+    totals, sends, inside_recv, inside_load, sent = [], [], [], [], {}
+    for r in range(args.repeats):
+        t0 = time.perf_counter()
+        recv = actor.receive_weights.remote()
+        sent = send(group, 200 + r, iter_export_tensors(policy), dtype, args.bucket_mib << 20)
+        sends.append(time.perf_counter() - t0)
+        got = ray.get(recv)
+        totals.append(time.perf_counter() - t0)
+        inside_recv.append(got["receive_seconds"])
+        inside_load.append(got["seconds"])
+    ray.get(actor.leave_weight_group.remote())
+    group.close()
+    seconds = statistics.median(totals)
+    return {
+        "broadcast_seconds": round(seconds, 4),
+        "broadcast_send_seconds": round(statistics.median(sends), 4),
+        "broadcast_receive_inside_seconds": round(statistics.median(inside_recv), 4),
+        "broadcast_load_inside_seconds": round(statistics.median(inside_load), 4),
+        "broadcast_over_memcpy": round(seconds / memcpy, 3),
+        "broadcast_buckets": sent.get("buckets"),
+        "broadcast_bucket_mib": args.bucket_mib,
+        "broadcast_loads": [round(x, 4) for x in totals],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(REPO / ".cache/models/smollm2-mtp1"))
@@ -107,7 +151,12 @@ def main() -> None:
     ap.add_argument("--pool-threads", type=int, default=1,
                     help="also time the direct reload packing on this many threads (> 1)")
     ap.add_argument("--profile", action="store_true", help="cProfile one more load of the first path")
-    ap.add_argument("--ray", action="store_true", help="also time ray.put + an engine actor's update")
+    ap.add_argument("--ray", action="store_true", help="also time ray.put + an engine actor's update "
+                    "(the same as --transport object_store)")
+    ap.add_argument("--transport", choices=["none", "object_store", "broadcast", "both"], default="none",
+                    help="also time the transfer to an engine actor: the object store (ray_*), a gloo "
+                    "broadcast (broadcast_*), or both")
+    ap.add_argument("--bucket-mib", type=int, default=BUCKET_MIB_DEFAULT, help="broadcast bucket size")
     args = ap.parse_args()
 
     policy = load_policy(args.model)
@@ -200,15 +249,19 @@ def main() -> None:
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(18)
         print(out.getvalue(), flush=True)
 
-    if args.ray:
+    object_store = args.ray or args.transport in ("object_store", "both")
+    broadcast = args.transport in ("broadcast", "both")
+    if object_store or broadcast:
         import ray
 
         from rollout.actor import create_engine_actor
-        from rollout.group import to_transport
 
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
         actor = create_engine_actor({"model": args.model, "num_speculative_tokens": 1, "max_model_len": 256, "kv_cache_gib": 0.1})
         result["ray_weight_reload"] = ray.get(actor.info.remote())["weight_reload"]
+    if object_store:
+        from rollout.group import to_transport
+
         puts, updates, inside = [], [], []
         for r in range(args.repeats):
             t0 = time.perf_counter()
@@ -227,6 +280,9 @@ def main() -> None:
             ray_over_memcpy=round(ray_seconds / memcpy, 3),
             ray_updates_inside=[round(x, 4) for x in inside],
         )
+    if broadcast:
+        result.update(broadcast_over(policy, actor, args, memcpy))
+    if object_store or broadcast:
         ray.shutdown()
     print(json.dumps(result))
 

