@@ -13,7 +13,7 @@ inside a group, math items share the pool's workers and code items run `sandbox.
 at a time.
 
 `RewardScorer` is the same thing without Ray, for the CLI, tests and benchmarks.
-``cpu_nice`` (a run's ``resources.cpu_nice``, `services.cpu_priority`): the actor lowers its CPU
+``cpu_nice`` (a run's ``resources.cpu_nice``, `runtime.cpu_priority`): the actor lowers its CPU
 priority before anything else, so its math workers and sandboxes inherit it.
 Not covered: placement (the controller picks resources), retries (a `timeout`/`error` verdict is
 the answer; the learner decides whether to drop the sample).
@@ -151,7 +151,7 @@ def _remote_class() -> Any:
         config's max_concurrency) so that concurrent groups reach the semaphore."""
 
         def __init__(self, config: dict | None = None, cpu_nice: int = 0) -> None:
-            from services.cpu_priority import lower_cpu_priority
+            from runtime.cpu_priority import lower_cpu_priority
 
             # before any math worker or sandbox process exists: they inherit it
             lower_cpu_priority(cpu_nice)

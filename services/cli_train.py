@@ -26,7 +26,7 @@ def train(
     from pydantic import ValidationError
 
     from services.controller import RunController
-    from services.cpu_priority import lower_cpu_priority
+    from runtime.cpu_priority import lower_cpu_priority
     from services.spec import RunSpec, problem_lines, spec_problems
 
     raw = yaml.safe_load(spec_file.read_text())

@@ -94,9 +94,9 @@ class LearnerGroup:
 
     def __init__(self, model_path: str, algorithm: dict[str, Any], *, workers: int = 1, threads: int = 1,
                  seed: int = 0, num_cpus: float = 1, num_gpus: float = 0, cpu_nice: int = 0,
-                 strategies: list | None = None, max_restarts: int = 3) -> None:
+                 strategies: list | None = None, max_restarts: int = 3, storage: dict | None = None) -> None:
         self._args = dict(model_path=model_path, algorithm=algorithm, threads=threads, seed=seed,
-                          num_cpus=num_cpus, num_gpus=num_gpus, cpu_nice=cpu_nice)
+                          num_cpus=num_cpus, num_gpus=num_gpus, cpu_nice=cpu_nice, storage=storage)
         self.size = int(workers)
         self._strategies = strategies or [None] * self.size
         if len(self._strategies) != self.size:
@@ -125,7 +125,8 @@ class LearnerGroup:
         self.workers = [create_learner_actor(
             a["model_path"], a["algorithm"], threads=a["threads"], seed=a["seed"], num_cpus=a["num_cpus"],
             num_gpus=a["num_gpus"], max_restarts=restarts, cpu_nice=a["cpu_nice"],
-            scheduling_strategy=self._strategies[r], rank=r, world_size=self.size) for r in range(self.size)]
+            scheduling_strategy=self._strategies[r], rank=r, world_size=self.size,
+            storage=a.get("storage")) for r in range(self.size)]
         self._formed = self.size == 1
 
     def _form(self, timeout_s: float) -> None:

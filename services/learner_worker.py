@@ -28,8 +28,11 @@ started from, kept frozen in a second copy on the learner's device; `step` fills
 ``ref_logprobs`` from it (main head, micro-batched) unless the caller gave them. Restores and
 rollbacks leave it alone: the reference stays the run's starting model.
 
+``storage`` (`services.run_storage.mark` of the run directory): the worker refuses to start on a
+node that does not see the run directory the controller writes, saying what to mount.
+
 ``cpu_nice`` (a run's ``resources.cpu_nice``): the worker lowers its CPU priority first
-(`services.cpu_priority`).
+(`runtime.cpu_priority`).
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ from learner.checkpoint import export_name, iter_export_tensors, load_policy, sa
 from learner.config import AlgorithmConfig
 from learner.distributed import DataParallel, full_tensors, shard_policy
 from learner.step import Learner
-from services.cpu_priority import lower_cpu_priority
+from runtime.cpu_priority import lower_cpu_priority
+from services.run_storage import check as check_storage
 
 TRAINER_STATE = "trainer.pt"
 TRAINER_SHARDS = "trainer"  # torch.distributed.checkpoint of {"model", "optim"}
@@ -57,7 +61,10 @@ class LearnerWorker:
     """One process holding the policy and its optimiser."""
 
     def __init__(self, model_path: str, algorithm: dict[str, Any], threads: int = 1, seed: int = 0,
-                 gpus: float = 0, cpu_nice: int = 0, rank: int = 0, world_size: int = 1) -> None:
+                 gpus: float = 0, cpu_nice: int = 0, rank: int = 0, world_size: int = 1,
+                 storage: dict[str, Any] | None = None) -> None:
+        if storage is not None:  # before loading anything: checkpoints go there (services.run_storage)
+            check_storage(storage, what=f"learner rank {rank}")
         lower_cpu_priority(cpu_nice)  # before torch starts its thread pool: every thread inherits it
         torch.set_num_threads(max(1, int(threads)))
         torch.manual_seed(seed)
@@ -275,7 +282,8 @@ class LearnerWorker:
 
 def create_learner_actor(model_path: str, algorithm: dict[str, Any], *, threads: int = 1, seed: int = 0,
                          num_cpus: float = 1, num_gpus: float = 0, max_restarts: int = 3,
-                         cpu_nice: int = 0, scheduling_strategy: Any = None, rank: int = 0, world_size: int = 1):
+                         cpu_nice: int = 0, scheduling_strategy: Any = None, rank: int = 0, world_size: int = 1,
+                         storage: dict[str, Any] | None = None):
     import ray
 
     opts: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
@@ -285,4 +293,4 @@ def create_learner_actor(model_path: str, algorithm: dict[str, Any], *, threads:
         opts["scheduling_strategy"] = scheduling_strategy
     return ray.remote(LearnerWorker).options(**opts).remote(model_path, algorithm, threads, seed,
                                                             gpus=num_gpus, cpu_nice=cpu_nice, rank=rank,
-                                                            world_size=world_size)
+                                                            world_size=world_size, storage=storage)

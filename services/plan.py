@@ -126,13 +126,10 @@ class PlanInputs(BaseModel):
     cpus_per_reward: float
 
 
-def engine_dtype_bytes() -> int:
-    """Element size of the engines' weights: the controller's `engine_config` passes no dtype, so
-    engines run `rollout.config.EngineConfig`'s default (float32, which keeps vLLM's log-probs
-    equal to the learner's) on CPU and GPU alike."""
-    from rollout.config import EngineConfig
-
-    return {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}[EngineConfig.model_fields["dtype"].default]
+def engine_dtype_bytes(spec: RunSpec) -> int:
+    """Element size of the engines' weights: the dtype of the run's engine config (the spec's, else
+    the engine device's default: float32 on CPU, bfloat16 on GPU; rollout.config.DEVICE_DEFAULTS)."""
+    return {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}[spec.engine_config().dtype]
 
 
 def inputs_from_spec(spec: RunSpec, shape: ModelShape, prompt_tokens: int | None = None) -> PlanInputs:
@@ -152,9 +149,9 @@ def inputs_from_spec(spec: RunSpec, shape: ModelShape, prompt_tokens: int | None
         activation_checkpointing=alg.activation_checkpointing, seq_len=seq,
         response_len=max(1, min(ro.max_tokens, seq - 1)), train_heads=1 + n_heads,
         kl_reference=alg.advantage.kl_coef > 0, engines=ro.engines,
-        engine_gpus=res.gpus_per_engine * res.tensor_parallel, tensor_parallel=res.tensor_parallel,
-        cpus_per_engine=res.cpus_per_engine, engine_dtype_bytes=engine_dtype_bytes(),
-        kv_cache_gib=ro.kv_cache_gib, drafter=ro.num_speculative_tokens > 0, max_model_len=ro.max_model_len,
+        engine_gpus=res.engine_gpus, tensor_parallel=res.tensor_parallel,
+        cpus_per_engine=res.cpus_per_engine, engine_dtype_bytes=engine_dtype_bytes(spec),
+        kv_cache_gib=spec.engine_config().kv_cache_gib or 0.0, drafter=ro.num_speculative_tokens > 0, max_model_len=ro.max_model_len,
         reward_actors=spec.reward.actors, cpus_per_reward=res.cpus_per_reward_worker)
 
 

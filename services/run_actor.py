@@ -8,7 +8,7 @@ follow the contract in docs/control-plane.md. The registry's state wins: the con
 (API crash) still takes effect. Run directories: ``<runs_dir>/<run_id>`` unless the spec's
 ``checkpointing.dir`` says otherwise; a restarted actor resumes from the latest checkpoint there.
 With ``resources.cpu_nice`` the actor lowers its own CPU priority first, and so does every actor
-it starts (`services.cpu_priority`).
+it starts (`runtime.cpu_priority`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import ray
 
-from services.cpu_priority import lower_cpu_priority
+from runtime.cpu_priority import lower_cpu_priority
 from services.registry import CANCELLED, COMPLETED, FAILED, PAUSED, RUNNING, TERMINAL_STATES, RedisSink
 
 

@@ -126,3 +126,23 @@ def latest(run_dir: str | Path) -> Path | None:
 
 def read_state(ckpt: str | Path) -> LoopState:
     return LoopState.model_validate(json.loads((Path(ckpt) / STATE).read_text()))
+
+
+class Checkpoints:
+    """One run directory's checkpoints: the only place that turns the run directory into
+    checkpoint paths (the loop hands it over once and then deals in `LoopState`s)."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+
+    def latest(self) -> tuple[Path | None, LoopState | None]:
+        """The latest complete checkpoint and its loop state, or ``(None, None)``."""
+        path = latest(self.run_dir)
+        return (path, read_state(path)) if path is not None else (None, None)
+
+    def write(self, state: LoopState, keep_last: int, save) -> Path | None:
+        """A new checkpoint of ``state``: ``save(tmp_dir)`` writes the learner's part (it may
+        raise, and then nothing is committed); returns the committed directory."""
+        tmp = begin(self.run_dir, state.step)
+        save(tmp)
+        return commit(self.run_dir, tmp, state, keep_last)

