@@ -150,3 +150,25 @@ def test_bad_directories_give_one_line_that_says_what_is_supported(tmp_path):
     fails(src, shard, "fetch")
     (src / shard).write_bytes(b"\0" * 64)  # truncated
     fails(src, shard, "corrupt")
+
+
+def test_export_of_a_run_directory_takes_its_latest_checkpoint_or_step_n(tmp_path, tiny_ckpt):
+    from learner.tiny import write_tiny_checkpoint
+    from services import run_checkpoint
+
+    run = tmp_path / "run"
+    for step, seed in ((2, 5), (4, 6)):  # two checkpoints of different weights
+        tmp = run_checkpoint.begin(run, step)
+        write_tiny_checkpoint(tmp / "policy", num_mtp=2, seed=seed)
+        run_checkpoint.commit(run, tmp, run_checkpoint.LoopState(step=step), keep_last=2)
+    assert _invoke("model", "export", run, "--out", tmp_path / "latest").exit_code == 0
+    assert _invoke("model", "export", run, "--out", tmp_path / "s2", "--step", 2).exit_code == 0
+    latest = AutoModelForCausalLM.from_pretrained(str(tmp_path / "latest"))
+    s2 = AutoModelForCausalLM.from_pretrained(str(tmp_path / "s2"))
+    want4 = load_policy(run / "checkpoints" / "step-000004" / "policy").backbone
+    assert torch.equal(latest.model.embed_tokens.weight, want4.model.embed_tokens.weight)
+    assert not torch.equal(s2.model.embed_tokens.weight, want4.model.embed_tokens.weight)
+    res = _invoke("model", "export", run, "--out", tmp_path / "s3", "--step", 3)
+    assert res.exit_code == 2 and "no checkpoint of step 3" in res.output and "step-000002" in res.output
+    res = _invoke("model", "export", tmp_path / "nothing", "--out", tmp_path / "x")
+    assert res.exit_code == 2 and "neither a checkpoint" in res.output
