@@ -16,6 +16,12 @@ Prompts: a template with `{question}` (defaults per kind below), then, when a to
 gold is the same test layout the CLI reads (`{"type": "assert", ...}` / `{"type": "stdio", ...}`);
 `meta["reference_program"]` holds the reference solution where the dataset has one.
 
+Tables: `parquet_items` (veRL's layout: ``prompt`` messages, ``reward_model.ground_truth``,
+``data_source``; or any layout above) and `disk_items` (a `datasets.save_to_disk` directory) read
+the same rows; ``fields`` maps ``prompt``/``answer``/``id`` to any columns (dotted for nested ones);
+``system`` is a system turn for every prompt. Bad rows are all collected into one `BadRowsError`
+naming their lines or rows.
+
 Not covered: downloading anything (every source is a local file or an installed wheel),
 tokenisation or length filtering (the rollout side does that), few-shot prompting.
 """
@@ -28,7 +34,7 @@ import hashlib
 import json
 import random
 from pathlib import Path
-from typing import Any, Literal, Protocol, Sequence
+from typing import Any, Iterable, Literal, Protocol, Sequence
 
 from reward.schema import AssertTests, RewardItem, RewardKind
 
@@ -62,14 +68,15 @@ def render_prompt(question: str, kind: RewardKind, template: str | None = None,
 
 
 def reasoning_gym_items(task: str, *, seed: int, size: int, template: str | None = None,
-                        tokenizer: ChatTokenizer | None = None, **task_config: Any) -> list[RewardItem]:
+                        tokenizer: ChatTokenizer | None = None, system: str | None = None,
+                        **task_config: Any) -> list[RewardItem]:
     """`size` procedurally generated problems of a reasoning-gym task (deterministic in `seed`)."""
     import reasoning_gym
 
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")
     ds = reasoning_gym.create_dataset(task, seed=seed, size=size, **task_config)
-    return [RewardItem(prompt=render_prompt(x["question"], "math", template, tokenizer), gold=str(x["answer"]),
+    return [RewardItem(prompt=render_prompt(x["question"], "math", template, tokenizer, system), gold=str(x["answer"]),
                        kind="math", id=f"{task}/{seed}/{i}", meta={"source": "reasoning_gym", "task": task,
                                                                   "question": x["question"]})
             for i, x in enumerate(ds)]
@@ -81,7 +88,7 @@ def _humaneval_path() -> Path:
 
 
 def humaneval_items(template: str | None = None, tokenizer: ChatTokenizer | None = None,
-                    path: str | Path | None = None) -> list[RewardItem]:
+                    path: str | Path | None = None, system: str | None = None) -> list[RewardItem]:
     """The 164 HumanEval problems; gold runs the official `check` with the prompt as trusted prelude
     (so helpers such as `poly` that the check calls come from the dataset, not the program)."""
     p = Path(path) if path else _humaneval_path()
@@ -94,7 +101,7 @@ def humaneval_items(template: str | None = None, tokenizer: ChatTokenizer | None
             x = json.loads(line)
             gold = AssertTests(entry_point=x["entry_point"], test=x["test"], prelude=x["prompt"])
             items.append(RewardItem(
-                prompt=render_prompt(x["prompt"], "code", template, tokenizer), gold=gold, kind="code",
+                prompt=render_prompt(x["prompt"], "code", template, tokenizer, system), gold=gold, kind="code",
                 id=x["task_id"], meta={"source": "humaneval", "prompt_code": x["prompt"],
                                        "reference_program": x["prompt"] + x["canonical_solution"]}))
     return items
@@ -145,27 +152,27 @@ def _detect_layout(row: dict) -> Layout:
 
 
 def _row_item(row: dict, layout: Layout, idx: int, template: str | None, tokenizer: ChatTokenizer | None,
-              source: str) -> RewardItem:
+              source: str, system: str | None = None) -> RewardItem:
     extra = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
+    source = str(row.get("data_source") or source)  # veRL's rows name their set
     rid = str(row.get("id", row.get("task_id", extra.get("index", idx))))  # stable ids keep splits stable
     match layout:
         case "gsm8k":
             ans = str(row["answer"])
             gold = ans.split("####")[-1].strip().replace(",", "")
-            return RewardItem(render_prompt(row["question"], "math", template, tokenizer), gold, "math",
+            return RewardItem(render_prompt(row["question"], "math", template, tokenizer, system), gold, "math",
                               f"{source}/{rid}", {"source": source})
         case "math":
             gold = row.get("answer") or _boxed_last(row.get("solution", ""))
             if not gold:
                 raise ValueError("MATH row has neither `answer` nor a \\boxed{} in `solution`")
-            return RewardItem(render_prompt(row["problem"], "math", template, tokenizer), str(gold), "math",
+            return RewardItem(render_prompt(row["problem"], "math", template, tokenizer, system), str(gold), "math",
                               f"{source}/{rid}", {"source": source, "level": row.get("level"), "type": row.get("type")})
         case "dapo":
-            prompt = row["prompt"]
-            question = prompt[-1]["content"] if isinstance(prompt, list) else str(prompt)
+            question, own_system = _question_of(row["prompt"])
             gold = str(row["reward_model"]["ground_truth"])
-            return RewardItem(render_prompt(question, "math", template or RAW_TEMPLATE, tokenizer), gold, "math",
-                              f"{source}/{rid}", {"source": source})
+            return RewardItem(render_prompt(question, "math", template or RAW_TEMPLATE, tokenizer, system or own_system),
+                              gold, "math", f"{source}/{rid}", {"source": source})
         case "mbpp":
             tests = list(row["test_list"])
             entry = _mbpp_entry_point(tests)
@@ -173,28 +180,134 @@ def _row_item(row: dict, layout: Layout, idx: int, template: str | None, tokeniz
             prelude = _stdlib_imports_for(tests) + (row.get("test_setup_code") or "")
             gold = AssertTests(entry_point=entry, test=test_src, prelude=prelude)
             question = row["text"] + "\nYour code should pass these tests:\n" + "\n".join(tests)
-            return RewardItem(render_prompt(question, "code", template, tokenizer), gold, "code", f"{source}/{rid}",
+            return RewardItem(render_prompt(question, "code", template, tokenizer, system), gold, "code", f"{source}/{rid}",
                               {"source": source, "reference_program": row.get("code", "")})
         case _:
             raise ValueError(f"unknown layout {layout!r}")
 
 
-def jsonl_items(path: str | Path, layout: Layout = "auto", template: str | None = None,
-                tokenizer: ChatTokenizer | None = None) -> list[RewardItem]:
-    """Items from a user JSONL file; errors name the file and line."""
-    p = Path(path)
-    items = []
-    with open(p) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                items.append(_row_item(row, _detect_layout(row) if layout == "auto" else layout, n - 1,
-                                       template, tokenizer, p.stem))
-            except (json.JSONDecodeError, KeyError, ValueError, TypeError, SyntaxError) as e:
-                raise ValueError(f"{p}:{n}: {type(e).__name__}: {e}") from e
+def _question_of(prompt: Any) -> tuple[str, str | None]:
+    """The user turn and the system turn (if any) of a prompt given as text or as chat messages
+    (veRL's and TRL's conversational ``prompt``)."""
+    if isinstance(prompt, str):
+        return prompt, None
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt):
+        users = [m["content"] for m in prompt if m.get("role", "user") == "user"]
+        systems = [m["content"] for m in prompt if m.get("role") == "system"]
+        if users:
+            return str(users[-1]), (str(systems[0]) if systems else None)
+    raise ValueError(f"prompt must be text or chat messages with a user turn, got {str(prompt)[:80]!r}")
+
+
+def _field(row: dict, dotted: str) -> Any:
+    """``row["a"]["b"]`` for ``"a.b"`` (nested columns such as veRL's ``reward_model.ground_truth``)."""
+    value: Any = row
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(f"no field {dotted!r} (row keys: {sorted(row)})")
+        value = value[part]
+    return value
+
+
+#: `fields` keys: the mtprl meaning -> the user's column (dotted for nested ones).
+FIELD_KEYS = ("prompt", "answer", "id")
+
+
+def _mapped_item(row: dict, fields: dict[str, str], idx: int, template: str | None,
+                 tokenizer: ChatTokenizer | None, source: str, system: str | None) -> RewardItem:
+    question, own_system = _question_of(_field(row, fields["prompt"]))
+    gold = _field(row, fields["answer"])
+    if gold is None or str(gold).strip() == "":
+        raise ValueError(f"empty answer in {fields['answer']!r}")
+    rid = str(_field(row, fields["id"])) if "id" in fields else str(idx)
+    return RewardItem(render_prompt(question, "math", template or RAW_TEMPLATE, tokenizer, system or own_system),
+                      str(gold), "math", f"{source}/{rid}", {"source": source})
+
+
+class BadRowsError(ValueError):
+    """Rows that could not be read, every one counted and named (never silently skipped)."""
+
+    def __init__(self, where: str, bad: list[tuple[str, str]], total: int):
+        self.bad, self.total = bad, total
+        shown = "; ".join(f"{pos}: {msg}" for pos, msg in bad[:5])
+        more = f"; also {', '.join(pos for pos, _ in bad[5:25])}{' …' if len(bad) > 25 else ''}" if len(bad) > 5 else ""
+        super().__init__(f"{where}: {len(bad)} of {total} rows are bad — {shown}{more}")
+
+
+def rows_items(rows: Iterable[dict], where: str, source: str, layout: Layout = "auto", template: str | None = None,
+               tokenizer: ChatTokenizer | None = None, fields: dict[str, str] | None = None,
+               system: str | None = None, position: str = "row", first: int = 0) -> list[RewardItem]:
+    """Items from table rows (a JSONL file's lines, a parquet file's or a `datasets` split's
+    rows): by ``fields`` when given, else by ``layout``. Every bad row is collected and the lot
+    raised as one `BadRowsError` naming their positions (``position`` ``first``-based)."""
+    items, bad, total = [], [], 0
+    for i, row in enumerate(rows):
+        total += 1
+        try:
+            if isinstance(row, str):  # a line that did not parse, as `jsonl_items` passes it
+                raise ValueError(row)
+            if not isinstance(row, dict):
+                raise TypeError(f"a row must be an object, got {type(row).__name__}")
+            if fields:
+                items.append(_mapped_item(row, fields, i, template, tokenizer, source, system))
+            else:
+                items.append(_row_item(row, _detect_layout(row) if layout == "auto" else layout, i, template,
+                                       tokenizer, source, system))
+        except (KeyError, ValueError, TypeError, SyntaxError, IndexError) as e:
+            bad.append((f"{position} {i + first}", f"{type(e).__name__}: {e}"))
+    if bad:
+        raise BadRowsError(where, bad, total)
     return items
+
+
+def jsonl_items(path: str | Path, layout: Layout = "auto", template: str | None = None,
+                tokenizer: ChatTokenizer | None = None, fields: dict[str, str] | None = None,
+                system: str | None = None) -> list[RewardItem]:
+    """Items from a user JSONL file; bad rows are reported with their line numbers."""
+    p = Path(path)
+    with open(p) as f:  # line numbers count blank lines too, as an editor does
+        numbered = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for _, line in numbered:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            rows.append(f"not JSON ({e})")
+    try:
+        return rows_items(rows, str(p), p.stem, layout, template, tokenizer, fields, system, position="line", first=1)
+    except BadRowsError as e:  # map row index -> the file's line number
+        fixed = [(f"line {numbered[int(pos.split()[1]) - 1][0]}", msg) for pos, msg in e.bad]
+        raise BadRowsError(str(p), fixed, e.total) from None
+
+
+def parquet_items(path: str | Path, **kwargs: Any) -> list[RewardItem]:
+    """Items from a parquet file (veRL's ``prompt`` / ``reward_model.ground_truth`` / ``data_source``
+    layout, or any layout `jsonl_items` reads, or ``fields``); rows are numbered from 0."""
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    try:
+        table = pq.read_table(p)
+    except Exception as e:  # pyarrow raises ArrowInvalid/OSError variants for a bad file
+        raise ValueError(f"{p} is not a readable parquet file ({type(e).__name__}: {e})") from e
+    return rows_items(table.to_pylist(), str(p), p.stem, **kwargs)
+
+
+def disk_items(path: str | Path, split_name: str = "train", **kwargs: Any) -> list[RewardItem]:
+    """Items from a directory written by `datasets.Dataset.save_to_disk` (or a `DatasetDict`'s:
+    its ``split_name`` split)."""
+    import datasets
+
+    p = Path(path)
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except Exception as e:  # FileNotFoundError for a directory that is not one
+        raise ValueError(f"{p} is not a `datasets.save_to_disk` directory ({type(e).__name__}: {e})") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if split_name not in ds:
+            raise ValueError(f"{p} holds splits {sorted(ds)}, not {split_name!r}")
+        ds = ds[split_name]
+    return rows_items(iter(ds), str(p), p.name, **kwargs)
 
 
 def split(items: Sequence[RewardItem], held_out_fraction: float = 0.1, seed: int = 0

@@ -19,6 +19,8 @@ def compare(
                                                                       "(default: rollout.max_tokens).")] = None,
     tail: Annotated[int, typer.Option(min=1, help="Steps averaged for the final reward and acceptance.")] = 5,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: start a local one).")] = None,
+    verbose: Annotated[bool, typer.Option(help="vLLM's, Ray's and transformers' logs on the console too "
+                                               "(default: OUT/mtprl.log).")] = False,
 ) -> None:
     """The OCC paper's Table 1 in miniature: detach / ce / policy / occ on the same task and seed.
 
@@ -42,10 +44,16 @@ def compare(
         regime_specs(base, names)  # every regime's spec is checked before anything starts
     except (ValidationError, ValueError) as e:
         raise typer.BadParameter(f"invalid run spec: {e}") from None
+    from services.console import route_library_logs
+
+    log_file = route_library_logs(out, verbose)
+    if log_file:
+        typer.echo(f"library logs: {log_file}", err=True)
     if ray_address:
-        ray.init(address=ray_address, log_to_driver=False)
+        ray.init(address=ray_address, log_to_driver=verbose, configure_logging=verbose)
     else:
-        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=verbose,
+                 configure_logging=verbose)
     cmp = run_comparison(base, out, names, eval_max_tokens=eval_max_tokens, tail=tail,
                          log=lambda s: typer.echo(s, err=True))
     typer.echo(render_markdown(cmp))

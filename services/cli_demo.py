@@ -81,6 +81,8 @@ def demo(
     eval_max_tokens: Annotated[int, typer.Option(help="Answer budget of the held-out evaluation.")] = 64,
     seed: Annotated[int, typer.Option(help="Data seed: the problems trained on and held out, and the sampling "
                                            "seeds (the warmed-up head is the same for every seed).")] = 0,
+    verbose: Annotated[bool, typer.Option(help="vLLM's, Ray's and transformers' logs on the console too "
+                                               "(default: RUNS_DIR/mtprl.log).")] = False,
 ) -> None:
     """Train SmolLM2 + MTP head with MPO + OCC through the REST API; held-out accuracy before/after."""
     import httpx
@@ -90,6 +92,11 @@ def demo(
     from learner.convert import import_smollm2
     from services.self_distill import SelfDistillConfig, is_current, run_self_distill
 
+    from services.console import route_library_logs
+
+    log_file = route_library_logs(runs_dir, verbose)
+    if log_file:
+        typer.echo(f"library logs: {log_file} (--verbose shows them here)")
     t0 = time.perf_counter()
     base, warm = models_dir / "smollm2-mtp1", models_dir / "smollm2-mtp1-warm"
     if (base / "model.safetensors").is_file():

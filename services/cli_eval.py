@@ -32,10 +32,16 @@ def eval_cmd(
     workers: Annotated[int, typer.Option(help="Verifier worker processes.", min=1)] = 2,
     out: Annotated[Path | None, typer.Option(help="Also write the JSON result here.")] = None,
     items: Annotated[bool, typer.Option(help="Include per-prompt results in the JSON.")] = False,
+    verbose: Annotated[bool, typer.Option(help="vLLM's and transformers' logs on the console too (default: "
+                                               "mtprl.log next to --out, else in runs/eval/).")] = False,
 ) -> None:
     """pass@1 and avg@k of a checkpoint on a dataset, graded like training."""
     from pydantic import ValidationError
 
+    from services.console import route_library_logs
+
+    # before services.evaluate imports vLLM: it then installs no console handler of its own
+    log_file = route_library_logs(out.parent if out is not None else Path("runs") / "eval", verbose)
     from services.evaluate import evaluate
     from services.spec import DataSpec, RewardSpec
 
@@ -49,6 +55,9 @@ def eval_cmd(
     except ValidationError as e:
         msgs = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'data'}: {x['msg']}" for x in e.errors())
         raise typer.BadParameter(msgs, param_hint="--data") from None
+    if log_file:
+        typer.echo(f"evaluating {model} on {data} ({samples} sample(s) per prompt); library logs: {log_file}",
+                   err=True)
     try:
         res = evaluate(model, data_spec, samples=samples, max_tokens=max_tokens, temperature=temperature,
                        seed=seed, split=split, top_p=top_p, reward=RewardSpec(workers=workers),  # type: ignore[arg-type]

@@ -38,6 +38,44 @@ def import_smollm2_cmd(
     typer.echo(f"wrote {path} (SmolLM2-135M-Instruct + {mtp_layers} MTP module(s), MiMo layout)")
 
 
+@app.command("import")
+def import_cmd(
+    hf_dir: Annotated[Path, typer.Argument(help="Local Hugging Face model directory (config.json, safetensors, "
+                                                "tokenizer).")],
+    out: Annotated[Path, typer.Option(help="Checkpoint directory to write.")],
+    mtp_layers: Annotated[int | None, typer.Option(help="MTP modules (1..4): new ones for Qwen2/Llama (default 1); "
+                                                        "for MiMo, its own are kept and more may be added.")] = None,
+) -> None:
+    """Convert a Qwen2/Qwen2.5, Llama-layout or MiMo model directory into the MiMo layout."""
+    from learner.convert import ImportErrorWithAdvice, import_hf
+
+    try:
+        path, what = import_hf(hf_dir, out, mtp_layers=mtp_layers)
+    except ImportErrorWithAdvice as e:
+        _fail(str(e))
+    typer.echo(f"wrote {path} ({what}, MiMo layout)")
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint directory, or a run directory (its latest "
+                                                    "checkpoint).")],
+    out: Annotated[Path, typer.Option(help="Directory to write.")],
+    format: Annotated[str, typer.Option("--format", help="hf: plain Hugging Face causal LM (no MTP tensors); "
+                                                         "mimo: keeps the MTP modules.")] = "hf",
+    step: Annotated[int | None, typer.Option(help="A run directory's checkpoint of this step.")] = None,
+) -> None:
+    """Export a policy as a Hugging Face model that transformers and vLLM load as it is."""
+    from learner.checkpoint import CheckpointError
+    from learner.export import export_checkpoint
+
+    try:
+        path = export_checkpoint(checkpoint, out, fmt=format, step=step)
+    except CheckpointError as e:
+        _fail(str(e))
+    typer.echo(f"wrote {path} ({format} format)")
+
+
 @app.command("tiny")
 def tiny_cmd(
     out: Annotated[Path, typer.Option(help="Checkpoint directory to write.")],

@@ -17,6 +17,8 @@ def train(
     run_dir: Annotated[Path, typer.Option(help="Checkpoints, metrics.jsonl and summary.json go here.")] = Path("runs/local"),
     fresh: Annotated[bool, typer.Option(help="Ignore checkpoints already in run-dir.")] = False,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: start a local one).")] = None,
+    verbose: Annotated[bool, typer.Option(help="vLLM's, Ray's and transformers' logs on the console too "
+                                               "(default: RUN_DIR/mtprl.log).")] = False,
 ) -> None:
     """Train from a run spec on a local (or given) Ray cluster."""
     import os
@@ -25,6 +27,7 @@ def train(
     import yaml
     from pydantic import ValidationError
 
+    from services.console import route_library_logs
     from services.controller import RunController
     from runtime.cpu_priority import lower_cpu_priority
     from services.spec import RunSpec, problem_lines, spec_problems
@@ -40,10 +43,14 @@ def train(
     # This process runs the run's controller (and a local Ray started below inherits it); the
     # actors lower their own priority wherever they run.
     lower_cpu_priority(spec.resources.cpu_nice)
+    log_file = route_library_logs(run_dir, verbose)
+    if log_file:
+        typer.echo(f"library logs: {log_file}", err=True)
     if ray_address:
-        ray.init(address=ray_address, log_to_driver=False)
+        ray.init(address=ray_address, log_to_driver=verbose, configure_logging=verbose)
     else:  # logical CPUs: the run's actors share this machine's cores (see resources in the spec)
-        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=verbose,
+                 configure_logging=verbose)
     ctl = RunController(run_dir.name, spec, run_dir, progress=True, resume=not fresh)
     signal.signal(signal.SIGINT, lambda *_: (typer.echo("\npausing: finishing the step and checkpointing ..."),
                                              ctl.pause(), ctl.cancel_after_pause()))

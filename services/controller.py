@@ -41,6 +41,7 @@ from services.run_placement import engine_config, place, start_engine_group, sta
 from services.run_recovery import RunRecovery
 from services.spec import RunSpec
 from services.step_report import StepReporter
+from services.tracking import Tracking
 from services.weight_publication import WeightPublisher
 
 RUN, PAUSE, CANCEL = "run", "pause", "cancel"
@@ -174,6 +175,7 @@ class RunController:
         self.status = {"state": outcome, "step": st.step}
         result = RunResult(outcome, st.step, st.version, dict(st.counters), list(st.trained), unused,
                            time.perf_counter() - t_start, str(self.run_dir), self.report.history())
+        self.tracking.finish()  # the report's plots, then close (warns, never raises)
         self._teardown()
         return result
 
@@ -293,6 +295,7 @@ class RunController:
             self._owned += [lambda a=a: ray.kill(a, no_restart=True) for a in self._rewards]
         self.ctx = RunContext(spec, self._items, tokenizer)
         self.report = StepReporter(self.ctx, self.run_id, self.run_dir, self.sink, self.progress, self)
+        self.tracking = Tracking(spec.tracking, self.run_dir, self.run_id, spec.model_dump(mode="json"))
         self.dispatch = Dispatcher(self.ctx, self.engines, self.report.event)
         self.rewards = RewardRouter(self.ctx, self._rewards)
         self.learning = LearnerStepper(self.ctx, self._learner)

@@ -4,7 +4,7 @@ item)."""
 
 from __future__ import annotations
 
-from reward.datasets import humaneval_items, jsonl_items, reasoning_gym_items, split
+from reward.datasets import disk_items, humaneval_items, jsonl_items, parquet_items, reasoning_gym_items, split
 from reward.schema import RewardItem
 from services.spec import RunSpec
 
@@ -17,13 +17,18 @@ def _chat(tokenizer):
 def all_items(spec: RunSpec, tokenizer=None) -> list[RewardItem]:
     d = spec.data
     tok = _chat(tokenizer)
+    common = dict(template=d.template, tokenizer=tok, system=d.system_prompt)
     if d.dataset.startswith("reasoning_gym:"):
-        return reasoning_gym_items(d.dataset.split(":", 1)[1], seed=d.seed, size=d.size, template=d.template,
-                                   tokenizer=tok, **d.task_config)
+        return reasoning_gym_items(d.dataset.split(":", 1)[1], seed=d.seed, size=d.size, **common, **d.task_config)
+    table = dict(common, fields=d.fields)
     if d.dataset == "human_eval":
-        items = humaneval_items(template=d.template, tokenizer=tok)
+        items = humaneval_items(**common)
     elif d.dataset.startswith("jsonl:"):
-        items = jsonl_items(d.dataset.removeprefix("jsonl:"), template=d.template, tokenizer=tok)
+        items = jsonl_items(d.dataset.removeprefix("jsonl:"), **table)
+    elif d.dataset.startswith("parquet:"):
+        items = parquet_items(d.dataset.removeprefix("parquet:"), **table)
+    elif d.dataset.startswith("datasets:"):
+        items = disk_items(d.dataset.removeprefix("datasets:"), **table)
     else:  # RunSpec validation lists the known datasets
         raise ValueError(f"unknown dataset {d.dataset!r}")
     return items[: d.size]

@@ -19,6 +19,7 @@ Bounds that a component owns are imported from it, never copied (`MAX_SPECULATIV
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from learner.config import AlgorithmConfig
 from reward.config import DEFAULT_INNER_TIMEOUT_S
+from reward.datasets import FIELD_KEYS
 from rollout.config import (
     CPU_CHUNKED_PREFILL_BUG,
     MAX_GPU_MEMORY_UTILIZATION,
@@ -39,10 +41,23 @@ from rollout.config import (
 )
 from rollout.draft_vocab import DRAFT_VOCAB_FILE
 from rollout.weight_transport import BUCKET_MIB_DEFAULT, BUCKET_MIB_MAX, BUCKET_MIB_MIN, TRANSPORTS
+from services.tracking import TrackerName
 
-#: Datasets a run can name. `jsonl:PATH` is the user's own file (GSM8K/MATH/MBPP layouts).
+#: Datasets a run can name. `jsonl:PATH` / `parquet:PATH` / `datasets:DIR` are the user's own
+#: (see reward/datasets.py); `reasoning_gym:TASK` any task the installed package registers, these
+#: being the ones the suite trains on.
 REASONING_GYM_TASKS = ("basic_arithmetic", "chain_sum", "gsm_symbolic")
 BUILTIN_DATASETS = tuple(f"reasoning_gym:{t}" for t in REASONING_GYM_TASKS) + ("human_eval",)
+#: Prefix -> what it names: a user file (checked to exist) or a `datasets.save_to_disk` directory.
+FILE_DATASETS = {"jsonl:": "file", "parquet:": "file", "datasets:": "directory"}
+
+
+@functools.cache
+def reasoning_gym_registered() -> tuple[str, ...]:
+    """Every task name the installed reasoning-gym registers (imported on first need: ~1 s)."""
+    from reasoning_gym.factory import DATASETS
+
+    return tuple(sorted(DATASETS))
 
 
 #: Validation context key: ``RunSpec.model_validate(raw, context={SKIP_FILE_CHECKS: True})`` checks
@@ -98,7 +113,9 @@ class DataSpec(_Strict):
 
     dataset: str = Field(
         ...,
-        description="One of " + ", ".join(BUILTIN_DATASETS) + ", or jsonl:PATH (an existing file).",
+        description="One of " + ", ".join(BUILTIN_DATASETS) + ", reasoning_gym:TASK (any registered task), "
+        "jsonl:PATH or parquet:PATH (an existing file), or datasets:DIR (a `datasets.save_to_disk` directory; "
+        "its train split).",
     )
     size: int = Field(1000, ge=1, description="Prompts generated (reasoning_gym) or read at most.")
     seed: int = Field(0, ge=0, description="Seeds generation and the prompt order.")
@@ -107,6 +124,13 @@ class DataSpec(_Strict):
         "(a stable hash split by item id).")
     template: str | None = Field(
         None, description="Prompt template with {question}; default: the task kind's (ask for \\boxed{}).")
+    fields: dict[Literal[*FIELD_KEYS], str] | None = Field(
+        None, description="Columns of a jsonl/parquet/datasets source: prompt (text or chat messages) and answer "
+        "(the gold final answer) required, id optional; dotted names reach nested ones (reward_model.ground_truth). "
+        "Unset: the layout is detected (GSM8K, MATH, veRL/DAPO, MBPP).")
+    system_prompt: str | None = Field(
+        None, max_length=8192, description="A system turn put before every prompt (rendered by the chat template); "
+        "unset: the row's own system message, if any.")
     task_config: dict[str, Any] = Field(
         default_factory=dict, description="reasoning_gym task options, e.g. {min_terms: 2, max_terms: 2, "
         "max_digits: 2, operators: ['+', '-']} for basic_arithmetic (difficulty).")
@@ -124,14 +148,34 @@ class DataSpec(_Strict):
     def _known(cls, v: str, info: ValidationInfo) -> str:
         if v in BUILTIN_DATASETS:
             return v
-        if v.startswith("jsonl:"):
-            path = v.removeprefix("jsonl:")
-            if not path:
-                raise ValueError("jsonl: needs a path, e.g. jsonl:/data/gsm8k.jsonl")
-            if _files_checked(info) and not Path(os.path.expanduser(path)).is_file():
-                raise ValueError(f"dataset file {path!r} does not exist")
+        if v.startswith("reasoning_gym:"):
+            task = v.removeprefix("reasoning_gym:")
+            if task not in reasoning_gym_registered():
+                raise ValueError(f"reasoning-gym registers no task {task!r}; it has {len(reasoning_gym_registered())}, "
+                                 f"e.g. {', '.join(reasoning_gym_registered()[:8])} (reasoning_gym.factory.DATASETS)")
             return v
-        raise ValueError(f"unknown dataset {v!r}; known: {', '.join(BUILTIN_DATASETS)}, jsonl:PATH")
+        for prefix, kind in FILE_DATASETS.items():
+            if v.startswith(prefix):
+                path = v.removeprefix(prefix)
+                if not path:
+                    raise ValueError(f"{prefix} needs a path, e.g. {prefix}/data/gsm8k")
+                p = Path(os.path.expanduser(path))
+                if _files_checked(info) and not (p.is_dir() if kind == "directory" else p.is_file()):
+                    raise ValueError(f"dataset {kind} {path!r} does not exist")
+                return v
+        raise ValueError(f"unknown dataset {v!r}; known: {', '.join(BUILTIN_DATASETS)}, reasoning_gym:TASK, "
+                         "jsonl:PATH, parquet:PATH, datasets:DIR")
+
+    @model_validator(mode="after")
+    def _fields_fit(self) -> DataSpec:
+        if self.fields is not None:
+            if not any(self.dataset.startswith(p) for p in FILE_DATASETS):
+                raise ValueError(f"data.fields maps a table's columns; {self.dataset!r} is not jsonl:, parquet: or "
+                                 "datasets:")
+            lacking = [k for k in ("prompt", "answer") if k not in self.fields]
+            if lacking:
+                raise ValueError(f"data.fields needs {' and '.join(lacking)} (the column names in your data)")
+        return self
 
 
 class RolloutSpec(_Strict):
@@ -345,6 +389,10 @@ class RunSpec(_Strict):
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     checkpointing: CheckpointSpec = Field(default_factory=CheckpointSpec)
     weight_sync: WeightSyncSpec = Field(default_factory=WeightSyncSpec)
+    tracking: list[TrackerName] = Field(
+        default_factory=list, max_length=2, description="Experiment trackers also logged to (off by default): "
+        "tensorboard (<run dir>/tensorboard) and/or wandb (offline unless WANDB_API_KEY is set); "
+        "see services/tracking.py.")
 
     @model_validator(mode="after")
     def _one_temperature(self) -> RunSpec:

@@ -81,6 +81,7 @@ class StepReporter:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": st.step, **m}) + "\n")
         self.history_len += 1
+        self.loop.tracking.log(m, st.step)  # no-op without `tracking:` in the spec
         go_on = self.sink is None or self.sink.report_step(self.run_id, st.step, m)
         if self.progress:
             from tqdm import tqdm

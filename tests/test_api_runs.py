@@ -126,8 +126,12 @@ def test_idempotent_create(api, model_dir):
     (lambda s: s["rollout"].update(samples_per_prompt=-2), ["body", "rollout", "samples_per_prompt"]),
     (lambda s: s["rollout"].update(max_tokens=-1), ["body", "rollout", "max_tokens"]),
     (lambda s: s["schedule"].update(steps=-5), ["body", "schedule", "steps"]),
-    (lambda s: s["data"].update(dataset="reasoning_gym:tower_of_hanoi"), ["body", "data", "dataset"]),
+    (lambda s: s["data"].update(dataset="reasoning_gym:no_such_task"), ["body", "data", "dataset"]),
     (lambda s: s["data"].update(dataset="jsonl:/no/such/file.jsonl"), ["body", "data", "dataset"]),
+    (lambda s: s["data"].update(dataset="parquet:/no/such/file.parquet"), ["body", "data", "dataset"]),
+    (lambda s: s["data"].update(dataset="datasets:/no/such/dir"), ["body", "data", "dataset"]),
+    (lambda s: s["data"].update(fields={"prompt": "q", "answer": "a"}), ["body", "data"]),  # not a table
+    (lambda s: s["data"].update(fields={"question": "q"}), ["body", "data", "fields", "question", "[key]"]),
     (lambda s: s.pop("model"), ["body", "model"]),
     (lambda s: s["model"].update(path="/no/such/model"), ["body", "model", "path"]),
     (lambda s: s.update(surprise=1), ["body", "surprise"]),

@@ -111,8 +111,9 @@ def test_user_jsonl_layouts(tmp_path):
 
 def test_bad_jsonl_names_file_and_line(tmp_path):
     f = tmp_path / "bad.jsonl"
-    f.write_text('{"question": "q", "answer": "#### 1"}\n{"foo": 1}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+    f.write_text('{"question": "q", "answer": "#### 1"}\n{"foo": 1}\n\n{not json\n{"question": "q2", "answer": "#### 2"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl: 2 of 4 rows are bad — line 2: ValueError: cannot tell the layout.*"
+                                         r"; line 4: ValueError: not JSON"):
         jsonl_items(f)
 
 
@@ -127,3 +128,62 @@ def test_split_is_disjoint_stable_and_seeded():
     assert {x.id for x in held3} != {x.id for x in held}
     with pytest.raises(ValueError, match="held_out_fraction"):
         split(items, 1.0)
+
+
+def test_parquet_and_datasets_dirs_read_verl_rows_fields_and_a_system_prompt(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from reward.datasets import disk_items, parquet_items
+    from learner.tiny import make_tokenizer
+
+    verl = [{"data_source": "lighteval/MATH", "prompt": [{"role": "system", "content": "Be brief."},
+                                                         {"role": "user", "content": "1+1?"}],
+             "reward_model": {"style": "rule", "ground_truth": "2"}, "extra_info": {"index": 7}}]
+    pq.write_table(pa.Table.from_pylist(verl), tmp_path / "v.parquet")
+    tok = make_tokenizer()
+    (item,) = parquet_items(tmp_path / "v.parquet", tokenizer=tok)
+    assert item.gold == "2" and item.id == "lighteval/MATH/7" and "Be brief." in item.prompt and "1+1?" in item.prompt
+    (item,) = parquet_items(tmp_path / "v.parquet", tokenizer=tok, system="Think.")
+    assert "Think." in item.prompt and "Be brief." not in item.prompt  # the spec's system prompt wins
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"text": "2+3?", "sol": {"final": 5}, "k": "a"}])}
+                         ).save_to_disk(str(tmp_path / "d"))
+    (item,) = disk_items(tmp_path / "d", fields={"prompt": "text", "answer": "sol.final", "id": "k"})
+    assert (item.prompt, item.gold, item.id) == ("2+3?", "5", "d/a")
+    with pytest.raises(ValueError, match="holds splits \\['train'\\], not 'test'"):
+        disk_items(tmp_path / "d", split_name="test")
+
+
+def test_bad_paths_and_rows_are_reported_with_their_row_numbers(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from reward.datasets import disk_items, parquet_items
+
+    rows = [{"q": "a?", "a": "1"}, {"q": "b?", "a": ""}, {"q": "c?", "a": "3"}, {"q": None, "a": "4"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    with pytest.raises(ValueError, match=r"t.parquet: 2 of 4 rows are bad — row 1: ValueError: empty answer.*; "
+                                         r"row 3: ValueError: prompt must be text"):
+        parquet_items(tmp_path / "t.parquet", fields={"prompt": "q", "answer": "a"})
+    with pytest.raises(ValueError, match="4 of 4 rows are bad — row 0: KeyError"):
+        parquet_items(tmp_path / "t.parquet", fields={"prompt": "question", "answer": "a"})
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match="not a readable parquet file"):
+        parquet_items(tmp_path / "junk.parquet")
+    with pytest.raises(ValueError, match="not a `datasets.save_to_disk` directory"):
+        disk_items(tmp_path)
+
+
+def test_any_registered_reasoning_gym_task_is_accepted_and_others_refused():
+    from pydantic import ValidationError
+
+    from services.spec import SKIP_FILE_CHECKS, DataSpec, reasoning_gym_registered
+
+    assert len(reasoning_gym_registered()) > 50
+    assert DataSpec(dataset="reasoning_gym:word_sorting").dataset == "reasoning_gym:word_sorting"
+    with pytest.raises(ValidationError, match="registers no task 'nope'"):
+        DataSpec(dataset="reasoning_gym:nope")
+    with pytest.raises(ValidationError, match="data.fields needs answer"):
+        DataSpec.model_validate({"dataset": "jsonl:x.jsonl", "fields": {"prompt": "q"}},
+                                context={SKIP_FILE_CHECKS: True})
