@@ -67,7 +67,7 @@ def export_cmd(
 ) -> None:
     """Export a policy as a Hugging Face model that transformers and vLLM load as it is."""
     from learner.checkpoint import CheckpointError
-    from learner.export import export_checkpoint
+    from services.model_export import export_checkpoint
 
     try:
         path = export_checkpoint(checkpoint, out, fmt=format, step=step)

@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from learner.checkpoint import (CONFIG_NAME, CheckpointError, _atomic_dir, _publish, load_policy,
                                 read_config, save_policy, weight_files)
+from services import run_checkpoint
 
 FORMATS = ("hf", "mimo")
 #: Files of a checkpoint that follow the weights (the tokenizer's, the chat template, generation defaults).
@@ -28,8 +29,6 @@ _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 def resolve_checkpoint(src: str | Path, step: int | None = None) -> Path:
     """The policy directory ``src`` names: a checkpoint itself, a run checkpoint (``…/step-N``, its
     ``policy/``), or a run directory (its latest checkpoint, or ``step``'s)."""
-    from services import run_checkpoint
-
     src = Path(src)
     if step is None and (src / CONFIG_NAME).is_file():
         return src
