@@ -2,13 +2,15 @@
 
 The learner puts its weights in Ray's object store once (`LearnerGroup.weights`) and each engine
 loads them, drafter included, from that one object (`EngineGroup.publish_ref`). The loads run
-while the loop goes on; `on_synced` records each engine's answer (a dead engine is recovered,
-which reloads the latest weights). Engine versions only grow.
+while the loop goes on; `on_synced` records each engine's answer (an engine that died is handed
+to ``on_lost`` — the dispatcher, which reloads it with the latest weights once it is back).
+Engine versions only grow.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import ray
 from ray.exceptions import RayActorError
@@ -21,8 +23,10 @@ class WeightPublisher:
     """Owns the engines' weight-load calls in flight (``sync_calls``) and the latest published
     version."""
 
-    def __init__(self, ctx: RunContext, learner: LearnerGroup, engines) -> None:
+    def __init__(self, ctx: RunContext, learner: LearnerGroup, engines,
+                 on_lost: Callable[[int], bool] | None = None) -> None:
         self.ctx, self.learner, self.engines = ctx, learner, engines
+        self.on_lost = on_lost  # an engine died loading: who brings it back (else: here, blocking)
         self.sync_calls: dict[ray.ObjectRef, tuple[int, int, float]] = {}  # ref → (engine, version, t0)
         self.published = 0
         self.last_sync_s = float("nan")
@@ -53,8 +57,11 @@ class WeightPublisher:
     def on_synced(self, ref) -> None:
         i, version, t0 = self.sync_calls.pop(ref)
         if result_or_died(ref) is DIED:
-            self.ctx.count("faults_rollout")
-            self.engines.recover(i)  # reloads the latest weights
+            if self.on_lost is None:
+                self.ctx.count("faults_rollout")
+                self.engines.recover(i)  # reloads the latest weights
+            elif self.on_lost(i):  # the dispatcher reloads it once it is back, without blocking the loop
+                self.ctx.count("faults_rollout")  # once per loss, not per publish while it is down
             return
         self.engines.confirm(i, version, True)
         self.last_sync_s = time.perf_counter() - t0
