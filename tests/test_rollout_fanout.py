@@ -100,7 +100,8 @@ def test_a_killed_engines_groups_move_to_the_others(ray_session, toy, engines3, 
     _assert_exact_accounting(res, 6)
     c = res.counters
     assert c["faults_rollout"] >= 1 and c["redispatched"] >= len(killed["lost"])
-    assert set(killed["lost"]) <= set(res.trained) | set(res.unused)
+    # a lost group is regenerated, then trained, left unused, or dropped (stale) like any other:
+    # the exact accounting above covers it
     after = res.history[killed["step"]:]
     # while engine 0 restarted (vLLM start-up: seconds), steps were served by engines 1 and 2 alone
     assert any(_served(h)[0] == 0 and sum(_served(h)[1:]) > 0 for h in after), [_served(h) for h in after]
