@@ -6,8 +6,10 @@
 One thread drives everything through Ray object references (`ray.wait` on whatever is in flight).
 The parts, each owning its state (docs/run-loop.md has the map):
 
-- `services.dispatch.Dispatcher`: data cursors → prompt groups on the engines, within the
-  staleness bound (``max_staleness = 0`` is the synchronous loop); lost chunks are re-dispatched.
+- `services.dispatch.Dispatcher`: data cursors → prompt groups spread over every engine (least
+  pending tokens first, idle engines take what is waiting), within the staleness bound counted in
+  policy versions (``max_staleness = 0`` is the synchronous loop); a lost engine's groups move to
+  the others while it comes back.
 - `services.reward_routing.RewardRouter`: generated groups → reward actors → the learner's buffer
   (grader failures and, with DAPO dynamic sampling, constant-reward groups dropped and counted).
 - `services.learner_stepping.LearnerStepper`: P buffered groups → one learner step.
@@ -201,6 +203,8 @@ class RunController:
                     self.learning.add(grp)
             elif ref in self.weights.sync_calls:
                 self.weights.on_synced(ref)
+            elif ref in self.dispatch.probes:
+                self.dispatch.on_probe(ref)
             elif self.learning.owns(ref):
                 self._on_trained()
 
@@ -299,7 +303,7 @@ class RunController:
         self.dispatch = Dispatcher(self.ctx, self.engines, self.report.event)
         self.rewards = RewardRouter(self.ctx, self._rewards)
         self.learning = LearnerStepper(self.ctx, self._learner)
-        self.weights = WeightPublisher(self.ctx, self._learner, self.engines)
+        self.weights = WeightPublisher(self.ctx, self._learner, self.engines, on_lost=self.dispatch.mark_down)
         self.recovery = RunRecovery(self, self.run_dir)
 
     def _progress_bar(self):

@@ -6,7 +6,8 @@ active ones, and finished ones for ``metrics_keep_finished_s`` after they end.
 
 Naming: a reported key ``a/b/c`` becomes the gauge ``mtprl_a_b_c{run_id=…}``; a last component
 ``head<k>`` becomes the label ``head="<k>"`` instead (k ≥ 1 = MTP head k; the main head's
-metrics carry no head label), and a name ending in ``_s`` / ``_per_s`` ends in ``_seconds`` /
+metrics carry no head label), a last component ``engine<i>`` the label ``engine="<i>"`` (rollout
+engine i: ``rollout/engine_busy_frac/engine1`` → ``mtprl_rollout_engine_busy_frac{engine="1"}``), and a name ending in ``_s`` / ``_per_s`` ends in ``_seconds`` /
 ``_per_second`` (Prometheus base units): ``reward/latency_p95_s`` →
 ``mtprl_reward_latency_p95_seconds``. All run metrics are gauges, and a gauge must not end in
 ``_total`` (Prometheus's counter suffix): ``loss/total`` becomes ``mtprl_loss``, and any other
@@ -30,14 +31,15 @@ from services.registry import STATES, RunRecord, RunRegistry
 
 @dataclass(frozen=True)
 class MetricDef:
-    key: str  # as reported; "{h}" stands for the head index
+    key: str  # as reported; "{h}" stands for the head index, "{e}" for the engine index
     help: str
     per_head: bool = False
     heads_from: int = 0  # first head index reported (0 = main head included, 1 = MTP heads only)
+    per_engine: bool = False  # one series per rollout engine (0 .. engines − 1)
 
     @property
     def prom_name(self) -> str:
-        return prom_name(self.key.replace("/head{h}", "/head0"))[0]
+        return prom_name(self.key.replace("/head{h}", "/head0").replace("/engine{e}", "/engine0"))[0]
 
 
 #: The metrics of DESIGN.md ("Metrics every step") and the dashboard, under the keys their
@@ -73,6 +75,10 @@ METRIC_CATALOG: tuple[MetricDef, ...] = (
     MetricDef("rollout/spec_acceptance_rate", "Speculative decoding: accepted / drafted tokens."),
     MetricDef("rollout/spec_mean_acceptance_length", "Speculative decoding: tokens per target forward."),
     MetricDef("sync/weight_s", "Seconds to publish and load new weights (last sync)."),
+    MetricDef("rollout/engine_busy_frac/engine{e}", "Fraction of the step's wall time rollout engine i had a "
+              "generation call outstanding (services/dispatch.py).", per_engine=True),
+    MetricDef("rollout/engine_groups/engine{e}", "Prompt groups rollout engine i returned during the step.",
+              per_engine=True),
     MetricDef("reward/latency_mean_s", "Mean verification latency per sample."),
     MetricDef("reward/latency_p95_s", "95th percentile verification latency."),
     MetricDef("reward/outcome/ok", "Samples verified correct (cumulative, reward actors)."),
@@ -113,17 +119,18 @@ METRIC_CATALOG: tuple[MetricDef, ...] = (
 # Gauges must not end in _total (a counter suffix): loss/total is the loss, any other ..._total
 # becomes ..._cumulative (see the module doc). The policy version is a run attribute.
 _RENAME = {"mtprl_loss_total": "mtprl_loss", "mtprl_policy_version": "mtprl_run_policy_version"}
-_HEAD = re.compile(r"^head(\d+)$")
+_LABELLED = re.compile(r"^(head|engine)(\d+)$")
 _BAD = re.compile(r"[^a-zA-Z0-9_]")
 
 
 @functools.lru_cache(maxsize=8192)
-def prom_name(key: str) -> tuple[str, str | None]:
-    """Reported key -> (Prometheus metric name, head label or None)."""
+def prom_name(key: str) -> tuple[str, tuple[str, str] | None]:
+    """Reported key -> (Prometheus metric name, ``(label, value)`` — ``("head", "2")``,
+    ``("engine", "0")`` — or None)."""
     parts = key.split("/")
-    head = None
-    if len(parts) > 1 and (m := _HEAD.match(parts[-1])):
-        head = m.group(1)
+    label = None
+    if len(parts) > 1 and (m := _LABELLED.match(parts[-1])):
+        label = (m.group(1), m.group(2))
         parts = parts[:-1]
     name = "mtprl_" + _BAD.sub("_", "_".join(parts))
     name = re.sub(r"_+", "_", name)
@@ -133,7 +140,7 @@ def prom_name(key: str) -> tuple[str, str | None]:
     name = _RENAME.get(name, name)
     if name.endswith("_total"):
         name = name.removesuffix("_total") + "_cumulative"
-    return name, head
+    return name, label
 
 
 _HELP = {d.prom_name: d.help for d in METRIC_CATALOG}
@@ -225,19 +232,19 @@ def render_runs(out: list[str], runs: list[RunRecord], counts: dict[str, int] | 
     out.extend(f"mtprl_run_last_report_timestamp_seconds{_labels(run_id=r.id)} {_num(r.last_report_at)}\n"
                for r in runs if r.last_report_at is not None)
 
-    # name -> (has head label, samples, first key); a key reported both with and without a head
-    # suffix keeps the first shape seen (one label set per family).
-    families: dict[str, tuple[bool, list[str], str]] = {}
+    # name -> (label name or None, samples, first key); a key reported both with and without a
+    # head/engine suffix keeps the first shape seen (one label set per family).
+    families: dict[str, tuple[str | None, list[str], str]] = {}
     for r in runs:
         run_label = f'run_id="{_esc(r.id)}"'
         for key, value in r.latest_metrics.items():
-            name, head = prom_name(key)
+            name, label = prom_name(key)
             fam = families.get(name)
             if fam is None:
-                fam = families[name] = (head is not None, [], key)
-            if fam[0] != (head is not None):
+                fam = families[name] = (label and label[0], [], key)
+            if fam[0] != (label and label[0]):
                 continue
-            lab = f'{{{run_label},head="{head}"}}' if head is not None else f"{{{run_label}}}"
+            lab = f'{{{run_label},{label[0]}="{label[1]}"}}' if label is not None else f"{{{run_label}}}"
             v = float(value)
             fam[1].append(f"{name}{lab} {repr(v) if v - v == 0 else _num(v)}\n")
     for name, (_h, samples, key) in families.items():

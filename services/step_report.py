@@ -39,6 +39,7 @@ class StepReporter:
         self.ctx.stats = IntervalStats()
         for clock in self.clocks():
             clock.iv_busy0 = clock.read()
+        self.loop.dispatch.new_interval()
 
     def report(self, learner_metrics: dict[str, float], groups: list) -> bool:
         """Write the step's record; False when the sink says the run is over (cancelled through
@@ -53,6 +54,7 @@ class StepReporter:
         m.update(lp.rewards.snapshot())
         m.update(iv.spec.as_metrics())
         m.update(lp.dispatch.cum_spec.as_metrics("rollout/cum_"))
+        m.update(lp.dispatch.engine_metrics(wall))
         m.update({
             "policy_version": float(st.version),
             "rollout/tokens_per_s": iv.tokens / wall,

@@ -101,6 +101,10 @@ def synthetic_metrics(step: int, total: int, heads: int, rng: random.Random) -> 
         "loop/redispatched_total": float(2 * (step // 40)),
         "loop/rolled_back_total": float(3 * (step // 100)),
     })
+    engines = int(m["loop/engines"])
+    for i in range(engines):  # every engine kept busy, each returning its share of the groups
+        m[f"rollout/engine_busy_frac/engine{i}"] = min(1.0, abs(0.9 + noise(0.05)))
+        m[f"rollout/engine_groups/engine{i}"] = float(4 // engines)  # 4 groups a step, as below
     for d in METRIC_CATALOG:
         if not d.per_head:
             continue
@@ -114,7 +118,7 @@ def synthetic_metrics(step: int, total: int, heads: int, rng: random.Random) -> 
                 m[key] = 0.01 / h + noise(0.002)
             else:  # mtp/v2_hat
                 m[key] = abs(0.03 * h + noise(0.003))
-    missing = {d.key for d in METRIC_CATALOG if not d.per_head} - m.keys()
+    missing = {d.key for d in METRIC_CATALOG if not (d.per_head or d.per_engine)} - m.keys()
     assert not missing, f"synthetic metrics miss {missing}"
     return m
 

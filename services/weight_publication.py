@@ -6,14 +6,17 @@ Two transports (``weight_sync.transport``, resolved at the first publish, docs/w
 (`EngineGroup.publish_ref`); ``broadcast`` — rank 0 sends them over a gloo/NCCL group to every
 engine (`EngineGroup.publish_broadcast`, `rollout.weight_transport`); publish waits for the
 sender (the transfer), not for the engines' loads. Either way the loads run while the loop goes
-on; `on_synced` records each engine's answer (a dead engine is recovered, which reloads the
-latest weights: by broadcast, through the object store once). Engine versions only grow.
+on; `on_synced` records each engine's answer. An engine that died loading is handed to
+``on_lost`` — the dispatcher, which reloads it with the latest weights once it is back (by
+broadcast, through the object store once) — or, without one, recovered here. Engine versions
+only grow.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -30,8 +33,10 @@ class WeightPublisher:
     """Owns the engines' weight-load calls in flight (``sync_calls``) and the latest published
     version."""
 
-    def __init__(self, ctx: RunContext, learner: LearnerGroup, engines) -> None:
+    def __init__(self, ctx: RunContext, learner: LearnerGroup, engines,
+                 on_lost: Callable[[int], bool] | None = None) -> None:
         self.ctx, self.learner, self.engines = ctx, learner, engines
+        self.on_lost = on_lost  # an engine died loading: who brings it back (else: here, blocking)
         self.sync_calls: dict[ray.ObjectRef, tuple[int, int, float]] = {}  # ref → (engine, version, t0)
         self.published = 0
         self.last_sync_s = float("nan")
@@ -95,8 +100,11 @@ class WeightPublisher:
                 raise
             res = DIED  # its transfer broke (a peer died): reload it like a dead engine
         if res is DIED:
-            self.ctx.count("faults_rollout")
-            self.engines.recover(i)  # reloads the latest weights
+            if self.on_lost is None:
+                self.ctx.count("faults_rollout")
+                self.engines.recover(i)  # reloads the latest weights
+            elif self.on_lost(i):  # the dispatcher reloads it once it is back, without blocking the loop
+                self.ctx.count("faults_rollout")  # once per loss, not per publish while it is down
             return
         self.engines.confirm(i, version, True)
         self.last_sync_s = time.perf_counter() - t0

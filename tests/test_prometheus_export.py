@@ -15,9 +15,10 @@ from services.registry import RunRecord
 from services.synthetic_run import synthetic_metrics
 
 
-@pytest.mark.parametrize("key, name, head", [
+@pytest.mark.parametrize("key, name, label", [
     ("batch/reward_mean", "mtprl_batch_reward_mean", None),
-    ("mtp/lambda/head3", "mtprl_mtp_lambda", "3"),
+    ("mtp/lambda/head3", "mtprl_mtp_lambda", ("head", "3")),
+    ("rollout/engine_busy_frac/engine1", "mtprl_rollout_engine_busy_frac", ("engine", "1")),
     ("reward/latency_p95_s", "mtprl_reward_latency_p95_seconds", None),
     ("rollout/tokens_per_s", "mtprl_rollout_tokens_per_second", None),
     ("loss/total", "mtprl_loss", None),  # gauges must not end in _total
@@ -32,8 +33,8 @@ from services.synthetic_run import synthetic_metrics
     ("loop/dispatched_total", "mtprl_loop_dispatched_cumulative", None),
     ("optim/skipped_nonfinite_total", "mtprl_optim_skipped_nonfinite_cumulative", None),
 ])
-def test_prom_name(key, name, head):
-    assert prom_name(key) == (name, head)
+def test_prom_name(key, name, label):
+    assert prom_name(key) == (name, label)
 
 
 def test_catalog_names_are_valid_distinct_gauge_names():

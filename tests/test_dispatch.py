@@ -1,0 +1,118 @@
+"""The dispatcher's fan-out decisions, on a fake engine group (no Ray, no vLLM: `FakeEngines`
+records each submitted call and hands back an opaque reference; results never come back, so the
+tests drive the dispatcher's sending side only — the real loop is in test_rollout_fanout.py)."""
+
+from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
+
+import pytest
+
+from services.dispatch import CALLS_PER_ENGINE, Dispatcher, split_block
+from services.run_context import RunContext
+from services.spec import RunSpec
+
+
+class FakeEngines:
+    """What `Dispatcher` uses of `rollout.group.EngineGroup`."""
+
+    def __init__(self, n: int) -> None:
+        self.engines = [object() for _ in range(n)]
+        self.loaded_version = [0] * n
+        self.calls: list[tuple[int, list[int]]] = []  # (engine, seeds) per call
+        self._ref = itertools.count()
+
+    def submit(self, i, prompts, sampling, seeds):
+        self.calls.append((i, list(seeds)))
+        return ("ref", next(self._ref))
+
+
+def _dispatcher(tmp_path, engines: int, prompts: int = 4, staleness: int = 1):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "q", "answer": "#### 1"}\n')
+    spec = RunSpec.model_validate({
+        "model": {"path": "some/model"}, "data": {"dataset": f"jsonl:{data}", "seed": 0},
+        "rollout": {"engines": engines, "prompts_per_step": prompts, "samples_per_prompt": 2, "max_tokens": 8},
+        "schedule": {"steps": 10, "max_staleness": staleness}})
+    items = [SimpleNamespace(prompt=f"p{i}") for i in range(50)]
+    tok = SimpleNamespace(encode=lambda text, add_special_tokens=False: [len(text)])
+    fake = FakeEngines(engines)
+    return Dispatcher(RunContext(spec, items, tok), fake, lambda *a: None), fake
+
+
+def test_split_block_is_even_contiguous_and_never_empty():
+    assert split_block([0, 1, 2, 3], 3) == [[0, 1], [2], [3]]
+    assert split_block([0, 1, 2, 3], 1) == [[0, 1, 2, 3]]
+    assert split_block([0, 1], 5) == [[0], [1]]
+    assert [c for p in split_block(list(range(11)), 4) for c in p] == list(range(11))
+
+
+def test_one_engine_gets_whole_steps_as_before_fan_out(tmp_path):
+    d, fake = _dispatcher(tmp_path, engines=1)
+    d.fill(0, learner_busy=False)
+    # staleness 1: two steps' blocks, one call of P groups each (one running, one queued)
+    assert [(i, len(s)) for i, s in fake.calls] == [(0, 4), (0, 4)]
+
+
+def test_a_step_is_spread_over_every_engine_least_pending_first(tmp_path):
+    d, fake = _dispatcher(tmp_path, engines=3)
+    d.fill(0, learner_busy=False)
+    engines_per_block = [sorted(i for i, _ in fake.calls[:3]), sorted(i for i, _ in fake.calls[3:6])]
+    assert engines_per_block == [[0, 1, 2], [0, 1, 2]]  # each step's 4 groups on all three engines
+    assert sorted(len(s) for _, s in fake.calls[:3]) == [1, 1, 2]
+    assert d.ctx.state.counters["dispatched"] == 8  # max_staleness 1: two steps ahead, not more
+    assert not d.ready
+
+
+def test_groups_no_engine_has_room_for_wait_and_go_to_the_first_free_engine(tmp_path):
+    d, fake = _dispatcher(tmp_path, engines=3, prompts=4, staleness=3)
+    d.fill(0, learner_busy=False)
+    assert len(fake.calls) == 3 * CALLS_PER_ENGINE and not d.ready  # every engine full
+    slow = [r for r, g in d.inflight.items() if g.engine == 1]
+    for ref in [r for r, g in d.inflight.items() if g.engine == 0]:  # engine 0 is done with both
+        d.inflight.pop(ref)
+    d.fill(0, learner_busy=False)
+    # the next step's block: engine 0 has room for two of its three parts, the third waits
+    assert [i for i, _ in fake.calls[6:]] == [0, 0] and [len(p) for p in d.ready] == [1]
+    waiting = d.ready[0]
+    d.inflight.pop(next(r for r, g in d.inflight.items() if g.engine == 2))
+    d.fill(0, learner_busy=False)
+    assert fake.calls[8][0] == 2 and list(d.inflight.values())[-1].cursors == waiting  # the first free engine took it
+    assert all(r in d.inflight for r in slow)  # the slow engine holds only its own two calls
+
+
+def test_staleness_counts_policy_versions(tmp_path):
+    d, fake = _dispatcher(tmp_path, engines=3, staleness=0)
+    d.fill(0, learner_busy=False)
+    assert d.ctx.state.counters["dispatched"] == 4  # synchronous: one step's block at a time
+    d.fill(4, learner_busy=False)  # those 4 scored and buffered: nothing more yet
+    assert d.ctx.state.counters["dispatched"] == 4
+    d.inflight.clear()
+    d.ctx.state.version = 1  # trained, but the engines still hold version 0
+    d.fill(0, learner_busy=False)
+    assert d.ctx.state.counters["dispatched"] == 4
+    d.engines.loaded_version = [1, 1, 1]
+    d.fill(0, learner_busy=False)
+    assert d.ctx.state.counters["dispatched"] == 8
+
+
+def test_a_down_engine_gets_nothing_and_does_not_hold_the_bound(tmp_path):
+    d, fake = _dispatcher(tmp_path, engines=3, staleness=1)
+    d.down.add(2)
+    d.engines.loaded_version = [3, 3, 0]  # engine 2 lost its weights: reloaded when it is back
+    d.ctx.state.version = 3
+    d.fill(0, learner_busy=False)
+    assert fake.calls and {i for i, _ in fake.calls} == {0, 1}
+    assert [len(s) for _, s in fake.calls[:2]] == [2, 2]  # a step's 4 groups over the 2 engines up
+
+
+@pytest.mark.parametrize("engines", [1, 3])
+def test_a_groups_sampling_seed_depends_only_on_its_cursor(tmp_path, engines):
+    from services.batching import group_seed
+
+    d, fake = _dispatcher(tmp_path, engines=engines)
+    d.fill(0, learner_busy=False)
+    cursors = [c for g in d.inflight.values() for c in g.cursors]
+    seeds = [s for _, ss in fake.calls for s in ss]
+    assert seeds == [group_seed(0, c) for c in cursors]
