@@ -28,7 +28,10 @@ from typing import Any, Sequence
 from reward.code_grader import CodeGrader, extract_program, parse_tests
 from reward.config import RewardActorConfig
 from reward.math_verify_worker import MathVerifierPool
+from reward import task_scorer
 from reward.schema import OUTCOMES, Verdict
+
+KINDS = ("math", "code", "reasoning_gym")
 
 
 class RewardMetrics:
@@ -41,7 +44,7 @@ class RewardMetrics:
 
     def reset(self) -> None:
         with self._lock:
-            self.counts = {(k, o): 0 for k in ("math", "code") for o in OUTCOMES}
+            self.counts = {(k, o): 0 for k in KINDS for o in OUTCOMES}
             self.latencies: list[float] = []
             self.items = 0
 
@@ -57,7 +60,7 @@ class RewardMetrics:
         with self._lock:
             out: dict[str, float] = {"reward/items": self.items}
             for o in OUTCOMES:
-                out[f"reward/outcome/{o}"] = sum(self.counts[(k, o)] for k in ("math", "code"))
+                out[f"reward/outcome/{o}"] = sum(self.counts[(k, o)] for k in KINDS)
             for (k, o), n in self.counts.items():
                 out[f"reward/{k}/{o}"] = n
             lat = sorted(self.latencies)
@@ -70,7 +73,8 @@ class RewardMetrics:
 
 
 class RewardScorer:
-    """Grades mixed groups of `{"kind": "math"|"code", "gold", "completion", ["length"], ["prompt_code"]}`.
+    """Grades mixed groups of `{"kind": "math"|"code"|"reasoning_gym", "gold", "completion", ["length"],
+    ["prompt_code"]}` (reasoning_gym: the task's own scorer, `reward.task_scorer`).
 
     For code, `gold` is a test spec (`{"type": "stdio"|"assert", ...}`) and the program is taken
     from the completion (last fenced block); `program` may be given instead of `completion`."""
@@ -99,8 +103,8 @@ class RewardScorer:
 
     def score_group(self, items: Sequence[dict[str, Any]]) -> list[Verdict]:
         for n, it in enumerate(items):
-            if it.get("kind") not in ("math", "code"):
-                raise ValueError(f"item {n}: kind must be 'math' or 'code', got {it.get('kind')!r}")
+            if it.get("kind") not in KINDS:
+                raise ValueError(f"item {n}: kind must be one of {KINDS}, got {it.get('kind')!r}")
         with self._groups:  # bounded concurrency across callers
             out: list[Verdict | None] = [None] * len(items)
             math_idx = [i for i, it in enumerate(items) if it["kind"] == "math"]
@@ -123,6 +127,12 @@ class RewardScorer:
                 vs = self.code.grade_batch(pairs)
                 self.metrics.add("code", vs)
                 for i, v in zip(code_idx, vs):
+                    out[i] = v
+            task_idx = [i for i, it in enumerate(items) if it["kind"] == "reasoning_gym"]
+            if task_idx:
+                vs = [task_scorer.score(str(items[i]["gold"]), items[i]["completion"]) for i in task_idx]
+                self.metrics.add("reasoning_gym", vs)
+                for i, v in zip(task_idx, vs):
                     out[i] = v
             return out  # type: ignore[return-value]
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Protocol, Sequence
 
 from reward.schema import AssertTests, RewardItem, RewardKind
+from reward.task_scorer import task_gold, uses_own_scorer
 
 MATH_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 CODE_TEMPLATE = ("{question}\n\nWrite the complete Python solution in a single ```python code block.")
@@ -76,9 +77,12 @@ def reasoning_gym_items(task: str, *, seed: int, size: int, template: str | None
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")
     ds = reasoning_gym.create_dataset(task, seed=seed, size=size, **task_config)
-    return [RewardItem(prompt=render_prompt(x["question"], "math", template, tokenizer, system), gold=str(x["answer"]),
-                       kind="math", id=f"{task}/{seed}/{i}", meta={"source": "reasoning_gym", "task": task,
-                                                                  "question": x["question"]})
+    own = uses_own_scorer(task)  # numeric tasks: math-verify; the rest: the task's own scorer
+    return [RewardItem(prompt=render_prompt(x["question"], "math", template, tokenizer, system),
+                       gold=task_gold(task, seed, size, task_config, i) if own else str(x["answer"]),
+                       kind="reasoning_gym" if own else "math", id=f"{task}/{seed}/{i}",
+                       meta={"source": "reasoning_gym", "task": task, "question": x["question"],
+                             "answer": str(x["answer"])})
             for i, x in enumerate(ds)]
 
 

@@ -23,7 +23,8 @@ OUTCOMES: tuple[Outcome, ...] = ("ok", "wrong", "timeout", "error", "sandbox_vio
 #: Code: `error` only (the sandbox or harness failed); a program's `timeout` and a
 #: `sandbox_violation` are the program's doing, graded with the failure reward so that a policy
 #: cannot escape a penalty by looping forever.
-GRADER_FAILURES: dict[str, tuple[Outcome, ...]] = {"math": ("timeout", "error"), "code": ("error",)}
+GRADER_FAILURES: dict[str, tuple[Outcome, ...]] = {"math": ("timeout", "error"), "code": ("error",),
+                                                   "reasoning_gym": ("error",)}
 
 
 def grader_failed(kind: str, outcome: str) -> bool:
@@ -82,7 +83,7 @@ class AssertTests(BaseModel):
 
 CodeTests = Annotated[Union[StdioTests, AssertTests], Field(discriminator="type")]
 
-RewardKind = Literal["math", "code"]
+RewardKind = Literal["math", "code", "reasoning_gym"]  # reasoning_gym: the task's own scorer (reward.task_scorer)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
