@@ -213,17 +213,28 @@ def _field(row: dict, dotted: str) -> Any:
     return value
 
 
-#: `fields` keys: the mtprl meaning -> the user's column (dotted for nested ones).
-FIELD_KEYS = ("prompt", "answer", "id")
+#: `fields` keys: the mtprl meaning -> the user's column (dotted for nested ones). A row is a math
+#: item with ``answer`` (the gold final answer) or a code item with ``tests`` (assert statements, a
+#: list or one text, MBPP-style; the function under test is the one they call).
+FIELD_KEYS = ("prompt", "answer", "tests", "id")
 
 
 def _mapped_item(row: dict, fields: dict[str, str], idx: int, template: str | None,
                  tokenizer: ChatTokenizer | None, source: str, system: str | None) -> RewardItem:
     question, own_system = _question_of(_field(row, fields["prompt"]))
+    rid = str(_field(row, fields["id"])) if "id" in fields else str(idx)
+    if "tests" in fields:
+        tests = _field(row, fields["tests"])
+        tests = [ln for ln in tests.splitlines() if ln.strip()] if isinstance(tests, str) else [str(t) for t in tests]
+        if not tests:
+            raise ValueError(f"no tests in {fields['tests']!r}")
+        test_src = "def check(candidate):\n" + "".join(f"    {t.strip()}\n" for t in tests)
+        gold = AssertTests(entry_point=_mbpp_entry_point(tests), test=test_src, prelude=_stdlib_imports_for(tests))
+        return RewardItem(render_prompt(question, "code", template, tokenizer, system or own_system), gold, "code",
+                          f"{source}/{rid}", {"source": source})
     gold = _field(row, fields["answer"])
     if gold is None or str(gold).strip() == "":
         raise ValueError(f"empty answer in {fields['answer']!r}")
-    rid = str(_field(row, fields["id"])) if "id" in fields else str(idx)
     return RewardItem(render_prompt(question, "math", template or RAW_TEMPLATE, tokenizer, system or own_system),
                       str(gold), "math", f"{source}/{rid}", {"source": source})
 

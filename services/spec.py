@@ -125,8 +125,8 @@ class DataSpec(_Strict):
     template: str | None = Field(
         None, description="Prompt template with {question}; default: the task kind's (ask for \\boxed{}).")
     fields: dict[Literal[*FIELD_KEYS], str] | None = Field(
-        None, description="Columns of a jsonl/parquet/datasets source: prompt (text or chat messages) and answer "
-        "(the gold final answer) required, id optional; dotted names reach nested ones (reward_model.ground_truth). "
+        None, description="Columns of a jsonl/parquet/datasets source: prompt (text or chat messages), and answer "
+        "(the gold final answer: math rows) or tests (assert statements: code rows), id optional; dotted names reach nested ones (reward_model.ground_truth). "
         "Unset: the layout is detected (GSM8K, MATH, veRL/DAPO, MBPP).")
     system_prompt: str | None = Field(
         None, max_length=8192, description="A system turn put before every prompt (rendered by the chat template); "
@@ -172,9 +172,11 @@ class DataSpec(_Strict):
             if not any(self.dataset.startswith(p) for p in FILE_DATASETS):
                 raise ValueError(f"data.fields maps a table's columns; {self.dataset!r} is not jsonl:, parquet: or "
                                  "datasets:")
-            lacking = [k for k in ("prompt", "answer") if k not in self.fields]
-            if lacking:
-                raise ValueError(f"data.fields needs {' and '.join(lacking)} (the column names in your data)")
+            if "prompt" not in self.fields:
+                raise ValueError("data.fields needs prompt (the column names in your data)")
+            if ("answer" in self.fields) == ("tests" in self.fields):
+                raise ValueError("data.fields needs answer (math rows: the gold final answer) or tests (code rows: "
+                                 "assert statements), not both")
         return self
 
 

@@ -187,3 +187,29 @@ def test_any_registered_reasoning_gym_task_is_accepted_and_others_refused():
     with pytest.raises(ValidationError, match="data.fields needs answer"):
         DataSpec.model_validate({"dataset": "jsonl:x.jsonl", "fields": {"prompt": "q"}},
                                 context={SKIP_FILE_CHECKS: True})
+    with pytest.raises(ValidationError, match="not both"):
+        DataSpec.model_validate({"dataset": "jsonl:x.jsonl", "fields": {"prompt": "q", "answer": "a", "tests": "t"}},
+                                context={SKIP_FILE_CHECKS: True})
+
+
+def test_code_rows_through_fields_are_graded_by_their_tests(tmp_path):
+    """`data.fields: {prompt, tests}` makes code items from any table: the asserts (a list, or one
+    text) become the check of an AssertTests gold (the function under test named by the calls),
+    graded in the sandbox like MBPP's own rows."""
+    import json
+
+    from reward.code_grader import CodeGrader
+    from reward.datasets import jsonl_items
+
+    rows = [{"ask": "Write add(a, b).", "checks": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"]},
+            {"ask": "Write sq(x).", "checks": "assert sq(3) == 9\nassert sq(-2) == 4\n"},
+            {"ask": "Nothing to test.", "checks": []}]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    add, sq = jsonl_items(tmp_path / "c.jsonl", fields={"prompt": "ask", "tests": "checks"})
+    assert add.kind == sq.kind == "code" and (add.gold.entry_point, sq.gold.entry_point) == ("add", "sq")
+    ok, bad = CodeGrader().grade_batch([("def add(a, b):\n    return a + b\n", add.gold),
+                                        ("def sq(x):\n    return x * 2\n", sq.gold)])
+    assert (ok.outcome, bad.outcome) == ("ok", "wrong")
+    (tmp_path / "c3.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="1 of 3 rows are bad — line 3: ValueError: no tests in 'checks'"):
+        jsonl_items(tmp_path / "c3.jsonl", fields={"prompt": "ask", "tests": "checks"})
