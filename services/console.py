@@ -34,6 +34,9 @@ def route_library_logs(log_dir: str | Path, verbose: bool = False) -> Path | Non
             if not isinstance(old, logging.FileHandler):  # console handlers
                 lg.removeHandler(old)
         lg.addHandler(handler)
-        lg.setLevel(logging.INFO)
+        # torch's own children (torch._inductor, torch._dynamo) carry console handlers of their
+        # own and inherit this level: at INFO they would print their INFO lines; torch's default
+        # (WARNING) keeps them quiet.
+        lg.setLevel(logging.WARNING if name == "torch" else logging.INFO)
         lg.propagate = False
     return path

@@ -11,6 +11,8 @@ from services.console import LIBRARY_LOGGERS, route_library_logs
 
 
 def test_library_logs_go_to_the_run_dir_not_the_console(tmp_path, capfd, monkeypatch):
+    import torch  # noqa: F401 - installs torch's log handlers (reset again if imported after the routing)
+
     monkeypatch.delenv("VLLM_CONFIGURE_LOGGING", raising=False)
     saved = {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate, logging.getLogger(n).level)
              for n in LIBRARY_LOGGERS}
@@ -22,6 +24,11 @@ def test_library_logs_go_to_the_run_dir_not_the_console(tmp_path, capfd, monkeyp
         assert os.environ["VLLM_CONFIGURE_LOGGING"] == "0"
         logging.getLogger("vllm.v1.metrics").info("SpecDecoding metrics: Mean acceptance length: 1.5")
         logging.getLogger("ray").info("Started a local Ray instance.")
+        # torch (imported before, as the CLI has it) gives its children (torch._inductor, ...)
+        # console handlers of their own, which inherit the "torch" logger's level: at INFO they
+        # would print "compile_threads set to 2" and compile statistics
+        assert logging.getLogger("torch._inductor").handlers
+        assert not logging.getLogger("torch._inductor.config").isEnabledFor(logging.INFO)
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.warn("a library's deprecation", DeprecationWarning)
