@@ -126,7 +126,7 @@ def test_cli_errors_name_the_bad_option(tmp_path, toy_data):
     r = runner.invoke(app, ["eval", "--model", str(tmp_path / "nope"), "--data", f"jsonl:{toy_data}"])
     assert r.exit_code == 2 and "does not exist" in r.output and "--model" in r.output
     r = runner.invoke(app, ["eval", "--model", str(tmp_path), "--data", "reasoning_gym:nope"])
-    assert r.exit_code == 2 and "unknown dataset" in r.output and "--data" in r.output
+    assert r.exit_code == 2 and "registers no task 'nope'" in r.output and "--data" in r.output
 
 
 @pytest.mark.integration
