@@ -29,9 +29,7 @@ from reward.code_grader import CodeGrader, extract_program, parse_tests
 from reward.config import RewardActorConfig
 from reward.math_verify_worker import MathVerifierPool
 from reward import task_scorer
-from reward.schema import OUTCOMES, Verdict
-
-KINDS = ("math", "code", "reasoning_gym")
+from reward.schema import OUTCOMES, REWARD_KINDS as KINDS, Verdict
 
 
 class RewardMetrics:

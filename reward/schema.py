@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -84,6 +84,7 @@ class AssertTests(BaseModel):
 CodeTests = Annotated[Union[StdioTests, AssertTests], Field(discriminator="type")]
 
 RewardKind = Literal["math", "code", "reasoning_gym"]  # reasoning_gym: the task's own scorer (reward.task_scorer)
+REWARD_KINDS: tuple[RewardKind, ...] = get_args(RewardKind)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

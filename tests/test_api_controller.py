@@ -10,6 +10,9 @@ running run and Prometheus/Grafana on a real run (test_prometheus_dashboard.py).
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 
 import pytest
 
@@ -129,10 +132,6 @@ def test_a_real_run_trains_through_a_30_s_redis_outage(ray_session, tiny_ckpt, t
     run directory's metrics.jsonl grows), the API answers 503 instead of failing, the reconciler
     fails nothing, and once Redis is back the run completes with every step in its history exactly
     once and one step event per step."""
-    import os
-    import signal
-    import time
-
     steps, outage_s = 150, 30.0
     data = write_toy_dataset(tmp_path / "toy.jsonl", gold="21")
     spec = real_spec(tiny_ckpt, data, steps, name="tiny-outage")
