@@ -50,6 +50,30 @@ def demo_spec(model: Path, steps: int, seed: int = 0) -> dict[str, Any]:
     }
 
 
+def prepare_models(models_dir: Path, echo=print) -> Path:
+    """Stages 1 and 2: the imported SmolLM2 + 1 MTP head and its warmed-up copy, each built only
+    when its cache is missing or stale; returns the warmed-up checkpoint."""
+    from learner.checkpoint import read_config
+    from learner.convert import import_smollm2
+    from services.self_distill import SelfDistillConfig, is_current, run_self_distill
+
+    base, warm = models_dir / "smollm2-mtp1", models_dir / "smollm2-mtp1-warm"
+    if (base / "model.safetensors").is_file():
+        read_config(base)
+        echo(f"[1/6] base model: {base} (cached)")
+    else:
+        echo("[1/6] importing SmolLM2-135M-Instruct into the MiMo layout with 1 MTP head ...")
+        import_smollm2(base, mtp_layers=1)
+    current, why = is_current(base, warm, SelfDistillConfig())
+    if current:
+        echo(f"[2/6] warmed-up MTP head: {warm} (cached, {why})")
+    else:
+        echo(f"[2/6] warming up the MTP head on the model's own answers (backbone frozen; cache: {why}) ...")
+        r = run_self_distill(base, warm, SelfDistillConfig(), log=lambda m: echo(f"      {m}"))
+        echo(f"      acceptance {r['acceptance_before']:.3f} → {r['acceptance_after']:.3f}")
+    return warm
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -88,30 +112,13 @@ def demo(
     import httpx
     import ray
 
-    from learner.checkpoint import read_config
-    from learner.convert import import_smollm2
-    from services.self_distill import SelfDistillConfig, is_current, run_self_distill
-
     from services.console import route_library_logs
 
     log_file = route_library_logs(runs_dir, verbose)
     if log_file:
         typer.echo(f"library logs: {log_file} (--verbose shows them here)")
     t0 = time.perf_counter()
-    base, warm = models_dir / "smollm2-mtp1", models_dir / "smollm2-mtp1-warm"
-    if (base / "model.safetensors").is_file():
-        read_config(base)
-        typer.echo(f"[1/6] base model: {base} (cached)")
-    else:
-        typer.echo("[1/6] importing SmolLM2-135M-Instruct into the MiMo layout with 1 MTP head ...")
-        import_smollm2(base, mtp_layers=1)
-    current, why = is_current(base, warm, SelfDistillConfig())
-    if current:
-        typer.echo(f"[2/6] warmed-up MTP head: {warm} (cached, {why})")
-    else:
-        typer.echo(f"[2/6] warming up the MTP head on the model's own answers (backbone frozen; cache: {why}) ...")
-        r = run_self_distill(base, warm, SelfDistillConfig(), log=lambda m: typer.echo(f"      {m}"))
-        typer.echo(f"      acceptance {r['acceptance_before']:.3f} → {r['acceptance_after']:.3f}")
+    warm = prepare_models(models_dir, typer.echo)
     spec = demo_spec(warm, steps, seed)
     typer.echo("[3/6] held-out accuracy before training (greedy, math-verify) ...")
     acc_before, n_held = _heldout_accuracy(warm, spec, eval_max_tokens)
