@@ -7,7 +7,7 @@ demo is deterministic, so the curve of a seed is the curve `mtprl demo --seed N 
 Prints one line per evaluated step and one JSON object as its last line.
 
     .venv/bin/python benchmarks/demo_curve.py --steps 12 --seed 0 --out-dir /tmp/curve
-    .venv/bin/python benchmarks/demo_curve.py --steps 6 --lr 2e-5 --prompts-per-step 8 --out-dir /tmp/c2
+    .venv/bin/python benchmarks/demo_curve.py --steps 6 --lr 1e-5 --prompts-per-step 8 --eval-every 3 --out-dir /tmp/c2
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--samples-per-prompt", type=int, default=None)
     ap.add_argument("--temperature", type=float, default=None)
     ap.add_argument("--eval-max-tokens", type=int, default=64)
+    ap.add_argument("--eval-every", type=int, default=1, help="Evaluate every N steps (and the last step).")
     ap.add_argument("--keep", action="store_true", help="Keep the checkpoints (default: deleted after use).")
     args = ap.parse_args()
 
@@ -78,6 +79,7 @@ def main() -> None:
                                         num_threads=2, prompt_overflow="reject"))
     root = run_checkpoint.checkpoint_root(args.out_dir)
     ckpts = sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    ckpts = [p for p in ckpts if int(p.name.split("-")[1]) % args.eval_every == 0 or p == ckpts[-1]]
     curve: list[dict] = []
     for step, path in [(0, warm)] + [(int(p.name.split("-")[1]), p / "policy") for p in ckpts]:
         if step:

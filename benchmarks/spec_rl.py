@@ -1,0 +1,122 @@
+"""Does the drafter pay during RL? Issue 17's benchmark, in one run.
+
+1. Trains SmolLM2 + 1 MTP head at temperature 1 under `detach`, `occ` and `occ+distill` (same
+   data, seed and steps; `services.compare.run_comparison`, engines shared), on the demo's task
+   (two-term single-digit arithmetic, `services.cli_demo.DEMO_TASK`) with probabilistic drafting
+   (what pays at T = 1). The acceptance during RL is the engines' own
+   (`rollout/spec_acceptance_rate`: the policy's own T = 1 samples, drafted by the head being
+   trained), averaged over the last 5 steps; held-out accuracy is greedy, as `mtprl demo`'s.
+2. Measures the spec-decode configurations on the trained `occ+distill` policy with
+   `benchmarks/spec_decode.py` (batch 1, 8, 32; temperature 0 and 1): adaptive drafting
+   (0..`--adaptive-k` tokens, probabilistic drafts at T = 1) against no drafting, timed round robin
+   in one process.
+
+The last line is one JSON object: ``t1_acceptance_end`` (occ+distill), ``t1_acceptance_baseline``
+(occ), ``accuracy_delta_vs_detach`` (occ+distill − detach, held-out), ``adaptive_min_ratio`` (lowest
+adaptive / no-draft tokens/s over the six configurations) and ``t1_speedup_batch8`` (adaptive at
+T = 1, batch 8), with the comparison table and both spec-decode results.
+
+    .venv/bin/python benchmarks/spec_rl.py --out /tmp/spec_rl            # 30 steps per regime
+    .venv/bin/python benchmarks/spec_rl.py --out /tmp/s --steps 2 --skip-decode   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+ROWS = ["detach", "occ", "occ+distill"]
+
+
+def base_spec(model: Path, args) -> dict:
+    from services.cli_demo import demo_spec
+
+    raw = demo_spec(model, args.steps, args.seed)
+    raw["name"] = "spec-rl"
+    raw["rollout"].update(temperature=1.0, prompts_per_step=args.prompts_per_step,
+                          samples_per_prompt=args.samples_per_prompt, max_tokens=args.max_tokens,
+                          draft_sample_method="probabilistic")
+    raw["algorithm"]["lr"] = args.lr
+    raw["algorithm"]["mtp"] = {"distill": {"kind": args.distill_kind, "coef": args.distill_coef}}
+    raw["schedule"]["checkpoint_every"] = 0
+    return raw
+
+
+def spec_decode(model: Path, temperature: float, args) -> dict:
+    cmd = [sys.executable, str(REPO / "benchmarks" / "spec_decode.py"), "--model", str(model),
+           "--spec-tokens", "0", "--batch-sizes", "1,8,32", "--adaptive", str(args.adaptive_k),
+           "--adaptive-method", "probabilistic" if temperature > 0 else "greedy",
+           "--temperature", str(temperature), "--task-config", "demo", "--max-tokens", str(args.decode_max_tokens),
+           "--repeats", str(args.repeats), "--no-diagnostics"]
+    print("$", " ".join(cmd), flush=True)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models-dir", type=Path, default=Path(".cache/models"))
+    ap.add_argument("--out", type=Path, required=True, help="Comparison directory (a finished regime is kept).")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--prompts-per-step", type=int, default=4)
+    ap.add_argument("--samples-per-prompt", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--distill-kind", default="kl", choices=("kl", "topk_ce", "tv"))
+    ap.add_argument("--distill-coef", type=float, default=1.0)
+    ap.add_argument("--adaptive-k", type=int, default=3)
+    ap.add_argument("--decode-max-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-decode", action="store_true", help="Only the training part.")
+    args = ap.parse_args()
+
+    import ray
+
+    from services import run_checkpoint
+    from services.cli_demo import prepare_models
+    from services.compare import render_markdown, run_comparison
+    from services.spec import RunSpec
+
+    warm = prepare_models(args.models_dir)
+    base = RunSpec.model_validate(base_spec(warm, args))
+    ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    try:
+        cmp = run_comparison(base, args.out, ROWS)
+    finally:
+        ray.shutdown()
+    print(render_markdown(cmp), flush=True)
+    rows = {r.regime: r for r in cmp.rows}
+    result: dict = {
+        "t1_acceptance_end": rows["occ+distill"].acceptance,
+        "t1_acceptance_baseline": rows["occ"].acceptance,
+        "t1_acceptance_detach": rows["detach"].acceptance,
+        "accuracy_delta_vs_detach": rows["occ+distill"].accuracy - rows["detach"].accuracy,
+        "accuracy": {r: rows[r].accuracy for r in ROWS},
+        "accuracy_before": cmp.accuracy_before,
+        "eval_acceptance": {r: rows[r].eval_acceptance for r in ROWS},
+        "steps": args.steps, "task": "demo (reasoning_gym basic_arithmetic, 2 single-digit terms)",
+        "distill": {"kind": args.distill_kind, "coef": args.distill_coef},
+    }
+    if not args.skip_decode:
+        trained = run_checkpoint.latest(args.out / "occ+distill") / "policy"
+        decode = {t: spec_decode(trained, t, args) for t in (0.0, 1.0)}
+        ratios = [v for d in decode.values() for v in d["adaptive_ratio"].values()]
+        result.update(adaptive_min_ratio=min(ratios),
+                      t1_speedup_batch8=decode[1.0]["adaptive_ratio"].get("8", decode[1.0]["adaptive_ratio"].get(8)),
+                      adaptive_ratio={str(t): d["adaptive_ratio"] for t, d in decode.items()},
+                      spec_decode={str(t): d for t, d in decode.items()})
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
