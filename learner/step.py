@@ -14,7 +14,9 @@ One update, as pseudocode:
         for micro-batch:                     (gradient accumulation; trailing padding trimmed)
           ONE backbone forward and ONE LM-head matmul for all heads (model.token_logprobs)
           loss = policy surrogate (token ratio, or MPO block ratio) × decoupled behaviour weight
-               + Σ_k L_MTP,k(λ_k A) (regime; λ inside the clip) + β KL_k3 − c_H entropy
+               + Σ_k L_MTP,k(λ_k A) (regime; λ inside the clip)
+               + c_D Σ_k D(p_main ‖ q_k)     (mtp.distill; gradient into the MTP modules only)
+               + β KL_k3 − c_H entropy
           backward                           (normalised by the mini-batch's denominators, so the
                                               sum over micro-batches is the mini-batch loss)
         clip grad norm; if not finite: zero grads, skip, count; else AdamW step

@@ -136,14 +136,14 @@ def test_rows_are_head_k_at_the_target_it_drafts_and_the_tempered_main_head():
 def test_the_heads_kl_to_the_main_head_falls_while_the_backbone_stays_put(kind):
     model, ids, resp = _tiny()
     before = copy.deepcopy(model.backbone.state_dict())
-    opt = torch.optim.Adam(model.mtp.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.mtp.parameters(), lr=1e-2)
 
     def kl() -> float:
         with torch.no_grad():
             return float(_distill_only(model, ids, resp, "kl", False)[0])
 
     start = kl()
-    for _ in range(15):
+    for _ in range(6):
         opt.zero_grad()
         _distill_only(model, ids, resp, kind, False)[0].backward()
         opt.step()
@@ -179,7 +179,7 @@ def test_learner_step_with_distill_under_none_trains_only_the_heads_and_logs_per
     before = copy.deepcopy(model.backbone.state_dict())
     learner = Learner(model, _cfg("none", 1.0))
     first = learner.step(b)
-    for _ in range(4):
+    for _ in range(2):
         last = learner.step(b)
     for k in (1, 2):
         assert last[f"mtp/distill_loss/head{k}"] < first[f"mtp/distill_loss/head{k}"]
@@ -321,3 +321,51 @@ def test_the_cli_default_runs_every_row():
 
     default = inspect.signature(compare).parameters["regimes"].default
     assert tuple(default.split(",")) == ROWS
+
+
+# ---- warm-up recipe -------------------------------------------------------------------------------
+def _head_main_kl(model, seqs) -> float:
+    from learner.warmup import mtp_head_distill_loss
+
+    ids = torch.tensor(seqs)
+    with torch.no_grad():
+        h = model.backbone_hidden(ids)
+        return float(mtp_head_distill_loss(model, h, ids, torch.ones_like(ids, dtype=torch.bool), "kl"))
+
+
+@pytest.mark.parametrize("kind", ["kl", "tv"])
+def test_warmup_with_head_distillation_aligns_the_head_and_freezes_the_backbone(kind):
+    from learner.warmup import WarmupConfig, warmup_mtp
+
+    model = make_tiny_model(num_mtp=1, seed=0, vocab_size=64, hidden_size=32)
+    g = torch.Generator().manual_seed(0)
+    seqs = torch.randint(3, 64, (24, 12), generator=g).tolist()
+    before = copy.deepcopy(model.backbone.state_dict())
+    kl0 = _head_main_kl(model, seqs)
+    res = warmup_mtp(model, seqs, WarmupConfig(loss=kind, epochs=6, batch_size=8, lr=3e-3), progress=False)
+    assert res.steps > 0 and _head_main_kl(model, seqs) < 0.7 * kl0
+    after = model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_warmup_cli_refuses_bad_distill_options_and_keeps_the_default_recipe(tmp_path):
+    from typer.testing import CliRunner
+
+    from learner.warmup import WarmupConfig
+    from services.cli import _mount, app
+    from services.self_distill import SelfDistillConfig
+
+    if not app.registered_groups:  # the CLI mounts its subcommands lazily (once per process)
+        _mount()
+    runner = CliRunner()
+    assert runner.invoke(app, ["model", "tiny", "--out", str(tmp_path / "t"), "--mtp-layers", "1"]).exit_code == 0
+    base = ["model", "warmup", "--model", str(tmp_path / "t"), "--out", str(tmp_path / "w")]
+    res = runner.invoke(app, base + ["--distill", "js"])
+    assert res.exit_code == 2 and "--distill must be one of kl, topk_ce, tv" in res.output
+    res = runner.invoke(app, base + ["--distill", "kl", "--top-k", "4"])
+    assert res.exit_code == 2 and "--top-k" in res.output
+    assert not (tmp_path / "w").exists()
+    with pytest.raises(ValueError, match="only read by loss='topk_ce'"):
+        WarmupConfig(loss="kl", top_k=3)
+    cfg = SelfDistillConfig()  # the demo's recipe: feature regression on T = 0.7 answers
+    assert cfg.warmup.loss == "distill" and cfg.warmup.top_k is None and cfg.temperature == 0.7
