@@ -24,6 +24,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from learner.device import DeviceChoice, Placement, PrecisionChoice, resolve_placement
+from learner.mtp_distill import DistillKind, DistillTopK
 from learner.shaping import OverlongCacheLength, OverlongMaxLength, check_overlong_lengths
 
 Algorithm = Literal["ppo", "grpo", "dapo", "gspo", "ctpo", "minpro"]
@@ -211,6 +212,68 @@ class OCCConfig(_Strict):
     )
 
 
+#: top_k of `topk_ce` when none is given (SkyRL-style soft CE over the teacher's head of the
+#: distribution: at T = 1 a small model's top 16 tokens carry most of its mass).
+DEFAULT_DISTILL_TOP_K = 16
+
+
+class MTPDistillConfig(_Strict):
+    """Head distillation (`learner/mtp_distill.py`): an MTP loss term, next to any `mtp_regime`,
+    that trains MTP head k towards the main head's *detached* distribution at the target it drafts
+    for, with gradient into the MTP modules only (never the backbone, the embedding or the shared
+    LM head). Off by default (coef 0)."""
+
+    kind: DistillKind = Field(
+        "kl",
+        description="`kl`: forward KL(p_main ‖ q_head) over the full vocabulary; its gradient is "
+        "the soft cross-entropy's (q − p), mass-covering, and bounds the rejection rate by Pinsker "
+        "(TV ≤ √(KL/2)). `topk_ce`: soft cross-entropy to the main head's top-`top_k` "
+        "distribution, renormalised (SkyRL's decoupled MTP head training); k = V is CE(p, q). "
+        "`tv`: total variation ½‖p − q‖₁ = the rejection probability of probabilistic drafting "
+        "(Bebop, arXiv 2606.12370). Both distributions are tempered by `temperature`, as every "
+        "learner log-prob.",
+    )
+    coef: float = Field(
+        0.0,
+        ge=0.0,
+        description="Weight of the term in the loss (Σ over distilled heads, reduced like every "
+        "per-token loss by `aggregation`). 0 = off. Its gradient reaches only the MTP modules, so "
+        "it does not compete with the policy loss for the backbone; AdamW's per-parameter "
+        "normalisation makes the heads' step size set by `lr`, not by coef, once it dominates "
+        "their gradient.",
+    )
+    top_k: DistillTopK | None = Field(
+        None,
+        description="k of `topk_ce` (1..MAX_DISTILL_TOP_K; more than the vocabulary means all of "
+        f"it). None = {DEFAULT_DISTILL_TOP_K} for `topk_ce`; refused with the other kinds, which "
+        "read the full distribution.",
+    )
+
+    @model_validator(mode="after")
+    def _top_k_for_topk_ce(self) -> MTPDistillConfig:
+        if self.kind == "topk_ce":
+            if self.top_k is None:
+                self.top_k = DEFAULT_DISTILL_TOP_K
+        elif self.top_k is not None:
+            raise ValueError(f"top_k={self.top_k} is only read by kind='topk_ce' (got kind={self.kind!r}, "
+                             "which uses the full distribution); drop top_k or use kind='topk_ce'")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.coef > 0
+
+
+class MTPConfig(_Strict):
+    """MTP loss terms that combine with every `mtp_regime` (the regime itself stays
+    `AlgorithmConfig.mtp_regime`)."""
+
+    distill: MTPDistillConfig = Field(
+        default_factory=MTPDistillConfig,
+        description="Head distillation to the main head's detached distribution (off by default).",
+    )
+
+
 class AlgorithmConfig(_Strict):
     """Everything the learner needs to turn scored groups into updates."""
 
@@ -317,6 +380,13 @@ class AlgorithmConfig(_Strict):
         default_factory=OCCConfig,
         description="λ of the MTP loss: OCC's estimator (regime 'occ') and the fixed λ of "
         "'ce'/'policy'/'detach'.",
+    )
+    mtp: MTPConfig = Field(
+        default_factory=MTPConfig,
+        description="MTP loss terms usable with every regime: `mtp.distill` (head distillation). "
+        "With `occ`, λₜ keeps scaling the coupled policy term that reaches the backbone while the "
+        "distillation term keeps the head aligned; with `none` it is the heads' only loss (SkyRL's "
+        "decoupled drafter training); with `detach` it adds to the CE on sampled tokens.",
     )
 
     # --- optimisation ---------------------------------------------------------------------------
@@ -452,9 +522,16 @@ class AlgorithmConfig(_Strict):
             return 0
         return num_mtp if self.mtp_heads is None else self.mtp_heads
 
+    def distill_heads(self, num_mtp: int) -> int:
+        """MTP heads the distillation term trains: 0 when off; else `mtp_heads` (any regime,
+        `none` included) or all the model has."""
+        if not self.mtp.distill.enabled:
+            return 0
+        return num_mtp if self.mtp_heads is None else min(self.mtp_heads, num_mtp)
+
     def heads_needed(self, num_mtp: int) -> int:
         """MTP heads the learner's forward must compute (the `num_mtp` argument of the model)."""
-        return max(self.mpo_k - 1, self.trained_mtp_heads(num_mtp))
+        return max(self.mpo_k - 1, self.trained_mtp_heads(num_mtp), self.distill_heads(num_mtp))
 
     def check_against_model(self, num_mtp: int) -> None:
         """Raise ValueError if this config needs more MTP modules than the model has."""
@@ -473,4 +550,14 @@ class AlgorithmConfig(_Strict):
         if self.mtp_heads is not None and self.mtp_regime != "none" and self.mtp_heads > num_mtp:
             raise ValueError(
                 f"mtp_heads={self.mtp_heads} is more than the model's num_mtp={num_mtp}"
+            )
+        if self.mtp.distill.enabled and num_mtp == 0:
+            raise ValueError(
+                f"mtp.distill.coef={self.mtp.distill.coef} distils MTP heads but the model has none "
+                "(num_mtp=0); use mtp.distill.coef=0"
+            )
+        if self.mtp.distill.enabled and self.mtp_heads is not None and self.mtp_heads > num_mtp:
+            raise ValueError(
+                f"mtp_heads={self.mtp_heads} (the heads mtp.distill trains) is more than the model's "
+                f"num_mtp={num_mtp}"
             )

@@ -63,6 +63,20 @@ class HeadLogProbs:
     logprobs: torch.Tensor  # (H, B, T) float32
     valid: torch.Tensor  # (H, B, T) bool
     entropy: torch.Tensor | None = None  # (B, T) main-head entropy, aligned like logprobs[0]
+    distill: list[DistillRows] | None = None  # per MTP head 1..n, with ``distill_heads=n``
+
+
+@dataclass
+class DistillRows:
+    """What head distillation (`learner.mtp_distill`) reads for MTP head k, at the M_k needed
+    target positions (b, t) where head k predicts x_t: its tempered logits, whose gradient reaches
+    the MTP modules only (computed from detached backbone states and embeddings, against the
+    detached shared LM head), and the main head's tempered log-probs at the same target (predicting
+    x_t from x_{<t}, the distribution that verifies the draft), detached."""
+
+    student_logits: torch.Tensor  # (M_k, V) float32, logits / T
+    teacher_logp: torch.Tensor  # (M_k, V) float32, log_softmax(logits / T), no grad
+    index: tuple[torch.Tensor, torch.Tensor]  # (rows, cols), each (M_k,): target-aligned (b, t)
 
 
 class MTPModule(Qwen2DecoderLayer):
@@ -220,9 +234,14 @@ class PolicyModel(nn.Module):
         mtp_lm_head_grad: bool = True,
         needed: torch.Tensor | None = None,  # (B, T) bool, target-aligned
         temperature: float = 1.0,
+        distill_heads: int = 0,
     ) -> HeadLogProbs:
         """Log-probs of ``input_ids`` under the main head and the first ``num_mtp`` MTP heads, from
         one backbone forward and one shared LM-head matmul.
+
+        ``distill_heads`` n > 0 (≤ ``num_mtp``) also returns, in ``distill``, the full-vocabulary
+        inputs of head distillation for MTP heads 1..n at the ``needed`` positions (`DistillRows`,
+        `_distill_rows`): a gradient-isolated path that never moves the backbone or the LM head.
 
         ``temperature`` T > 0: every head's log-probs (and the entropy) are those of
         softmax(logits / T), the policy a sampler at temperature T draws from — the main head's
@@ -263,6 +282,7 @@ class PolicyModel(nn.Module):
         return self.heads_from_hidden(
             h, input_ids, mask, num_mtp, mtp_backbone_grad, with_entropy, entropy_grad,
             mtp_lm_head_grad=mtp_lm_head_grad, embeds=embeds, needed=needed, temperature=temperature,
+            distill_heads=distill_heads,
         )
 
     def _backbone_forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -338,11 +358,14 @@ class PolicyModel(nn.Module):
         embeds: torch.Tensor | None = None,  # (B, T, H) the backbone's lookup, to reuse
         needed: torch.Tensor | None = None,  # (B, T) bool, target-aligned: log-probs used here
         temperature: float = 1.0,
+        distill_heads: int = 0,
     ) -> HeadLogProbs:
         """Main-head and MTP-head log-probs from precomputed backbone hidden states (the MTP
         warm-up caches ``h`` once and trains the heads over several epochs). Gradient flags,
-        ``needed`` and ``temperature`` as in `token_logprobs`."""
+        ``needed``, ``temperature`` and ``distill_heads`` as in `token_logprobs`."""
         B, T = input_ids.shape
+        if not 0 <= distill_heads <= num_mtp:
+            raise ValueError(f"distill_heads={distill_heads} must be in 0..num_mtp={num_mtp}")
         head_w = self.backbone.lm_head.weight  # (V, H)
         mask = mask.bool()
 
@@ -390,4 +413,38 @@ class PolicyModel(nn.Module):
         entropy = F.pad(ent[:, :-1], (1, 0)) if ent is not None else None
         lp = torch.stack(logprobs)  # (H, B, T)
         vd = torch.stack(valid)  # (H, B, T)
-        return HeadLogProbs(logprobs=lp.masked_fill(~vd, 0.0), valid=vd, entropy=entropy)
+        distill = None
+        if distill_heads:
+            pos = vd[1] if needed is None else vd[1] & needed.bool()  # (B, T) head 1's targets
+            # Detached MTP inputs: reuse this forward's MTP states when they already are (detach
+            # regimes), else run the n modules again on detached inputs (one decoder block each),
+            # so the distillation gradient stops at the MTP modules.
+            students = (hiddens[1 : 1 + distill_heads] if not mtp_backbone_grad
+                        else self.mtp_hidden(h, input_ids, distill_heads, mtp_backbone_grad=False, embeds=embeds))
+            distill = self._distill_rows(hiddens[0], students, pos, temperature)
+        return HeadLogProbs(logprobs=lp.masked_fill(~vd, 0.0), valid=vd, entropy=entropy, distill=distill)
+
+    def _distill_rows(
+        self,
+        main_hidden: torch.Tensor,  # (B, T, H): FinalNorm(h⁽⁰⁾), the main head's input
+        students: list[torch.Tensor],  # n × (B, T, H): h⁽ᵏ⁾ on detached backbone inputs
+        pos: torch.Tensor,  # (B, T) bool: target positions t of head 1 to distill (t ≥ 2)
+        temperature: float,
+    ) -> list[DistillRows]:
+        """`DistillRows` of heads 1..n: head k at target t reads its state at p = t−1−k, the
+        teacher (the main head) its state at t−1; only the positions in ``pos`` (head k: those
+        with t ≥ k+1) are projected to the vocabulary. Both use the *detached* shared LM head, so
+        with tied embeddings (SmolLM2) the embedding matrix gets nothing from this term either."""
+        head_w = self.backbone.lm_head.weight.detach()  # (V, H)
+        rows, cols = pos.nonzero(as_tuple=True)  # (M,) each
+        with torch.no_grad():
+            teacher = F.log_softmax(
+                _tempered(F.linear(main_hidden.detach()[rows, cols - 1], head_w).float(), temperature), dim=-1
+            )  # (M, V)
+        out = []
+        for k, hk in enumerate(students, start=1):
+            sel = cols >= k + 1  # head k has a state for target t from t = k+1 on
+            r, c = rows[sel], cols[sel]  # (M_k,)
+            logits = _tempered(F.linear(hk[r, c - 1 - k], head_w).float(), temperature)  # (M_k, V)
+            out.append(DistillRows(logits, teacher if k == 1 else teacher[sel], (r, c)))
+        return out

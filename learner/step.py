@@ -14,7 +14,9 @@ One update, as pseudocode:
         for micro-batch:                     (gradient accumulation; trailing padding trimmed)
           ONE backbone forward and ONE LM-head matmul for all heads (model.token_logprobs)
           loss = policy surrogate (token ratio, or MPO block ratio) × decoupled behaviour weight
-               + Σ_k L_MTP,k(λ_k A) (regime; λ inside the clip) + β KL_k3 − c_H entropy
+               + Σ_k L_MTP,k(λ_k A) (regime; λ inside the clip)
+               + c_D Σ_k D(p_main ‖ q_k)     (mtp.distill; gradient into the MTP modules only)
+               + β KL_k3 − c_H entropy
           backward                           (normalised by the mini-batch's denominators, so the
                                               sum over micro-batches is the mini-batch loss)
         clip grad norm; if not finite: zero grads, skip, count; else AdamW step
@@ -63,6 +65,7 @@ from learner.config import AlgorithmConfig
 from learner.device import Placement
 from learner.distributed import DataParallel, apply_activation_checkpointing, is_sharded, shard_policy
 from learner.mpo import block_log_ratio, block_view, mpo_weights, scale_grad
+from learner.mtp_distill import distill_token_loss, distill_tv, top1_agreement
 from learner.objectives import decoupled_weights, policy_loss
 from learner.occ import (
     mtp_backbone_grad,
@@ -136,7 +139,8 @@ class Learner:
         self.w = mpo_weights(self.k, 0.0 if mpo is None else mpo.mtp_share,
                              1.0 if mpo is None else mpo.decay)  # (K,)
         self.n_train = cfg.trained_mtp_heads(num_mtp)  # heads trained by the MTP regime
-        self.n_heads = max(self.k - 1, self.n_train)  # MTP heads in the training forward
+        self.n_distill = cfg.distill_heads(num_mtp)  # heads trained by mtp.distill
+        self.n_heads = max(self.k - 1, self.n_train, self.n_distill)  # MTP heads in the training forward
         # MTP gradient routes of the training forward (see learner.model): into the backbone
         # trunk (regimes ce/policy/occ, mpo.grad full/occ) and into the shared LM head (every
         # regime with an MTP loss, `detach` included; MPO alone with mpo.grad='detach' keeps the
@@ -264,7 +268,7 @@ class Learner:
         return int(cols.max()) + 1 if cols.numel() else 1
 
     def _forward(self, b: TrainBatch, num_mtp: int, backbone_grad: bool, lm_head_grad: bool,
-                 entropy: bool, width: int | None = None):
+                 entropy: bool, width: int | None = None, distill_heads: int = 0):
         # A row's log-probs depend (in float rounding) on the padded width it is computed at, not
         # on the other rows: a rank's share of a micro-batch takes the whole micro-batch's width,
         # so its rows come out bit for bit as in one process.
@@ -280,6 +284,7 @@ class Learner:
                 # every loss, ratio and metric reads response tokens only: no logits elsewhere
                 needed=b.response_mask[:, :width],
                 temperature=self.cfg.temperature,  # the sampling distribution (cfg.temperature)
+                distill_heads=distill_heads,  # full-vocabulary rows of mtp.distill (training only)
             )
         return out, width
 
@@ -321,7 +326,7 @@ class Learner:
             parts[name] = parts.get(name, 0.0) + float(value)
 
         out, w = self._forward(b, self.n_heads, self.backbone_grad, self.lm_head_grad,
-                               cfg.entropy_coef > 0, width)
+                               cfg.entropy_coef > 0, width, self.n_distill)
         lp, valid = out.logprobs, out.valid  # (H, B, w) each
         resp = b.response_mask[:, :w].bool()  # (B, w)
         if (resp & ~valid[0]).any():
@@ -411,6 +416,10 @@ class Learner:
                     if mk.any():
                         st.add(f"mtp/clip_frac/head{k + 1}", tlk.clipped[mk].float().mean(),
                                float(mk.sum()))
+        if self.n_distill:
+            dl = self._distill_loss(out.distill, mtp_mask, norm, st, part)
+            total = total + cfg.mtp.distill.coef * dl
+            part("loss/mtp_distill", dl.detach())
         if cfg.advantage.kl_coef > 0:
             if b.ref_logprobs is None:
                 raise ValueError("advantage.kl_coef > 0 needs ref_logprobs in the batch")
@@ -424,6 +433,32 @@ class Learner:
             total = total - cfg.entropy_coef * ent
             part("loss/entropy", ent.detach())
         part("loss/policy", pg.detach())
+        return total
+
+    def _distill_loss(self, rows, mtp_mask: torch.Tensor, norm: Normaliser, st: _Stats, part) -> torch.Tensor:
+        """Σ_k of head k's distillation loss (`learner.mtp_distill`, ``cfg.mtp.distill.kind``),
+        each reduced over head k's response tokens like every per-token loss (``cfg.aggregation``
+        with the mini-batch's normaliser, so micro-batches and ranks sum to the mini-batch's
+        term). ``rows`` come from the model's gradient-isolated path (`DistillRows`): the term
+        moves only the MTP modules. Metrics: the loss, top-1 agreement with the main head (a
+        greedy drafter's acceptance) and 1 − TV (probabilistic drafting's expected acceptance)."""
+        d = self.cfg.mtp.distill
+        total = mtp_mask.new_zeros((), dtype=torch.float32)
+        for k, r in enumerate(rows, start=1):
+            tok = distill_token_loss(d.kind, r.student_logits, r.teacher_logp, d.top_k)  # (M_k,)
+            mk = mtp_mask[k - 1]  # (B, w): the same positions as r.index
+            full = tok.new_zeros(mk.shape).index_put(r.index, tok)  # (B, w)
+            lk = aggregate(full, mk, self.cfg.aggregation, norm)
+            total = total + lk
+            part(f"loss/mtp_distill/head{k}", lk.detach())
+            n = float(tok.numel())
+            if n:
+                with torch.no_grad():
+                    st.add(f"mtp/distill_loss/head{k}", tok.detach().mean(), n)
+                    st.add(f"mtp/distill_top1/head{k}",
+                           top1_agreement(r.student_logits, r.teacher_logp).float().mean(), n)
+                    st.add(f"mtp/distill_accept/head{k}",
+                           1.0 - distill_tv(r.student_logits.detach(), r.teacher_logp).mean(), n)
         return total
 
     def state_bytes(self) -> int:
@@ -472,7 +507,9 @@ class Learner:
         metrics["perf/old_logprob_s"] = time.perf_counter() - t_old
         metrics["policy/entropy"] = float(entropy[resp_all].mean()) if resp_all.any() else 0.0
 
-        micro_size = self.micro_size(kept, 1 + self.n_heads)  # main + MTP heads of the training forward
+        # main + MTP heads of the training forward, plus mtp.distill's full-vocabulary rows: the
+        # teacher's and one per distilled head (the logits a micro-batch's memory grows with)
+        micro_size = self.micro_size(kept, 1 + self.n_heads + (self.n_distill + 1 if self.n_distill else 0))
         metrics["perf/micro_batch_size"] = float(micro_size)
         row_tokens = kept.attention_mask.sum(-1)  # what a row costs a forward: the group balances it
         st, loss_st = _Stats(), _Stats()

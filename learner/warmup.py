@@ -33,10 +33,11 @@ import torch.nn.functional as F
 from collections.abc import Sequence
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from tqdm.auto import tqdm
 
 from learner.model import PolicyModel
+from learner.mtp_distill import DISTILL_KINDS, DistillTopK, distill_token_loss
 
 STATE_FILE = "warmup_state.pt"
 
@@ -52,7 +53,7 @@ class WarmupConfig(BaseModel):
     heldout_fraction: float = Field(0.1, ge=0, lt=1, description="Share of sequences kept out for evaluation.")
     seed: int = Field(0)
     save_every: int = Field(50, gt=0, description="Optimiser steps between resumable state saves.")
-    loss: Literal["ce", "distill"] = Field(
+    loss: Literal["ce", "distill", "kl", "topk_ce", "tv"] = Field(
         "distill",
         description=(
             "'ce': cross-entropy of head k on the text's token x_{p+k+1} (needs the full-vocabulary LM head "
@@ -60,9 +61,20 @@ class WarmupConfig(BaseModel):
             "output onto the backbone's final-normed hidden state at p+k, the one from which the main head "
             "predicts that same token; with the LM head shared this matches the policy's own next-token "
             "distribution (what a drafter must guess) without touching the vocabulary (EAGLE-style feature "
-            "regression), plus `ce_weight` × CE."
+            "regression), plus `ce_weight` × CE. 'kl' | 'topk_ce' | 'tv': head distillation, the RL term "
+            "`algorithm.mtp.distill` (learner/mtp_distill.py): head k's full-vocabulary distribution against the "
+            "main head's (detached) at the token it predicts, so a run starts with a head aligned by the loss it "
+            "is trained with during RL (`mtprl model warmup --distill KIND`, on T = 1 answers); plus `ce_weight` × CE."
         ),
     )
+    top_k: DistillTopK | None = Field(
+        None, description="k of loss='topk_ce' (None = learner.config.DEFAULT_DISTILL_TOP_K); refused otherwise.")
+
+    @model_validator(mode="after")
+    def _top_k_for_topk_ce(self) -> WarmupConfig:
+        if self.top_k is not None and self.loss != "topk_ce":
+            raise ValueError(f"top_k={self.top_k} is only read by loss='topk_ce' (got loss={self.loss!r})")
+        return self
     ce_weight: float = Field(0.0, ge=0, description="Weight of the CE term added to the 'distill' loss.")
     answer_only: bool = Field(
         False,
@@ -146,10 +158,39 @@ def mtp_distill_loss(model: PolicyModel, h: torch.Tensor, ids: torch.Tensor, mas
     return torch.stack(losses).mean()
 
 
+def mtp_head_distill_loss(model: PolicyModel, h: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, kind: str,
+                          top_k: int | None = None) -> torch.Tensor:
+    """Mean over MTP heads of the token-mean head-distillation loss ``kind`` (`learner.mtp_distill`,
+    T = 1) between head k at p and the main head at p+k, both predicting x_{p+k+1}, over the positions
+    `mtp_token_cross_entropy` trains. The teacher and the shared LM head are detached: only the MTP
+    modules learn (the warm-up's backbone is frozen anyway)."""
+    W = model.backbone.lm_head.weight.detach()  # (V, H)
+    main = model.backbone.model.norm(h).detach()  # (B, T, H): the main head's input
+    T = ids.shape[1]
+    losses = []
+    for k, hk in enumerate(model.mtp_hidden(h, ids, model.num_mtp, mtp_backbone_grad=False), start=1):
+        n = T - k - 1  # positions whose target x_{p+k+1} lies inside the row
+        valid = mask[:, 1 : 1 + n] & mask[:, k + 1 :]  # (B, n)
+        student = F.linear(hk[:, :n][valid], W).float()  # (M, V)
+        with torch.no_grad():
+            teacher = F.log_softmax(F.linear(main[:, k : k + n][valid], W).float(), dim=-1)  # (M, V)
+        tok = distill_token_loss(kind, student, teacher, top_k)  # (M,)
+        losses.append(tok.sum() / max(tok.numel(), 1))
+    return torch.stack(losses).mean()
+
+
 def warmup_loss(model: PolicyModel, h: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, cfg: WarmupConfig,
                 vocab: torch.Tensor | None = None) -> torch.Tensor:
     if cfg.loss == "ce":
         return mtp_token_cross_entropy(model, h, ids, mask, vocab)
+    if cfg.loss in DISTILL_KINDS:
+        from learner.config import DEFAULT_DISTILL_TOP_K
+
+        top_k = cfg.top_k or DEFAULT_DISTILL_TOP_K
+        loss = mtp_head_distill_loss(model, h, ids, mask, cfg.loss, top_k)
+        if cfg.ce_weight > 0:
+            loss = loss + cfg.ce_weight * mtp_token_cross_entropy(model, h, ids, mask, vocab)
+        return loss
     loss = mtp_distill_loss(model, h, ids, mask)
     if cfg.ce_weight > 0:
         loss = loss + cfg.ce_weight * mtp_token_cross_entropy(model, h, ids, mask, vocab)

@@ -13,7 +13,10 @@ def compare(
                                               exists=True)],
     out: Annotated[Path, typer.Option(help="One run directory per regime, compare.md and compare.json.")] = Path(
         "runs/compare"),
-    regimes: Annotated[str, typer.Option(help="Comma-separated regimes, in run order.")] = "detach,ce,policy,occ",
+    regimes: Annotated[str, typer.Option(help="Comma-separated rows, in run order: the regimes detach, ce, "
+                                              "policy, occ, and occ+distill, detach+distill (head distillation, "
+                                              "algorithm.mtp.distill).")] = (
+        "detach,ce,policy,occ,occ+distill,detach+distill"),  # services.compare.ROWS
     steps: Annotated[int | None, typer.Option(min=1, help="Override schedule.steps (all regimes).")] = None,
     eval_max_tokens: Annotated[int | None, typer.Option(min=1, help="Held-out evaluation length "
                                                                       "(default: rollout.max_tokens).")] = None,
@@ -22,7 +25,8 @@ def compare(
     verbose: Annotated[bool, typer.Option(help="vLLM's, Ray's and transformers' logs on the console too "
                                                "(default: OUT/mtprl.log).")] = False,
 ) -> None:
-    """The OCC paper's Table 1 in miniature: detach / ce / policy / occ on the same task and seed.
+    """The OCC paper's Table 1 in miniature: detach / ce / policy / occ, and occ and detach with head
+    distillation, on the same task and seed.
 
     Rerunning the same command resumes: finished regimes are kept, an unfinished one continues
     from its latest checkpoint."""

@@ -99,8 +99,9 @@ def warmup_cmd(
     epochs: Annotated[int, typer.Option()] = 10,
     heldout_prompts: Annotated[int, typer.Option(help="Prompts (another seed range) measuring acceptance.")] = 8,
     samples_per_prompt: Annotated[int, typer.Option(help="Answers per training prompt.")] = 2,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature of the answers (0 = greedy: "
-                                                    "the text a greedy drafter is scored on).")] = 0.7,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature of the answers (0 = greedy: "
+                                                           "the text a greedy drafter is scored on). Default "
+                                                           "0.7; 1.0 with --distill.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Answer length cap.")] = 128,
     seed: Annotated[int, typer.Option(help="Prompt seed (training prompts seed, held-out seed + 10000).")] = 0,
     ce_weight: Annotated[float, typer.Option(help="Weight of a CE term next to the feature distillation.")] = 0.0,
@@ -108,9 +109,17 @@ def warmup_cmd(
                                                "(the pruned drafter's vocabulary); 0 = full vocabulary.")] = 0,
     answer_only: Annotated[bool, typer.Option(help="Train only the answer positions a drafter is asked about, "
                                                    "not the prompt's.")] = False,
+    distill: Annotated[str | None, typer.Option(help="Head distillation instead of the feature regression: "
+                                                     "kl | topk_ce | tv, the RL term algorithm.mtp.distill "
+                                                     "(learner/mtp_distill.py), on T = 1 answers by default, "
+                                                     "so a run starts with a head aligned by its RL loss.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="k of --distill topk_ce (default "
+                                                   "learner.config.DEFAULT_DISTILL_TOP_K).")] = None,
     report: Annotated[Path | None, typer.Option(help="Write the measurements as JSON here.")] = None,
 ) -> None:
-    """Train the MTP heads on the model's own answers (backbone frozen); print acceptance before/after."""
+    """Train the MTP heads on the model's own answers (backbone frozen); print acceptance before/after.
+
+    Without --distill: the default recipe (feature regression, `SelfDistillConfig`'s defaults)."""
     from learner.checkpoint import CheckpointError, read_config
     from services.self_distill import SelfDistillConfig, run_self_distill
 
@@ -118,6 +127,14 @@ def warmup_cmd(
         read_config(model)
     except CheckpointError as e:
         _fail(str(e))
+    from learner.mtp_distill import DISTILL_KINDS
+
+    if distill is not None and distill not in DISTILL_KINDS:
+        _fail(f"--distill must be one of {', '.join(DISTILL_KINDS)}, got {distill!r}")
+    if top_k is not None and distill != "topk_ce":
+        _fail("--top-k is the k of --distill topk_ce")
+    if temperature is None:  # head distillation trains for RL's sampling distribution, T = 1
+        temperature = 1.0 if distill else 0.7
     if temperature == 0 and samples_per_prompt > 1:
         _fail("--temperature 0 gives one answer per prompt; use --samples-per-prompt 1 or more prompts")
     if ce_vocab and not ce_weight:
@@ -131,7 +148,8 @@ def warmup_cmd(
         # Prompt plus answer must fit the warm-up's sequence cap, or the answers' ends are never learnt.
         cfg.warmup = cfg.warmup.model_validate({**cfg.warmup.model_dump(), "epochs": epochs, "ce_weight": ce_weight,
                                                 "answer_only": answer_only,
-                                                "max_len": max(cfg.warmup.max_len, max_tokens + 256)})
+                                                "max_len": max(cfg.warmup.max_len, max_tokens + 256),
+                                                **({"loss": distill, "top_k": top_k} if distill else {})})
     except ValidationError as e:
         _fail("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
     try:

@@ -1,7 +1,9 @@
 """The MTP-regime comparison, the OCC paper's Table 1 in miniature (`mtprl compare`).
 
-One base run spec is trained once per regime of ``algorithm.mtp_regime`` (``detach``, ``ce``,
-``policy``, ``occ``), everything else equal: model, data order, seeds, schedule. Each run is a
+One base run spec is trained once per row, everything else equal: model, data order, seeds,
+schedule. A row is a regime of ``algorithm.mtp_regime`` (``detach``, ``ce``, ``policy``, ``occ``;
+head distillation off) or a regime with head distillation (``occ+distill``, ``detach+distill``:
+``algorithm.mtp.distill`` as the base spec sets it if it turns it on, else `DEFAULT_DISTILL`). Each run is a
 normal run (`services.controller.RunController`) in ``<out>/<regime>/`` with its own checkpoints and
 ``metrics.jsonl``; the rollout engines and reward actors are started once and shared (each run
 publishes its own weights first, as runs sharing engines always do), the learner is fresh per run.
@@ -23,6 +25,8 @@ Columns (`summarize`; "tail" = the last ``tail`` steps of the run):
   ``eval_acceptance``: the acceptance rate while evaluating the final policy;
 - ``lambda_mean``: ``occ``: the mean of λₜ (``mtp/lambda/head*``) over the run; ``ce``/``policy``:
   their fixed λ (``occ.fixed_lambda``); ``detach``: none (the heads' loss never reaches the trunk).
+- ``distill_accept``: the ``+distill`` rows: mean ``mtp/distill_accept/head1`` (1 − TV between head 1
+  and the main head on the learner's batch: probabilistic drafting's expected acceptance) over the tail.
 """
 
 from __future__ import annotations
@@ -40,6 +44,12 @@ from services.evaluate import evaluate_in_group
 from services.spec import RunSpec
 
 REGIMES = ("detach", "ce", "policy", "occ")
+#: Rows that add head distillation (`algorithm.mtp.distill`) to a regime.
+DISTILL_ROWS = {"occ+distill": "occ", "detach+distill": "detach"}
+ROWS = REGIMES + tuple(DISTILL_ROWS)
+#: The distillation of the ``+distill`` rows when the base spec leaves it off: forward KL at
+#: weight 1 (the term reaches only the heads, so it does not trade against the policy loss).
+DEFAULT_DISTILL = {"kind": "kl", "coef": 1.0}
 RESULT = "result.json"
 
 
@@ -55,6 +65,7 @@ class RegimeRow(BaseModel):
     mtp_clip_frac: float | None = None
     acceptance: float | None = None
     lambda_mean: float | None = None
+    distill_accept: float | None = None
     accuracy: float | None = None
     eval_acceptance: float | None = None
 
@@ -71,11 +82,15 @@ class Comparison(BaseModel):
 
 
 def regime_specs(base: RunSpec, regimes: list[str]) -> dict[str, RunSpec]:
-    """``base`` with ``algorithm.mtp_regime`` set to each regime (validated: a regime the spec cannot
-    run, e.g. ``occ`` with one mini-batch, fails here, before anything starts)."""
-    unknown = [r for r in regimes if r not in REGIMES]
+    """``base`` with ``algorithm.mtp_regime`` set to each row's regime and head distillation on for
+    the ``+distill`` rows, off for the others (validated: a regime the spec cannot run, e.g. ``occ``
+    with one mini-batch, fails here, before anything starts)."""
+    unknown = [r for r in regimes if r not in ROWS]
     if unknown or not regimes:
-        raise ValueError(f"unknown regime(s) {unknown or regimes}; choose from {', '.join(REGIMES)}")
+        raise ValueError(f"unknown regime(s) {unknown or regimes}; choose from {', '.join(ROWS)}")
+    base_distill = base.algorithm.mtp.distill
+    distill_on = base_distill.model_dump() if base_distill.enabled else dict(DEFAULT_DISTILL)
+    distill_off = {**base_distill.model_dump(), "coef": 0.0}
     from pydantic import ValidationError
 
     from services.spec import problem_lines, spec_problems
@@ -83,7 +98,8 @@ def regime_specs(base: RunSpec, regimes: list[str]) -> dict[str, RunSpec]:
     out = {}
     for r in regimes:
         raw = base.model_dump()
-        raw["algorithm"]["mtp_regime"] = r
+        raw["algorithm"]["mtp_regime"] = DISTILL_ROWS.get(r, r)
+        raw["algorithm"].setdefault("mtp", {})["distill"] = distill_on if r in DISTILL_ROWS else distill_off
         raw["name"] = f"{base.name or 'compare'}-{r}"
         try:
             out[r] = RunSpec.model_validate(raw)
@@ -113,6 +129,7 @@ def summarize(history: list[dict[str, float]], tail: int = 5) -> dict[str, float
         "mtp_clip_frac": _mean([heads(m, "mtp/clip_frac/head") for m in history]),
         "acceptance": _mean([m.get("rollout/spec_acceptance_rate") for m in last]),
         "lambda_mean": _mean([heads(m, "mtp/lambda/head") for m in history]),
+        "distill_accept": _mean([m.get("mtp/distill_accept/head1") for m in last]),
     }
 
 
@@ -128,15 +145,15 @@ def render_markdown(c: Comparison) -> str:
         f"(acceptance {_fmt(c.eval_acceptance_before)}).",
         "",
         "| regime | held-out acc | Δ acc | train reward (tail) | clip frac | MTP clip frac | acceptance in RL (tail) "
-        "| eval acceptance | λ | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| eval acceptance | λ | head-1 1−TV (tail) | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in c.rows:
         delta = None if r.accuracy is None else r.accuracy - c.accuracy_before
         lines.append(
             f"| {r.regime} | {_fmt(r.accuracy)} | {'–' if delta is None else f'{delta:+.3f}'} | {_fmt(r.train_reward)} "
             f"| {_fmt(r.clip_frac, 4)} | {_fmt(r.mtp_clip_frac, 4)} | {_fmt(r.acceptance)} | {_fmt(r.eval_acceptance)} "
-            f"| {_fmt(r.lambda_mean, 4)} | {r.wall_seconds:.0f} |")
+            f"| {_fmt(r.lambda_mean, 4)} | {_fmt(r.distill_accept)} | {r.wall_seconds:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -157,7 +174,7 @@ def run_comparison(
     from services import run_checkpoint
     from services.controller import RunController, start_engine_group, start_reward_actors
 
-    specs = regime_specs(base, list(regimes or REGIMES))
+    specs = regime_specs(base, list(regimes or ROWS))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "base_spec.json"
@@ -185,7 +202,7 @@ def run_comparison(
                                 progress=progress).run()
             row = RegimeRow(regime=regime, state=res.state, steps=res.step, wall_seconds=res.wall_seconds,
                             **summarize(res.history, tail))
-            if regime in ("ce", "policy"):
+            if DISTILL_ROWS.get(regime, regime) in ("ce", "policy"):
                 row.lambda_mean = spec.algorithm.occ.fixed_lambda
             if res.state != "completed":
                 raise RuntimeError(f"the {regime} run ended {res.state} at step {res.step}; rerun to resume it")

@@ -136,13 +136,17 @@ def inputs_from_spec(spec: RunSpec, shape: ModelShape, prompt_tokens: int | None
     """Resolve the spec: learner ranks, precision (auto → bf16 on a GPU, fp32 on the CPU), the
     sample length (prompt + max_tokens bounded by max_model_len; max_model_len when the prompt
     length is not given: the longest sample an engine can return) and the training forward's heads
-    (main + max(MPO's K − 1, the regime's trained heads), as `learner.step.Learner` counts them)."""
+    (main + max(MPO's K − 1, the regime's trained heads, the distilled heads), plus mtp.distill's
+    full-vocabulary rows, as `learner.step.Learner` counts them)."""
     alg, ro, res = spec.algorithm, spec.rollout, spec.resources
     on_gpu = res.learner_gpus > 0 and alg.device != "cpu"
     precision = alg.precision if alg.precision != "auto" else ("bf16" if on_gpu else "fp32")
     seq = min(prompt_tokens + ro.max_tokens, ro.max_model_len) if prompt_tokens else ro.max_model_len
     k = 1 if alg.mpo is None or alg.mpo.mtp_share == 0.0 else alg.mpo.k
-    n_heads = max(k - 1, alg.trained_mtp_heads(shape.num_mtp))
+    n_heads = max(k - 1, alg.trained_mtp_heads(shape.num_mtp), alg.distill_heads(shape.num_mtp))
+    n_distill = alg.distill_heads(shape.num_mtp)
+    # mtp.distill's full-vocabulary rows: the teacher's and one per distilled head (Learner.step)
+    n_heads += n_distill + 1 if n_distill else 0
     return PlanInputs(
         learner_ranks=int(res.learner_workers or 1), learner_on_gpu=on_gpu, learner_cpus=res.learner_cpus,
         precision=precision, micro_batch_size=alg.micro_batch_size, micro_batch_logits=alg.micro_batch_logits,

@@ -569,6 +569,10 @@ def spec_problems(spec: RunSpec) -> list[dict[str, Any]]:
             alg.mtp_regime)
     if alg.mtp_heads is not None and alg.mtp_regime != "none" and alg.mtp_heads > n:
         err(("algorithm", "mtp_heads"), f"mtp_heads={alg.mtp_heads} but the model has {n}", alg.mtp_heads)
+    if alg.mtp.distill.enabled and n == 0:
+        err(("algorithm", "mtp", "distill", "coef"),
+            f"mtp.distill.coef={alg.mtp.distill.coef} distils MTP heads but the model has none; use 0",
+            alg.mtp.distill.coef)
     if spec.rollout.num_speculative_tokens > 0 and n == 0:
         err(("rollout", "num_speculative_tokens"),
             "speculative decoding drafts with MTP module 1 but the model has none; use 0",

@@ -23,6 +23,9 @@ OBJECTIVES = {
     "mpo_k3": dict(algorithm="grpo", mtp_regime="detach", mpo={"k": 3}, lr=1e-4),
     "occ": dict(algorithm="grpo", mtp_regime="occ", lr=1e-5),
     "kl": dict(algorithm="dapo", mtp_regime="policy", advantage={"kl_coef": 0.1}, lr=1e-4),
+    # head distillation on the regime that runs the MTP blocks a second time (detached inputs)
+    "distill": dict(algorithm="grpo", mtp_regime="policy", mtp={"distill": {"kind": "topk_ce", "coef": 1.0}},
+                    lr=1e-4),
 }
 COMMON = dict(mini_batches=2, micro_batch_size=3, grad_clip=1.0)
 
@@ -91,7 +94,8 @@ def test_two_ranks_train_the_parameters_one_rank_does(ray_session, tiny_ckpt, vo
     for a, b in zip(m1, m2):
         assert b["learner/ranks"] == 2.0
         for key in ("loss/total", "loss/policy", "optim/grad_norm", "ratio/clip_frac", "batch/tokens",
-                    "policy/entropy", "mtp/lambda/head1", "mtp/c_hat/head2", "loss/mtp", "policy/kl_ref"):
+                    "policy/entropy", "mtp/lambda/head1", "mtp/c_hat/head2", "loss/mtp", "policy/kl_ref",
+                    "loss/mtp_distill", "mtp/distill_loss/head2", "mtp/distill_accept/head1"):
             # OCC's ĉ and λ carry the 1/lr-amplified rounding described at OBJECTIVES (5 % apart
             # at lr 1e-5); that their all-reduced sums are the micro-batch's is test_learner_occ's
             # split test
@@ -101,6 +105,8 @@ def test_two_ranks_train_the_parameters_one_rank_does(ray_session, tiny_ckpt, vo
         assert any(abs(m["mtp/lambda/head1"]) > 0 for m in m1)  # λ was formed (not the at-old 0)
     if name == "kl":
         assert m1[-1]["policy/kl_ref"] > 0
+    if name == "distill":
+        assert m1[-1]["loss/mtp_distill"] > 0 and "mtp/distill_top1/head1" in m2[-1]
 
 
 def test_sharded_checkpoint_resumes_on_two_ranks_bit_for_bit_and_on_one_rank(ray_session, tiny_ckpt, vocab,
