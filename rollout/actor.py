@@ -10,8 +10,8 @@ stop. The engine's own lock keeps generation and weight loading apart (see `Roll
 ``cancel`` and ``info`` run in a concurrency group of their own (``control``): with the default
 group's threads all taken by calls waiting for the lock (two generation calls, a weight update and
 a generation call of a benchmark or test behind the running batch), a cancel queued behind them
-would wait for the very batch it is meant to stop. Seen: a straggling engine's cancel sat behind
-its weight update until its 60 s batch had finished.
+would wait for the very batch it is meant to stop (a straggler test's cancel took effect only when
+its 60 s batch had ended; the four call threads were, by the calls sent, all taken).
 
 ``cpu_nice`` (a run's ``resources.cpu_nice``): the actor lowers the CPU priority of its process
 before vLLM starts (`runtime.cpu_priority`), so vLLM's and OpenMP's threads inherit it.
