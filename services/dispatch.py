@@ -108,6 +108,7 @@ class Dispatcher:
         self.free_at = [0.0] * n  # time.monotonic() each engine's last call came back
         self.per_group_s: collections.deque[float] = collections.deque(maxlen=max(4, 2 * n))
         self.iv_straggler0 = (0, 0)  # straggler counters at the start of the metrics interval
+        self.stragglers: list[tuple[int, int, list[int]]] = []  # (slow engine, engine of the copy, groups)
 
     def reset(self, pending: list[int]) -> None:
         """Start over from a checkpoint: ``pending`` groups first; calls in flight are forgotten."""
@@ -190,6 +191,7 @@ class Dispatcher:
                 continue
             for c in g.cursors:
                 self.copies[c] = 2
+            self.stragglers.append((e, target, list(g.cursors)))
             self.ctx.count("straggler_redispatch", len(g.cursors))
             log.warning("engine %d straggles (%.1f s on %d groups): sent them to engine %d too",
                         e, now - started, len(g.cursors), target)
