@@ -97,7 +97,12 @@ def test_a_killed_engines_groups_move_to_the_others(ray_session, toy, engines3, 
             ray_session.kill(engines3.engines[0], no_restart=False)
         return None
 
-    ctl = RunController("fan-kill", _spec(toy, 6), tmp_path / "run", engines=engines3, control=control)
+    spec = _spec(toy, 6)
+    # No straggler copies here: a group whose copy is out when its engine dies is not queued again
+    # (the copy carries it; tests/test_dispatch_stragglers.py), which would blur what this counts.
+    # Seen on a loaded machine: a 27 s call of engine 1 copied to engine 0, then engine 0 killed.
+    spec["rollout"]["straggler_factor"] = 0.0
+    ctl = RunController("fan-kill", spec, tmp_path / "run", engines=engines3, control=control)
     res = ctl.run()
     assert killed["lost"], killed
     _assert_exact_accounting(res, 6)

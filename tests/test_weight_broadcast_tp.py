@@ -46,7 +46,8 @@ def test_each_tp_worker_joins_at_its_rank_and_receives_every_tensor(monkeypatch)
     monkeypatch.setattr(engine, "_reload_drafter",
                         lambda worker, weights: drafted.__setitem__(id(worker), [(n, t.clone()) for n, t in weights]))
     torch.manual_seed(0)
-    weights = [("model.embed_tokens.weight", torch.randn(8, 4)), ("model.layers.0.mlp.up_proj.weight", torch.randn(6, 4)),
+    weights = [("model.embed_tokens.weight", torch.randn(8, 4)),
+               ("model.layers.0.mlp.up_proj.weight", torch.randn(6, 4)),
                ("lm_head.weight", torch.randn(8, 4)), ("model.mtp_layers.0.proj.weight", torch.randn(4, 8))]
     shapes = {n: tuple(t.shape) for n, t in weights}
     tp = [2, 2]
