@@ -7,6 +7,11 @@ the latest published weights to it (``update_weights``) before sending it work.
 The actor is threaded (``max_concurrency`` > 1) so that ``cancel`` can arrive while ``generate``
 runs: with Ray's default of one call at a time, a cancel would queue behind the batch it is meant to
 stop. The engine's own lock keeps generation and weight loading apart (see `RolloutEngine`).
+``cancel`` and ``info`` run in a concurrency group of their own (``control``): with the default
+group's threads all taken by calls waiting for the lock (two generation calls, a weight update and
+a generation call of a benchmark or test behind the running batch), a cancel queued behind them
+would wait for the very batch it is meant to stop (a straggler test's cancel took effect only when
+its 60 s batch had ended; the four call threads were, by the calls sent, all taken).
 
 ``cpu_nice`` (a run's ``resources.cpu_nice``): the actor lowers the CPU priority of its process
 before vLLM starts (`runtime.cpu_priority`), so vLLM's and OpenMP's threads inherit it.
@@ -22,6 +27,9 @@ from rollout.config import EngineConfig
 from rollout.engine import RolloutEngine
 
 
+CONCURRENCY_GROUPS = {"control": 2}  # cancel and info, never behind calls waiting for the engine's lock
+
+
 class RolloutEngineActor(RolloutEngine):
     """`RolloutEngine` whose process first takes the requested niceness (0: unchanged)."""
 
@@ -30,6 +38,14 @@ class RolloutEngineActor(RolloutEngine):
 
         lower_cpu_priority(cpu_nice)
         super().__init__(config)
+
+    @ray.method(concurrency_group="control")
+    def cancel(self) -> int:
+        return super().cancel()
+
+    @ray.method(concurrency_group="control")
+    def info(self) -> dict:
+        return super().info()
 
 
 def create_engine_actor(
@@ -73,4 +89,5 @@ def create_engine_actor(
     if cfg.num_threads:
         env["OMP_NUM_THREADS"] = str(cfg.num_threads)  # Ray would set num_cpus otherwise
     opts["runtime_env"] = {"env_vars": env}
-    return ray.remote(RolloutEngineActor).options(**opts).remote(cfg.model_dump(), cpu_nice)
+    actor_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RolloutEngineActor)
+    return actor_cls.options(**opts).remote(cfg.model_dump(), cpu_nice)

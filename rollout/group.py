@@ -23,6 +23,7 @@ import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 
+from rollout import weight_transport
 from rollout.actor import create_engine_actor
 from rollout.config import EngineConfig, SamplingConfig
 from rollout.engine import RolloutBatch
@@ -149,8 +150,10 @@ class EngineGroup:
         if ids != self._members or sender_id != self._sender:
             self._members, self._sender = None, sender_id
             address = sender.weight_group_address()
-            world = len(self.engines) + 1
-            joins = [e.join_weight_group.remote(address, i + 1, world, backend) for i, e in enumerate(self.engines)]
+            tp = [self.config.tensor_parallel_size] * len(self.engines)  # every engine of a group alike
+            ranks, world = weight_transport.member_ranks(tp), weight_transport.group_world_size(tp)
+            joins = [e.join_weight_group.remote(address, ranks[i][0], world, backend)
+                     for i, e in enumerate(self.engines)]
             first = sender.join_weight_group(address, world, backend)
             replies = ray.get(joins + [first])[:-1]
             dtypes = {r["dtype"] for r in replies}

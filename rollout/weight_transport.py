@@ -2,8 +2,10 @@
 a broadcast group of its own (``weight_sync.transport: broadcast``, docs/weights.md).
 
 Member 0 of the group is the sender (learner rank 0, which gathers the full tensors anyway for
-checkpoints and the object-store path), members 1..N the engines, in the order of the engine
-group. The group is a standalone `torch.distributed` backend object (``ProcessGroupGloo`` on the
+checkpoints and the object-store path), then every engine's workers, in the order of the engine
+group (`member_ranks`: with tensor parallelism each of an engine's TP workers is a member, joins
+and receives in its own process through vLLM's ``collective_rpc``, and loads its shard with the
+model's ``load_weights``). The group is a standalone `torch.distributed` backend object (``ProcessGroupGloo`` on the
 CPU, ``ProcessGroupNCCL`` on CUDA: the same calls) built over its own ``TCPStore``, never
 ``init_process_group``: the learner's FSDP default group and vLLM's own torch.distributed state
 in the engine's process are left alone (vLLM's ``StatelessProcessGroup`` serves the same purpose;
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 import pickle
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -81,6 +83,26 @@ def bucket_layout(metas: list[TensorMeta], bucket_bytes: int) -> list[list[int]]
             out.append([i])
             size = m.nbytes
     return out
+
+
+def member_ranks(tp_sizes: Sequence[int]) -> list[list[int]]:
+    """The group rank of each engine's tensor-parallel workers, engine by engine: the sender is
+    rank 0, worker ``w`` of engine ``i`` is ``1 + sum(tp_sizes[:i]) + w``. That is vLLM's own
+    layout for a trainer + workers group (``rank_offset`` + the worker's rank within its engine,
+    `vllm.distributed.weight_transfer.nccl_common.worker_init_process_group`); with TP 1 it is
+    engine i = rank i + 1, as before."""
+    if any(int(t) < 1 for t in tp_sizes):
+        raise ValueError(f"tensor-parallel sizes must be >= 1: {list(tp_sizes)}")
+    out, first = [], 1
+    for t in tp_sizes:
+        out.append(list(range(first, first + int(t))))
+        first += int(t)
+    return out
+
+
+def group_world_size(tp_sizes: Sequence[int]) -> int:
+    """Members of the group: the sender and every worker of every engine."""
+    return 1 + sum(int(t) for t in tp_sizes)
 
 
 def free_address() -> str:

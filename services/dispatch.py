@@ -23,12 +23,29 @@ the on-disk weights) puts its groups back at the front of the queue, in order; t
 marked down and probed without blocking the loop (the other engines take the groups meanwhile),
 and loaded with the latest weights once it answers. A group cancelled on the engine is queued
 again alone.
+
+**Stragglers.** An engine that is alive but slow holds its calls: with the staleness bound
+reached, the step waits for them while the other engines idle. Whenever an engine is idle, the
+oldest call of every other engine (the one it is running) is checked against a deadline derived
+from its peers: ``max(rollout.straggler_min_s, rollout.straggler_factor × m × groups)``, ``m`` the
+median per-group seconds of the last ``2 × engines`` successful calls (the current and previous
+blocks' parts), measured from when the call could start (sent, or its engine's previous call
+came back). A call past it is sent once more, unchanged, to an idle engine: the same cursors,
+hence the same per-group seeds. Per group, the first copy to come back finished wins; the other
+copy's engine is then cancelled (`RolloutEngine.cancel`: the late copy and any call queued behind
+it on that engine; the queued one's unfinished groups are queued again like any cancelled group)
+and whatever the late copy returns is discarded. A copy that is lost (its engine died, restarted,
+or cancelled it) while the other is still out is not queued again: the other carries the group.
+Counters: ``straggler_redispatch`` (groups sent a second time), ``straggler_discarded`` (late
+copies thrown away); per step ``rollout/straggler_redispatch`` and ``rollout/straggler_discarded``.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import statistics
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,6 +67,8 @@ class GenCall:
     cursors: list[int]
     epoch: int
     tokens: int  # pending-token estimate of the call
+    sent: float = 0.0  # time.monotonic() of the submit
+    hedge: bool = False  # a straggler's second copy (never itself duplicated)
 
 
 def split_block(cursors: list[int], parts: int) -> list[list[int]]:
@@ -83,17 +102,27 @@ class Dispatcher:
         self.probes: dict[ray.ObjectRef, int] = {}  # engines marked down: a call that answers once it is back
         self.down: set[int] = set()
         self.cum_spec = SpecStats()  # the engines' cumulative drafting counters, as last reported
+        # stragglers: calls outstanding per duplicated cursor, and those a copy already served
+        self.copies: collections.Counter[int] = collections.Counter()
+        self.won: set[int] = set()
+        self.free_at = [0.0] * n  # time.monotonic() each engine's last call came back
+        self.per_group_s: collections.deque[float] = collections.deque(maxlen=max(4, 2 * n))
+        self.iv_straggler0 = (0, 0)  # straggler counters at the start of the metrics interval
+        self.stragglers: list[tuple[int, int, list[int]]] = []  # (slow engine, engine of the copy, groups)
 
     def reset(self, pending: list[int]) -> None:
         """Start over from a checkpoint: ``pending`` groups first; calls in flight are forgotten."""
         self.queue = collections.deque(sorted(pending))
         self.ready = collections.deque()
         self.inflight = {}
+        self.copies, self.won = collections.Counter(), set()
         for clock in [self.clock, *self.engine_clocks]:
             clock.active = 0
 
     def cursors(self) -> list[int]:
-        return [c for g in self.inflight.values() for c in g.cursors] + [c for p in self.ready for c in p]
+        """Groups admitted and not yet returned, each once (a straggler's two copies are one group)."""
+        live = [c for g in self.inflight.values() for c in g.cursors] + [c for p in self.ready for c in p]
+        return list(dict.fromkeys(live))
 
     def refs(self) -> list[ray.ObjectRef]:
         return list(self.inflight) + list(self.probes)
@@ -123,9 +152,51 @@ class Dispatcher:
         while True:
             self._send_ready()
             if self.ready or not self._with_room() or not self.may_dispatch(live_elsewhere, learner_busy):
-                return
+                break
             up = len(self.engines.engines) - len(self.down)
             self.ready.extend(split_block(self._next_cursors(self.ctx.P), up))
+        if not self.ready:
+            self._hedge_stragglers()
+
+    def straggler_deadline(self, groups: int) -> float | None:
+        """Seconds after which a running call of ``groups`` groups straggles (None: off, or no
+        finished call to compare with yet)."""
+        r = self.ctx.spec.rollout
+        if r.straggler_factor <= 0 or not self.per_group_s:
+            return None
+        return max(r.straggler_min_s, r.straggler_factor * statistics.median(self.per_group_s) * groups)
+
+    def _hedge_stragglers(self) -> None:
+        """Send each straggling running call once more, to an idle engine (module docstring)."""
+        calls = self._calls()
+        idle = [i for i in range(len(self.engines.engines)) if i not in self.down and calls[i] == 0]
+        if not idle or self.straggler_deadline(1) is None:
+            return
+        now = time.monotonic()
+        running: dict[int, GenCall] = {}
+        for g in self.inflight.values():  # insertion order: an engine's oldest call is the one it runs
+            running.setdefault(g.engine, g)
+        for e, g in sorted(running.items(), key=lambda kv: kv[1].sent):
+            if not idle:
+                return
+            if g.hedge or g.epoch != self.ctx.epoch or any(c in self.copies for c in g.cursors):
+                continue
+            started = max(g.sent, self.free_at[e])
+            if now - started < self.straggler_deadline(len(g.cursors)):
+                continue
+            target = idle.pop(0)
+            try:
+                self._submit(target, g.cursors, hedge=True)
+            except Exception:  # noqa: BLE001 - the idle engine is unavailable: the original still runs
+                continue
+            for c in g.cursors:
+                self.copies[c] = 2
+            self.stragglers.append((e, target, list(g.cursors)))
+            self.ctx.count("straggler_redispatch", len(g.cursors))
+            log.warning("engine %d straggles (%.1f s on %d groups): sent them to engine %d too",
+                        e, now - started, len(g.cursors), target)
+            self.event("log", {"message": f"rollout engine {e} straggles ({now - started:.1f} s); "
+                                          f"{len(g.cursors)} groups also sent to engine {target}"})
 
     def _send_ready(self) -> None:
         pending = collections.Counter()
@@ -150,7 +221,7 @@ class Dispatcher:
             st.counters["dispatched"] += 1
         return out
 
-    def _submit(self, i: int, cursors: list[int]) -> int:
+    def _submit(self, i: int, cursors: list[int], hedge: bool = False) -> int:
         ctx, r = self.ctx, self.ctx.spec.rollout
         prompts = [ctx.prompt_ids(c) for c in cursors]
         seeds = [group_seed(ctx.spec.data.seed, c) for c in cursors]
@@ -160,10 +231,11 @@ class Dispatcher:
             ref = self.engines.submit(i, prompts, sampling, seeds)
         except Exception as e:  # noqa: BLE001 - recovering the engine failed: put the work back
             log.warning("engine %d unavailable (%s)", i, e)
-            self.queue.extendleft(reversed(cursors))
+            if not hedge:
+                self.queue.extendleft(reversed(cursors))
             raise
         tokens = len(cursors) * r.samples_per_prompt * r.max_tokens
-        self.inflight[ref] = GenCall(i, cursors, ctx.epoch, tokens)
+        self.inflight[ref] = GenCall(i, list(cursors), ctx.epoch, tokens, time.monotonic(), hedge)
         self.clock.start()
         self.engine_clocks[i].start()
         self.peak_engines = max(self.peak_engines, len({g.engine for g in self.inflight.values()}))
@@ -175,19 +247,23 @@ class Dispatcher:
         g = self.inflight.pop(ref)
         self.clock.stop()
         self.engine_clocks[g.engine].stop()
+        now = time.monotonic()
+        started = max(g.sent, self.free_at[g.engine])
+        self.free_at[g.engine] = now
         batch = result_or_died(ref)
         ctx = self.ctx
         if g.epoch != ctx.epoch:
             return []
         if batch is DIED:
-            log.warning("engine %d died mid-batch; re-dispatching %d groups", g.engine, len(g.cursors))
-            self._redispatch(g.cursors)
+            lost = self._lost(g.cursors)
+            log.warning("engine %d died mid-batch; re-dispatching %d groups", g.engine, len(lost))
+            self._redispatch(lost)
             self.mark_down(g.engine)
             self.event("log", {"message": f"rollout engine {g.engine} lost; "
-                                          f"{len(g.cursors)} groups re-dispatched"})
+                                          f"{len(lost)} groups re-dispatched"})
             return []
         if not self.engines.accept(g.engine, batch):  # served by a restarted engine's disk weights
-            self._redispatch(g.cursors)
+            self._redispatch(self._lost(g.cursors))
             return []
         stats = ctx.stats
         stats.tokens += batch.num_generated_tokens
@@ -207,15 +283,62 @@ class Dispatcher:
             grp.versions.append(s.policy_version)
             grp.finish_reasons.append(s.finish_reason)
             grp.texts.append(s.text)
-        out = []
+        out, redo_now, losers = [], [], set()
         for c in g.cursors:
-            if c in redo:
-                ctx.count("redispatched")
-                self.queue.appendleft(c)
+            copy = self._settle(c)
+            if copy == "late":  # its other copy came back first
+                ctx.count("straggler_discarded")
+            elif c in redo:
+                if copy == "only":
+                    redo_now.append(c)
             else:
                 out.append(groups[c])
+                if copy == "other":  # first of two copies: the other is late
+                    self.won.add(c)
+                    losers |= {h.engine for h in self.inflight.values() if c in h.cursors}
+        for c in reversed(redo_now):
+            ctx.count("redispatched")
+            self.queue.appendleft(c)
+        for e in sorted(losers):
+            self._cancel_engine(e)
         self.groups_served[g.engine] += len(out)
+        if out and not batch.cancelled:  # a peer time for the straggler deadline (not a late copy's)
+            self.per_group_s.append((now - started) / len(g.cursors))
         return out
+
+    def _settle(self, c: int) -> str:
+        """One copy of group ``c`` came back: 'only' (no other copy was sent, or it is already
+        back unserved), 'other' (the other copy is still out, nobody served the group yet) or
+        'late' (the other copy served it: discard this one)."""
+        if c not in self.copies:
+            return "only"
+        self.copies[c] -= 1
+        late = c in self.won
+        if self.copies[c] <= 0:
+            del self.copies[c]
+            self.won.discard(c)
+            return "late" if late else "only"
+        return "late" if late else "other"
+
+    def _lost(self, cursors: list[int]) -> list[int]:
+        """Of a lost call's groups, those to queue again: not those its other copy carries or
+        already served."""
+        out = []
+        for c in cursors:
+            copy = self._settle(c)
+            if copy == "late":
+                self.ctx.count("straggler_discarded")
+            elif copy == "only":
+                out.append(c)
+        return out
+
+    def _cancel_engine(self, i: int) -> None:
+        """Stop the late copy on engine ``i`` (without waiting: `RolloutEngine.cancel` aborts within
+        one engine step; the call comes back and is discarded)."""
+        try:
+            self.engines.engines[i].cancel.remote()
+        except Exception:  # noqa: BLE001 - the engine is gone: its call comes back as lost
+            pass
 
     def _redispatch(self, cursors: list[int]) -> None:
         """A call lost with its engine: its groups go first in the queue, in order."""
@@ -245,12 +368,20 @@ class Dispatcher:
         for clock in self.engine_clocks:
             clock.iv_busy0 = clock.read()
         self.iv_groups0 = list(self.groups_served)
+        self.iv_straggler0 = self._straggler_counts()
+
+    def _straggler_counts(self) -> tuple[int, int]:
+        c = self.ctx.state.counters
+        return c.get("straggler_redispatch", 0), c.get("straggler_discarded", 0)
 
     def engine_metrics(self, wall: float) -> dict[str, float]:
         out: dict[str, float] = {}
         for i, clock in enumerate(self.engine_clocks):
             out[f"rollout/engine_busy_frac/engine{i}"] = min(1.0, (clock.read() - clock.iv_busy0) / wall)
             out[f"rollout/engine_groups/engine{i}"] = float(self.groups_served[i] - self.iv_groups0[i])
+        (sent, discarded), (sent0, discarded0) = self._straggler_counts(), self.iv_straggler0
+        out["rollout/straggler_redispatch"] = float(max(0, sent - sent0))
+        out["rollout/straggler_discarded"] = float(max(0, discarded - discarded0))
         return out
 
     # ---- stopping -------------------------------------------------------------------------------

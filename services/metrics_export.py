@@ -79,6 +79,10 @@ METRIC_CATALOG: tuple[MetricDef, ...] = (
               "generation call outstanding (services/dispatch.py).", per_engine=True),
     MetricDef("rollout/engine_groups/engine{e}", "Prompt groups rollout engine i returned during the step.",
               per_engine=True),
+    MetricDef("rollout/straggler_redispatch", "Prompt groups of straggling generation calls sent to an idle "
+              "engine as well during the step (services/dispatch.py)."),
+    MetricDef("rollout/straggler_discarded", "Late copies of straggler groups discarded during the step "
+              "(the other copy came back first)."),
     MetricDef("reward/latency_mean_s", "Mean verification latency per sample."),
     MetricDef("reward/latency_p95_s", "95th percentile verification latency."),
     MetricDef("reward/outcome/ok", "Samples verified correct (cumulative, reward actors)."),
@@ -114,6 +118,8 @@ METRIC_CATALOG: tuple[MetricDef, ...] = (
     MetricDef("loop/faults_learner_total", "Learner faults (each one rolls the run back) since the run started."),
     MetricDef("loop/redispatched_total", "Groups queued again (lost with an engine, or their generation cancelled) since the run started."),
     MetricDef("loop/rolled_back_total", "Trained groups undone by learner rollbacks since the run started."),
+    MetricDef("loop/straggler_redispatch_total", "Groups of straggling calls sent a second time since the run started."),
+    MetricDef("loop/straggler_discarded_total", "Late straggler copies discarded since the run started."),
 )
 
 # Gauges must not end in _total (a counter suffix): loss/total is the loss, any other ..._total

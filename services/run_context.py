@@ -23,7 +23,8 @@ from services.run_checkpoint import LoopState
 from services.spec import RunSpec
 
 ACCOUNT = ("dispatched", "trained", "dropped_stale", "dropped_constant", "dropped_errors")
-FAULTS = ("faults_rollout", "faults_reward", "faults_learner", "redispatched", "rolled_back")
+FAULTS = ("faults_rollout", "faults_reward", "faults_learner", "redispatched", "rolled_back",
+          "straggler_redispatch", "straggler_discarded")
 
 
 def fresh_state() -> LoopState:

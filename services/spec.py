@@ -231,6 +231,18 @@ class RolloutSpec(_Strict):
         None, description="Chunked prefill: on for GPU engines; refused on CPU engines ("
         + CPU_CHUNKED_PREFILL_BUG + ").")
 
+    # Straggler mitigation (services.dispatch): a generation call still running when every other
+    # engine is idle and it is past its deadline is sent once more, to an idle engine.
+    straggler_factor: float = Field(
+        3.0, ge=0.0, le=100.0,
+        description="A call straggles once it has run longer than max(straggler_min_s, straggler_factor × "
+        "the median per-group time of the recently finished calls × its groups) while another engine is "
+        "idle; its groups are then also sent to an idle engine (same sampling seeds), the first result "
+        "wins and the late copy is cancelled and discarded. 0 = off.")
+    straggler_min_s: float = Field(
+        10.0, gt=0.0, le=86400.0,
+        description="Floor of the straggler deadline in seconds (a call is never duplicated sooner).")
+
     def sampling_config(self):
         """The `rollout.config.SamplingConfig` of the run's generation calls."""
         from rollout.config import SamplingConfig

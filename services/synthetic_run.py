@@ -100,6 +100,10 @@ def synthetic_metrics(step: int, total: int, heads: int, rng: random.Random) -> 
         "loop/faults_learner_total": float(step // 100),
         "loop/redispatched_total": float(2 * (step // 40)),
         "loop/rolled_back_total": float(3 * (step // 100)),
+        "loop/straggler_redispatch_total": float(step // 30),
+        "loop/straggler_discarded_total": float(step // 30),
+        "rollout/straggler_redispatch": float(step % 30 == 0),
+        "rollout/straggler_discarded": float(step % 30 == 0),
     })
     engines = int(m["loop/engines"])
     for i in range(engines):  # every engine kept busy, each returning its share of the groups
