@@ -25,6 +25,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models-dir", type=Path, default=Path(".cache/models"))
+    ap.add_argument("--warm", type=Path, default=None,
+                    help="Use this warmed-up checkpoint as it is (no import, no fingerprint check).")
     ap.add_argument("--out-dir", type=Path, required=True, help="Run directory (replaced).")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
@@ -49,7 +51,7 @@ def main() -> None:
     from services.spec import DataSpec, RunSpec
 
     t0 = time.perf_counter()
-    warm = prepare_models(args.models_dir)
+    warm = args.warm or prepare_models(args.models_dir)
     raw = demo_spec(warm, args.steps, args.seed)
     for key, section, value in (("lr", "algorithm", args.lr), ("prompts_per_step", "rollout", args.prompts_per_step),
                                 ("samples_per_prompt", "rollout", args.samples_per_prompt),
