@@ -13,7 +13,8 @@ expected speed-up over not drafting is
 
     S(k) = E(k) · T(b, 0) / T(b, k)                                        (S(0) = 1)
 
-and the engine drafts argmax_k S(k) (ties: the smaller k).
+and the engine drafts argmax_k S(k) (ties: the smaller k) among the lengths with S(k) ≥ 1 +
+``min_gain``, else nothing.
 
 Estimates. a_i: from vLLM's per-position accepted counts (``num_accepted_tokens_per_pos[i]`` =
 drafts whose position i was accepted): a_1 = acc[0] / drafts, a_i = acc[i−1] / acc[i−2], as
@@ -65,6 +66,10 @@ class AdaptiveDraftConfig(BaseModel):
         0.6, ge=0, le=1, description="Conditional acceptance assumed at a position not yet measured.")
     prior_weight: float = Field(
         4.0, ge=0, description="Pseudo-drafts behind prior_acceptance (how fast measurements override it).")
+    min_gain: float = Field(
+        0.03, ge=0, le=1,
+        description="Draft only when the predicted speed-up is at least 1 + min_gain (hysteresis: measured "
+        "step times are noisy, and a head that gains less than this is not worth the risk).")
     prior_draft_cost: float = Field(
         0.15, ge=0,
         description="Assumed extra step time per drafted token, relative to a plain step, until measured.")
@@ -153,7 +158,8 @@ class AdaptiveDrafter:
         """The draft length of the next call of ``batch_size`` sequences."""
         self.calls += 1
         s = self.speedups(batch_size, sampled)
-        best = max(range(len(s)), key=lambda k: (s[k], -k))
+        # Drafting must beat not drafting by min_gain (timing noise must not flip a useless head on).
+        best = max(range(len(s)), key=lambda k: (s[k] if k == 0 or s[k] >= 1.0 + self.config.min_gain else 0.0, -k))
         k, probe = best, False
         if self._acc["sampled" if sampled else "greedy"].reached[0] == 0:
             k, probe = self.max_k, True  # nothing measured yet for this kind of call: measure every position
@@ -179,11 +185,18 @@ class AdaptiveDrafter:
                 s.accepted[i] += acc[i]
                 s.reached[i] += reached
 
-    def observe_step(self, batch_size: int, k: int, seconds: float) -> None:
-        """One decode step (no prompt tokens) of ``batch_size`` sequences under draft length ``k``."""
-        key = (bucket(batch_size), k)
-        old = self._cost.get(key)
-        self._cost[key] = seconds if old is None else old + self.config.ewma * (seconds - old)
+    def observe_steps(self, k: int, steps: list[tuple[int, float]]) -> None:
+        """One call's decode steps (no prompt tokens), ``(batch size, seconds)``, all under draft
+        length ``k``: the median per bucket (robust to a step slowed by another process) enters
+        that bucket's average as one observation."""
+        by_bucket: dict[int, list[float]] = {}
+        for b, dt in steps:
+            by_bucket.setdefault(bucket(b), []).append(dt)
+        for b, times in by_bucket.items():
+            times.sort()
+            mid = times[len(times) // 2] if len(times) % 2 else 0.5 * (times[len(times) // 2 - 1] + times[len(times) // 2])
+            old = self._cost.get((b, k))
+            self._cost[(b, k)] = mid if old is None else old + self.config.ewma * (mid - old)
 
     def measured_speedup(self, steps: list[tuple[int, float]], mean_acceptance_length: float) -> float | None:
         """A call's realised speed-up from its decode steps ``(batch size, seconds)``: tokens per

@@ -558,8 +558,7 @@ class RolloutEngine:
         """Feed a call's decode-step times and acceptance to the estimates; its measured speed-up."""
         if choice is None:
             return None
-        for b, dt in steps:
-            self._drafter.observe_step(b, choice.k, dt)
+        self._drafter.observe_steps(choice.k, steps)
         self._drafter.observe_acceptance(sampled, choice.k, spec.num_drafts, spec.accepted_per_pos)
         return self._drafter.measured_speedup(steps, spec.mean_acceptance_length)
 
