@@ -23,7 +23,8 @@ exponentially decayed counts (``ewma``) over calls, kept apart for greedy and sa
 ``prior_acceptance``. T(b, k): exponentially averaged seconds of decode steps (steps without
 prompt tokens) per batch-size bucket (powers of two) and k; the ratio T(b, k) / T(b, 0) is taken
 from the nearest bucket with a plain and a drafting time (a k not timed there: linear in k through
-the timed ones), else from the prior 1 + ``prior_draft_cost``·k.
+the timed ones), else from the prior 1 + ``prior_draft_cost``·k; it is held ≥ 1 and non-decreasing
+in k (drafting only adds work: a lower ratio is noise), so S(k) ≤ E(k).
 
 Exploration. The first call of each kind (greedy, sampled) drafts the maximum, measuring every
 position. An estimate is only refreshed for the k that runs, so every ``probe_every``-th call
@@ -145,9 +146,15 @@ class AdaptiveDrafter:
         return 1.0 + max(0.0, sum(per_token) / len(per_token)) * k
 
     def speedups(self, batch_size: int, sampled: bool) -> list[float]:
-        """S(k) for k = 0..K."""
+        """S(k) for k = 0..K. The cost ratios are taken as at least 1 and non-decreasing in k:
+        drafting more only adds work, so a ratio below that is timing noise (another process slowing
+        the plain steps) — and it must never switch on a head that accepts nothing."""
         a = self.acceptance(sampled)
-        return [expected_tokens(a, k) / self.cost_ratio(batch_size, k) for k in range(self.max_k + 1)]
+        out, ratio = [], 1.0
+        for k in range(self.max_k + 1):
+            ratio = max(ratio, self.cost_ratio(batch_size, k))
+            out.append(expected_tokens(a, k) / ratio)
+        return out
 
     def plain_step_seconds(self, batch_size: int) -> float | None:
         """T(b, 0) of the bucket, if measured."""

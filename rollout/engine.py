@@ -219,6 +219,32 @@ def _module_sharing(worker) -> dict[str, bool]:
     return {"tied": bool(tied), "drafter_shares": bool(shares)}
 
 
+def _skip_drafter_at_zero(worker) -> None:
+    """At draft length 0 (adaptive drafting chose not to draft) skip the drafter entirely.
+
+    vLLM 0.32's proposer still runs the MTP layer over the step's tokens at k = 0 ("to keep the
+    drafter KV cache in sync", llm_base_proposer.propose) and only then returns no drafts: a cost
+    per step that makes k = 0 slower than an engine without drafting. The engine never mixes
+    lengths within a call and a call's requests end with it, so the drafter's KV of those
+    requests is never read; prompt blocks prefilled at k = 0 do lack it, so the engine resets the
+    prefix cache before the next drafting call (`RolloutEngine._choose_draft`)."""
+    drafter = worker.model_runner.drafter
+    if getattr(drafter, "_mtprl_skips_zero", False):
+        return
+    original = drafter.propose
+
+    def propose(num_speculative_tokens, *args, **kwargs):
+        if num_speculative_tokens == 0:
+            drafter.num_speculative_tokens = 0
+            drafter._last_draft_probs = None
+            ref = kwargs["next_token_ids"]
+            return torch.empty(kwargs["common_attn_metadata"].batch_size(), 0, device=ref.device, dtype=torch.int64)
+        return original(num_speculative_tokens, *args, **kwargs)
+
+    drafter.propose = propose
+    drafter._mtprl_skips_zero = True
+
+
 def _node_id() -> str:
     """The Ray node this engine runs on ("" outside Ray): where `weight_sync.transport: auto` looks."""
     import ray
@@ -387,6 +413,9 @@ class RolloutEngine:
         # one acts on them, by rewriting vLLM's draft-length table before each call.
         self._drafter = AdaptiveDrafter(c.adaptive_draft, c.num_speculative_tokens) if c.num_speculative_tokens else None
         self._sd_lookup = self._draft_length_table() if c.adaptive_draft.enabled else None
+        if self._sd_lookup is not None:
+            self.llm.collective_rpc(_skip_drafter_at_zero)
+        self._last_k = c.num_speculative_tokens  # the warm-up step drafted
         self._tied = all(x["tied"] for x in sharing)
         self.weight_reload, self.weight_reload_note = self._select_weight_reload()
         self.last_update_bytes = 0
@@ -432,6 +461,9 @@ class RolloutEngine:
             return Choice(k, s[k], False, 0, s)
         choice = self._drafter.choose(num_seqs, sampled)
         self._sd_lookup[1:] = [choice.k] * (len(self._sd_lookup) - 1)
+        if choice.k and not self._last_k:
+            self.llm.reset_prefix_cache()  # blocks prefilled at k = 0 hold no drafter KV (_skip_drafter_at_zero)
+        self._last_k = choice.k
         return choice
 
     # ---- prompts -------------------------------------------------------------------------------

@@ -149,3 +149,17 @@ def test_a_gain_below_min_gain_does_not_draft():
     assert d.choose(8, True).k == 0
     d.config.min_gain = 0.0
     assert d.choose(8, True).k == 1
+
+
+def test_a_cost_ratio_below_one_is_noise_and_never_switches_on_a_useless_head():
+    """Plain steps timed while another process slowed them look dearer than drafting ones: the
+    ratio is held at ≥ 1 (and non-decreasing in k), so a head accepting nothing stays off."""
+    d = AdaptiveDrafter({"enabled": True, "probe_every": 1000, "prior_weight": 0.0}, 2)
+    d.observe_acceptance(True, 2, 1000, [5, 0])
+    d.observe_steps(0, [(8, 1.0)])
+    d.observe_steps(1, [(8, 0.6)])
+    d.observe_steps(2, [(8, 1.4)])
+    assert d.cost_ratio(8, 1) == pytest.approx(0.6)  # the raw measurement...
+    s = d.speedups(8, True)
+    assert s[1] == pytest.approx(1.005) and s[2] == pytest.approx(1.005 / 1.4)  # ...held at >= 1
+    assert d.choose(8, True).k == 0

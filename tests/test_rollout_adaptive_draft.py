@@ -7,7 +7,14 @@ embedding through: it predicts embedding(x) → x + 1, exactly what the target d
 position) and a *zeroed* one (input projection 0: it always drafts token 0, which the counting
 policy never writes). The first must draft the maximum, the second stop drafting after its first
 call; greedy output must be the same text in every call of both engines (the zeroed engine's
-k = 0 calls are plain decoding)."""
+k = 0 calls are plain decoding).
+
+Whether drafting pays is also a matter of measured step times, which on this shared, loaded CPU
+are noise (measured here: the tiny model's k = 3 steps from 1.6× to 4× a plain one between runs).
+So the perfect head's engine never probes (no plain step timed: its cost ratio is the prior) and
+the test asserts what acceptance decides; the zeroed head's engine probes every 4th call, which
+exercises the timed path, drafting after k = 0 calls (prefix cache reset), and the measured
+speed-up. The cost model itself is tested against fakes (tests/test_adaptive_draft.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ pytestmark = pytest.mark.integration
 K = 3
 PROMPTS = [[5 + 7 * i, 6 + 7 * i, 7 + 7 * i] for i in range(8)]
 GREEDY = {"n": 1, "temperature": 0.0, "max_tokens": 24}
-PROBE_EVERY = 8  # call 8 drafts another length (exploration)
+PROBE_EVERY = {"perfect": 1000, "zeroed": 4}  # zeroed: calls 4 and 8 draft another length (exploration)
 CALLS = 9
 
 
@@ -52,7 +59,7 @@ def runs(ray_session, tmp_path_factory):
         ckpt = save_policy(m, root / kind, tokenizer=tok)
         engines[kind] = create_engine_actor({
             "model": str(ckpt), "num_speculative_tokens": K, "max_model_len": 256, "kv_cache_gib": 0.1,
-            "adaptive_draft": {"enabled": True, "probe_every": PROBE_EVERY}})
+            "adaptive_draft": {"enabled": True, "probe_every": PROBE_EVERY[kind]}})
     try:
         out = {kind: [ray_session.get(e.generate.remote(PROMPTS, GREEDY)) for _ in range(CALLS)]
                for kind, e in engines.items()}
@@ -70,19 +77,13 @@ def test_a_head_that_always_accepts_drafts_the_maximum(runs):
           "predicted", [round(b.predicted_speedup, 2) for b in batches],
           "measured", [b.measured_speedup and round(b.measured_speedup, 2) for b in batches])
     for i, b in enumerate(batches, 1):
-        if i % PROBE_EVERY == 0:
-            assert b.draft_k != K  # the probe: it timed another length
-            continue
         assert b.draft_k == K, (i, [x.draft_k for x in batches])
         s = b.spec  # every draft was K tokens long and accepted whole, at every position
         assert s.num_drafts > 0 and s.num_draft_tokens == K * s.num_drafts
         assert s.accepted_per_pos == [s.num_drafts] * K
         assert b.metrics()[f"rollout/spec_accept_pos{K}"] == 1.0
-    assert batches[PROBE_EVERY - 1].draft_k == 0  # the first probe times plain steps...
-    last = batches[-1]  # ...so the call after it measures its speed-up
-    # (its value is wall-clock timing: not asserted on this shared machine, only printed above)
-    assert last.measured_speedup is not None and last.measured_speedup > 0
-    assert last.predicted_speedup > 1.5  # four tokens per step for at most a few drafter forwards
+        assert b.measured_speedup is None  # it never timed a plain step
+    assert batches[-1].predicted_speedup > 2.5  # E(3) = 4 tokens a step over the prior cost ratio 1.45
 
 
 def test_a_head_that_never_accepts_stops_drafting(runs):
@@ -91,7 +92,9 @@ def test_a_head_that_never_accepts_stops_drafting(runs):
     first = batches[0]
     assert first.draft_k == K and first.spec.num_drafts > 0 and first.spec.num_accepted_tokens == 0
     for i, b in enumerate(batches[1:], 2):
-        if i % PROBE_EVERY == 0:
+        if i % PROBE_EVERY["zeroed"] == 0:  # the probes draft the other lengths, after k = 0 calls
+            assert b.draft_k in (1, 2) and b.spec.num_drafts > 0 and b.spec.num_accepted_tokens == 0
+            assert b.measured_speedup is not None and b.measured_speedup > 0  # plain steps were timed
             continue
         assert b.draft_k == 0 and b.spec.num_drafts == 0, (i, [x.draft_k for x in batches])
         assert b.predicted_speedup == 1.0
