@@ -27,9 +27,12 @@ the timed ones), else from the prior 1 + ``prior_draft_cost``·k; it is held ≥
 in k (drafting only adds work: a lower ratio is noise), so S(k) ≤ E(k).
 
 Exploration. The first call of each kind (greedy, sampled) drafts the maximum, measuring every
-position. An estimate is only refreshed for the k that runs, so every ``probe_every``-th call
-runs another k (round robin over 0..K without the best): a head that became good is noticed while
-k = 0, and the plain step cost is measured while drafting. Between probes the choice is greedy: a
+position. An estimate is only refreshed for the k that runs, so calls *probe* another k: 0 (the
+plain step's time, the cheapest call) and the neighbours best ± 1, in turn. The first probe comes
+after ``probe_every`` calls; a probe after which the choice stays doubles the gap to the next (up
+to ``PROBE_BACKOFF``·probe_every), one that changes it resets the gap — so exploring costs little
+once the choice is stable (a useless head probes k = 1 every 8, 16, 32, 64 calls), and a head
+that became good is noticed while k = 0, the plain step timed while drafting. Between probes the choice is greedy: a
 head that never accepts stops drafting on the call after its first measured call (its a_1 drops
 to prior_weight·prior_acceptance / (prior_weight + drafts)); a head that always accepts keeps
 the maximum as long as a drafted token costs less than the token it adds.
@@ -44,6 +47,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 #: Calls between probes, at most (a larger gap leaves a changed head or cost unnoticed too long).
 MAX_PROBE_EVERY = 1000
+#: A probe that confirms the choice doubles the gap to the next one, up to this many probe_every.
+PROBE_BACKOFF = 8
 
 
 class AdaptiveDraftConfig(BaseModel):
@@ -117,7 +122,10 @@ class AdaptiveDrafter:
         self.config = AdaptiveDraftConfig.model_validate(config)
         self.max_k = max_k
         self.calls = 0
-        self._probe_next = 0  # round-robin cursor over 0..K
+        self._probe_next = 0  # cursor over the probe lengths
+        self._gap = self.config.probe_every  # calls from this probe to the next
+        self._next_probe = self.config.probe_every  # call number of the next probe
+        self._best_at_probe: int | None = None  # the choice a probe was made against
         self._acc = {m: _Acceptance([0.0] * max_k, [0.0] * max_k) for m in ("greedy", "sampled")}
         self._cost: dict[tuple[int, int], float] = {}  # (bucket, k) -> EWMA seconds per decode step
 
@@ -170,10 +178,18 @@ class AdaptiveDrafter:
         k, probe = best, False
         if self._acc["sampled" if sampled else "greedy"].reached[0] == 0:
             k, probe = self.max_k, True  # nothing measured yet for this kind of call: measure every position
-        elif self.calls % self.config.probe_every == 0:
-            others = [j for j in range(self.max_k + 1) if j != best]
+        elif self.calls >= self._next_probe:
+            # Probe k = 0 (times the plain step: the cheapest call) and the neighbours of the choice.
+            others = [j for j in dict.fromkeys((0, best + 1, best - 1)) if 0 <= j <= self.max_k and j != best]
             k, probe = others[self._probe_next % len(others)], True
             self._probe_next += 1
+            self._best_at_probe = best
+            self._next_probe = self.calls + self._gap
+        elif self._best_at_probe is not None:  # the first choice after a probe
+            confirmed = best == self._best_at_probe
+            self._gap = min(2 * self._gap, PROBE_BACKOFF * self.config.probe_every) if confirmed else self.config.probe_every
+            self._next_probe = self.calls - 1 + self._gap
+            self._best_at_probe = None
         return Choice(k, s[k], probe, bucket(batch_size), s)
 
     # ---- measurements ----------------------------------------------------------------------------

@@ -46,9 +46,9 @@ def test_a_head_that_never_accepts_stops_drafting_after_its_first_call():
     d = AdaptiveDrafter({"enabled": True, "probe_every": 8}, K)
     ks = run_calls(d, 24, accept=[0.0] * K, cost=lambda b, k: 1.0 + 0.1 * k)
     assert ks[0] == K  # the first call measures every position
-    probes = {8 - 1, 16 - 1, 24 - 1}  # every 8th call drafts another length (exploration)
+    probes = {8 - 1, 24 - 1}  # call 8 probes k = 1; it confirmed k = 0, so the gap doubles: call 24
     assert all(k == 0 for i, k in enumerate(ks[1:], 1) if i not in probes), ks
-    assert [ks[i] for i in sorted(probes)] == [1, 2, 3]  # round robin over the other lengths
+    assert [ks[i] for i in sorted(probes)] == [1, 1]  # the neighbour of k = 0
     assert d.acceptance(sampled=True)[0] < 0.05
 
 
@@ -71,13 +71,14 @@ def test_drafting_that_costs_more_than_it_gains_is_dropped_once_a_plain_step_is_
 def test_the_choice_depends_on_the_batch_size():
     """Drafting is cheap at batch 1 (spare compute) and dear at batch 64 (compute-bound): the same
     head drafts the most at one and nothing at the other."""
-    d = AdaptiveDrafter({"enabled": True, "probe_every": 2}, K)
-    cost = lambda b, k: 1.0 + (0.05 if b == 1 else 2.0) * k  # noqa: E731
+    d = AdaptiveDrafter({"enabled": True, "probe_every": 1000}, K)
+    d.observe_acceptance(True, K, 1000, [800, 640, 512])
     for b in (1, 64):
-        run_calls(d, 8, accept=[0.8] * K, cost=cost, batch=b)
+        for k in range(K + 1):
+            d.observe_steps(k, [(b, 1.0 + (0.05 if b == 1 else 2.0) * k)])
     assert d.choose(1, True).k == K
-    assert d.calls % 2 == 1 and d.choose(64, True).k != 0  # call 18 is a probe...
-    assert d.choose(64, True).k == 0  # ...call 19 is the choice
+    assert d.choose(64, True).k == 0
+    assert d.choose(48, True).k == 0  # bucket 64
 
 
 def test_a_good_first_position_and_bad_later_ones_draft_one_token():
@@ -163,3 +164,15 @@ def test_a_cost_ratio_below_one_is_noise_and_never_switches_on_a_useless_head():
     s = d.speedups(8, True)
     assert s[1] == pytest.approx(1.005) and s[2] == pytest.approx(1.005 / 1.4)  # ...held at >= 1
     assert d.choose(8, True).k == 0
+
+
+def test_probes_back_off_while_they_confirm_the_choice_and_reset_when_it_changes():
+    d = AdaptiveDrafter({"enabled": True, "probe_every": 4}, K)
+    ks = run_calls(d, 60, accept=[0.0] * K, cost=lambda b, k: 1.0 + 0.3 * k)
+    probes = [i + 1 for i, k in enumerate(ks) if k and i]
+    assert probes == [4, 12, 28, 60], ks  # gaps 4, 8, 16, 32 (at most PROBE_BACKOFF x probe_every)
+    # The head turns perfect: the next probe (call 92, k = 1) sees it, the choice moves up, and the
+    # gap resets (probes every 4 calls again), so it climbs to the longest draft within a few calls.
+    ks = run_calls(d, 50, accept=[1.0] * K, cost=lambda b, k: 1.0 + 0.3 * k)
+    assert ks[:31] == [0] * 31 and ks[31] == 1, ks
+    assert ks[-1] == K, ks

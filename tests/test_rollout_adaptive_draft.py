@@ -12,7 +12,7 @@ k = 0 calls are plain decoding).
 Whether drafting pays is also a matter of measured step times, which on this shared, loaded CPU
 are noise (measured here: the tiny model's k = 3 steps from 1.6× to 4× a plain one between runs).
 So the perfect head's engine never probes (no plain step timed: its cost ratio is the prior) and
-the test asserts what acceptance decides; the zeroed head's engine probes every 4th call, which
+the test asserts what acceptance decides; the zeroed head's engine probes at call 4, which
 exercises the timed path, drafting after k = 0 calls (prefix cache reset), and the measured
 speed-up. The cost model itself is tested against fakes (tests/test_adaptive_draft.py)."""
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 K = 3
 PROMPTS = [[5 + 7 * i, 6 + 7 * i, 7 + 7 * i] for i in range(8)]
 GREEDY = {"n": 1, "temperature": 0.0, "max_tokens": 24}
-PROBE_EVERY = {"perfect": 1000, "zeroed": 4}  # zeroed: calls 4 and 8 draft another length (exploration)
+PROBE_EVERY = {"perfect": 1000, "zeroed": 4}  # zeroed: call 4 probes k = 1 (then the gap doubles: call 12)
 CALLS = 9
 
 
@@ -92,8 +92,8 @@ def test_a_head_that_never_accepts_stops_drafting(runs):
     first = batches[0]
     assert first.draft_k == K and first.spec.num_drafts > 0 and first.spec.num_accepted_tokens == 0
     for i, b in enumerate(batches[1:], 2):
-        if i % PROBE_EVERY["zeroed"] == 0:  # the probes draft the other lengths, after k = 0 calls
-            assert b.draft_k in (1, 2) and b.spec.num_drafts > 0 and b.spec.num_accepted_tokens == 0
+        if i == PROBE_EVERY["zeroed"]:  # the probe drafts the neighbour length, after k = 0 calls
+            assert b.draft_k == 1 and b.spec.num_drafts > 0 and b.spec.num_accepted_tokens == 0
             assert b.measured_speedup is not None and b.measured_speedup > 0  # plain steps were timed
             continue
         assert b.draft_k == 0 and b.spec.num_drafts == 0, (i, [x.draft_k for x in batches])
