@@ -33,6 +33,16 @@ most frequent tokens (`rollout.draft_vocab`; label ``n1-dvN``). The ranking is t
 other prompts of the task (``--draft-vocab-prompts``, not the measured ones); the coverage of the
 measured n = 0 answers by each subset is printed.
 
+With ``--adaptive K`` the run adds an engine with adaptive drafting (`rollout.adaptive_draft`,
+label ``adaptive``): it may draft 0..K tokens and chooses per call from the step costs and
+per-position acceptance it measures. It is timed in the same round robin as the others, after
+``--adaptive-warmup`` untimed calls per batch size (its estimates start from a prior); its probes
+(every ``--adaptive-probe-every``-th call drafts another length) fall in timed calls too, so the
+ratio includes the cost of exploring. Its rows add the lengths it chose (``draft_k``) and its
+predicted and measured speed-ups; the JSON gains ``adaptive_ratio`` (adaptive / n0 tokens/s per
+batch size) and ``adaptive_min_ratio`` (the lowest: ≥ 1 means it never lost to not drafting).
+Run it at ``--temperature 0`` and ``1`` for both regimes.
+
 The last line is a JSON object with ``speedup`` (n=1 over n=0 at batch 8), ``acceptance_rate`` and
 ``mean_acceptance_length`` (n=1, batch 8), ``speedup_draft_vocab``/``acceptance_draft_vocab`` (per
 size, batch 8) and the whole table.
@@ -95,13 +105,15 @@ def draft_vocab_ranking(model: str, engine: RolloutEngine, prompts: list[str], s
                              source=source)
 
 
-def run_once(engine: RolloutEngine, prompts, sampling) -> tuple[float, SpecStats, int, float]:
+def run_once(engine: RolloutEngine, prompts, sampling, keep: list | None = None) -> tuple[float, SpecStats, int, float]:
     """Wall-clock tokens/s, spec counters, generated tokens, and tokens per CPU-second of this
     process (the engine runs in-process on --threads threads: CPU time is the work done, which
-    other jobs' bursts on the shared cores inflate far less than wall time)."""
+    other jobs' bursts on the shared cores inflate far less than wall time). ``keep`` collects the batch."""
     c0 = time.process_time()
     batch = engine.generate(prompts, sampling)
     cpu = time.process_time() - c0
+    if keep is not None:
+        keep.append(batch)
     return batch.tokens_per_s, batch.spec, batch.num_generated_tokens, batch.num_generated_tokens / cpu if cpu > 0 else 0.0
 
 
@@ -125,6 +137,12 @@ def main() -> None:
                     help="prompts answered by n=0 to rank tokens when the model has no draft_vocab.json")
     ap.add_argument("--probabilistic", action="store_true",
                     help="add an n = 1 engine drafting probabilistically (label n1-prob; draft_sample_method)")
+    ap.add_argument("--adaptive", type=int, default=0, metavar="K",
+                    help="add an adaptive-drafting engine drafting 0..K tokens per call (label adaptive)")
+    ap.add_argument("--adaptive-method", default="greedy", choices=("greedy", "probabilistic"),
+                    help="draft_sample_method of the adaptive engine")
+    ap.add_argument("--adaptive-warmup", type=int, default=4, help="untimed adaptive calls per batch size")
+    ap.add_argument("--adaptive-probe-every", type=int, default=8)
     ap.add_argument("--task-config", default="", help="basic_arithmetic options as JSON; 'demo' = the demo's task "
                     "(acceptance is only meaningful on the policy's own prompt distribution)")
     args = ap.parse_args()
@@ -169,9 +187,21 @@ def main() -> None:
         engines[label] = RolloutEngine({**base_cfg, **configs[label]})
         print(f"engine {label} up in {engines[label].startup_seconds:.1f}s", flush=True)
 
+    if args.adaptive:
+        label = "adaptive"
+        configs[label] = {"num_speculative_tokens": args.adaptive, "draft_sample_method": args.adaptive_method,
+                          "adaptive_draft": {"enabled": True, "probe_every": args.adaptive_probe_every}}
+        engines[label] = RolloutEngine({**base_cfg, **configs[label]})
+        print(f"engine {label} up in {engines[label].startup_seconds:.1f}s", flush=True)
+
     # Warm-up: one small batch per engine (first-step costs, allocator).
     for e in engines.values():
         e.generate(prompts[:2], sampling(2))
+    adaptive_log: dict[int, list[dict]] = {}
+    if args.adaptive:  # its estimates start from a prior: let it measure each batch size first
+        for b in batch_sizes:
+            for _ in range(args.adaptive_warmup):
+                engines["adaptive"].generate(prompts[:b], sampling(b))
 
     rates: dict[tuple[str, int], list[float]] = {}
     cpu_rates: dict[tuple[str, int], list[float]] = {}
@@ -180,7 +210,11 @@ def main() -> None:
     for b in batch_sizes:
         for r in range(args.repeats):
             for label in configs:
-                tps, s, ntok, cps = run_once(engines[label], prompts[:b], sampling(b))
+                kept: list = []
+                tps, s, ntok, cps = run_once(engines[label], prompts[:b], sampling(b), kept)
+                if label == "adaptive":
+                    adaptive_log.setdefault(b, []).append({"k": kept[0].draft_k, "predicted": kept[0].predicted_speedup,
+                                                           "measured": kept[0].measured_speedup})
                 rates.setdefault((label, b), []).append(tps)
                 cpu_rates.setdefault((label, b), []).append(cps)
                 spec[(label, b)] = spec[(label, b)] + s if (label, b) in spec else s
@@ -214,6 +248,10 @@ def main() -> None:
                 "cpu_step_cost_ratio": round(cbase * s.mean_acceptance_length / cps, 3) if cbase and n else None,
                 "mean_response_tokens": round(tokens[(label, b)] / (b * args.repeats), 1),
             }
+            if label == "adaptive":
+                row["draft_k"] = [x["k"] for x in adaptive_log[b]]
+                row["predicted_speedup"] = [round(x["predicted"], 3) for x in adaptive_log[b]]
+                row["measured_speedup"] = [x["measured"] and round(x["measured"], 3) for x in adaptive_log[b]]
             table.append(row)
             print(json.dumps(row), flush=True)
 
@@ -250,6 +288,8 @@ def main() -> None:
         "acceptance_draft_vocab": {f"n1-dv{v}": pick(f"n1-dv{v}", 8)["acceptance_rate"] for v in dv_sizes if 8 in batch_sizes},
         "speedup_probabilistic": pick("n1-prob", 8)["speedup_vs_n0"] if args.probabilistic and have else None,
         "acceptance_probabilistic": pick("n1-prob", 8)["acceptance_rate"] if args.probabilistic and 8 in batch_sizes else None,
+        "adaptive_ratio": {b: pick("adaptive", b)["speedup_vs_n0"] for b in batch_sizes} if args.adaptive and
+        ("n0", batch_sizes[0]) in rates else None,
         "model": args.model,
         "task_config": TASK_CONFIG,
         "temperature": args.temperature,
@@ -259,6 +299,8 @@ def main() -> None:
         "table": table,
         **diag,
     }
+    if result["adaptive_ratio"]:
+        result["adaptive_min_ratio"] = min(result["adaptive_ratio"].values())
     print(json.dumps(result))
 
 

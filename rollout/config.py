@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
+from rollout.adaptive_draft import AdaptiveDraftConfig
+
 #: Most tokens one drafting step may propose (MTP module 1 applied recursively). Each extra token
 #: costs a drafter forward and is accepted less often than the one before; the run spec
 #: (`services.spec.RolloutSpec`) imports this bound so a spec the engine would refuse is a 422.
@@ -76,6 +78,10 @@ class EngineConfig(BaseModel):
             "temperature 1 when q is close to p (vLLM speculative_config.draft_sample_method)."
         ),
     )
+    adaptive_draft: AdaptiveDraftConfig = Field(
+        default_factory=AdaptiveDraftConfig,
+        description="Choose the draft length 0..num_speculative_tokens per generation call from measured step "
+        "costs and acceptance (rollout.adaptive_draft); num_speculative_tokens is then the maximum.")
     draft_vocab_path: str | None = Field(
         None, description="Token ranking (JSON, token_ids by frequency); default <model>/draft_vocab.json."
     )
@@ -134,6 +140,14 @@ class EngineConfig(BaseModel):
         if v != 1 and info.data.get("device") == "cpu":
             raise ValueError(f"tensor_parallel_size={v} on a CPU engine: CPU engines run one process; use 1 "
                              "(or give the engines GPUs)")
+        return v
+
+    @field_validator("adaptive_draft")
+    @classmethod
+    def _adaptive_needs_drafting(cls, v: AdaptiveDraftConfig, info: ValidationInfo) -> AdaptiveDraftConfig:
+        if v.enabled and info.data.get("num_speculative_tokens") == 0:
+            raise ValueError("adaptive drafting chooses 0..num_speculative_tokens tokens per call: set "
+                             "num_speculative_tokens >= 1 (the most it may draft) or turn adaptive_draft off")
         return v
 
     @field_validator("gpu_memory_utilization")

@@ -4,9 +4,14 @@ On a CPU the drafter's cost is dominated by its LM head, a full-vocabulary matmu
 token (SmolLM2: 49 152 × 576, more than its one decoder block), which made a drafting step cost
 1.2–1.7× a plain one (docs/benchmarks.md). FR-Spec (Zhao et al., 2025) and EAGLE-3's draft
 vocabulary restrict the drafter to the most frequent tokens; the target model still scores the full
-vocabulary when it verifies, so the output distribution is unchanged — vLLM drafts greedily (the
-draft is a point mass; the rejection sampler accepts it with the target's probability), and a
-draft outside the subset is simply never proposed. What pruning can cost is acceptance, when the
+vocabulary when it verifies, so the output distribution is unchanged. Greedy drafts are a point
+mass the rejection sampler accepts with the target's probability; a draft outside the subset is
+simply never proposed. Probabilistic drafts (``draft_sample_method: probabilistic``) are sampled
+from vLLM's ``softmax(logits / T)`` of this head's logits, -inf outside the subset: q is the
+drafter's distribution renormalised over the subset, exactly 0 outside it, and the rejection
+sampler's min(1, p/q) and residual max(p − q, 0) use that same q tensor (vLLM 0.32
+``llm_base_proposer.compute_probs_and_sample_next_token``), so tokens outside the subset still come
+out with the policy's probability, through the residual. What pruning can cost is acceptance, when the
 token the full head would have drafted lies outside the subset; `coverage` measures how often the
 model's own text stays inside it.
 

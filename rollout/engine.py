@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from rollout import direct_reload, weight_transport
+from rollout.adaptive_draft import AdaptiveDrafter, Choice
 from rollout.config import EngineConfig, SamplingConfig
 from rollout.draft_vocab import install_draft_vocab, read_draft_vocab, refresh_draft_vocab
 
@@ -82,6 +83,11 @@ class SpecStats:
     def __add__(self, other: SpecStats) -> SpecStats:
         return self._combine(other, 1)
 
+    def acceptance_by_position(self) -> list[float]:
+        """Share of drafts whose position i (1-based: list index i − 1) was accepted — vLLM's
+        per-position acceptance rate (a position counts only when all before it were accepted)."""
+        return [a / self.num_drafts if self.num_drafts else 0.0 for a in self.accepted_per_pos]
+
     def as_metrics(self, prefix: str = "rollout/") -> dict[str, float]:
         return {
             f"{prefix}spec_acceptance_rate": self.acceptance_rate,
@@ -89,6 +95,7 @@ class SpecStats:
             f"{prefix}spec_num_drafts": float(self.num_drafts),
             f"{prefix}spec_num_draft_tokens": float(self.num_draft_tokens),
             f"{prefix}spec_num_accepted_tokens": float(self.num_accepted_tokens),
+            **{f"{prefix}spec_accept_pos{i}": r for i, r in enumerate(self.acceptance_by_position(), 1)},
         }
 
 
@@ -106,6 +113,12 @@ class RolloutBatch:
     cumulative_tokens: int = 0
     cancelled: bool = False  # cancel() stopped this batch; unfinished samples say "cancelled"
     engine_id: str = ""
+    # Drafting of this call (rollout.adaptive_draft): tokens drafted per step, the speed-up over
+    # not drafting the engine predicted for it, and the one it measured (None until the engine
+    # timed plain steps at this batch size: adaptive engines probe them, fixed ones never do).
+    draft_k: int = 0
+    predicted_speedup: float = 1.0
+    measured_speedup: float | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -125,6 +138,9 @@ class RolloutBatch:
             "rollout/num_tokens": float(self.num_generated_tokens),
             "rollout/cum_num_tokens": float(self.cumulative_tokens),
             "rollout/cancelled": float(self.cancelled),
+            "rollout/draft_k": float(self.draft_k),
+            "rollout/draft_predicted_speedup": self.predicted_speedup,
+            **({"rollout/draft_measured_speedup": self.measured_speedup} if self.measured_speedup is not None else {}),
         }
 
 
@@ -143,8 +159,15 @@ class _SpecCounter:
 
     def __init__(self) -> None:
         self.stats = SpecStats()
+        # The last engine step's shape (adaptive drafting times decode steps only): requests
+        # running, and prompt tokens computed (> 0: the step prefilled).
+        self.last_running = 0
+        self.last_prompt_tokens = 0
 
     def record(self, scheduler_stats, iteration_stats=None, mm_cache_stats=None, engine_idx=0) -> None:
+        if scheduler_stats is not None:
+            self.last_running = int(getattr(scheduler_stats, "num_running_reqs", 0))
+        self.last_prompt_tokens = int(getattr(iteration_stats, "num_prompt_tokens", 0) or 0)
         s = getattr(scheduler_stats, "spec_decoding_stats", None)
         if s is None:
             return
@@ -194,6 +217,32 @@ def _module_sharing(worker) -> dict[str, bool]:
     d_embed = getattr(getattr(drafter, "model", None), "embed_tokens", None)
     shares = drafter is not None and t_embed is not None and d_embed is t_embed and getattr(drafter, "lm_head", None) is t_head
     return {"tied": bool(tied), "drafter_shares": bool(shares)}
+
+
+def _skip_drafter_at_zero(worker) -> None:
+    """At draft length 0 (adaptive drafting chose not to draft) skip the drafter entirely.
+
+    vLLM 0.32's proposer still runs the MTP layer over the step's tokens at k = 0 ("to keep the
+    drafter KV cache in sync", llm_base_proposer.propose) and only then returns no drafts: a cost
+    per step that makes k = 0 slower than an engine without drafting. The engine never mixes
+    lengths within a call and a call's requests end with it, so the drafter's KV of those
+    requests is never read; prompt blocks prefilled at k = 0 do lack it, so the engine resets the
+    prefix cache before the next drafting call (`RolloutEngine._choose_draft`)."""
+    drafter = worker.model_runner.drafter
+    if getattr(drafter, "_mtprl_skips_zero", False):
+        return
+    original = drafter.propose
+
+    def propose(num_speculative_tokens, *args, **kwargs):
+        if num_speculative_tokens == 0:
+            drafter.num_speculative_tokens = 0
+            drafter._last_draft_probs = None
+            ref = kwargs["next_token_ids"]
+            return torch.empty(kwargs["common_attn_metadata"].batch_size(), 0, device=ref.device, dtype=torch.int64)
+        return original(num_speculative_tokens, *args, **kwargs)
+
+    drafter.propose = propose
+    drafter._mtprl_skips_zero = True
 
 
 def _node_id() -> str:
@@ -374,6 +423,12 @@ def vllm_args(c: EngineConfig) -> dict:
     if c.num_speculative_tokens > 0:
         args["speculative_config"] = {"method": "mtp", "num_speculative_tokens": c.num_speculative_tokens,
                                       "draft_sample_method": c.draft_sample_method}
+        if c.adaptive_draft.enabled:
+            # vLLM's dynamic speculative decoding: the scheduler reads the draft length of each
+            # step from a dense batch-size -> k table (`Scheduler.dynamic_sd_lookup`). Declaring any
+            # schedule turns it on; the engine then rewrites the table before every call.
+            args["speculative_config"]["num_speculative_tokens_per_batch_size"] = [
+                (1, c.max_num_seqs, c.num_speculative_tokens)]
     return args
 
 
@@ -412,6 +467,13 @@ class RolloutEngine:
             self.llm.collective_rpc(install_draft_vocab, args=(ids,))
             self.draft_vocab_size = len(ids)
         self._shared_head = c.num_speculative_tokens > 0 and all(x["drafter_shares"] for x in sharing)
+        # Drafting estimates (rollout.adaptive_draft) of every drafting engine; only an adaptive
+        # one acts on them, by rewriting vLLM's draft-length table before each call.
+        self._drafter = AdaptiveDrafter(c.adaptive_draft, c.num_speculative_tokens) if c.num_speculative_tokens else None
+        self._sd_lookup = self._draft_length_table() if c.adaptive_draft.enabled else None
+        if self._sd_lookup is not None:
+            self.llm.collective_rpc(_skip_drafter_at_zero)
+        self._last_k = c.num_speculative_tokens  # the warm-up step drafted
         self._tied = all(x["tied"] for x in sharing)
         self.weight_reload, self.weight_reload_note = self._select_weight_reload()
         self.last_update_bytes = 0
@@ -434,6 +496,33 @@ class RolloutEngine:
         self._cum_seconds = 0.0
         self._cum_tokens = 0
         self._spec_at_start = self.spec_stats()  # after the warm-up step
+
+    def _draft_length_table(self) -> list[int]:
+        """vLLM's scheduler's batch-size -> draft-length table (in this process: the engine core is
+        in-process with VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+        core = getattr(self.llm.llm_engine.engine_core, "engine_core", None)
+        table = getattr(getattr(core, "scheduler", None), "dynamic_sd_lookup", None)
+        if table is None:
+            raise RuntimeError("adaptive_draft needs vLLM's in-process scheduler with dynamic speculative "
+                               "decoding (VLLM_ENABLE_V1_MULTIPROCESSING=0, vllm 0.32 Scheduler.dynamic_sd_lookup)")
+        return table
+
+    def _choose_draft(self, num_seqs: int, sampled: bool) -> Choice | None:
+        """The draft length of the next call: the adaptive choice (written into vLLM's table, every
+        batch size alike, so one call drafts one length and its per-position counts are of that k), or
+        the configured one."""
+        if self._drafter is None:
+            return None
+        if self._sd_lookup is None:
+            s = self._drafter.speedups(num_seqs, sampled)
+            k = self.config.num_speculative_tokens
+            return Choice(k, s[k], False, 0, s)
+        choice = self._drafter.choose(num_seqs, sampled)
+        self._sd_lookup[1:] = [choice.k] * (len(self._sd_lookup) - 1)
+        if choice.k and not self._last_k:
+            self.llm.reset_prefix_cache()  # blocks prefilled at k = 0 hold no drafter KV (_skip_drafter_at_zero)
+        self._last_k = choice.k
+        return choice
 
     # ---- prompts -------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
@@ -502,17 +591,21 @@ class RolloutEngine:
         if seeds is not None:
             params = [params_for(int(seeds[i])) for i in todo]
         ticket = self._draw_ticket()
+        sampled = sp.temperature > 0
         try:
             with self._lock:
                 version = self.policy_version
+                choice = self._choose_draft(min(len(requests) * (sp.n // repeat), self.config.max_num_seqs), sampled)
                 before = self.spec_stats()
                 t0 = time.perf_counter()
-                outs, cancelled = self._run(requests, params, ticket) if requests else ([], False)
+                steps: list[tuple[int, float]] = []  # (running requests, seconds) of each decode step
+                outs, cancelled = self._run(requests, params, ticket, steps) if requests else ([], False)
                 seconds = time.perf_counter() - t0
                 after = self.spec_stats()
                 spec = after - before
                 after = after - self._spec_at_start
                 self._cum_seconds += seconds
+                measured = self._observe_draft(choice, sampled, spec, steps)
         finally:
             self._active.discard(ticket)
         by_index: dict[int, list] = {}
@@ -545,7 +638,19 @@ class RolloutEngine:
             cumulative_tokens=self._cum_tokens,
             cancelled=cancelled,
             engine_id=self.engine_id,
+            draft_k=choice.k if choice else 0,
+            predicted_speedup=choice.predicted_speedup if choice else 1.0,
+            measured_speedup=measured if choice else 1.0,
         )
+
+    def _observe_draft(self, choice: Choice | None, sampled: bool, spec: SpecStats,
+                       steps: list[tuple[int, float]]) -> float | None:
+        """Feed a call's decode-step times and acceptance to the estimates; its measured speed-up."""
+        if choice is None:
+            return None
+        self._drafter.observe_steps(choice.k, steps)
+        self._drafter.observe_acceptance(sampled, choice.k, spec.num_drafts, spec.accepted_per_pos)
+        return self._drafter.measured_speedup(steps, spec.mean_acceptance_length)
 
     def _draw_ticket(self) -> int:
         ticket = next(self._tickets)  # itertools.count is atomic under the GIL
@@ -553,10 +658,12 @@ class RolloutEngine:
         self._last_ticket = max(self._last_ticket, ticket)
         return ticket
 
-    def _run(self, requests: list, params, ticket: int) -> tuple[list, bool]:  # params: one or one per request
+    def _run(self, requests: list, params, ticket: int,
+             steps: list[tuple[int, float]] | None = None) -> tuple[list, bool]:  # params: one or one per request
         """vLLM's offline loop (``LLM.generate``) with a cancellation check between engine steps.
         Returns the outputs in request order (None for an aborted request) and whether it was
-        cancelled."""
+        cancelled. ``steps`` collects (running requests, seconds) of each decode step (one
+        without prompt tokens: a prefill's cost is not a drafting step's)."""
         engine = self.llm.llm_engine
         if ticket <= self._cancelled_upto:
             return [None] * len(requests), True
@@ -571,7 +678,12 @@ class RolloutEngine:
                 engine.abort_request([i for i, e in zip(internal, external) if e not in done], internal=True)
                 cancelled = True
                 break
-            for out in engine.step():
+            t = time.perf_counter()
+            outs = engine.step()
+            dt = time.perf_counter() - t
+            if steps is not None and self._spec_counter.last_prompt_tokens == 0 and self._spec_counter.last_running:
+                steps.append((self._spec_counter.last_running, dt))
+            for out in outs:
                 if out.finished:
                     done[out.request_id] = out
         return [done.get(e) for e in external], cancelled
@@ -729,6 +841,7 @@ class RolloutEngine:
             "torch_threads": torch.get_num_threads(),
             "draft_vocab_size": self.draft_vocab_size,
             "draft_sample_method": c.draft_sample_method,
+            "adaptive_draft": c.adaptive_draft.enabled,
             "weight_reload": self.weight_reload,
             "weight_reload_note": self.weight_reload_note,
             "node_id": _node_id(),

@@ -102,6 +102,9 @@ class Dispatcher:
         self.probes: dict[ray.ObjectRef, int] = {}  # engines marked down: a call that answers once it is back
         self.down: set[int] = set()
         self.cum_spec = SpecStats()  # the engines' cumulative drafting counters, as last reported
+        self.iv_engine_spec = [SpecStats() for _ in range(n)]  # each engine's drafts in the interval
+        # each engine's last call: (tokens drafted per step, predicted speed-up, measured or None)
+        self.engine_draft: list[tuple[int, float, float | None] | None] = [None] * n
         # stragglers: calls outstanding per duplicated cursor, and those a copy already served
         self.copies: collections.Counter[int] = collections.Counter()
         self.won: set[int] = set()
@@ -270,6 +273,8 @@ class Dispatcher:
         stats.engine_s += batch.seconds
         stats.spec = stats.spec + batch.spec
         self.cum_spec = batch.cumulative_spec
+        self.iv_engine_spec[g.engine] = self.iv_engine_spec[g.engine] + batch.spec
+        self.engine_draft[g.engine] = (batch.draft_k, batch.predicted_speedup, batch.measured_speedup)
         groups = {c: ScoredGroup(c, list(ctx.prompt_ids(c))) for c in g.cursors}
         redo: set[int] = set()
         for s in batch.samples:
@@ -368,6 +373,7 @@ class Dispatcher:
         for clock in self.engine_clocks:
             clock.iv_busy0 = clock.read()
         self.iv_groups0 = list(self.groups_served)
+        self.iv_engine_spec = [SpecStats() for _ in self.engine_clocks]
         self.iv_straggler0 = self._straggler_counts()
 
     def _straggler_counts(self) -> tuple[int, int]:
@@ -375,10 +381,22 @@ class Dispatcher:
         return c.get("straggler_redispatch", 0), c.get("straggler_discarded", 0)
 
     def engine_metrics(self, wall: float) -> dict[str, float]:
+        """Per engine: busy fraction, groups served, acceptance by draft position over the interval,
+        and its last call's draft length with predicted and measured speed-up (rollout.adaptive_draft).
+        The per-engine names differ from the run-wide ones (``engine_`` prefix): one metric family
+        carries one label set in Prometheus."""
         out: dict[str, float] = {}
         for i, clock in enumerate(self.engine_clocks):
             out[f"rollout/engine_busy_frac/engine{i}"] = min(1.0, (clock.read() - clock.iv_busy0) / wall)
             out[f"rollout/engine_groups/engine{i}"] = float(self.groups_served[i] - self.iv_groups0[i])
+            for pos, rate in enumerate(self.iv_engine_spec[i].acceptance_by_position(), 1):
+                out[f"rollout/engine_spec_accept_pos{pos}/engine{i}"] = rate
+            if self.engine_draft[i] is not None:
+                k, predicted, measured = self.engine_draft[i]
+                out[f"rollout/engine_draft_k/engine{i}"] = float(k)
+                out[f"rollout/engine_draft_predicted_speedup/engine{i}"] = predicted
+                if measured is not None:
+                    out[f"rollout/engine_draft_measured_speedup/engine{i}"] = measured
         (sent, discarded), (sent0, discarded0) = self._straggler_counts(), self.iv_straggler0
         out["rollout/straggler_redispatch"] = float(max(0, sent - sent0))
         out["rollout/straggler_discarded"] = float(max(0, discarded - discarded0))

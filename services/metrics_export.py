@@ -83,6 +83,18 @@ METRIC_CATALOG: tuple[MetricDef, ...] = (
               "engine as well during the step (services/dispatch.py)."),
     MetricDef("rollout/straggler_discarded", "Late copies of straggler groups discarded during the step "
               "(the other copy came back first)."),
+    MetricDef("rollout/spec_accept_pos1", "Speculative decoding: share of drafts whose first token was accepted "
+              "(rollout/spec_accept_pos<i>: position i, counted when positions < i were accepted)."),
+    MetricDef("rollout/engine_spec_accept_pos1/engine{e}", "Rollout engine i: share of its drafts whose first "
+              "token was accepted during the step (…_pos<i>: position i).", per_engine=True),
+    MetricDef("rollout/engine_draft_k/engine{e}", "Rollout engine i: tokens drafted per step in its last call "
+              "(adaptive drafting's choice; the configured num_speculative_tokens otherwise).", per_engine=True),
+    MetricDef("rollout/engine_draft_predicted_speedup/engine{e}", "Rollout engine i: speed-up over not drafting "
+              "that its cost and acceptance estimates predicted for its last call (rollout/adaptive_draft.py).",
+              per_engine=True),
+    MetricDef("rollout/engine_draft_measured_speedup/engine{e}", "Rollout engine i: speed-up its last call "
+              "measured (tokens per step × plain step time / its step time); reported once the engine timed "
+              "plain steps (adaptive engines probe them).", per_engine=True),
     MetricDef("reward/latency_mean_s", "Mean verification latency per sample."),
     MetricDef("reward/latency_p95_s", "95th percentile verification latency."),
     MetricDef("reward/outcome/ok", "Samples verified correct (cumulative, reward actors)."),

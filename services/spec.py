@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from learner.config import AlgorithmConfig
 from reward.config import DEFAULT_INNER_TIMEOUT_S
 from reward.datasets import FIELD_KEYS
+from rollout.adaptive_draft import AdaptiveDraftConfig
 from rollout.config import (
     CPU_CHUNKED_PREFILL_BUG,
     MAX_GPU_MEMORY_UTILIZATION,
@@ -211,6 +212,10 @@ class RolloutSpec(_Strict):
         "greedy", description="How sampled (temperature > 0) requests draft: the drafter's argmax, accepted "
         "with probability p(token), or a sample from the drafter's own distribution q, accepted with "
         "min(1, p/q). Output is the policy's either way (rollout.config.EngineConfig).")
+    adaptive_draft: AdaptiveDraftConfig = Field(
+        default_factory=AdaptiveDraftConfig,
+        description="Each engine chooses 0..num_speculative_tokens draft tokens per generation call from the step "
+        "costs and per-position acceptance it measures (rollout.adaptive_draft; docs/benchmarks.md).")
     max_model_len: int = Field(1024, gt=0, description="Longest prompt + response of an engine; more than "
                                "max_tokens (a prompt needs room) and at most the model's max_position_embeddings.")
     kv_cache_gib: float | None = Field(
@@ -429,6 +434,7 @@ class RunSpec(_Strict):
         r, res = self.rollout, self.resources
         return EngineConfig(model=self.model.path, num_speculative_tokens=r.num_speculative_tokens,
                             draft_vocab_size=r.draft_vocab_size, draft_sample_method=r.draft_sample_method,
+                            adaptive_draft=r.adaptive_draft,
                             max_model_len=r.max_model_len, kv_cache_gib=r.kv_cache_gib,
                             seed=self.data.seed, num_threads=int(max(1, res.cpus_per_engine)),
                             device="cuda" if res.gpus_per_engine else "cpu",
@@ -460,6 +466,7 @@ def problem_lines(problems: list[dict[str, Any]]) -> list[str]:
 _ENGINE_FROM = {("model",): ("model", "path"), ("num_speculative_tokens",): ("rollout", "num_speculative_tokens"),
                 ("draft_vocab_size",): ("rollout", "draft_vocab_size"),
                 ("draft_sample_method",): ("rollout", "draft_sample_method"),
+                ("adaptive_draft",): ("rollout", "adaptive_draft"),
                 ("max_model_len",): ("rollout", "max_model_len"), ("kv_cache_gib",): ("rollout", "kv_cache_gib"),
                 ("seed",): ("data", "seed"), ("num_threads",): ("resources", "cpus_per_engine"),
                 ("tensor_parallel_size",): ("resources", "tensor_parallel"),

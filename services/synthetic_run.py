@@ -62,6 +62,7 @@ def synthetic_metrics(step: int, total: int, heads: int, rng: random.Random) -> 
         "perf/tokens_per_s": 5000 + noise(200),
         "rollout/spec_acceptance_rate": accepted / drafted,
         "rollout/spec_mean_acceptance_length": 1.0 + accepted / drafted,
+        "rollout/spec_accept_pos1": accepted / drafted,
         "sync/weight_s": abs(0.8 + noise(0.1)),
         "reward/latency_mean_s": abs(0.05 + noise(0.01)),
         "reward/latency_p95_s": abs(0.2 + noise(0.03)),
@@ -109,6 +110,10 @@ def synthetic_metrics(step: int, total: int, heads: int, rng: random.Random) -> 
     for i in range(engines):  # every engine kept busy, each returning its share of the groups
         m[f"rollout/engine_busy_frac/engine{i}"] = min(1.0, abs(0.9 + noise(0.05)))
         m[f"rollout/engine_groups/engine{i}"] = float(4 // engines)  # 4 groups a step, as below
+        m[f"rollout/engine_spec_accept_pos1/engine{i}"] = min(1.0, abs(accepted / drafted + noise(0.02)))
+        m[f"rollout/engine_draft_k/engine{i}"] = 1.0
+        m[f"rollout/engine_draft_predicted_speedup/engine{i}"] = 1.0 + accepted / drafted / 1.2
+        m[f"rollout/engine_draft_measured_speedup/engine{i}"] = 1.0 + accepted / drafted / 1.2 + noise(0.05)
     for d in METRIC_CATALOG:
         if not d.per_head:
             continue

@@ -124,6 +124,8 @@ def test_reward_timeout_must_exceed_the_math_workers_inner_timeout(client):
     ({"algorithm": {"precision": "bf16"}}, ["body", "algorithm", "precision"], "learner_gpus=0"),
     ({"rollout": {"temperature": 0.0}}, ["body", "rollout", "temperature"], "greedy"),
     ({"rollout": {"top_p": 0.9}}, ["body", "rollout", "top_p"], "use top_p=1.0"),
+    ({"rollout": {"num_speculative_tokens": 0, "adaptive_draft": {"enabled": True}}},
+     ["body", "rollout", "adaptive_draft"], "num_speculative_tokens >= 1"),
 ])
 def test_cross_section_rules_are_422_naming_the_field(client, sections, loc, words):
     r = _post_raw(client, json.dumps(_spec(client, **sections)).encode())
@@ -162,7 +164,7 @@ def test_component_refusals_are_located_at_the_spec_field_they_come_from():
 
     spec = RunSpec.model_validate({"model": {"path": "some/hub-id"}, "data": {"dataset": "human_eval"}})
     bad = spec.model_copy(update={
-        "rollout": RolloutSpec.model_construct(**{**spec.rollout.model_dump(), "num_speculative_tokens": 99}),
+        "rollout": RolloutSpec.model_construct(**{**dict(spec.rollout), "num_speculative_tokens": 99}),
         "reward": RewardSpec.model_construct(**{**spec.reward.model_dump(), "timeout_s": 1.0}),
     })
     got = {p["loc"]: p["msg"] for p in spec_problems(bad)}

@@ -116,3 +116,23 @@ def test_a_groups_sampling_seed_depends_only_on_its_cursor(tmp_path, engines):
     cursors = [c for g in d.inflight.values() for c in g.cursors]
     seeds = [s for _, ss in fake.calls for s in ss]
     assert seeds == [group_seed(0, c) for c in cursors]
+
+
+def test_engine_metrics_carry_acceptance_by_position_and_the_draft_choice_per_engine(tmp_path):
+    """Per engine: the interval's acceptance at each draft position (share of its drafts), and its
+    last call's draft length with predicted and (once timed) measured speed-up; Prometheus labels
+    them by engine under names of their own (not the run-wide family)."""
+    from rollout.engine import SpecStats
+    from services.metrics_export import prom_name
+
+    d, _ = _dispatcher(tmp_path, engines=2)
+    d.iv_engine_spec[0] = SpecStats(10, 30, 15, [8, 5, 2])
+    d.engine_draft = [(3, 1.4, 1.25), (0, 1.0, None)]
+    m = d.engine_metrics(1.0)
+    assert [m[f"rollout/engine_spec_accept_pos{i}/engine0"] for i in (1, 2, 3)] == [0.8, 0.5, 0.2]
+    assert m["rollout/engine_draft_k/engine0"] == 3.0 and m["rollout/engine_draft_k/engine1"] == 0.0
+    assert m["rollout/engine_draft_measured_speedup/engine0"] == 1.25
+    assert "rollout/engine_draft_measured_speedup/engine1" not in m  # never timed a plain step
+    assert prom_name("rollout/engine_spec_accept_pos2/engine0") == ("mtprl_rollout_engine_spec_accept_pos2", ("engine", "0"))
+    d.new_interval()
+    assert "rollout/engine_spec_accept_pos1/engine0" not in d.engine_metrics(1.0)  # a new interval: no drafts yet

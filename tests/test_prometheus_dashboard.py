@@ -71,6 +71,9 @@ def stack(tmp_path_factory, ray_session, tiny_ckpt):
                      algorithm={"algorithm": "grpo", "lr": 1e-4, "mini_batches": 2, "mtp_regime": "occ",
                                 "mpo": {"k": 3}, "advantage": {"kl_coef": 0.01}},
                      schedule={"checkpoint_every": 5})
+    # Adaptive drafting on, so the engine also times plain steps and reports a measured speed-up
+    # (its draft-length metrics are in the catalog and on the dashboard).
+    spec["rollout"]["adaptive_draft"] = {"enabled": True, "probe_every": 2}
     api = ApiServer(data, ray_address, launcher="controller")
     prom = rid = None
     try:

