@@ -141,6 +141,17 @@ def test_dashboard_structure(path):
                 cells.add((x, y))
 
 
+_NAME_REGEX = re.compile(r'__name__=~\\?"([^"\\]+)\\?"')
+
+
+def _split_names(expr: str) -> tuple[set[str], list[str]]:
+    """The metric names an expression queries: plain names, and ``{__name__=~"…"}`` patterns (a
+    panel over a family such as acceptance by draft position, one series per position)."""
+    patterns = _NAME_REGEX.findall(expr)
+    plain = set(re.findall(r"\b(mtprl_[a-zA-Z0-9_]+)", _NAME_REGEX.sub("", expr)))
+    return plain, patterns
+
+
 def test_dashboard_has_the_issues_panels_and_covers_the_metric_catalog():
     dash = json.loads((DEPLOY / "grafana/dashboards/mtprl-training.json").read_text())
     panels = [p for p in _panels(dash["panels"]) if p["type"] != "row"]
@@ -153,10 +164,16 @@ def test_dashboard_has_the_issues_panels_and_covers_the_metric_catalog():
                    "Faults and recoveries"):
         assert needed in titles, needed
     assert "Loop" in {p["title"] for p in _panels(dash["panels"]) if p["type"] == "row"}
-    exprs = " ".join(t["expr"] for p in panels for t in p["targets"])
-    used = set(re.findall(r"mtprl_[a-z0-9_]+", exprs))
+    used: set[str] = set()
+    patterns: list[str] = []
+    for p in panels:
+        for t in p["targets"]:
+            names, pats = _split_names(t["expr"])
+            used |= names
+            patterns += pats
     for d in METRIC_CATALOG:
-        assert d.prom_name in used, f"{d.key} ({d.prom_name}) has no panel"
+        assert d.prom_name in used or any(re.fullmatch(x, d.prom_name) for x in patterns), \
+            f"{d.key} ({d.prom_name}) has no panel"
     per_head = {p["title"] for p in panels if any("{{head}}" in t.get("legendFormat", "") for t in p["targets"])}
     assert {"Clip fraction per head", "λₜ per head", "ĉₜ per head", "v̂ₜ² per head"} <= per_head
 
@@ -185,8 +202,12 @@ def test_every_dashboard_metric_is_exported():
         dash = json.loads(path.read_text())
         for p in _panels(dash["panels"]):
             for t in p.get("targets", []):
-                for name in re.findall(r"\b(mtprl_[a-zA-Z0-9_]+)", t["expr"]):
+                names, patterns = _split_names(t["expr"])
+                for name in names:
                     assert name in known, f"{path.name}: panel {p['title']!r} queries {name}, which is not exported"
+                for x in patterns:
+                    assert any(re.fullmatch(x, k) for k in known), \
+                        f"{path.name}: panel {p['title']!r} queries {x!r}, which matches nothing exported"
 
 
 def test_control_plane_docs_exist():
