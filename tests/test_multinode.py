@@ -72,11 +72,7 @@ def _spec(model, data) -> dict:
         "data": {"dataset": f"jsonl:{data}", "size": 100, "held_out_fraction": 0.0, "seed": 3},
         "algorithm": {"algorithm": "grpo", "lr": 3e-4, "mini_batches": 2, "mtp_regime": "occ"},
         "rollout": {"engines": 2, "samples_per_prompt": 8, "prompts_per_step": PER_STEP, "max_tokens": 16,
-                    "temperature": 1.0, "max_model_len": 256, "kv_cache_gib": 0.1,
-                    # The test counts the lost engine's groups being redispatched; on a loaded machine
-                    # a straggler copy already out serves them instead (a lost group whose copy is out
-                    # is not queued again), as in test_rollout_fanout's kill test.
-                    "straggler_factor": 0},
+                    "temperature": 1.0, "max_model_len": 256, "kv_cache_gib": 0.1},
         "reward": {"workers": 1, "actors": 1},
         "resources": {"learner_cpus": 1, "cpus_per_engine": 1, "cpus_per_reward_worker": 1},
         "schedule": {"steps": STEPS, "max_staleness": 1, "checkpoint_every": 3},
