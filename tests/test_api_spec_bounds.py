@@ -23,23 +23,10 @@ H = {"Authorization": "Bearer t", "Content-Type": "application/json"}
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    from fastapi.testclient import TestClient
+    from tests.conftest import api_test_client
 
-    from services.api import create_app
-    from services.launcher import NullLauncher
-
-    data = tmp_path_factory.mktemp("api")
-    model = data / "model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"num_nextn_predict_layers": 2, "max_position_embeddings": 512}))
-    app = create_app(Settings(data_dir=data, api_token="t"), launcher=NullLauncher())
-    try:
-        # raise_server_exceptions=False: a handler's crash must show as the 500 a client gets.
-        with TestClient(app, raise_server_exceptions=False) as c:
-            c.model_dir = str(model)
-            yield c
-    finally:
-        EmbeddedRedis(data).stop()
+    with api_test_client(tmp_path_factory.mktemp("api"), mtp_layers=2) as c:
+        yield c
 
 
 def _spec(client, **sections) -> dict:

@@ -249,26 +249,10 @@ def test_config_defaults_off_and_fills_top_k_for_topk_ce_only():
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    import json
+    from tests.conftest import api_test_client
 
-    from fastapi.testclient import TestClient
-
-    from services.api import create_app
-    from services.launcher import NullLauncher
-    from services.registry import EmbeddedRedis
-    from services.settings import Settings
-
-    data = tmp_path_factory.mktemp("api")
-    model = data / "model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"num_nextn_predict_layers": 0, "max_position_embeddings": 512}))
-    app = create_app(Settings(data_dir=data, api_token="t"), launcher=NullLauncher())
-    try:
-        with TestClient(app, raise_server_exceptions=False) as c:
-            c.model_dir = str(model)
-            yield c
-    finally:
-        EmbeddedRedis(data).stop()
+    with api_test_client(tmp_path_factory.mktemp("api"), mtp_layers=0) as c:
+        yield c
 
 
 @pytest.mark.parametrize(("distill", "loc"), [
