@@ -15,8 +15,6 @@ import pytest
 
 from reward.config import DEFAULT_INNER_TIMEOUT_S
 from rollout.config import MAX_SPECULATIVE_TOKENS
-from services.registry import EmbeddedRedis
-from services.settings import Settings
 
 H = {"Authorization": "Bearer t", "Content-Type": "application/json"}
 
