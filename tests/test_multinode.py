@@ -89,10 +89,6 @@ def _node_and_group(actor) -> tuple[str, str | None]:
     return ray.get(actor.__ray_call__.remote(where), timeout=120)
 
 
-@pytest.mark.xfail(strict=False, reason="REGRESSION since the session-8 merges (straggler mitigation / "
-                   "adaptive drafting in services/dispatch.py, the actor's control concurrency group): the run "
-                   "completes on the remaining nodes but counts no faults_rollout/redispatched for the lost "
-                   "engine's groups; reproduced alone twice, not yet diagnosed (issue 15 note)")
 def test_a_run_spans_nodes_and_survives_losing_an_engines_node(toy, cluster, tmp_path):
     import ray
 
@@ -107,19 +103,24 @@ def test_a_run_spans_nodes_and_survives_losing_an_engines_node(toy, cluster, tmp
             seen["pg"] = pg
             seen["placed"] = ray.util.placement_group_table(ctl._pg)["bundles_to_node_id"]
             seen["engine_nodes"] = [_node_and_group(e) for e in ctl.engines.engines]
-        if "removed" not in seen and step >= 2 and ctl.dispatch.inflight:
-            node_id = seen["engine_nodes"][0][0]
+        # the node of an engine that is generating: with fan-out an idle engine's node can go
+        # (Ray restarts the actor elsewhere, the next weight update reaches the new instance) and
+        # nothing is lost, so nothing would be counted
+        busy = sorted({g.engine for g in ctl.dispatch.inflight.values()})
+        if "removed" not in seen and step >= 2 and busy:
+            node_id = seen["engine_nodes"][busy[0]][0]
             node = next(n for n in cluster.worker_nodes if n.node_id == node_id)
             cluster.remove_node(node, allow_graceful=False)
-            seen["removed"] = (step, node_id)
+            seen["removed"] = (step, node_id, busy[0])
         if "replaced" not in seen and "removed" in seen and step >= seen["removed"][0] + 2:
-            seen["replaced"] = _node_and_group(ctl.engines.engines[0])
+            seen["replaced"] = _node_and_group(ctl.engines.engines[seen["removed"][2]])
         return None
 
     t0 = time.monotonic()
     ctl = RunController("mn", _spec(*toy), tmp_path / "run", control=control)
     res = ctl.run()
     elapsed = time.monotonic() - t0
+    print(f"multinode run: {elapsed:.0f}s, counters {res.counters}, seen {seen}")
 
     # every actor of the run on its own node, all inside the run's placement group
     placed = seen["placed"]
@@ -134,9 +135,10 @@ def test_a_run_spans_nodes_and_survives_losing_an_engines_node(toy, cluster, tmp
 
     c = res.counters
     assert res.state == "completed" and res.step == STEPS, (res.state, c)
-    assert c["faults_rollout"] >= 1 and c["redispatched"] >= 1  # the lost engine's groups came back
+    # the lost engine's groups came back: queued again once its call failed, or already sent to the
+    # other engine as a straggler's copy while Ray was still missing the node's heartbeats
+    assert c["faults_rollout"] >= 1 and c["redispatched"] + c["straggler_redispatch"] >= 1
     assert c["trained"] == STEPS * PER_STEP == len(res.trained) == len(set(res.trained))
     assert c["dispatched"] == (c["trained"] + c["dropped_stale"] + c["dropped_constant"] + c["dropped_errors"]
                                + c["unused"])
     assert set(res.trained).isdisjoint(res.unused)
-    print(f"multinode run: {elapsed:.0f}s, counters {c}")

@@ -10,6 +10,8 @@ arithmetic prompt with "The answer is D." for a roughly uniform digit D; the gol
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 
 import pytest
@@ -180,22 +182,32 @@ def test_killed_actors_are_recovered_with_exact_accounting(ray_session, tiny_ckp
 
     spec = _spec(tiny_ckpt, toy_data, steps=12, max_staleness=1, checkpoint_every=3)
     done: set[str] = set()
-    reward_kills = []
+    reward_kills: list[int] = []
+    reward_pids: dict[int, int] = {}  # reward actor → its process
 
     def control():
         step = ctl.state.step
         if ctl.state.counters["faults_reward"]:
             done.add("reward")
         # A grading call takes milliseconds, so a kill can land just after it returned (nothing to
-        # recover, seen once in CI): kill only under a call still pending, and again (within the
-        # actor's max_restarts=3) until the controller has seen the fault.
+        # recover; under CI's load three tries in a row did): freeze the actor's process first, and
+        # kill it only if the call is still pending then, so the kill is sure to cost that call.
         pending = [r for r in ctl.rewards.inflight if not ray_session.wait([r], timeout=0)[0]]
         if step >= 2 and "engine" not in done and ctl.dispatch.inflight:
             done.add("engine")
             ray_session.kill(engines.engines[0], no_restart=False)
         elif step >= 5 and "reward" not in done and pending and len(reward_kills) < 3:
-            reward_kills.append(step)
-            ray_session.kill(ctl.rewards.actors[ctl.rewards.inflight[pending[0]].actor], no_restart=False)
+            k = ctl.rewards.inflight[pending[0]].actor
+            if k not in reward_pids:  # asked ahead: the answer takes longer than a grading call
+                reward_pids[k] = ray_session.get(
+                    ctl.rewards.actors[k].__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+                return None
+            os.kill(reward_pids[k], signal.SIGSTOP)
+            if any(s.actor == k and not ray_session.wait([r], timeout=0)[0] for r, s in ctl.rewards.inflight.items()):
+                reward_kills.append(step)
+                os.kill(reward_pids.pop(k), signal.SIGKILL)  # an unexpected death: Ray restarts the actor
+            else:  # its calls came back before the freeze: try again later
+                os.kill(reward_pids[k], signal.SIGCONT)
         # not at a checkpointed step (every 3): a kill there would leave nothing to roll back
         elif step >= 8 and step % 3 and "learner" not in done and ctl.learning.busy:
             done.add("learner")
