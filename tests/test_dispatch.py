@@ -4,41 +4,14 @@ tests drive the dispatcher's sending side only — the real loop is in test_roll
 
 from __future__ import annotations
 
-import itertools
-from types import SimpleNamespace
-
 import pytest
 
-from services.dispatch import CALLS_PER_ENGINE, Dispatcher, split_block
-from services.run_context import RunContext
-from services.spec import RunSpec
-
-
-class FakeEngines:
-    """What `Dispatcher` uses of `rollout.group.EngineGroup`."""
-
-    def __init__(self, n: int) -> None:
-        self.engines = [object() for _ in range(n)]
-        self.loaded_version = [0] * n
-        self.calls: list[tuple[int, list[int]]] = []  # (engine, seeds) per call
-        self._ref = itertools.count()
-
-    def submit(self, i, prompts, sampling, seeds):
-        self.calls.append((i, list(seeds)))
-        return ("ref", next(self._ref))
+from services.dispatch import CALLS_PER_ENGINE, split_block
+from dispatch_fakes import make_dispatcher
 
 
 def _dispatcher(tmp_path, engines: int, prompts: int = 4, staleness: int = 1):
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"question": "q", "answer": "#### 1"}\n')
-    spec = RunSpec.model_validate({
-        "model": {"path": "some/model"}, "data": {"dataset": f"jsonl:{data}", "seed": 0},
-        "rollout": {"engines": engines, "prompts_per_step": prompts, "samples_per_prompt": 2, "max_tokens": 8},
-        "schedule": {"steps": 10, "max_staleness": staleness}})
-    items = [SimpleNamespace(prompt=f"p{i}") for i in range(50)]
-    tok = SimpleNamespace(encode=lambda text, add_special_tokens=False: [len(text)])
-    fake = FakeEngines(engines)
-    return Dispatcher(RunContext(spec, items, tok), fake, lambda *a: None), fake
+    return make_dispatcher(tmp_path, engines, prompts, staleness=staleness)
 
 
 def test_split_block_is_even_contiguous_and_never_empty():

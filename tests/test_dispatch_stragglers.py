@@ -5,7 +5,6 @@ is a fake one the test moves. The real loop with a slow engine is in test_rollou
 
 from __future__ import annotations
 
-import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -14,37 +13,10 @@ import services.dispatch as dispatch
 from rollout.engine import RolloutBatch, Sample, SpecStats
 from services.batching import group_seed
 from services.dispatch import Dispatcher
-from services.run_context import DIED, RunContext
-from services.spec import RunSpec
+from services.run_context import DIED
+from dispatch_fakes import make_dispatcher
 
 G = 2  # samples per prompt
-
-
-class FakeEngine:
-    def __init__(self, log: list, i: int) -> None:
-        self.cancel = SimpleNamespace(remote=lambda: log.append(i))
-        self.info = SimpleNamespace(remote=lambda: ("probe", i))  # a down engine's probe
-
-
-class FakeEngines:
-    """What `Dispatcher` uses of `rollout.group.EngineGroup`."""
-
-    def __init__(self, n: int) -> None:
-        self.cancels: list[int] = []
-        self.engines = [FakeEngine(self.cancels, i) for i in range(n)]
-        self.loaded_version = [0] * n
-        self.calls: list[tuple[int, list[int]]] = []  # (engine, seeds) per call
-        self._ref = itertools.count()
-
-    def submit(self, i, prompts, sampling, seeds):
-        self.calls.append((i, list(seeds)))
-        return ("ref", next(self._ref))
-
-    def accept(self, i, batch) -> bool:
-        return True
-
-    def confirm(self, i, version, ok) -> None:
-        pass
 
 
 @pytest.fixture
@@ -62,18 +34,8 @@ def results(monkeypatch):
 
 
 def _dispatcher(tmp_path, engines: int = 3, factor: float = 3.0, min_s: float = 0.5):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"question": "q", "answer": "#### 1"}\n')
-    spec = RunSpec.model_validate({
-        "model": {"path": "some/model"}, "data": {"dataset": f"jsonl:{data}", "seed": 0},
-        "rollout": {"engines": engines, "prompts_per_step": engines, "samples_per_prompt": G, "max_tokens": 8,
-                    "straggler_factor": factor, "straggler_min_s": min_s},
-        "schedule": {"steps": 10, "max_staleness": 0}})
-    items = [SimpleNamespace(prompt=f"p{i}") for i in range(50)]
-    tok = SimpleNamespace(encode=lambda text, add_special_tokens=False: [len(text)])
-    fake = FakeEngines(engines)
-    return Dispatcher(RunContext(spec, items, tok), fake, lambda *a: None), fake
+    return make_dispatcher(tmp_path, engines, engines, samples=G, staleness=0,
+                           straggler_factor=factor, straggler_min_s=min_s)
 
 
 def _batch(n_prompts: int, reason: str = "length") -> RolloutBatch:
@@ -131,12 +93,16 @@ def test_a_straggling_call_goes_to_an_idle_engine_with_the_same_seeds_once_past_
     assert d.engine_metrics(1.0)["rollout/straggler_redispatch"] == 1.0
 
 
-def test_the_original_winning_discards_the_copy_and_cancels_its_engine(tmp_path, clock, results):
-    d, fake, slow, served = _one_straggler(tmp_path, clock, results)
+def _hedged(tmp_path, clock, results):
+    """`_one_straggler` at 3.1 s: engine 0's call is out twice (``slow`` and its ``copy`` on engine 1)."""
+    d, fake, slow, _ = _one_straggler(tmp_path, clock, results)
     clock.now = 3.1
     d.fill(2, learner_busy=False)
-    copy = _ref_of(d, 1, hedge=True)
-    cursor = d.inflight[slow].cursors
+    return d, fake, slow, _ref_of(d, 1, hedge=True), d.inflight[slow].cursors
+
+
+def test_the_original_winning_discards_the_copy_and_cancels_its_engine(tmp_path, clock, results):
+    d, fake, slow, copy, cursor = _hedged(tmp_path, clock, results)
     assert _finish(d, results, slow) == cursor
     assert fake.cancels == [1]
     assert _finish(d, results, copy) == []  # finished too, but late: discarded
@@ -144,21 +110,13 @@ def test_the_original_winning_discards_the_copy_and_cancels_its_engine(tmp_path,
 
 
 def test_a_lost_copy_is_not_queued_again_while_the_other_carries_the_group(tmp_path, clock, results):
-    d, fake, slow, served = _one_straggler(tmp_path, clock, results)
-    clock.now = 3.1
-    d.fill(2, learner_busy=False)
-    copy = _ref_of(d, 1, hedge=True)
-    cursor = d.inflight[slow].cursors
+    d, fake, slow, copy, cursor = _hedged(tmp_path, clock, results)
     assert _finish(d, results, slow, "died") == []  # the slow engine died: the copy carries the group
     assert not d.queue and d.ctx.state.counters["redispatched"] == 0 and 0 in d.down
     assert _finish(d, results, copy) == cursor
     assert d.ctx.state.counters["straggler_discarded"] == 0 and not fake.cancels
     # both copies lost: the group is queued again, once
-    d2, _, slow2, _ = _one_straggler(tmp_path / "b", clock, results)
-    clock.now = 3.1
-    d2.fill(2, learner_busy=False)
-    copy2 = _ref_of(d2, 1, hedge=True)
-    lost = d2.inflight[slow2].cursors
+    d2, _, slow2, copy2, lost = _hedged(tmp_path / "b", clock, results)
     assert _finish(d2, results, copy2, "cancelled") == [] and not d2.queue
     assert _finish(d2, results, slow2, "died") == [] and list(d2.queue) == lost
 
