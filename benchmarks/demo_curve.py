@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--eval-max-tokens", type=int, default=64)
     ap.add_argument("--eval-every", type=int, default=1, help="Evaluate every N steps (and the last step).")
     ap.add_argument("--keep", action="store_true", help="Keep the checkpoints (default: deleted after use).")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=JSON",
+                    help="Any other spec field, e.g. --set resources.learner_cpus=2 (repeatable).")
     args = ap.parse_args()
 
     import ray
@@ -58,6 +60,13 @@ def main() -> None:
                                 ("temperature", "rollout", args.temperature)):
         if value is not None:
             raw[section][key] = value
+    for item in args.set:
+        dotted, _, value = item.partition("=")
+        *sections, key = dotted.split(".")
+        node = raw
+        for name in sections:
+            node = node.setdefault(name, {})
+        node[key] = json.loads(value)
     raw["schedule"]["checkpoint_every"] = 1
     raw["checkpointing"] = {"keep_last": args.steps + 1, "save_optimizer": False}
     spec = RunSpec.model_validate(raw)
