@@ -21,7 +21,7 @@ H = {"Authorization": "Bearer t", "Content-Type": "application/json"}
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    from tests.conftest import api_test_client
+    from api_client import api_test_client
 
     with api_test_client(tmp_path_factory.mktemp("api"), mtp_layers=2) as c:
         yield c

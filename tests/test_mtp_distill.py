@@ -249,7 +249,7 @@ def test_config_defaults_off_and_fills_top_k_for_topk_ce_only():
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    from tests.conftest import api_test_client
+    from api_client import api_test_client
 
     with api_test_client(tmp_path_factory.mktemp("api"), mtp_layers=0) as c:
         yield c
