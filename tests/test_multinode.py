@@ -12,6 +12,8 @@ first and started again afterwards, as tests/conftest.py's `ray_session` starts 
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -103,15 +105,26 @@ def test_a_run_spans_nodes_and_survives_losing_an_engines_node(toy, cluster, tmp
             seen["pg"] = pg
             seen["placed"] = ray.util.placement_group_table(ctl._pg)["bundles_to_node_id"]
             seen["engine_nodes"] = [_node_and_group(e) for e in ctl.engines.engines]
-        # the node of an engine that is generating: with fan-out an idle engine's node can go
-        # (Ray restarts the actor elsewhere, the next weight update reaches the new instance) and
-        # nothing is lost, so nothing would be counted
-        busy = sorted({g.engine for g in ctl.dispatch.inflight.values()})
-        if "removed" not in seen and step >= 2 and busy:
-            node_id = seen["engine_nodes"][busy[0]][0]
-            node = next(n for n in cluster.worker_nodes if n.node_id == node_id)
-            cluster.remove_node(node, allow_graceful=False)
-            seen["removed"] = (step, node_id, busy[0])
+            seen["engine_pids"] = [ray.get(e.info.remote(), timeout=120)["pid"] for e in ctl.engines.engines]
+        # The node of an engine whose call is still running: with fan-out an idle engine's node can
+        # go (Ray restarts the actor elsewhere, the next weight update reaches the new instance) and
+        # nothing is lost, so nothing is counted; and a tiny model's call can end between a look
+        # and the removal (seen in a fresh-clone run). So the engine's process is frozen first, and
+        # its node removed only if one of its calls is still pending then.
+        if "removed" not in seen and step >= 2:
+            for e in sorted({g.engine for g in ctl.dispatch.inflight.values()}):
+                pid = seen["engine_pids"][e]
+                os.kill(pid, signal.SIGSTOP)
+                if not any(g.engine == e and not ray.wait([r], timeout=0)[0]
+                           for r, g in ctl.dispatch.inflight.items()):
+                    os.kill(pid, signal.SIGCONT)
+                    continue
+                node_id = seen["engine_nodes"][e][0]
+                cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == node_id),
+                                    allow_graceful=False)
+                os.kill(pid, signal.SIGKILL)  # frozen, it cannot notice its raylet is gone
+                seen["removed"] = (step, node_id, e)
+                break
         if "replaced" not in seen and "removed" in seen and step >= seen["removed"][0] + 2:
             seen["replaced"] = _node_and_group(ctl.engines.engines[seen["removed"][2]])
         return None
