@@ -17,6 +17,7 @@ import json
 import math
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -73,10 +74,16 @@ def stack(tmp_path_factory, ray_session, tiny_ckpt):
                      schedule={"checkpoint_every": 5})
     # Adaptive drafting on, so the engine also times plain steps and reports a measured speed-up
     # (its draft-length metrics are in the catalog and on the dashboard).
-    spec["rollout"]["adaptive_draft"] = {"enabled": True, "probe_every": 2}
+    # Its acceptance prior is 1 with the weight of a million drafts: the tiny model's head accepts
+    # next to nothing, and with the measured acceptance the engine stops drafting after its first
+    # call (adaptive drafting doing its job), so no later step would report acceptance by position.
+    # Probes every 2nd call still time plain steps (the measured speed-up).
+    spec["rollout"]["adaptive_draft"] = {"enabled": True, "probe_every": 2, "prior_acceptance": 1.0,
+                                         "prior_weight": 1e6}
     api = ApiServer(data, ray_address, launcher="controller")
     prom = rid = None
     try:
+        started = time.time()
         with api.client() as c:
             rid = create_run(c, spec)["id"]
 
@@ -117,7 +124,7 @@ def stack(tmp_path_factory, ray_session, tiny_ckpt):
             assert paused.status_code == 200 and paused.json()["state"] == "paused", paused.text
             ck = wait_paused(c, rid)  # the step in flight finished, checkpoint written: idle from now on
         yield {"prom": url, "run_id": rid, "api": api, "paused_step": ck["step"],
-               "run_dir": data / "runs" / rid}
+               "run_dir": data / "runs" / rid, "started": started}
     finally:
         with api.client() as c:
             end_run(c, rid)
@@ -139,6 +146,18 @@ def query(prom: str, expr: str) -> list[dict]:
     return body["data"]["result"]
 
 
+def query_run(prom: str, expr: str, start: float) -> list[dict]:
+    """``expr`` over the run's time so far, as a Grafana panel asks for it (a range query, one point
+    every 2 s): the series, each with the finite values it had. A gauge a step reports only when it
+    happened (acceptance by position: only steps that drafted) is on the panel, with gaps."""
+    r = httpx.get(prom + "/api/v1/query_range", timeout=10,
+                  params={"query": expr, "start": start, "end": time.time(), "step": "2s"})
+    body = r.json()
+    assert r.status_code == 200 and body["status"] == "success", (expr, body)
+    return [{"metric": s["metric"], "values": [float(v) for _, v in s["values"] if math.isfinite(float(v))]}
+            for s in body["data"]["result"]]
+
+
 def test_every_dashboard_expression_returns_data(stack):
     prom, rid = stack["prom"], stack["run_id"]
     # Enough scrapes for rate() windows: ≥ 5 samples of the run's step in Prometheus.
@@ -150,9 +169,8 @@ def test_every_dashboard_expression_returns_data(stack):
     empty = []
     for title, expr in queries:
         concrete = expr.replace("$run_id", rid).replace("$__rate_interval", "1m")
-        result = query(prom, concrete)
-        values = [float(s["value"][1]) for s in result]
-        if not any(math.isfinite(v) for v in values):
+        result = query_run(prom, concrete, stack["started"])
+        if not any(s["values"] for s in result):
             empty.append((title, concrete, result))
         if "$run_id" in expr:  # per-run panels show only the selected run
             assert all(s["metric"].get("run_id") == rid for s in result), (title, result)
@@ -165,8 +183,8 @@ def test_every_catalog_metric_reaches_prometheus(stack):
     wait_for(lambda: query(prom, f'mtprl_run_step{{run_id="{rid}"}} >= 2'), 40, what="2 steps in prometheus")
     missing = []
     for d in METRIC_CATALOG:
-        result = query(prom, f'{d.prom_name}{{run_id="{rid}"}}')
-        if not any(math.isfinite(float(s["value"][1])) for s in result):
+        result = query_run(prom, f'{d.prom_name}{{run_id="{rid}"}}', stack["started"])
+        if not any(s["values"] for s in result):
             missing.append((d.key, d.prom_name))
         elif d.per_head:  # the model of this run has 2 MTP heads
             assert {s["metric"].get("head") for s in result} == {str(h) for h in range(d.heads_from, 3)}, d.key
