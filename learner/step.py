@@ -312,26 +312,34 @@ class Learner:
         return self._sum(old), self._sum(ent)
 
     # ------------------------------------------------------------------ loss of a micro-batch
-    def _micro_loss(self, b: TrainBatch, adv: torch.Tensor, old: torch.Tensor,
+    def _micro_loss(self, b: TrainBatch, adv: torch.Tensor, old: torch.Tensor | None,
                     norm: Normaliser, st: _Stats, parts: dict[str, float], at_old: bool = False,
                     width: int | None = None, occ_width: int | None = None) -> torch.Tensor:
         """Loss of one micro-batch (a share of the mini-batch loss); adds diagnostics to `st`
         and loss parts (summed over the mini-batch's micro-batches) to `parts`. ``at_old``: no
-        optimiser step yet in this update, so θ = θ_old and δ_RL is 0 by construction. In a
-        learner group ``b`` is this rank's share of the micro-batch, ``width`` the whole
-        micro-batch's padded width and ``occ_width`` its widest response (the authors' OCC window)."""
+        optimiser step yet in this update, so θ = θ_old and δ_RL is 0 by construction. ``old``
+        None (only at θ_old): this forward's own log-probs, detached, are π_old, and it reports
+        the rows' entropy. In a learner group ``b`` is this rank's share of the micro-batch,
+        ``width`` the whole micro-batch's padded width and ``occ_width`` its widest response
+        (the authors' OCC window)."""
         cfg = self.cfg
+        if old is None and not at_old:
+            raise ValueError("π_old can be read off the training forward only before the update's first step")
 
         def part(name: str, value: torch.Tensor) -> None:
             parts[name] = parts.get(name, 0.0) + float(value)
 
         out, w = self._forward(b, self.n_heads, self.backbone_grad, self.lm_head_grad,
-                               cfg.entropy_coef > 0, width, self.n_distill)
+                               cfg.entropy_coef > 0 or old is None, width, self.n_distill)
         lp, valid = out.logprobs, out.valid  # (H, B, w) each
         resp = b.response_mask[:, :w].bool()  # (B, w)
         if (resp & ~valid[0]).any():
             raise ValueError("response tokens without a main-head prediction (position 0 or "
                              "padding); check response_mask against attention_mask")
+        if old is None:
+            old = lp[: self.k].detach().float()
+            if resp.any():
+                st.add("policy/entropy", out.entropy.detach()[resp].float().mean(), float(resp.sum()))
         old = old[:, :, :w]  # (K, B, w)
         old_main = old[0]
         logp = lp[0]  # (B, w)
@@ -488,6 +496,13 @@ class Learner:
         return total
 
     # ------------------------------------------------------------------ the update
+    def _first_forward_is_old(self) -> bool:
+        """One pass over the data (epochs = 1): the first mini-batch's training forward runs at
+        θ_old, so its detached log-probs are π_old for its rows and the separate no-grad pass
+        covers the other mini-batches only (1/mini_batches of that pass saved; all of it with one
+        mini-batch). With more epochs every row is revisited after a step and needs the pass."""
+        return self.cfg.epochs == 1
+
     def step(self, batch: TrainBatch) -> dict[str, float]:
         """One policy update (cfg.epochs × cfg.mini_batches AdamW steps); returns flat metrics."""
         cfg = self.cfg
@@ -500,27 +515,38 @@ class Learner:
             return metrics
         kept, adv = kept.to(self.device), adv.to(self.device)
         self.model.train()
-        t_old = time.perf_counter()
-        old, entropy = self._old_logprobs(kept)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.version)
+        n = kept.size
+        # host RNG: the same order anywhere
+        epochs = [torch.tensor_split(torch.randperm(n, generator=gen).to(self.device), min(cfg.mini_batches, n))
+                  for _ in range(cfg.epochs)]
+        reuse = self._first_forward_is_old()
+        st, loss_st = _Stats(), _Stats()
         resp_all = kept.response_mask.bool()
+        t_old = time.perf_counter()
+        old = torch.zeros(self.k, n, kept.input_ids.shape[1], device=self.device)
+        rest = (torch.cat(list(epochs[0][1:])) if len(epochs[0]) > 1 else epochs[0][0][:0]) if reuse \
+            else torch.arange(n, device=self.device)
+        if rest.numel():
+            old_rest, entropy = self._old_logprobs(kept.select(rest))
+            old[:, rest] = old_rest
+            resp_rest = resp_all[rest]
+            if resp_rest.any() and (self.dp is None or self.dp.rank == 0):  # already the whole group's
+                st.add("policy/entropy", entropy[resp_rest].mean(), float(resp_rest.sum()))
         self.placement.synchronize()  # device work is queued: time it, not its launch
         metrics["perf/old_logprob_s"] = time.perf_counter() - t_old
-        metrics["policy/entropy"] = float(entropy[resp_all].mean()) if resp_all.any() else 0.0
 
         # main + MTP heads of the training forward, plus mtp.distill's full-vocabulary rows: the
         # teacher's and one per distilled head (the logits a micro-batch's memory grows with)
         micro_size = self.micro_size(kept, 1 + self.n_heads + (self.n_distill + 1 if self.n_distill else 0))
         metrics["perf/micro_batch_size"] = float(micro_size)
         row_tokens = kept.attention_mask.sum(-1)  # what a row costs a forward: the group balances it
-        st, loss_st = _Stats(), _Stats()
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.version)
-        n = kept.size
         steps = skipped = 0
         optim_s = optim_cpu_s = 0.0
         grad_norms: list[float] = []
-        for _epoch in range(cfg.epochs):
-            perm = torch.randperm(n, generator=gen).to(self.device)  # host RNG: same order anywhere
-            for mb in torch.tensor_split(perm, min(cfg.mini_batches, n)):
+        for epoch, mini_batches in enumerate(epochs):
+            for j, mb in enumerate(mini_batches):
+                from_forward = reuse and epoch == 0 and j == 0
                 norm = Normaliser.of(resp_all[mb])
                 self.opt.zero_grad(set_to_none=True)
                 step_loss = 0.0
@@ -530,7 +556,8 @@ class Learner:
                     sub = kept.select(rows)
                     if pad:  # no rows for this rank: a masked row keeps FSDP's collectives in step
                         sub.response_mask = torch.zeros_like(sub.response_mask)
-                    loss = self._micro_loss(sub, adv[rows], old[:, rows], norm, st, parts, at_old=steps == 0,
+                    loss = self._micro_loss(sub, adv[rows], None if from_forward else old[:, rows], norm, st,
+                                            parts, at_old=steps == 0,
                                             width=self._trim(kept.input_ids[micro], kept.attention_mask[micro]),
                                             occ_width=response_width(resp_all[micro]))
                     loss.backward()
@@ -567,6 +594,7 @@ class Learner:
             st.num = dict(zip(keys, sums[: len(keys)]))
             st.den = dict(zip(keys, sums[len(keys):]))
         metrics.update(st.result())
+        metrics.setdefault("policy/entropy", 0.0)  # no response token in the batch
         metrics.update(loss_st.result())  # already global: the loss was summed over ranks
         metrics["optim/steps"] = float(steps)
         metrics["optim/skipped_nonfinite"] = float(skipped)

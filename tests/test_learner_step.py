@@ -369,3 +369,33 @@ def test_occ_with_negative_lambda_does_not_run_away(forced, monkeypatch):
     assert min(m["mtp/lambda/head1"] for m in hist) < 0  # the regime under test
     assert max(abs(m["loss/mtp"]) for m in hist) < 0.5
     assert max(m["optim/grad_norm_max"] for m in hist) < 10
+
+
+@pytest.mark.parametrize("mini_batches,epochs,rows", [(2, 1, 4), (1, 1, 0), (4, 1, 6), (2, 2, 8)])
+def test_the_first_mini_batch_forward_is_pi_old(mini_batches, epochs, rows, monkeypatch):
+    """With one epoch the separate π_old pass covers the mini-batches after the first only (the
+    first one's training forward runs at θ_old); the update is bit for bit the one with a full pass
+    (the recomputation is bit-exact on this CPU: see the λ test above)."""
+    regime = "occ" if mini_batches * epochs > 1 else "detach"  # OCC needs a second step (its validator)
+    cfg = AlgorithmConfig(lr=1e-2, mtp_regime=regime, mpo=MPOConfig(k=3), mini_batches=mini_batches,
+                          epochs=epochs, micro_batch_size=3)
+    seen: list[int] = []
+    real_old = Learner._old_logprobs
+
+    def counted(self, batch):
+        seen.append(batch.size)
+        return real_old(self, batch)
+
+    monkeypatch.setattr(Learner, "_old_logprobs", counted)
+    reused = Learner(_model(), cfg)
+    m = reused.step(_batch())
+    assert sum(seen) == rows
+    monkeypatch.setattr(Learner, "_first_forward_is_old", lambda self: False)
+    full = Learner(_model(), cfg)
+    ref = full.step(_batch())
+    assert sum(seen) == rows + 8  # the reference computed π_old for every row
+    assert _same(_params(reused.model), _params(full.model))
+    assert m.keys() - {"perf/old_logprob_s"} == ref.keys() - {"perf/old_logprob_s"}
+    for k in ("policy/entropy", "ratio/token_mean", "ratio/approx_kl", "loss/total", "mtp/lambda/head1"):
+        if regime == "occ" or k != "mtp/lambda/head1":
+            assert m[k] == pytest.approx(ref[k], rel=1e-6, abs=1e-9), k
