@@ -34,6 +34,10 @@ DEMO_TASK = {"min_terms": 2, "max_terms": 2, "max_digits": 1, "operators": ["+",
 
 #: Training steps of the default demo (8 prompts × 6 samples each).
 DEMO_STEPS = 5
+#: Answer cap of the warm-up's own answers: the demo's rollout budget (``rollout.max_tokens``).
+#: The head is trained on what it will draft for; at the recipe's default 128 the answers took
+#: twice the generation and head-training time of a fresh clone's first demo (docs/benchmarks.md).
+DEMO_WARMUP_MAX_TOKENS = 64
 
 
 def demo_spec(model: Path, steps: int, seed: int = 0) -> dict[str, Any]:
@@ -54,7 +58,9 @@ def demo_spec(model: Path, steps: int, seed: int = 0) -> dict[str, Any]:
         "rollout": {"samples_per_prompt": 6, "prompts_per_step": 8, "max_tokens": 64, "temperature": 0.7,
                     "max_model_len": 512, "kv_cache_gib": 0.5, "num_speculative_tokens": 1},
         "reward": {"workers": 1},
-        "resources": {"learner_cpus": 1, "cpus_per_engine": 1, "cpus_per_reward_worker": 1},
+        # 2 learner threads: the learner is the bottleneck (the engine is idle half the step);
+        # ~15 % faster steps measured with the engine's thread beside them (docs/benchmarks.md)
+        "resources": {"learner_cpus": 2, "cpus_per_engine": 1, "cpus_per_reward_worker": 1},
         "schedule": {"steps": steps, "max_staleness": 1, "checkpoint_every": 0},
     }
 
@@ -67,18 +73,19 @@ def prepare_models(models_dir: Path, echo=print) -> Path:
     from services.self_distill import SelfDistillConfig, is_current, run_self_distill
 
     base, warm = models_dir / "smollm2-mtp1", models_dir / "smollm2-mtp1-warm"
+    recipe = SelfDistillConfig(max_tokens=DEMO_WARMUP_MAX_TOKENS)
     if (base / "model.safetensors").is_file():
         read_config(base)
         echo(f"[1/6] base model: {base} (cached)")
     else:
         echo("[1/6] importing SmolLM2-135M-Instruct into the MiMo layout with 1 MTP head ...")
         import_smollm2(base, mtp_layers=1)
-    current, why = is_current(base, warm, SelfDistillConfig())
+    current, why = is_current(base, warm, recipe)
     if current:
         echo(f"[2/6] warmed-up MTP head: {warm} (cached, {why})")
     else:
         echo(f"[2/6] warming up the MTP head on the model's own answers (backbone frozen; cache: {why}) ...")
-        r = run_self_distill(base, warm, SelfDistillConfig(), log=lambda m: echo(f"      {m}"))
+        r = run_self_distill(base, warm, recipe, log=lambda m: echo(f"      {m}"))
         echo(f"      acceptance {r['acceptance_before']:.3f} → {r['acceptance_after']:.3f}")
     return warm
 
