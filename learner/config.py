@@ -274,6 +274,12 @@ class MTPConfig(_Strict):
     )
 
 
+def default_mpo_grad(mtp_regime: str) -> str:
+    """``mpo.grad`` when the spec leaves it out: where ``mtp_regime`` sends the MTP terms' gradient
+    (the modules only for ``none``/``detach``, scaled by λ for ``occ``, everywhere otherwise)."""
+    return {"none": "detach", "detach": "detach", "occ": "occ"}.get(mtp_regime, "full")
+
+
 class AlgorithmConfig(_Strict):
     """Everything the learner needs to turn scored groups into updates."""
 
@@ -459,9 +465,7 @@ class AlgorithmConfig(_Strict):
         if self.dapo.dynamic_sampling is None:
             self.dapo.dynamic_sampling = self.algorithm == "dapo"
         if self.mpo is not None and self.mpo.grad is None:
-            self.mpo.grad = {"none": "detach", "detach": "detach", "occ": "occ"}.get(
-                self.mtp_regime, "full"
-            )  # type: ignore[assignment]
+            self.mpo.grad = default_mpo_grad(self.mtp_regime)  # type: ignore[assignment]
 
         if self.mpo is not None:
             if self.algorithm not in ("ppo", "grpo", "dapo"):

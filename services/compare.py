@@ -93,12 +93,20 @@ def regime_specs(base: RunSpec, regimes: list[str]) -> dict[str, RunSpec]:
     distill_off = {**base_distill.model_dump(), "coef": 0.0}
     from pydantic import ValidationError
 
+    from learner.config import default_mpo_grad
     from services.spec import problem_lines, spec_problems
 
+    # An mpo.grad the base left to its default follows each row's regime (a validated spec holds
+    # the derived value: the base's `occ` would make the `detach` row's MPO send gradients into the
+    # backbone it detaches, a spec error).
+    mpo = base.algorithm.mpo
+    grad_derived = mpo is not None and mpo.grad == default_mpo_grad(base.algorithm.mtp_regime)
     out = {}
     for r in regimes:
         raw = base.model_dump()
         raw["algorithm"]["mtp_regime"] = DISTILL_ROWS.get(r, r)
+        if grad_derived:
+            raw["algorithm"]["mpo"]["grad"] = None
         raw["algorithm"].setdefault("mtp", {})["distill"] = distill_on if r in DISTILL_ROWS else distill_off
         raw["name"] = f"{base.name or 'compare'}-{r}"
         try:

@@ -67,6 +67,25 @@ def test_regime_specs_change_only_the_regime(tiny_ckpt, tmp_path):
         regime_specs(one_mb, ["detach", "occ"])
 
 
+def test_regime_specs_rederive_a_defaulted_mpo_grad(tiny_ckpt, tmp_path):
+    """A base with MPO (K = 2) and occ, `mpo.grad` left out: each row's MPO gradient follows its own
+    regime (the demo's spec under `detach` failed: the occ-derived grad sent MTP gradients into the
+    backbone that detach detaches). An explicit grad is kept, and refused where it cannot run."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
+    base = RunSpec.model_validate(_spec(str(tiny_ckpt), str(data),
+                                        algorithm={"mtp_regime": "occ", "mpo": {"k": 2}, "mini_batches": 2}))
+    assert base.algorithm.mpo.grad == "occ"
+    specs = regime_specs(base, ["detach", "occ", "ce", "occ+distill"])
+    assert {r: s.algorithm.mpo.grad for r, s in specs.items()} == {
+        "detach": "detach", "occ": "occ", "ce": "full", "occ+distill": "occ"}
+    full = RunSpec.model_validate(_spec(str(tiny_ckpt), str(data), algorithm={
+        "mtp_regime": "occ", "mpo": {"k": 2, "grad": "full"}, "mini_batches": 2}))
+    assert regime_specs(full, ["ce"])["ce"].algorithm.mpo.grad == "full"
+    with pytest.raises(ValueError, match="regime 'detach'"):
+        regime_specs(full, ["detach"])
+
+
 def test_render_markdown_has_a_row_per_regime_and_the_delta():
     rows = [RegimeRow(regime="detach", state="completed", steps=3, wall_seconds=10.0, accuracy=0.5,
                       clip_frac=0.01, acceptance=0.3),
