@@ -518,15 +518,15 @@ class Learner:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.version)
         n = kept.size
         # host RNG: the same order anywhere
-        epochs = [torch.tensor_split(torch.randperm(n, generator=gen).to(self.device), min(cfg.mini_batches, n))
-                  for _ in range(cfg.epochs)]
+        perms = [torch.randperm(n, generator=gen).to(self.device) for _ in range(cfg.epochs)]
+        epochs = [torch.tensor_split(p, min(cfg.mini_batches, n)) for p in perms]
         reuse = self._first_forward_is_old()
         st, loss_st = _Stats(), _Stats()
         resp_all = kept.response_mask.bool()
         t_old = time.perf_counter()
         old = torch.zeros(self.k, n, kept.input_ids.shape[1], device=self.device)
-        rest = (torch.cat(list(epochs[0][1:])) if len(epochs[0]) > 1 else epochs[0][0][:0]) if reuse \
-            else torch.arange(n, device=self.device)
+        # the rows π_old is computed for: all, or those after the first mini-batch of the one epoch
+        rest = perms[0][len(epochs[0][0]):] if reuse else torch.arange(n, device=self.device)
         if rest.numel():
             old_rest, entropy = self._old_logprobs(kept.select(rest))
             old[:, rest] = old_rest
