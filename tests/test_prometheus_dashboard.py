@@ -139,23 +139,24 @@ def stack(tmp_path_factory, ray_session, tiny_ckpt):
         EmbeddedRedis(data).stop()
 
 
-def query(prom: str, expr: str) -> list[dict]:
-    r = httpx.get(prom + "/api/v1/query", params={"query": expr}, timeout=10)
+def _api(prom: str, path: str, **params) -> list[dict]:
+    r = httpx.get(prom + path, params=params, timeout=10)
     body = r.json()
-    assert r.status_code == 200 and body["status"] == "success", (expr, body)
+    assert r.status_code == 200 and body["status"] == "success", (params, body)
     return body["data"]["result"]
+
+
+def query(prom: str, expr: str) -> list[dict]:
+    return _api(prom, "/api/v1/query", query=expr)
 
 
 def query_run(prom: str, expr: str, start: float) -> list[dict]:
     """``expr`` over the run's time so far, as a Grafana panel asks for it (a range query, one point
     every 2 s): the series, each with the finite values it had. A gauge a step reports only when it
     happened (acceptance by position: only steps that drafted) is on the panel, with gaps."""
-    r = httpx.get(prom + "/api/v1/query_range", timeout=10,
-                  params={"query": expr, "start": start, "end": time.time(), "step": "2s"})
-    body = r.json()
-    assert r.status_code == 200 and body["status"] == "success", (expr, body)
+    result = _api(prom, "/api/v1/query_range", query=expr, start=start, end=time.time(), step="2s")
     return [{"metric": s["metric"], "values": [float(v) for _, v in s["values"] if math.isfinite(float(v))]}
-            for s in body["data"]["result"]]
+            for s in result]
 
 
 def test_every_dashboard_expression_returns_data(stack):
