@@ -135,6 +135,18 @@ class RunController:
 
     # ---- the loop -------------------------------------------------------------------------------
     def run(self) -> RunResult:
+        """Run to the schedule's end, a pause (stopped) or a cancel; on an error, stop what this
+        controller started (actors, placement group) before raising, so a retry can start again."""
+        try:
+            return self._run()
+        except BaseException:
+            tracking = getattr(self, "tracking", None)
+            if tracking is not None:
+                tracking.finish()
+            self._teardown()
+            raise
+
+    def _run(self) -> RunResult:
         t_start = time.perf_counter()
         self._setup()
         self.recovery.start(resume=self.resume_from_disk)
@@ -315,10 +327,12 @@ class RunController:
                     unit="step", dynamic_ncols=True)
 
     def _teardown(self) -> None:
-        for stop in self._owned:
+        owned, self._owned = self._owned, []
+        for stop in owned:
             try:
                 stop()
             except Exception:  # noqa: BLE001 - already gone
                 pass
-        if self._pg is not None:
-            ray.util.remove_placement_group(self._pg)
+        pg, self._pg = self._pg, None
+        if pg is not None:
+            ray.util.remove_placement_group(pg)

@@ -199,8 +199,11 @@ def test_killed_actors_are_recovered_with_exact_accounting(ray_session, tiny_ckp
         elif step >= 5 and "reward" not in done and pending and len(reward_kills) < 3:
             k = ctl.rewards.inflight[pending[0]].actor
             if k not in reward_pids:  # asked ahead: the answer takes longer than a grading call
-                reward_pids[k] = ray_session.get(
-                    ctl.rewards.actors[k].__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+                try:
+                    reward_pids[k] = ray_session.get(
+                        ctl.rewards.actors[k].__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+                except ray_session.exceptions.RayError:  # restarting after an earlier try: ask later
+                    pass
                 return None
             os.kill(reward_pids[k], signal.SIGSTOP)
             if any(s.actor == k and not ray_session.wait([r], timeout=0)[0] for r, s in ctl.rewards.inflight.items()):
@@ -256,6 +259,31 @@ def test_a_learner_group_trains_and_a_killed_rank_rolls_the_run_back_with_exact_
     last = tmp_path / "run" / "checkpoints" / (tmp_path / "run" / "checkpoints" / "LATEST").read_text().strip()
     assert (last / "policy" / "model.safetensors").is_file() and (last / "trainer" / ".metadata").is_file()
     assert engines.loaded_version == [res.version]
+
+
+def test_a_run_that_raises_frees_its_actors_and_placement_group(ray_session, tiny_ckpt, toy_data, engines, tmp_path):
+    """An error in the loop (here the external control hook) stops what the controller started:
+    its learner and reward actors die and its named placement group goes, so the next run with
+    the same id starts (before, it failed with "placement group 'mtprl-run-t' already exists")."""
+    from ray.util import placement_group_table
+
+    from services.controller import RunController
+
+    def control():
+        if ctl.state.step >= 1:
+            raise RuntimeError("the registry went away")
+        return None
+
+    ctl = RunController("t", _spec(tiny_ckpt, toy_data, steps=3), tmp_path / "run", engines=engines, control=control)
+    with pytest.raises(RuntimeError, match="registry went away"):
+        ctl.run()
+    named = [g for g in placement_group_table().values() if g["name"] == "mtprl-run-t" and g["state"] != "REMOVED"]
+    assert named == []
+    for actor in [*ctl.learning.learner.workers, *ctl.rewards.actors]:
+        with pytest.raises(ray_session.exceptions.RayActorError):
+            ray_session.get(actor.__ray_ready__.remote(), timeout=30)
+    again = _run(_spec(tiny_ckpt, toy_data, steps=1), tmp_path / "again", engines)
+    assert again.state == "completed" and again.step == 1
 
 
 def test_sampling_with_drafting_follows_the_policy(engines, tiny_ckpt, toy_data):
