@@ -220,17 +220,36 @@ def _module_sharing(worker) -> dict[str, bool]:
 
 
 def _skip_drafter_at_zero(worker) -> None:
-    """At draft length 0 (adaptive drafting chose not to draft) skip the drafter entirely.
+    """At draft length 0 (adaptive drafting chose not to draft) make a step a plain one: skip the
+    drafter and sample with vLLM's plain sampler.
 
     vLLM 0.32's proposer still runs the MTP layer over the step's tokens at k = 0 ("to keep the
     drafter KV cache in sync", llm_base_proposer.propose) and only then returns no drafts: a cost
     per step that makes k = 0 slower than an engine without drafting. The engine never mixes
     lengths within a call and a call's requests end with it, so the drafter's KV of those
     requests is never read; prompt blocks prefilled at k = 0 do lack it, so the engine resets the
-    prefix cache before the next drafting call (`RolloutEngine._choose_draft`)."""
-    drafter = worker.model_runner.drafter
+    prefix cache before the next drafting call (`RolloutEngine._choose_draft`).
+
+    A speculative engine's runner also builds spec-decode metadata for every step and sends it
+    through the rejection sampler, which at zero drafts still draws a vocabulary of exponential
+    noise per request for "recovered" tokens there are none of, and rebuilds the log-probs from a
+    second softmax (measured: 4–7 % of a SmolLM2 decode step on CPU, the whole k = 0 gap to an
+    engine without drafting in docs/benchmarks.md). With no draft in the step, the rejection
+    sampler's output is the bonus token its own plain sampler drew, so dropping the metadata for
+    the sampler gives the same tokens and log-probs (tested against an engine without drafting);
+    the runner keeps the metadata for its bookkeeping, which reads a one-column output as plain."""
+    runner = worker.model_runner
+    drafter = runner.drafter
     if getattr(drafter, "_mtprl_skips_zero", False):
         return
+    sample = runner._sample
+
+    def plain_sample_at_zero(logits, spec_decode_metadata):
+        if spec_decode_metadata is not None and spec_decode_metadata.max_spec_len == 0:
+            spec_decode_metadata = None
+        return sample(logits, spec_decode_metadata)
+
+    runner._sample = plain_sample_at_zero
     original = drafter.propose
 
     def propose(num_speculative_tokens, *args, **kwargs):

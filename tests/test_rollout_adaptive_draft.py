@@ -105,3 +105,52 @@ def test_greedy_output_is_the_same_whatever_was_drafted(runs):
     assert all(t == texts[0] for t in texts)
     assert all(s.token_ids[j + 1] == s.token_ids[j] + 1 for s in runs["zeroed"][1].samples
                for j in range(len(s.token_ids) - 1))  # the counting policy's own text
+
+
+def test_sampled_output_at_k0_is_plain_decodings_exactly(ray_session, tmp_path):
+    """At draft length 0 the adaptive engine must be a plain engine: vLLM 0.32 sends every step of
+    a speculative engine through its rejection sampler, which at zero drafts still draws a
+    vocabulary of exponential noise per request (4–7 % of a SmolLM2 step on this CPU). At k = 0
+    the engine's steps take the plain sampler (the rejection sampler is not entered) and seeded
+    T = 1 calls give the same tokens and log-probs as an engine built without drafting."""
+
+    def count_rejection_sampling(worker):
+        rs = worker.model_runner.rejection_sampler
+        worker.mtprl_rejection_calls = 0
+        forward = rs.forward
+
+        def counted(*a, **kw):
+            worker.mtprl_rejection_calls += 1
+            return forward(*a, **kw)
+
+        rs.forward = counted
+
+    def rejection_calls(engine):
+        return engine.llm.collective_rpc(lambda worker: worker.mtprl_rejection_calls)[0]
+
+    from learner.checkpoint import save_policy
+
+    m, tok = _with_head("zeroed")
+    ckpt = save_policy(m, tmp_path / "zeroed", tokenizer=tok)
+    base = {"model": str(ckpt), "max_model_len": 256, "kv_cache_gib": 0.1}
+    adaptive = create_engine_actor({**base, "num_speculative_tokens": K,
+                                    "adaptive_draft": {"enabled": True, "probe_every": 1000}})
+    plain = create_engine_actor({**base, "num_speculative_tokens": 0})
+    sampled = [{"n": 1, "temperature": 1.0, "max_tokens": 24, "seed": s} for s in (11, 12, 13)]
+    try:
+        ray_session.get(adaptive.__ray_call__.remote(lambda e: e.llm.collective_rpc(count_rejection_sampling)))
+        first = ray_session.get(adaptive.generate.remote(PROMPTS, sampled[0]))  # measures: drafts the maximum
+        assert first.draft_k == K and first.spec.num_accepted_tokens == 0
+        drafting_calls = ray_session.get(adaptive.__ray_call__.remote(rejection_calls))
+        assert drafting_calls > 0  # the counter sees the drafting steps
+        for s in sampled[1:]:
+            a = ray_session.get(adaptive.generate.remote(PROMPTS, s))
+            p = ray_session.get(plain.generate.remote(PROMPTS, s))
+            assert a.draft_k == 0 and a.spec.num_drafts == 0
+            assert ray_session.get(adaptive.__ray_call__.remote(rejection_calls)) == drafting_calls
+            assert [x.token_ids for x in a.samples] == [x.token_ids for x in p.samples]
+            assert [x.logprobs for x in a.samples] == [x.logprobs for x in p.samples]
+        assert len({tuple(x.token_ids) for x in a.samples}) > 1  # T = 1 really sampled
+    finally:
+        ray_session.kill(adaptive)
+        ray_session.kill(plain)
