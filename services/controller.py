@@ -94,6 +94,7 @@ class RunController:
         self.engines, self._rewards, self._learner = engines, reward_actors, learner
         self._owned: list = []  # what this controller started (stopped at the end)
         self._pg = None
+        self.tracking: Tracking | None = None  # set up with the run (_setup)
         self.control = control
         self._items = items
         self._flag = RUN
@@ -135,16 +136,15 @@ class RunController:
 
     # ---- the loop -------------------------------------------------------------------------------
     def run(self) -> RunResult:
-        """Run to the schedule's end, a pause (stopped) or a cancel; on an error, stop what this
-        controller started (actors, placement group) before raising, so a retry can start again."""
+        """Run to the schedule's end, a pause (stopped) or a cancel. However it ends, an error
+        included, the trackers close and what this controller started (actors, placement group)
+        stops, so a retry with the same id can start again."""
         try:
             return self._run()
-        except BaseException:
-            tracking = getattr(self, "tracking", None)
-            if tracking is not None:
-                tracking.finish()
+        finally:
+            if self.tracking is not None:
+                self.tracking.finish()  # the report's plots, then close (warns, never raises)
             self._teardown()
-            raise
 
     def _run(self) -> RunResult:
         t_start = time.perf_counter()
@@ -187,11 +187,8 @@ class RunController:
         st = self.ctx.state
         st.counters["unused"] = len(unused)
         self.status = {"state": outcome, "step": st.step}
-        result = RunResult(outcome, st.step, st.version, dict(st.counters), list(st.trained), unused,
-                           time.perf_counter() - t_start, str(self.run_dir), self.report.history())
-        self.tracking.finish()  # the report's plots, then close (warns, never raises)
-        self._teardown()
-        return result
+        return RunResult(outcome, st.step, st.version, dict(st.counters), list(st.trained), unused,
+                         time.perf_counter() - t_start, str(self.run_dir), self.report.history())
 
     def _handle_next(self, timeout: float) -> None:
         """Wait for whatever finishes first (up to ``timeout``) and hand each result to its part."""
