@@ -116,9 +116,15 @@ def stack(tmp_path_factory, ray_session, tiny_ckpt):
 
         wait_for(ready, 30, what="prometheus ready")
         # Prometheus has scraped the run training (the engine starts in ~20 s on an idle
-        # machine), with the learner's metrics; then pause it.
-        wait_for(lambda: query(url, f'mtprl_run_step{{run_id="{rid}"}} >= 5 and on(run_id) mtprl_loss'), 240,
-                 what="prometheus to scrape 5 trained steps")
+        # machine), with the learner's metrics and acceptance by draft position; then pause it.
+        # Acceptance by position comes only from steps that drafted, and the adaptive engine may
+        # draft in few of them once it has timed its plain steps (a fresh-clone run paused at step 6
+        # found none of it in Prometheus), so wait for a scrape of it, not for a step count alone.
+        drafted = " and on(run_id) ".join(f"max_over_time({name}{{run_id=\"{rid}\"}}[5m])" for name in (
+            "mtprl_rollout_spec_accept_pos1", "mtprl_rollout_engine_spec_accept_pos1"))
+        wait_for(lambda: query(url, f'mtprl_run_step{{run_id="{rid}"}} >= 5 and on(run_id) mtprl_loss'
+                                    f' and on(run_id) {drafted}'), 240,
+                 what="prometheus to scrape 5 trained steps and acceptance by draft position")
         with api.client() as c:
             paused = c.post(f"/v1/runs/{rid}/pause")
             assert paused.status_code == 200 and paused.json()["state"] == "paused", paused.text
