@@ -331,6 +331,16 @@ class LearnerWorker:
             set_model_state_dict(self.model, state["model"])
 
 
+def learner_env(threads: int) -> dict[str, str]:
+    """The learner process's OpenMP settings. ``OMP_WAIT_POLICY=PASSIVE`` (unless the caller's
+    environment sets one): torch's threads sleep at a barrier instead of spinning. Where the
+    learner shares cores with rollout engines (the async loop on a CPU machine), a spinning thread
+    burns the core its descheduled partner needs: one demo step took 126-138 s beside a generating
+    engine with the default policy and 53-74 s passive (benchmarks/learner_contention.py)."""
+    return {"OMP_NUM_THREADS": str(max(1, int(threads))),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+
 def create_learner_actor(model_path: str, algorithm: dict[str, Any], *, threads: int = 1, seed: int = 0,
                          num_cpus: float = 1, num_gpus: float = 0, max_restarts: int = 3,
                          cpu_nice: int = 0, scheduling_strategy: Any = None, rank: int = 0, world_size: int = 1,
@@ -339,7 +349,7 @@ def create_learner_actor(model_path: str, algorithm: dict[str, Any], *, threads:
 
     opts: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
                                 max_task_retries=0,  # a lost step is redone by the controller
-                                runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(threads)))}})
+                                runtime_env={"env_vars": learner_env(threads)})
     if scheduling_strategy is not None:
         opts["scheduling_strategy"] = scheduling_strategy
     return ray.remote(LearnerWorker).options(**opts).remote(model_path, algorithm, threads, seed,

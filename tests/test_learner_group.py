@@ -180,3 +180,23 @@ def test_a_dead_rank_fails_the_call_at_once_and_restart_forms_a_new_group(ray_se
         assert g.step(_batch(1, vocab)).wait()["learner/ranks"] == 2.0
     finally:
         g.kill()
+
+
+def test_learner_threads_sleep_at_barriers_unless_the_caller_chose(ray_session, tiny_ckpt, monkeypatch):
+    """The learner's OpenMP threads wait passively (a spinning one starves the engine it shares a
+    CPU with: benchmarks/learner_contention.py); a policy the caller's environment sets wins."""
+    import os
+
+    from services.learner_worker import learner_env
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert learner_env(2) == {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
+    g = _group(tiny_ckpt, OBJECTIVES["ppo"], 1)
+    try:
+        env = ray_session.get(g.workers[0].__ray_call__.remote(
+            lambda self: (os.environ.get("OMP_WAIT_POLICY"), os.environ.get("OMP_NUM_THREADS"))))
+    finally:
+        g.kill()
+    assert env == ("PASSIVE", "1")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert learner_env(1)["OMP_WAIT_POLICY"] == "ACTIVE"
