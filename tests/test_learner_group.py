@@ -24,8 +24,10 @@ OBJECTIVES = {
     "occ": dict(algorithm="grpo", mtp_regime="occ", lr=1e-5),
     "kl": dict(algorithm="dapo", mtp_regime="policy", advantage={"kl_coef": 0.1}, lr=1e-4),
     # head distillation on the regime that runs the MTP blocks a second time (detached inputs)
+    # lr 1e-5 like occ: at 1e-4 a new machine measured 2 ranks vs 1 at 1.23e-5 after 3 steps (1.2e-6 at 1e-5)
+    # (AdamW's m/√v turns a rounding-sized gradient difference into an lr-sized step)
     "distill": dict(algorithm="grpo", mtp_regime="policy", mtp={"distill": {"kind": "topk_ce", "coef": 1.0}},
-                    lr=1e-4),
+                    lr=1e-5),
 }
 COMMON = dict(mini_batches=2, micro_batch_size=3, grad_clip=1.0)
 
@@ -87,7 +89,7 @@ def test_two_ranks_train_the_parameters_one_rank_does(ray_session, tiny_ckpt, vo
     finally:
         one.kill()
         two.kill()
-    assert _max_diff(w1, start) > 20 * TOL * (0.1 if name == "occ" else 1)  # it trained
+    assert _max_diff(w1, start) > 20 * TOL * (0.1 if name in ("occ", "distill") else 1)  # it trained
     assert _max_diff(w1, w2) <= TOL
     # Adam hides a gradient's scale, the metrics do not: averaged instead of summed gradients
     # would halve the norm; a rank-local λ or normaliser would change λ and the loss.
