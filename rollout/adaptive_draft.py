@@ -20,11 +20,12 @@ Estimates. a_i: from vLLM's per-position accepted counts (``num_accepted_tokens_
 drafts whose position i was accepted): a_1 = acc[0] / drafts, a_i = acc[i−1] / acc[i−2], as
 exponentially decayed counts (``ewma``) over calls, kept apart for greedy and sampled calls
 (acceptance differs by temperature), with a prior of ``prior_weight`` pseudo-drafts at
-``prior_acceptance``. T(b, k): exponentially averaged seconds of decode steps (steps without
-prompt tokens) per batch-size bucket (powers of two) and k; the ratio T(b, k) / T(b, 0) is taken
-from the nearest bucket with a plain and a drafting time (a k not timed there: linear in k through
-the timed ones), else from the prior 1 + ``prior_draft_cost``·k; it is held ≥ 1 and non-decreasing
-in k (drafting only adds work: a lower ratio is noise), so S(k) ≤ E(k).
+``prior_acceptance``. T(b, k): exponentially averaged median seconds of a call's decode steps
+(steps without prompt tokens) per bucket (powers of two) of the call's batch size, and k; the
+ratio T(b, k) / T(b, 0) is taken from the nearest bucket with a plain and a drafting time (a k
+not timed there: linear in k through the timed ones), else from the prior 1 +
+``prior_draft_cost``·k; it is held ≥ 1 and non-decreasing in k (drafting only adds work: a lower
+ratio is noise), so S(k) ≤ E(k).
 
 Exploration. The first call of each kind (greedy, sampled) drafts the maximum, measuring every
 position. An estimate is only refreshed for the k that runs, so calls *probe* another k: 0 (the
@@ -208,25 +209,31 @@ class AdaptiveDrafter:
                 s.accepted[i] += acc[i]
                 s.reached[i] += reached
 
-    def observe_steps(self, k: int, steps: list[tuple[int, float]]) -> None:
-        """One call's decode steps (no prompt tokens), ``(batch size, seconds)``, all under draft
-        length ``k``: the median per bucket (robust to a step slowed by another process) enters
-        that bucket's average as one observation."""
-        by_bucket: dict[int, list[float]] = {}
-        for b, dt in steps:
-            by_bucket.setdefault(bucket(b), []).append(dt)
-        for b, times in by_bucket.items():
-            times.sort()
-            mid = times[len(times) // 2] if len(times) % 2 else 0.5 * (times[len(times) // 2 - 1] + times[len(times) // 2])
-            old = self._cost.get((b, k))
-            self._cost[(b, k)] = mid if old is None else old + self.config.ewma * (mid - old)
+    def observe_steps(self, k: int, batch_size: int, seconds: list[float]) -> None:
+        """One call's decode-step times (steps without prompt tokens), all under draft length ``k``,
+        for a call of ``batch_size`` sequences: their median (robust to a step slowed by another
+        process) enters the bucket of the *call's* batch size as one observation. Keyed by the call,
+        not by each step's running count, because the choice is made per call: the tail steps of a
+        larger call, once some of its sequences have finished, carry that call's scheduling and
+        KV-cache state, not what a call of that many sequences costs, so a smaller call's bucket
+        took times that were not its own. Which buckets it touched depends on where answers end: at
+        T = 1 with 64 tokens every sequence of a batch-8 or -32 call ran to the limit (running
+        counts 4-8 and 20-32, no 1-sequence steps), so it reached buckets 2-4 and 16; greedy
+        answers end at different lengths and reach bucket 1 (docs/benchmarks.md, adaptive drafting)."""
+        if not seconds:
+            return
+        times = sorted(seconds)
+        mid = times[len(times) // 2] if len(times) % 2 else 0.5 * (times[len(times) // 2 - 1] + times[len(times) // 2])
+        b = bucket(batch_size)
+        old = self._cost.get((b, k))
+        self._cost[(b, k)] = mid if old is None else old + self.config.ewma * (mid - old)
 
-    def measured_speedup(self, steps: list[tuple[int, float]], mean_acceptance_length: float) -> float | None:
-        """A call's realised speed-up from its decode steps ``(batch size, seconds)``: tokens per
-        step L over the time taken, against the plain step time T(b, 0) of each step's bucket,
-        L · Σ T(b_s, 0) / Σ t_s over the steps whose bucket has a plain time (None if none has)."""
-        known = [(self._cost[(bucket(b), 0)], dt) for b, dt in steps if (bucket(b), 0) in self._cost]
-        spent = sum(dt for _, dt in known)
-        if not known or spent <= 0:
+    def measured_speedup(self, batch_size: int, seconds: list[float], mean_acceptance_length: float) -> float | None:
+        """A call's realised speed-up: tokens per step L over its mean decode-step time, against the
+        plain step time T(b, 0) of the call's bucket, L · T(b, 0) / mean(seconds) (None until a plain
+        step was timed there)."""
+        plain = self._cost.get((bucket(batch_size), 0))
+        spent = sum(seconds)
+        if plain is None or spent <= 0:
             return None
-        return mean_acceptance_length * sum(p for p, _ in known) / spent
+        return mean_acceptance_length * plain * len(seconds) / spent

@@ -614,7 +614,8 @@ class RolloutEngine:
         try:
             with self._lock:
                 version = self.policy_version
-                choice = self._choose_draft(min(len(requests) * (sp.n // repeat), self.config.max_num_seqs), sampled)
+                num_seqs = min(len(requests) * (sp.n // repeat), self.config.max_num_seqs)
+                choice = self._choose_draft(num_seqs, sampled)
                 before = self.spec_stats()
                 t0 = time.perf_counter()
                 steps: list[tuple[int, float]] = []  # (running requests, seconds) of each decode step
@@ -624,7 +625,7 @@ class RolloutEngine:
                 spec = after - before
                 after = after - self._spec_at_start
                 self._cum_seconds += seconds
-                measured = self._observe_draft(choice, sampled, spec, steps)
+                measured = self._observe_draft(choice, num_seqs, sampled, spec, steps)
         finally:
             self._active.discard(ticket)
         by_index: dict[int, list] = {}
@@ -662,14 +663,15 @@ class RolloutEngine:
             measured_speedup=measured if choice else 1.0,
         )
 
-    def _observe_draft(self, choice: Choice | None, sampled: bool, spec: SpecStats,
+    def _observe_draft(self, choice: Choice | None, num_seqs: int, sampled: bool, spec: SpecStats,
                        steps: list[tuple[int, float]]) -> float | None:
         """Feed a call's decode-step times and acceptance to the estimates; its measured speed-up."""
         if choice is None:
             return None
-        self._drafter.observe_steps(choice.k, steps)
+        seconds = [dt for _, dt in steps]
+        self._drafter.observe_steps(choice.k, num_seqs, seconds)
         self._drafter.observe_acceptance(sampled, choice.k, spec.num_drafts, spec.accepted_per_pos)
-        return self._drafter.measured_speedup(steps, spec.mean_acceptance_length)
+        return self._drafter.measured_speedup(num_seqs, seconds, spec.mean_acceptance_length)
 
     def _draw_ticket(self) -> int:
         ticket = next(self._tickets)  # itertools.count is atomic under the GIL

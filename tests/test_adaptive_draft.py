@@ -26,7 +26,7 @@ def run_calls(drafter: AdaptiveDrafter, calls: int, accept: list[float], cost, b
             reach *= a
             per_pos.append(round(reach))
         drafter.observe_acceptance(sampled, k, drafts if k else 0, per_pos + [0] * (K - k))
-        drafter.observe_steps(k, [(batch, cost(batch, k))] * steps)
+        drafter.observe_steps(k, batch, [cost(batch, k)] * steps)
     return ks
 
 
@@ -75,7 +75,7 @@ def test_the_choice_depends_on_the_batch_size():
     d.observe_acceptance(True, K, 1000, [800, 640, 512])
     for b in (1, 64):
         for k in range(K + 1):
-            d.observe_steps(k, [(b, 1.0 + (0.05 if b == 1 else 2.0) * k)])
+            d.observe_steps(k, b, [1.0 + (0.05 if b == 1 else 2.0) * k])
     assert d.choose(1, True).k == K
     assert d.choose(64, True).k == 0
     assert d.choose(48, True).k == 0  # bucket 64
@@ -98,9 +98,24 @@ def test_greedy_and_sampled_calls_keep_their_own_acceptance():
 
 def test_measured_speedup_is_tokens_per_step_over_the_time_against_plain_steps():
     d = AdaptiveDrafter({"enabled": True}, K)
-    assert d.measured_speedup([(8, 1.0)], 3.0) is None  # no plain step timed yet
-    d.observe_steps(0, [(8, 0.5), (8, 0.4), (8, 9.0)])  # the median: a step slowed by another process is ignored
-    assert d.measured_speedup([(8, 1.0), (7, 1.0), (64, 9.0)], 3.0) == pytest.approx(3.0 * 1.0 / 2.0)
+    assert d.measured_speedup(8, [1.0], 3.0) is None  # no plain step timed yet
+    d.observe_steps(0, 8, [0.5, 0.4, 9.0])  # the median: a step slowed by another process is ignored
+    assert d.measured_speedup(7, [1.0, 1.0, 1.0], 3.0) == pytest.approx(3.0 * 0.5 / 1.0)  # bucket 8
+    assert d.measured_speedup(1, [1.0], 3.0) is None  # bucket 1: no plain call of that size timed
+
+
+def test_a_larger_calls_last_steps_do_not_stand_for_a_smaller_calls_cost():
+    """Costs are filed under the call's batch size, whatever its steps' running count: a batch-32
+    call at k = 0 times bucket 32 only. (Filed per step, its tail, the last sequence or two still
+    running, set bucket 1's plain time, which made drafting look cheap at batch 1.)"""
+    d = AdaptiveDrafter({"enabled": True, "probe_every": 1000, "prior_weight": 0.0}, 1)
+    d.observe_acceptance(True, 1, 1000, [240])  # acceptance 0.24: E(1) = 1.24
+    d.observe_steps(0, 32, [2.0] * 30 + [1.3] * 10)  # a batch-32 call: 30 full steps, a slow tail of 10
+    d.observe_steps(1, 1, [1.43])  # a batch-1 call drafting 1
+    assert d.plain_step_seconds(1) is None and d.plain_step_seconds(32) == pytest.approx(2.0)
+    d.observe_steps(0, 1, [1.0])  # a batch-1 plain call: a k = 1 step costs 1.43 of it
+    assert d.cost_ratio(1, 1) == pytest.approx(1.43)
+    assert d.choose(1, True).k == 0  # 1.24 / 1.43 < 1: not worth drafting at batch 1
 
 
 def test_config_bounds_and_typos_are_refused():
@@ -144,8 +159,8 @@ def test_a_gain_below_min_gain_does_not_draft():
     """S(1) = 1.02 (acceptance 0.12, drafts 10 % dearer) is within timing noise: not drafted."""
     d = AdaptiveDrafter({"enabled": True, "probe_every": 1000, "prior_weight": 0.0, "min_gain": 0.03}, 1)
     d.observe_acceptance(True, 1, 1000, [120])
-    d.observe_steps(0, [(8, 1.0)])
-    d.observe_steps(1, [(8, 1.1)])
+    d.observe_steps(0, 8, [1.0])
+    d.observe_steps(1, 8, [1.1])
     assert d.speedups(8, True)[1] == pytest.approx(1.12 / 1.1)
     assert d.choose(8, True).k == 0
     d.config.min_gain = 0.0
@@ -157,9 +172,9 @@ def test_a_cost_ratio_below_one_is_noise_and_never_switches_on_a_useless_head():
     ratio is held at ≥ 1 (and non-decreasing in k), so a head accepting nothing stays off."""
     d = AdaptiveDrafter({"enabled": True, "probe_every": 1000, "prior_weight": 0.0}, 2)
     d.observe_acceptance(True, 2, 1000, [5, 0])
-    d.observe_steps(0, [(8, 1.0)])
-    d.observe_steps(1, [(8, 0.6)])
-    d.observe_steps(2, [(8, 1.4)])
+    d.observe_steps(0, 8, [1.0])
+    d.observe_steps(1, 8, [0.6])
+    d.observe_steps(2, 8, [1.4])
     assert d.cost_ratio(8, 1) == pytest.approx(0.6)  # the raw measurement...
     s = d.speedups(8, True)
     assert s[1] == pytest.approx(1.005) and s[2] == pytest.approx(1.005 / 1.4)  # ...held at >= 1
