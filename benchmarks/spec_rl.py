@@ -18,6 +18,13 @@ T = 1, batch 8), with the comparison table and both spec-decode results.
 
     .venv/bin/python benchmarks/spec_rl.py --out /tmp/spec_rl            # 30 steps per regime
     .venv/bin/python benchmarks/spec_rl.py --out /tmp/s --steps 2 --skip-decode   # a smoke run
+    .venv/bin/mtprl demo --seed 0 && .venv/bin/python benchmarks/spec_rl.py --out /tmp/spec_rl --init runs/<id>
+
+``--init`` starts every regime from a trained policy (a run directory: its latest checkpoint, or a
+checkpoint's ``policy`` directory) instead of the warmed-up SmolLM2. From the untrained model the
+demo's task gives RL almost no signal at T = 1 (session 11: 5 correct answers in 480 samples over
+30 steps of ``detach``), so the accuracy comparison would measure evaluation noise; a demo-trained
+policy (greedy 0.4–0.55 held-out) is right often enough at T = 1 for the regimes to differ.
 """
 
 from __future__ import annotations
@@ -34,6 +41,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 ROWS = ["detach", "occ", "occ+distill"]
+
+
+def init_policy(path: Path) -> Path:
+    """The policy directory that ``--init`` names: a run directory's latest checkpoint, or a policy."""
+    from services import run_checkpoint
+
+    if (path / "config.json").is_file():
+        return path
+    ckpt = run_checkpoint.latest(path)
+    if ckpt is None or not (ckpt / "policy" / "config.json").is_file():
+        raise SystemExit(f"--init {path}: neither a policy directory (config.json) nor a run directory with a "
+                         "complete checkpoint (`mtprl demo` prints its run directory)")
+    return ckpt / "policy"
 
 
 def base_spec(model: Path, args) -> dict:
@@ -67,6 +87,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="Comparison directory (a finished regime is kept).")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", type=Path, default=None,
+                    help="Start from this trained policy (run directory or policy directory), not the warm-up.")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--prompts-per-step", type=int, default=4)
     ap.add_argument("--samples-per-prompt", type=int, default=4)
@@ -86,8 +108,9 @@ def main() -> None:
     from services.compare import render_markdown, run_comparison
     from services.spec import RunSpec
 
-    warm = prepare_models(args.models_dir)
-    base = RunSpec.model_validate(base_spec(warm, args))
+    start = init_policy(args.init) if args.init else prepare_models(args.models_dir)
+    print(f"initial policy: {start}", flush=True)
+    base = RunSpec.model_validate(base_spec(start, args))
     ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     try:
@@ -106,6 +129,7 @@ def main() -> None:
         "eval_acceptance": {r: rows[r].eval_acceptance for r in ROWS},
         "steps": args.steps, "task": "demo (reasoning_gym basic_arithmetic, 2 single-digit terms)",
         "distill": {"kind": args.distill_kind, "coef": args.distill_coef},
+        "init": str(start),
     }
     if not args.skip_decode:
         trained = run_checkpoint.latest(args.out / "occ+distill") / "policy"
