@@ -119,8 +119,12 @@ def test_probabilistic_drafting_samples_from_the_policy(ray_session, guess, case
         info = ray_session.get(engine.info.remote())
         assert info["draft_sample_method"] == "probabilistic" and info["draft_vocab_size"] == config.get("draft_vocab_size", 0)
         per_call = N_SAMPLES // calls
+        # vLLM seeds a call's n samples seed, seed + 1, ..., seed + n - 1 (parallel_sampling), so calls
+        # seeded 11, 12, ... would replay almost the same random streams and the samples would not be
+        # independent: six such calls drew the same excess of one digit six times (chi-square p 1e-12
+        # with every call at k = 2). Spaced like the product's group seeds (services.batching.group_seed).
         batches = [ray_session.get(engine.generate.remote([prompt], {"n": per_call, "temperature": 1.0,
-                                                                     "max_tokens": 12, "seed": 11 + i}))
+                                                                     "max_tokens": 12, "seed": 11 + 7919 * i}))
                    for i in range(calls)]
     finally:
         ray_session.kill(engine)
