@@ -19,6 +19,11 @@ T = 1, batch 8), with the comparison table and both spec-decode results.
     .venv/bin/python benchmarks/spec_rl.py --out /tmp/spec_rl            # 30 steps per regime
     .venv/bin/python benchmarks/spec_rl.py --out /tmp/s --steps 2 --skip-decode   # a smoke run
     .venv/bin/mtprl demo --seed 0 && .venv/bin/python benchmarks/spec_rl.py --out /tmp/spec_rl --init runs/<id>
+    .venv/bin/python benchmarks/spec_rl.py --out /tmp/spec_rl_lr --init runs/<id> --mtp-lr 1e-3
+
+``--mtp-lr`` gives the MTP modules their own AdamW rate (``algorithm.mtp.lr``) in every regime: at
+the RL rate (1e-5) AdamW moves a head ~1e-5 per step whatever the distillation coefficient, while
+warm-ups train heads at 3e-3.
 
 ``--init`` starts every regime from a trained policy (a run directory: its latest checkpoint, or a
 checkpoint's ``policy`` directory) instead of the warmed-up SmolLM2. From the untrained model the
@@ -66,6 +71,8 @@ def base_spec(model: Path, args) -> dict:
                           draft_sample_method="probabilistic")
     raw["algorithm"]["lr"] = args.lr
     raw["algorithm"]["mtp"] = {"distill": {"kind": args.distill_kind, "coef": args.distill_coef}}
+    if args.mtp_lr is not None:  # every regime: the heads' rate is a setting of the run, not of a row
+        raw["algorithm"]["mtp"]["lr"] = args.mtp_lr
     raw["schedule"]["checkpoint_every"] = 0
     return raw
 
@@ -95,6 +102,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--distill-kind", default="kl", choices=("kl", "topk_ce", "tv"))
     ap.add_argument("--distill-coef", type=float, default=1.0)
+    ap.add_argument("--mtp-lr", type=float, default=None,
+                    help="algorithm.mtp.lr, the MTP modules' own AdamW rate (default: --lr for everything).")
     ap.add_argument("--adaptive-k", type=int, default=3)
     ap.add_argument("--decode-max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
@@ -128,7 +137,7 @@ def main() -> None:
         "accuracy_before": cmp.accuracy_before,
         "eval_acceptance": {r: rows[r].eval_acceptance for r in ROWS},
         "steps": args.steps, "task": "demo (reasoning_gym basic_arithmetic, 2 single-digit terms)",
-        "distill": {"kind": args.distill_kind, "coef": args.distill_coef},
+        "distill": {"kind": args.distill_kind, "coef": args.distill_coef}, "lr": args.lr, "mtp_lr": args.mtp_lr,
         "init": str(start),
     }
     if not args.skip_decode:

@@ -272,6 +272,14 @@ class MTPConfig(_Strict):
         default_factory=MTPDistillConfig,
         description="Head distillation to the main head's detached distribution (off by default).",
     )
+    lr: float | None = Field(
+        None,
+        gt=0,
+        description="AdamW learning rate of the MTP modules (their own parameter group); None = "
+        "`algorithm.lr`, one group. Why: AdamW's step is set by the learning rate, not by a loss "
+        "coefficient, so at an RL learning rate (1e-6..1e-5) no coefficient lets a drafter follow the "
+        "policy; warm-ups train the heads at ~1e-3. The shared LM head and embeddings stay at `lr`.",
+    )
 
 
 def default_mpo_grad(mtp_regime: str) -> str:
@@ -560,6 +568,9 @@ class AlgorithmConfig(_Strict):
                 f"mtp.distill.coef={self.mtp.distill.coef} distils MTP heads but the model has none "
                 "(num_mtp=0); use mtp.distill.coef=0"
             )
+        if self.mtp.lr is not None and num_mtp == 0:
+            raise ValueError(f"mtp.lr={self.mtp.lr} is the MTP modules' learning rate but the model has none "
+                             "(num_mtp=0); leave it out")
         if self.mtp.distill.enabled and self.mtp_heads is not None and self.mtp_heads > num_mtp:
             raise ValueError(
                 f"mtp_heads={self.mtp_heads} (the heads mtp.distill trains) is more than the model's "

@@ -592,6 +592,9 @@ def spec_problems(spec: RunSpec) -> list[dict[str, Any]]:
         err(("algorithm", "mtp", "distill", "coef"),
             f"mtp.distill.coef={alg.mtp.distill.coef} distils MTP heads but the model has none; use 0",
             alg.mtp.distill.coef)
+    if alg.mtp.lr is not None and n == 0:
+        err(("algorithm", "mtp", "lr"), f"mtp.lr={alg.mtp.lr} is the MTP modules' learning rate but the model "
+            "has none; leave it out", alg.mtp.lr)
     if spec.rollout.num_speculative_tokens > 0 and n == 0:
         err(("rollout", "num_speculative_tokens"),
             "speculative decoding drafts with MTP module 1 but the model has none; use 0",

@@ -229,6 +229,47 @@ def test_detach_plus_distill_leaves_the_backbone_gradient_of_detach():
             assert torch.equal(det[name], both[name]), name
 
 
+# ---- the MTP modules' own learning rate (algorithm.mtp.lr) -----------------------------------------
+def _after_one_update(lr, mtp_lr=None):
+    """Parameters after one optimiser step of `detach` + distillation (one mini-batch, weight decay on)."""
+    model = make_tiny_model(num_mtp=2, seed=0, vocab_size=64, hidden_size=32)
+    mtp = {"distill": {"kind": "kl", "coef": 1.0}} | ({} if mtp_lr is None else {"lr": mtp_lr})
+    learner = Learner(model, AlgorithmConfig(algorithm="grpo", mtp_regime="detach", lr=lr, mini_batches=1,
+                                             grad_clip=None, weight_decay=0.01, mtp=mtp))
+    metrics = learner.step(_batch())
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, metrics, learner
+
+
+def test_mtp_lr_is_the_heads_rate_and_leaves_the_backbones_update_alone():
+    """One update with lr = 1e-3 and mtp.lr = 1e-1: the backbone (LM head and embedding included)
+    moves exactly as with lr = 1e-3 alone, the MTP modules exactly as with lr = 1e-1 for everything
+    (the first update's gradients do not depend on the rates; AdamW's step and decoupled decay
+    scale with the group's rate)."""
+    start = {n: p.detach().clone() for n, p in make_tiny_model(num_mtp=2, seed=0, vocab_size=64,
+                                                               hidden_size=32).named_parameters()}
+    both, m_both, learner = _after_one_update(1e-3, 1e-1)
+    slow, m_slow, _ = _after_one_update(1e-3)
+    fast, _, _ = _after_one_update(1e-1)
+    assert [len(g["params"]) for g in learner.opt.param_groups] == [
+        sum(1 for n in start if not n.startswith("mtp.")), sum(1 for n in start if n.startswith("mtp."))]
+    for n in start:
+        ref = fast[n] if n.startswith("mtp.") else slow[n]
+        torch.testing.assert_close(both[n], ref, rtol=1e-6, atol=1e-8, msg=n)
+    moved = {k: sum(float((d[n] - start[n]).abs().sum()) for n in start if n.startswith("mtp."))
+             for k, d in (("both", both), ("slow", slow))}
+    assert moved["both"] > 20 * moved["slow"]
+    assert m_both["optim/lr"] == 1e-3 and m_both["optim/lr_mtp"] == 1e-1 and "optim/lr_mtp" not in m_slow
+
+
+def test_mtp_lr_is_bounded_and_needs_mtp_modules():
+    assert AlgorithmConfig().mtp.lr is None
+    for bad in (0.0, -1e-3, "fast"):
+        with pytest.raises(ValueError):
+            AlgorithmConfig(mtp={"lr": bad})
+    with pytest.raises(ValueError, match="mtp.lr=0.001 is the MTP modules' learning rate but the model has none"):
+        AlgorithmConfig(mtp_regime="none", mtp={"lr": 1e-3}).check_against_model(0)
+
+
 # ---- config ---------------------------------------------------------------------------------------
 def test_config_defaults_off_and_fills_top_k_for_topk_ce_only():
     cfg = AlgorithmConfig()
@@ -253,6 +294,15 @@ def client(tmp_path_factory):
 
     with api_test_client(tmp_path_factory.mktemp("api"), mtp_layers=0) as c:
         yield c
+
+
+def test_an_mtp_lr_for_a_model_without_mtp_modules_is_422(client):
+    spec = {"model": {"path": client.model_dir}, "data": {"dataset": "human_eval"},
+            "rollout": {"max_model_len": 512, "max_tokens": 64, "num_speculative_tokens": 0},
+            "algorithm": {"mtp_regime": "none", "mtp": {"lr": 1e-3}}}
+    r = client.post("/v1/runs", headers={"Authorization": "Bearer t"}, json=spec)
+    assert r.status_code == 422, r.text
+    assert ["body", "algorithm", "mtp", "lr"] in [e["loc"] for e in r.json()["detail"]], r.text
 
 
 @pytest.mark.parametrize(("distill", "loc"), [
