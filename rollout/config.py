@@ -18,6 +18,12 @@ MAX_SPECULATIVE_TOKENS = 8
 MIN_GPU_MEMORY_UTILIZATION = 0.05  # below it vLLM cannot fit even a tiny model's activations
 MAX_GPU_MEMORY_UTILIZATION = 0.98  # vLLM refuses > 1; leave the CUDA context and NCCL some room
 MAX_NUM_SEQS = 4096
+
+#: Distance between the sampling seeds of two prompt groups (`services.batching.group_seed`,
+#: `services.evaluate.prompt_seed`). vLLM seeds a request's n samples seed, seed + 1, ..., seed +
+#: n - 1 (`v1/engine/parallel_sampling`), so groups closer than their n would replay each other's
+#: random streams: samples correlated across prompts. Hence also the bound on samples per prompt.
+SEED_STRIDE = 7919
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 Device = Literal["cpu", "cuda"]
 

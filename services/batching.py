@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from learner.batch import TrainBatch
+from rollout.config import SEED_STRIDE
 
 
 @dataclass
@@ -99,7 +100,7 @@ def data_index(cursor: int, num_items: int, seed: int) -> int:
 
 def group_seed(run_seed: int, cursor: int) -> int:
     """Sampling seed of a prompt group: its samples depend on the run seed and the group only."""
-    return (run_seed * 1_000_003 + cursor * 7919 + 1) % (2**31 - 1)
+    return (run_seed * 1_000_003 + cursor * SEED_STRIDE + 1) % (2**31 - 1)
 
 
 def reward_items(group: ScoredGroup, item: Any) -> list[dict[str, Any]]:

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from reward.schema import RewardItem
+from rollout.config import SEED_STRIDE
 from services.spec import DataSpec, RewardSpec, RunSpec
 
 Split = Literal["held_out", "train", "all"]
@@ -80,7 +81,7 @@ def check_model_dir(model_dir: str | Path) -> Path:
 
 def prompt_seed(seed: int, index: int) -> int:
     """Sampling seed of prompt ``index``: its samples do not depend on the batch it is in."""
-    return (seed * 1_000_003 + index * 7919 + 17) % (2**31 - 1)
+    return (seed * 1_000_003 + index * SEED_STRIDE + 17) % (2**31 - 1)
 
 
 def evaluate(

@@ -38,6 +38,7 @@ from rollout.config import (
     MAX_NUM_SEQS,
     MAX_SPECULATIVE_TOKENS,
     MIN_GPU_MEMORY_UTILIZATION,
+    SEED_STRIDE,
     Dtype,
 )
 from rollout.draft_vocab import DRAFT_VOCAB_FILE
@@ -185,7 +186,9 @@ class RolloutSpec(_Strict):
     """vLLM engines and sampling."""
 
     engines: int = Field(1, ge=1, description="Rollout engines (one per GPU or TP group).")
-    samples_per_prompt: int = Field(8, ge=1, description="G: samples per prompt (group size).")
+    samples_per_prompt: int = Field(8, ge=1, le=SEED_STRIDE, description=(
+        "G: samples per prompt (group size). At most the distance between two groups' seeds "
+        "(rollout.config.SEED_STRIDE): vLLM seeds a group's samples seed..seed+G-1."))
     prompts_per_step: int = Field(8, ge=1, description="Prompts per training step.")
     max_tokens: int = Field(512, ge=1, description="Max new tokens per sample.")
     temperature: float = Field(

@@ -14,7 +14,7 @@ import json
 import pytest
 
 from reward.config import DEFAULT_INNER_TIMEOUT_S
-from rollout.config import MAX_SPECULATIVE_TOKENS
+from rollout.config import MAX_SPECULATIVE_TOKENS, SEED_STRIDE
 
 H = {"Authorization": "Bearer t", "Content-Type": "application/json"}
 
@@ -92,6 +92,13 @@ def test_speculative_tokens_beyond_the_engines_bound(client):
     assert r.status_code == 422 and ["body", "rollout", "num_speculative_tokens"] in _locs(r), r.text
     r = _post_raw(client, json.dumps(_spec(client, rollout={"num_speculative_tokens": MAX_SPECULATIVE_TOKENS})).encode())
     assert r.status_code == 201, r.text
+
+
+def test_samples_per_prompt_stay_within_the_groups_seed_stride(client):
+    """vLLM seeds a group's G samples seed..seed+G-1; more than the stride between two groups'
+    seeds would replay another group's random streams."""
+    r = _post_raw(client, json.dumps(_spec(client, rollout={"samples_per_prompt": SEED_STRIDE + 1})).encode())
+    assert r.status_code == 422 and ["body", "rollout", "samples_per_prompt"] in _locs(r), r.text
 
 
 def test_reward_timeout_must_exceed_the_math_workers_inner_timeout(client):

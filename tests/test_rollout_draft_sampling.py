@@ -105,6 +105,7 @@ CASES = {  # id: (num_speculative_tokens, pruned drafter vocabulary, adaptive, c
 @pytest.mark.parametrize("case", list(CASES))
 def test_probabilistic_drafting_samples_from_the_policy(ray_session, guess, case):
     from rollout.actor import create_engine_actor
+    from rollout.config import SEED_STRIDE
 
     k, pruned, adaptive, calls = CASES[case]
     model, prompt = guess
@@ -122,9 +123,9 @@ def test_probabilistic_drafting_samples_from_the_policy(ray_session, guess, case
         # vLLM seeds a call's n samples seed, seed + 1, ..., seed + n - 1 (parallel_sampling), so calls
         # seeded 11, 12, ... would replay almost the same random streams and the samples would not be
         # independent: six such calls drew the same excess of one digit six times (chi-square p 1e-12
-        # with every call at k = 2). Spaced like the product's group seeds (services.batching.group_seed).
+        # with every call at k = 2). Spaced like the product's group seeds (rollout.config.SEED_STRIDE).
         batches = [ray_session.get(engine.generate.remote([prompt], {"n": per_call, "temperature": 1.0,
-                                                                     "max_tokens": 12, "seed": 11 + 7919 * i}))
+                                                                     "max_tokens": 12, "seed": 11 + SEED_STRIDE * i}))
                    for i in range(calls)]
     finally:
         ray_session.kill(engine)
