@@ -166,7 +166,7 @@ class Learner:
     def param_groups(self, model: torch.nn.Module, cfg: AlgorithmConfig) -> list[dict]:
         """AdamW's parameter groups: one at `lr`, or with `mtp.lr` set, the MTP modules apart at
         their own rate (the shared LM head and embeddings are backbone parameters)."""
-        if cfg.mtp.lr is None or getattr(model, "mtp", None) is None:
+        if cfg.mtp.lr is None:  # (set without MTP modules: refused by check_against_model above)
             return [{"params": self.params}]
         heads = {id(p) for p in model.mtp.parameters()}
         return [{"params": [p for p in self.params if id(p) not in heads]},

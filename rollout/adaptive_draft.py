@@ -42,6 +42,7 @@ the maximum as long as a drafted token costs less than the token it adds.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -222,8 +223,7 @@ class AdaptiveDrafter:
         answers end at different lengths and reach bucket 1 (docs/benchmarks.md, adaptive drafting)."""
         if not seconds:
             return
-        times = sorted(seconds)
-        mid = times[len(times) // 2] if len(times) % 2 else 0.5 * (times[len(times) // 2 - 1] + times[len(times) // 2])
+        mid = statistics.median(seconds)
         b = bucket(batch_size)
         old = self._cost.get((b, k))
         self._cost[(b, k)] = mid if old is None else old + self.config.ewma * (mid - old)

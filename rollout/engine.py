@@ -618,7 +618,7 @@ class RolloutEngine:
                 choice = self._choose_draft(num_seqs, sampled)
                 before = self.spec_stats()
                 t0 = time.perf_counter()
-                steps: list[tuple[int, float]] = []  # (running requests, seconds) of each decode step
+                steps: list[float] = []  # seconds of each decode step
                 outs, cancelled = self._run(requests, params, ticket, steps) if requests else ([], False)
                 seconds = time.perf_counter() - t0
                 after = self.spec_stats()
@@ -664,14 +664,13 @@ class RolloutEngine:
         )
 
     def _observe_draft(self, choice: Choice | None, num_seqs: int, sampled: bool, spec: SpecStats,
-                       steps: list[tuple[int, float]]) -> float | None:
+                       steps: list[float]) -> float | None:
         """Feed a call's decode-step times and acceptance to the estimates; its measured speed-up."""
         if choice is None:
             return None
-        seconds = [dt for _, dt in steps]
-        self._drafter.observe_steps(choice.k, num_seqs, seconds)
+        self._drafter.observe_steps(choice.k, num_seqs, steps)
         self._drafter.observe_acceptance(sampled, choice.k, spec.num_drafts, spec.accepted_per_pos)
-        return self._drafter.measured_speedup(num_seqs, seconds, spec.mean_acceptance_length)
+        return self._drafter.measured_speedup(num_seqs, steps, spec.mean_acceptance_length)
 
     def _draw_ticket(self) -> int:
         ticket = next(self._tickets)  # itertools.count is atomic under the GIL
@@ -680,10 +679,10 @@ class RolloutEngine:
         return ticket
 
     def _run(self, requests: list, params, ticket: int,
-             steps: list[tuple[int, float]] | None = None) -> tuple[list, bool]:  # params: one or one per request
+             steps: list[float] | None = None) -> tuple[list, bool]:  # params: one or one per request
         """vLLM's offline loop (``LLM.generate``) with a cancellation check between engine steps.
         Returns the outputs in request order (None for an aborted request) and whether it was
-        cancelled. ``steps`` collects (running requests, seconds) of each decode step (one
+        cancelled. ``steps`` collects the seconds of each decode step (one
         without prompt tokens: a prefill's cost is not a drafting step's)."""
         engine = self.llm.llm_engine
         if ticket <= self._cancelled_upto:
@@ -703,7 +702,7 @@ class RolloutEngine:
             outs = engine.step()
             dt = time.perf_counter() - t
             if steps is not None and self._spec_counter.last_prompt_tokens == 0 and self._spec_counter.last_running:
-                steps.append((self._spec_counter.last_running, dt))
+                steps.append(dt)
             for out in outs:
                 if out.finished:
                     done[out.request_id] = out
