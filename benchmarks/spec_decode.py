@@ -37,11 +37,16 @@ With ``--adaptive K`` the run adds an engine with adaptive drafting (`rollout.ad
 label ``adaptive``): it may draft 0..K tokens and chooses per call from the step costs and
 per-position acceptance it measures. It is timed in the same round robin as the others, after
 ``--adaptive-warmup`` untimed calls per batch size (its estimates start from a prior); its probes
-(every ``--adaptive-probe-every``-th call drafts another length) fall in timed calls too, so the
-ratio includes the cost of exploring. Its rows add the lengths it chose (``draft_k``) and its
-predicted and measured speed-ups; the JSON gains ``adaptive_ratio`` (adaptive / n0 tokens/s per
-batch size) and ``adaptive_min_ratio`` (the lowest: ≥ 1 means it never lost to not drafting).
-Run it at ``--temperature 0`` and ``1`` for both regimes.
+(every ``--adaptive-probe-every``-th call drafts another length, the gap doubling while probes
+confirm the choice) fall in timed calls too. Its rows add the lengths it chose (``draft_k``) and
+its predicted and measured speed-ups; the JSON gains ``adaptive_ratio`` (adaptive / n0 tokens/s
+per batch size) and ``adaptive_min_ratio`` (the lowest: ≥ 1 means it never lost to not drafting).
+These ratios are of whole-run throughput, the tokens of all timed calls over their wall time
+(``tokens_per_s_total``), so a probe counts at the frequency it runs at; the median per-call
+ratio, which a probe in a minority of calls does not move, is ``adaptive_ratio_median``. A probe is
+one call in 8-64, so the verdict needs many timed calls where they are cheap:
+``--repeats-by-batch 1:16,8:8,32:4`` times each batch size its own number of times (calls at
+batch 1 take ~4 s, at 32 ~30 s). Run it at ``--temperature 0`` and ``1`` for both regimes.
 
 The last line is a JSON object with ``speedup`` (n=1 over n=0 at batch 8), ``acceptance_rate`` and
 ``mean_acceptance_length`` (n=1, batch 8), ``speedup_draft_vocab``/``acceptance_draft_vocab`` (per
@@ -117,6 +122,19 @@ def run_once(engine: RolloutEngine, prompts, sampling, keep: list | None = None)
     return batch.tokens_per_s, batch.spec, batch.num_generated_tokens, batch.num_generated_tokens / cpu if cpu > 0 else 0.0
 
 
+def parse_repeats(spec: str, batch_sizes: list[int], default: int) -> dict[int, int]:
+    """Timed calls per batch size from ``--repeats-by-batch`` (``B:R,...``), ``default`` elsewhere."""
+    out = dict.fromkeys(batch_sizes, default)
+    for part in filter(None, (x.strip() for x in spec.split(","))):
+        b, sep, r = part.partition(":")
+        if not sep or not b.isdigit() or not r.isdigit() or int(r) < 1:
+            raise SystemExit(f"--repeats-by-batch: {part!r} is not BATCH:REPEATS with REPEATS >= 1")
+        if int(b) not in out:
+            raise SystemExit(f"--repeats-by-batch: batch {b} is not in --batch-sizes {batch_sizes}")
+        out[int(b)] = int(r)
+    return out
+
+
 def set_threads(n: int) -> None:
     _set_num_threads(n)
 
@@ -129,6 +147,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats-by-batch", default="", metavar="B:R,...",
+                    help="timed calls per batch size, e.g. 1:16,8:8,32:4 (others: --repeats)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="engine torch threads (1 = a Ray actor's default)")
     ap.add_argument("--no-diagnostics", action="store_true", help="skip the greedy and thread-count runs")
@@ -143,12 +163,17 @@ def main() -> None:
                     help="draft_sample_method of the adaptive engine")
     ap.add_argument("--adaptive-warmup", type=int, default=4, help="untimed adaptive calls per batch size")
     ap.add_argument("--adaptive-probe-every", type=int, default=8)
+    ap.add_argument("--adaptive-probe-steps", type=int, default=8,
+                    help="decode steps of a short probe (rollout.adaptive_draft.probe_steps; 0: whole-call probes)")
+    ap.add_argument("--adaptive-draft-vocab", type=int, default=0, metavar="N",
+                    help="the adaptive engine's pruned drafter vocabulary (draft_vocab_size; 0: the full one)")
     ap.add_argument("--task-config", default="", help="basic_arithmetic options as JSON; 'demo' = the demo's task "
                     "(acceptance is only meaningful on the policy's own prompt distribution)")
     args = ap.parse_args()
     use_task_config(args.task_config)
 
     batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
+    repeats = parse_repeats(args.repeats_by_batch, batch_sizes, args.repeats)
     base_cfg = {"model": args.model, "max_model_len": 768, "kv_cache_gib": 0.5, "max_num_seqs": max(batch_sizes),
                 "seed": args.seed, "num_threads": args.threads}
     configs: dict[str, dict] = {f"n{n}": {"num_speculative_tokens": n} for n in (int(x) for x in args.spec_tokens.split(","))}
@@ -165,11 +190,15 @@ def main() -> None:
         return {"n": 1, "temperature": temperature, "max_tokens": args.max_tokens, "seed": args.seed + b}
 
     diag: dict = {}
+    ranking = None
+    if (dv_sizes or args.adaptive_draft_vocab) and "n0" not in engines:
+        raise SystemExit("--draft-vocab/--adaptive-draft-vocab rank tokens from n0's answers: include 0 in --spec-tokens")
+    if dv_sizes or args.adaptive_draft_vocab:
+        ranking = draft_vocab_ranking(args.model, engines["n0"], prompts_for(tok, args.draft_vocab_prompts, args.seed + 1000),
+                                      {**sampling(0), "seed": args.seed + 7}, "spec_decode.py n0 answers")
     if dv_sizes:
         from rollout.draft_vocab import coverage, read_draft_vocab
 
-        ranking = draft_vocab_ranking(args.model, engines["n0"], prompts_for(tok, args.draft_vocab_prompts, args.seed + 1000),
-                                      {**sampling(0), "seed": args.seed + 7}, "spec_decode.py n0 answers")
         measured = [a.token_ids for a in engines["n0"].generate(prompts[:8], sampling(8)).samples]
         for size in dv_sizes:
             label = f"n1-dv{size}"
@@ -190,7 +219,10 @@ def main() -> None:
     if args.adaptive:
         label = "adaptive"
         configs[label] = {"num_speculative_tokens": args.adaptive, "draft_sample_method": args.adaptive_method,
-                          "adaptive_draft": {"enabled": True, "probe_every": args.adaptive_probe_every}}
+                          "adaptive_draft": {"enabled": True, "probe_every": args.adaptive_probe_every,
+                                             "probe_steps": args.adaptive_probe_steps}}
+        if args.adaptive_draft_vocab:
+            configs[label].update(draft_vocab_size=args.adaptive_draft_vocab, draft_vocab_path=str(ranking))
         engines[label] = RolloutEngine({**base_cfg, **configs[label]})
         print(f"engine {label} up in {engines[label].startup_seconds:.1f}s", flush=True)
 
@@ -207,18 +239,21 @@ def main() -> None:
     cpu_rates: dict[tuple[str, int], list[float]] = {}
     spec: dict[tuple[str, int], SpecStats] = {}
     tokens: dict[tuple[str, int], int] = {}
+    seconds: dict[tuple[str, int], float] = {}
     for b in batch_sizes:
-        for r in range(args.repeats):
+        for r in range(repeats[b]):
             for label in configs:
                 kept: list = []
                 tps, s, ntok, cps = run_once(engines[label], prompts[:b], sampling(b), kept)
                 if label == "adaptive":
                     adaptive_log.setdefault(b, []).append({"k": kept[0].draft_k, "predicted": kept[0].predicted_speedup,
-                                                           "measured": kept[0].measured_speedup})
+                                                           "measured": kept[0].measured_speedup,
+                                                           "switch": kept[0].draft_switch})
                 rates.setdefault((label, b), []).append(tps)
                 cpu_rates.setdefault((label, b), []).append(cps)
                 spec[(label, b)] = spec[(label, b)] + s if (label, b) in spec else s
                 tokens[(label, b)] = tokens.get((label, b), 0) + ntok
+                seconds[(label, b)] = seconds.get((label, b), 0.0) + kept[0].seconds
                 print(f"batch {b:>2} {label:>9} repeat {r}: {tps:7.1f} tok/s {cps:7.1f} tok/cpu-s  "
                       f"acceptance {s.acceptance_rate:.3f}", flush=True)
 
@@ -226,9 +261,11 @@ def main() -> None:
     for b in batch_sizes:
         base = statistics.median(rates[("n0", b)]) if ("n0", b) in rates else None
         cbase = statistics.median(cpu_rates[("n0", b)]) if ("n0", b) in rates else None
+        tbase = tokens[("n0", b)] / seconds[("n0", b)] if ("n0", b) in rates else None
         for label, extra in configs.items():
             n = extra["num_speculative_tokens"]
             tps = statistics.median(rates[(label, b)])
+            total = tokens[(label, b)] / seconds[(label, b)]
             cps = statistics.median(cpu_rates[(label, b)])
             s = spec[(label, b)]
             row = {
@@ -239,6 +276,9 @@ def main() -> None:
                 "draft_sample_method": extra.get("draft_sample_method", "greedy"),
                 "tokens_per_s": round(tps, 1),
                 "speedup_vs_n0": round(tps / base, 3) if base else None,
+                "tokens_per_s_total": round(total, 1),
+                "speedup_total_vs_n0": round(total / tbase, 3) if tbase else None,
+                "timed_calls": repeats[b],
                 "tokens_per_cpu_s": round(cps, 1),
                 "cpu_speedup_vs_n0": round(cps / cbase, 3) if cbase else None,
                 "acceptance_rate": round(s.acceptance_rate, 3),
@@ -246,10 +286,11 @@ def main() -> None:
                 "accepted_per_position": [round(a / s.num_drafts, 3) for a in s.accepted_per_pos] if s.num_drafts else [],
                 "step_cost_ratio": round(base * s.mean_acceptance_length / tps, 3) if base and n else None,
                 "cpu_step_cost_ratio": round(cbase * s.mean_acceptance_length / cps, 3) if cbase and n else None,
-                "mean_response_tokens": round(tokens[(label, b)] / (b * args.repeats), 1),
+                "mean_response_tokens": round(tokens[(label, b)] / (b * repeats[b]), 1),
             }
             if label == "adaptive":
                 row["draft_k"] = [x["k"] for x in adaptive_log[b]]
+                row["draft_switch"] = [x["switch"] for x in adaptive_log[b]]  # a short probe's length after it
                 row["predicted_speedup"] = [round(x["predicted"], 3) for x in adaptive_log[b]]
                 row["measured_speedup"] = [x["measured"] and round(x["measured"], 3) for x in adaptive_log[b]]
             table.append(row)
@@ -261,7 +302,7 @@ def main() -> None:
             key = "greedy_b8_n1" if label == "n1" else f"greedy_b8_{label}"
             diag[key] = {"acceptance_rate": round(g.acceptance_rate, 3), "mean_acceptance_length": round(g.mean_acceptance_length, 3)}
         threads: dict[str, list[float]] = {}
-        for r in range(args.repeats):
+        for r in range(repeats.get(8, args.repeats)):
             for t in sorted({1, 2, default_threads}):
                 set_threads(t)
                 for label in ("n0", "n1"):
@@ -288,19 +329,23 @@ def main() -> None:
         "acceptance_draft_vocab": {f"n1-dv{v}": pick(f"n1-dv{v}", 8)["acceptance_rate"] for v in dv_sizes if 8 in batch_sizes},
         "speedup_probabilistic": pick("n1-prob", 8)["speedup_vs_n0"] if args.probabilistic and have else None,
         "acceptance_probabilistic": pick("n1-prob", 8)["acceptance_rate"] if args.probabilistic and 8 in batch_sizes else None,
-        "adaptive_ratio": {b: pick("adaptive", b)["speedup_vs_n0"] for b in batch_sizes} if args.adaptive and
+        "adaptive_ratio": {b: pick("adaptive", b)["speedup_total_vs_n0"] for b in batch_sizes} if args.adaptive and
+        ("n0", batch_sizes[0]) in rates else None,
+        "adaptive_ratio_median": {b: pick("adaptive", b)["speedup_vs_n0"] for b in batch_sizes} if args.adaptive and
         ("n0", batch_sizes[0]) in rates else None,
         "model": args.model,
         "task_config": TASK_CONFIG,
         "temperature": args.temperature,
         "max_tokens": args.max_tokens,
-        "repeats": args.repeats,
+        "repeats": {b: repeats[b] for b in batch_sizes},
+        "adaptive_warmup": args.adaptive_warmup if args.adaptive else None,
         "load_average": [round(x, 1) for x in os.getloadavg()],
         "table": table,
         **diag,
     }
     if result["adaptive_ratio"]:
         result["adaptive_min_ratio"] = min(result["adaptive_ratio"].values())
+        result["adaptive_min_ratio_median"] = min(result["adaptive_ratio_median"].values())
     print(json.dumps(result))
 
 

@@ -8,8 +8,12 @@
    trained), averaged over the last 5 steps; held-out accuracy is greedy, as `mtprl demo`'s.
 2. Measures the spec-decode configurations on the trained `occ+distill` policy with
    `benchmarks/spec_decode.py` (batch 1, 8, 32; temperature 0 and 1): adaptive drafting
-   (0..`--adaptive-k` tokens, probabilistic drafts at T = 1) against no drafting, timed round robin
-   in one process.
+   (0..`--adaptive-k` tokens, probabilistic drafts at T = 1, short probes of `--probe-steps` decode
+   steps, a `--draft-vocab` pruned drafter vocabulary ranked from the no-draft engine's answers
+   since a trained checkpoint carries no ``draft_vocab.json``) against no drafting, timed round
+   robin in one process. A ratio is of whole-run throughput (tokens of all timed calls over their
+   time), so probes count at the rate they run at; the median per-call ratio is
+   ``adaptive_ratio_median``.
 
 The last line is one JSON object: ``t1_acceptance_end`` (occ+distill), ``t1_acceptance_baseline``
 (occ), ``accuracy_delta_vs_detach`` (occ+distill − detach, held-out), ``adaptive_min_ratio`` (lowest
@@ -82,7 +86,8 @@ def spec_decode(model: Path, temperature: float, args) -> dict:
            "--spec-tokens", "0", "--batch-sizes", "1,8,32", "--adaptive", str(args.adaptive_k),
            "--adaptive-method", "probabilistic" if temperature > 0 else "greedy",
            "--temperature", str(temperature), "--task-config", "demo", "--max-tokens", str(args.decode_max_tokens),
-           "--repeats", str(args.repeats), "--no-diagnostics"]
+           "--repeats", str(args.repeats), "--repeats-by-batch", args.decode_repeats, "--no-diagnostics",
+           "--adaptive-probe-steps", str(args.probe_steps), "--adaptive-draft-vocab", str(args.draft_vocab)]
     print("$", " ".join(cmd), flush=True)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -107,6 +112,12 @@ def main() -> None:
     ap.add_argument("--adaptive-k", type=int, default=3)
     ap.add_argument("--decode-max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--decode-repeats", default="1:16,8:6,32:3", metavar="B:R,...",
+                    help="timed calls per batch size: a probe is one call in 8-64, so the whole-run ratio needs many "
+                    "calls where they are cheap (batch 1 ~4 s a call, 32 ~30 s)")
+    ap.add_argument("--probe-steps", type=int, default=8, help="the adaptive engine's short probes (0: whole calls)")
+    ap.add_argument("--draft-vocab", type=int, default=1024,
+                    help="the adaptive engine's pruned drafter vocabulary (ranked from no-draft answers; 0: full)")
     ap.add_argument("--skip-decode", action="store_true", help="Only the training part.")
     args = ap.parse_args()
 
@@ -145,6 +156,7 @@ def main() -> None:
         decode = {t: spec_decode(trained, t, args) for t in (0.0, 1.0)}
         ratios = [v for d in decode.values() for v in d["adaptive_ratio"].values()]
         result.update(adaptive_min_ratio=min(ratios),
+                      adaptive_ratio_median={str(t): d["adaptive_ratio_median"] for t, d in decode.items()},
                       t1_speedup_batch8=decode[1.0]["adaptive_ratio"].get("8", decode[1.0]["adaptive_ratio"].get(8)),
                       adaptive_ratio={str(t): d["adaptive_ratio"] for t, d in decode.items()},
                       spec_decode={str(t): d for t, d in decode.items()})

@@ -29,7 +29,17 @@ ratio is noise), so S(k) ≤ E(k).
 
 Exploration. The first call of each kind (greedy, sampled) drafts the maximum, measuring every
 position. An estimate is only refreshed for the k that runs, so calls *probe* another k: 0 (the
-plain step's time, the cheapest call) and the neighbours best ± 1, in turn. The first probe comes
+plain step's time, the cheapest call) and the neighbours best ± 1, in turn. A probe is *short*: it
+drafts its length for the call's first ``probe_steps`` decode steps only and the call goes on at
+the choice (`Choice.steps`, `Choice.rest_k`; the engine rewrites vLLM's table between two steps),
+so a probe of a length that loses costs ``probe_steps`` steps, not a whole call — at batch 32 a
+whole-call probe of a bad k was a tenth of a run's time (docs/benchmarks.md). A probe of k = 0
+stays a whole call: it is never slower than not drafting, and a switch from 0 to drafting would
+draft from a drafter KV cache that the plain steps did not fill (`rollout.engine._skip_drafter_at_zero`). The step at the
+switch verifies drafts of the old length and proposes at the new one, so it is timed for neither
+(`CallSteps`). Likewise the first drafting call at a batch-size bucket that has no plain step
+time yet drafts ``probe_steps`` steps and runs the rest plain: that one call times both, where a
+whole drafting call would be a blind bet on the prior cost. The first probe comes
 after ``probe_every`` calls; a probe after which the choice stays doubles the gap to the next (up
 to ``PROBE_BACKOFF``·probe_every), one that changes it resets the gap — so exploring costs little
 once the choice is stable (a useless head probes k = 1 every 8, 16, 32, 64 calls), and a head
@@ -51,6 +61,8 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_PROBE_EVERY = 1000
 #: A probe that confirms the choice doubles the gap to the next one, up to this many probe_every.
 PROBE_BACKOFF = 8
+#: Decode steps of a short probe, at most (a longer one is a whole call: probe_steps 0).
+MAX_PROBE_STEPS = 4096
 
 
 class AdaptiveDraftConfig(BaseModel):
@@ -68,6 +80,10 @@ class AdaptiveDraftConfig(BaseModel):
     probe_every: int = Field(
         8, ge=2, le=MAX_PROBE_EVERY,
         description="Every N-th call drafts another length than the best (exploration; 1/N of calls).")
+    probe_steps: int = Field(
+        8, ge=0, le=MAX_PROBE_STEPS,
+        description="A probe drafts its length for the call's first N decode steps, then the call goes on "
+        "at the choice (a losing probe costs N steps, not a call); 0: a probe is a whole call.")
     ewma: float = Field(
         0.3, gt=0, le=1, description="Weight of the newest call in the acceptance counts and step times.")
     prior_acceptance: float = Field(
@@ -106,6 +122,51 @@ class Choice:
     probe: bool  # exploration call (not the best k)
     batch_bucket: int
     speedups: list[float] = field(default_factory=list)  # S(0..K)
+    # A short probe: k for the call's first ``steps`` decode steps, then ``rest_k`` (steps 0: k throughout).
+    steps: int = 0
+    rest_k: int | None = None
+    ratios: list[float] = field(default_factory=list)  # T(b, k) / T(b, 0) for k = 0..K, as S used them
+
+    def call_speedup(self, steps_at_k: int, steps_at_rest: int) -> float:
+        """The predicted speed-up of the call as it ran: tokens over time of its two phases,
+        Σ n·E / Σ n·r (E = S·r), so a short probe weighs by its steps, not as the whole call."""
+        if self.rest_k is None or not self.ratios or steps_at_k + steps_at_rest == 0:
+            return self.predicted_speedup
+        phases = [(steps_at_k, self.k), (steps_at_rest, self.rest_k)]
+        spent = sum(n * self.ratios[k] for n, k in phases)
+        return sum(n * self.speedups[k] * self.ratios[k] for n, k in phases) / spent if spent else 1.0
+
+
+class CallSteps:
+    """One call's decode steps as the engine runs them, split at a short probe's switch: the
+    seconds of each decode step (steps without prompt tokens) and the spec counters, per phase.
+
+    vLLM verifies a step's drafts in the next step, so the step after the switch verifies drafts
+    of the probe's length while proposing at the new one: its counters go to the probe, its time
+    to neither (a mixed step is neither length's cost)."""
+
+    def __init__(self, choice: Choice | None, zero):
+        self.switch_after = choice.steps if choice is not None and choice.rest_k is not None else 0
+        self.seconds: tuple[list[float], list[float]] = ([], [])
+        self.spec = [zero, zero]  # SpecStats (rollout.engine) of each phase
+        self.decode_steps = 0
+        self.switched = False
+        self._boundary = False
+
+    def record(self, seconds: float, decode: bool, spec) -> bool:
+        """One engine step; True when the engine must switch to the rest's length before the next."""
+        phase = 1 if self.switched and not self._boundary else 0
+        self.spec[phase] = self.spec[phase] + spec
+        if self._boundary:
+            self._boundary = False  # the mixed step: untimed
+            return False
+        if decode:
+            self.seconds[phase].append(seconds)
+            self.decode_steps += 1
+        if self.switch_after and not self.switched and self.decode_steps >= self.switch_after:
+            self.switched = self._boundary = True
+            return True
+        return False
 
 
 @dataclass
@@ -160,10 +221,15 @@ class AdaptiveDrafter:
         drafting more only adds work, so a ratio below that is timing noise (another process slowing
         the plain steps) — and it must never switch on a head that accepts nothing."""
         a = self.acceptance(sampled)
+        return [e / r for e, r in zip((expected_tokens(a, k) for k in range(self.max_k + 1)),
+                                      self.cost_ratios(batch_size))]
+
+    def cost_ratios(self, batch_size: int) -> list[float]:
+        """T(b, k) / T(b, 0) for k = 0..K as `speedups` uses them: at least 1, non-decreasing in k."""
         out, ratio = [], 1.0
         for k in range(self.max_k + 1):
             ratio = max(ratio, self.cost_ratio(batch_size, k))
-            out.append(expected_tokens(a, k) / ratio)
+            out.append(ratio)
         return out
 
     def plain_step_seconds(self, batch_size: int) -> float | None:
@@ -192,23 +258,36 @@ class AdaptiveDrafter:
             self._gap = min(2 * self._gap, PROBE_BACKOFF * self.config.probe_every) if confirmed else self.config.probe_every
             self._next_probe = self.calls - 1 + self._gap
             self._best_at_probe = None
-        return Choice(k, s[k], probe, bucket(batch_size), s)
+        rest, steps = None, 0
+        if self.config.probe_steps and k:
+            if self.plain_step_seconds(batch_size) is None:
+                # Drafting at a batch size whose plain step is untimed: a short draft, the rest plain.
+                rest, steps, probe = 0, self.config.probe_steps, True
+            elif probe and k != best:
+                rest, steps = best, self.config.probe_steps
+        return Choice(k, s[k], probe, bucket(batch_size), s, steps, rest, self.cost_ratios(batch_size))
 
     # ---- measurements ----------------------------------------------------------------------------
     def observe_acceptance(self, sampled: bool, k: int, num_drafts: int, accepted_per_pos: list[int]) -> None:
         """One call's drafts of length ``k`` and vLLM's per-position accepted counts."""
-        if k == 0 or num_drafts == 0:
+        self.observe_call_acceptance(sampled, [(k, num_drafts, accepted_per_pos)])
+
+    def observe_call_acceptance(self, sampled: bool, phases: list[tuple[int, int, list[int]]]) -> None:
+        """One call's drafts, per phase (draft length, drafts, per-position accepted counts): the
+        counts decay once per call, however many phases it had."""
+        phases = [(k, n, acc) for k, n, acc in phases if k and n]
+        if not phases:
             return
         d = 1.0 - self.config.ewma
         s = self._acc["sampled" if sampled else "greedy"]
-        acc = list(accepted_per_pos) + [0] * self.max_k
         for i in range(self.max_k):
             s.accepted[i] *= d
             s.reached[i] *= d
-            if i < k:
-                reached = num_drafts if i == 0 else acc[i - 1]
+        for k, num_drafts, accepted_per_pos in phases:
+            acc = list(accepted_per_pos) + [0] * self.max_k
+            for i in range(min(k, self.max_k)):
                 s.accepted[i] += acc[i]
-                s.reached[i] += reached
+                s.reached[i] += num_drafts if i == 0 else acc[i - 1]
 
     def observe_steps(self, k: int, batch_size: int, seconds: list[float]) -> None:
         """One call's decode-step times (steps without prompt tokens), all under draft length ``k``,
@@ -228,12 +307,21 @@ class AdaptiveDrafter:
         old = self._cost.get((b, k))
         self._cost[(b, k)] = mid if old is None else old + self.config.ewma * (mid - old)
 
-    def measured_speedup(self, batch_size: int, seconds: list[float], mean_acceptance_length: float) -> float | None:
-        """A call's realised speed-up: tokens per step L over its mean decode-step time, against the
-        plain step time T(b, 0) of the call's bucket, L · T(b, 0) / mean(seconds) (None until a plain
-        step was timed there)."""
+    def measured_speedup(self, batch_size: int, phases: list[tuple[list[float], float]]) -> float | None:
+        """A call's realised speed-up: its tokens per step L over its decode-step time, against the
+        plain step time T(b, 0) of the call's bucket, Σ n·L · T(b, 0) / Σ seconds over its phases
+        (each: its decode-step seconds and L; None until a plain step was timed there)."""
         plain = self._cost.get((bucket(batch_size), 0))
-        spent = sum(seconds)
+        spent = sum(sum(sec) for sec, _ in phases)
         if plain is None or spent <= 0:
             return None
-        return mean_acceptance_length * plain * len(seconds) / spent
+        return sum(len(sec) * length for sec, length in phases) * plain / spent
+
+    def observe_call(self, choice: Choice, batch_size: int, sampled: bool, steps: CallSteps) -> float | None:
+        """Feed one call's phases to the estimates; returns its measured speed-up."""
+        ks = [choice.k, choice.rest_k if steps.switched else choice.k]
+        for k, sec in zip(ks, steps.seconds):
+            self.observe_steps(k, batch_size, sec)
+        self.observe_call_acceptance(sampled, [(k, s.num_drafts, s.accepted_per_pos) for k, s in zip(ks, steps.spec)])
+        return self.measured_speedup(batch_size, [(sec, s.mean_acceptance_length) for sec, s in
+                                                  zip(steps.seconds, steps.spec) if sec])

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from rollout import direct_reload, weight_transport
-from rollout.adaptive_draft import AdaptiveDrafter, Choice
+from rollout.adaptive_draft import AdaptiveDrafter, CallSteps, Choice
 from rollout.config import EngineConfig, SamplingConfig
 from rollout.draft_vocab import install_draft_vocab, read_draft_vocab, refresh_draft_vocab
 
@@ -119,6 +119,9 @@ class RolloutBatch:
     draft_k: int = 0
     predicted_speedup: float = 1.0
     measured_speedup: float | None = None
+    # A short probe (rollout.adaptive_draft.Choice.steps): the length the call switched to after
+    # its first probe steps (None: it drafted draft_k throughout).
+    draft_switch: int | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -139,6 +142,7 @@ class RolloutBatch:
             "rollout/cum_num_tokens": float(self.cumulative_tokens),
             "rollout/cancelled": float(self.cancelled),
             "rollout/draft_k": float(self.draft_k),
+            "rollout/draft_switch": float(self.draft_k if self.draft_switch is None else self.draft_switch),
             "rollout/draft_predicted_speedup": self.predicted_speedup,
             **({"rollout/draft_measured_speedup": self.measured_speedup} if self.measured_speedup is not None else {}),
         }
@@ -537,11 +541,16 @@ class RolloutEngine:
             k = self.config.num_speculative_tokens
             return Choice(k, s[k], False, 0, s)
         choice = self._drafter.choose(num_seqs, sampled)
-        self._sd_lookup[1:] = [choice.k] * (len(self._sd_lookup) - 1)
         if choice.k and not self._last_k:
             self.llm.reset_prefix_cache()  # blocks prefilled at k = 0 hold no drafter KV (_skip_drafter_at_zero)
-        self._last_k = choice.k
+        self._set_draft_length(choice.k)
         return choice
+
+    def _set_draft_length(self, k: int) -> None:
+        """Every step vLLM schedules from now drafts k tokens (its table, every batch size alike, so
+        a phase of a call drafts one length and its per-position counts are of that k)."""
+        self._sd_lookup[1:] = [k] * (len(self._sd_lookup) - 1)
+        self._last_k = k
 
     # ---- prompts -------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
@@ -618,14 +627,14 @@ class RolloutEngine:
                 choice = self._choose_draft(num_seqs, sampled)
                 before = self.spec_stats()
                 t0 = time.perf_counter()
-                steps: list[float] = []  # seconds of each decode step
-                outs, cancelled = self._run(requests, params, ticket, steps) if requests else ([], False)
+                steps = CallSteps(choice, SpecStats())
+                outs, cancelled = self._run(requests, params, ticket, steps, choice) if requests else ([], False)
                 seconds = time.perf_counter() - t0
                 after = self.spec_stats()
                 spec = after - before
                 after = after - self._spec_at_start
                 self._cum_seconds += seconds
-                measured = self._observe_draft(choice, num_seqs, sampled, spec, steps)
+                measured = self._observe_draft(choice, num_seqs, sampled, steps)
         finally:
             self._active.discard(ticket)
         by_index: dict[int, list] = {}
@@ -659,18 +668,14 @@ class RolloutEngine:
             cancelled=cancelled,
             engine_id=self.engine_id,
             draft_k=choice.k if choice else 0,
-            predicted_speedup=choice.predicted_speedup if choice else 1.0,
+            predicted_speedup=choice.call_speedup(*map(len, steps.seconds)) if choice else 1.0,
             measured_speedup=measured if choice else 1.0,
+            draft_switch=choice.rest_k if choice and steps.switched else None,
         )
 
-    def _observe_draft(self, choice: Choice | None, num_seqs: int, sampled: bool, spec: SpecStats,
-                       steps: list[float]) -> float | None:
+    def _observe_draft(self, choice: Choice | None, num_seqs: int, sampled: bool, steps: CallSteps) -> float | None:
         """Feed a call's decode-step times and acceptance to the estimates; its measured speed-up."""
-        if choice is None:
-            return None
-        self._drafter.observe_steps(choice.k, num_seqs, steps)
-        self._drafter.observe_acceptance(sampled, choice.k, spec.num_drafts, spec.accepted_per_pos)
-        return self._drafter.measured_speedup(num_seqs, steps, spec.mean_acceptance_length)
+        return None if choice is None else self._drafter.observe_call(choice, num_seqs, sampled, steps)
 
     def _draw_ticket(self) -> int:
         ticket = next(self._tickets)  # itertools.count is atomic under the GIL
@@ -678,12 +683,13 @@ class RolloutEngine:
         self._last_ticket = max(self._last_ticket, ticket)
         return ticket
 
-    def _run(self, requests: list, params, ticket: int,
-             steps: list[float] | None = None) -> tuple[list, bool]:  # params: one or one per request
+    def _run(self, requests: list, params, ticket: int, steps: CallSteps | None = None,
+             choice: Choice | None = None) -> tuple[list, bool]:  # params: one or one per request
         """vLLM's offline loop (``LLM.generate``) with a cancellation check between engine steps.
         Returns the outputs in request order (None for an aborted request) and whether it was
-        cancelled. ``steps`` collects the seconds of each decode step (one
-        without prompt tokens: a prefill's cost is not a drafting step's)."""
+        cancelled. ``steps`` collects each step's seconds and spec counters (decode steps: without
+        prompt tokens, a prefill's cost is not a drafting step's); a short probe's ``choice``
+        switches the draft length when ``steps`` says so."""
         engine = self.llm.llm_engine
         if ticket <= self._cancelled_upto:
             return [None] * len(requests), True
@@ -698,11 +704,14 @@ class RolloutEngine:
                 engine.abort_request([i for i, e in zip(internal, external) if e not in done], internal=True)
                 cancelled = True
                 break
+            spec0 = self._spec_counter.stats
             t = time.perf_counter()
             outs = engine.step()
             dt = time.perf_counter() - t
-            if steps is not None and self._spec_counter.last_prompt_tokens == 0 and self._spec_counter.last_running:
-                steps.append(dt)
+            if steps is not None:
+                decode = self._spec_counter.last_prompt_tokens == 0 and self._spec_counter.last_running > 0
+                if steps.record(dt, decode, self._spec_counter.stats - spec0) and choice is not None:
+                    self._set_draft_length(choice.rest_k)
             for out in outs:
                 if out.finished:
                     done[out.request_id] = out

@@ -7,26 +7,63 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from rollout.adaptive_draft import AdaptiveDraftConfig, AdaptiveDrafter, bucket, expected_tokens
+from rollout.adaptive_draft import AdaptiveDraftConfig, AdaptiveDrafter, CallSteps, Choice, bucket, expected_tokens
 
 K = 3
 
 
+class Spec:
+    """A fake of rollout.engine.SpecStats: the counters CallSteps and the drafter read."""
+
+    def __init__(self, num_drafts: float = 0.0, accepted_per_pos: list[float] | None = None):
+        self.num_drafts = num_drafts
+        self.accepted_per_pos = list(accepted_per_pos or [0.0] * K)
+
+    def __add__(self, other: "Spec") -> "Spec":
+        return Spec(self.num_drafts + other.num_drafts, [a + b for a, b in zip(self.accepted_per_pos, other.accepted_per_pos)])
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        return 1.0 + sum(self.accepted_per_pos) / self.num_drafts if self.num_drafts else 1.0
+
+
+def verified(k: int, drafts: float, accept: list[float]) -> Spec:
+    """The counters of a step verifying ``drafts`` drafts of length k: position i reached in
+    proportion Π a_j (exact expectations, no randomness)."""
+    per_pos, reach = [], drafts
+    for a in accept[:k]:
+        reach *= a
+        per_pos.append(reach)
+    return Spec(drafts if k else 0.0, per_pos + [0.0] * (K - k))
+
+
+def run_call(drafter: AdaptiveDrafter, choice: Choice, accept: list[float], cost, batch: int, sampled: bool,
+             drafts: int, steps: int) -> CallSteps:
+    """One call as rollout.engine runs it: a prefill step that proposes at the choice's length, then
+    ``steps`` decode steps, each verifying the drafts the step before proposed and proposing at the
+    length in force (a short probe switches when CallSteps says so)."""
+    call = CallSteps(choice, Spec())
+    k_now = proposed = choice.k
+    call.record(1.0, False, Spec())
+    for _ in range(steps):
+        spec, proposed = verified(proposed, drafts / steps, accept), k_now
+        if call.record(cost(batch, k_now), True, spec):
+            k_now = choice.rest_k
+    drafter.observe_call(choice, batch, sampled, call)
+    return call
+
+
 def run_calls(drafter: AdaptiveDrafter, calls: int, accept: list[float], cost, batch: int = 8,
-              sampled: bool = True, drafts: int = 200, steps: int = 20) -> list[int]:
-    """Simulate ``calls`` generation calls; returns the chosen k of each. ``accept``: conditional
-    acceptance per position (the fake's drafts reach position i in proportion Π a_j); ``cost(b, k)``:
-    seconds of one decode step."""
+              sampled: bool = True, drafts: int = 200, steps: int = 20, log: list | None = None) -> list[int]:
+    """Simulate ``calls`` generation calls; returns the chosen k of each (``log`` gets each Choice).
+    ``accept``: conditional acceptance per position; ``cost(b, k)``: seconds of one decode step."""
     ks = []
     for _ in range(calls):
-        k = drafter.choose(batch, sampled).k
-        ks.append(k)
-        per_pos, reach = [], float(drafts)
-        for a in accept[:k]:
-            reach *= a
-            per_pos.append(round(reach))
-        drafter.observe_acceptance(sampled, k, drafts if k else 0, per_pos + [0] * (K - k))
-        drafter.observe_steps(k, batch, [cost(batch, k)] * steps)
+        choice = drafter.choose(batch, sampled)
+        ks.append(choice.k)
+        if log is not None:
+            log.append(choice)
+        run_call(drafter, choice, accept, cost, batch, sampled, drafts, steps)
     return ks
 
 
@@ -61,11 +98,19 @@ def test_a_head_that_always_accepts_drafts_the_maximum():
 
 def test_drafting_that_costs_more_than_it_gains_is_dropped_once_a_plain_step_is_measured():
     """Perfect acceptance, but each drafted token costs 1.5 plain steps: S(k) = (1+k)/(1+1.5k) < 1.
-    The prior (0.15 per token) drafts until the first probe times a plain step; then never."""
-    d = AdaptiveDrafter({"enabled": True, "probe_every": 4}, K)
-    ks = run_calls(d, 16, accept=[1.0] * K, cost=lambda b, k: 1.0 + 1.5 * k)
-    assert ks[:3] == [K, K, K] and ks[3] == 0  # call 4 probes k = 0 (the first other length)
-    assert all(k == 0 for i, k in enumerate(ks[4:], 4) if (i + 1) % 4), ks
+    The first call drafts for probe_steps steps and runs the rest plain (no plain step timed at
+    its batch size yet), so it times both, and drafting stops from the second call on; the probes
+    after it are short (probe_steps steps at k = 1, the rest plain)."""
+    d = AdaptiveDrafter({"enabled": True, "probe_every": 4, "probe_steps": 8}, K)
+    log: list = []
+    ks = run_calls(d, 16, accept=[1.0] * K, cost=lambda b, k: 1.0 + 1.5 * k, log=log)
+    assert (log[0].k, log[0].steps, log[0].rest_k) == (K, 8, 0)
+    assert ks[1:3] == [0, 0] and (ks[3], log[3].steps, log[3].rest_k) == (1, 8, 0), ks  # call 4: short probe
+    assert all(k == 0 for i, k in enumerate(ks[4:], 4) if i != 11), ks  # the next probe: call 12
+    whole = AdaptiveDrafter({"enabled": True, "probe_every": 4, "probe_steps": 0}, K)  # whole-call probes
+    ks = run_calls(whole, 4, accept=[1.0] * K, cost=lambda b, k: 1.0 + 1.5 * k, log=log)
+    assert ks[:3] == [K, K, K] and ks[3] == 0, ks  # the prior drafts until a probe times a plain call
+    assert all(c.rest_k is None for c in log[-4:])
 
 
 def test_the_choice_depends_on_the_batch_size():
@@ -86,7 +131,7 @@ def test_a_good_first_position_and_bad_later_ones_draft_one_token():
     run_calls(d, 6, accept=[0.9, 0.1, 0.1], cost=lambda b, k: 1.0 + 0.1 * k)
     assert d.choose(8, True).k == 1
     s = d.speedups(8, True)
-    assert s[1] == pytest.approx(1.9 / 1.15, rel=0.02) and s[1] > s[2] > s[3]  # prior cost: no plain step timed
+    assert s[1] == pytest.approx(1.9 / 1.1, rel=0.02) and s[1] > s[2] > s[3]  # the first call timed both
 
 
 def test_greedy_and_sampled_calls_keep_their_own_acceptance():
@@ -98,10 +143,12 @@ def test_greedy_and_sampled_calls_keep_their_own_acceptance():
 
 def test_measured_speedup_is_tokens_per_step_over_the_time_against_plain_steps():
     d = AdaptiveDrafter({"enabled": True}, K)
-    assert d.measured_speedup(8, [1.0], 3.0) is None  # no plain step timed yet
+    assert d.measured_speedup(8, [([1.0], 3.0)]) is None  # no plain step timed yet
     d.observe_steps(0, 8, [0.5, 0.4, 9.0])  # the median: a step slowed by another process is ignored
-    assert d.measured_speedup(7, [1.0, 1.0, 1.0], 3.0) == pytest.approx(3.0 * 0.5 / 1.0)  # bucket 8
-    assert d.measured_speedup(1, [1.0], 3.0) is None  # bucket 1: no plain call of that size timed
+    assert d.measured_speedup(7, [([1.0, 1.0, 1.0], 3.0)]) == pytest.approx(3.0 * 0.5 / 1.0)  # bucket 8
+    assert d.measured_speedup(1, [([1.0], 3.0)]) is None  # bucket 1: no plain call of that size timed
+    # Two phases: 2 steps of 1 s at 3 tokens a step, then 2 plain steps of 0.5 s: 8 tokens in 3 s.
+    assert d.measured_speedup(8, [([1.0, 1.0], 3.0), ([0.5, 0.5], 1.0)]) == pytest.approx(8 * 0.5 / 3.0)
 
 
 def test_a_larger_calls_last_steps_do_not_stand_for_a_smaller_calls_cost():
@@ -191,3 +238,50 @@ def test_probes_back_off_while_they_confirm_the_choice_and_reset_when_it_changes
     ks = run_calls(d, 50, accept=[1.0] * K, cost=lambda b, k: 1.0 + 0.3 * k)
     assert ks[:31] == [0] * 31 and ks[31] == 1, ks
     assert ks[-1] == K, ks
+
+
+def test_call_steps_split_at_the_switch_and_the_mixed_step_is_timed_for_neither():
+    choice = Choice(K, 1.0, True, 8, [1.0] * (K + 1), steps=2, rest_k=0)
+    call = CallSteps(choice, Spec())
+    assert call.record(5.0, False, Spec()) is False  # the prefill: no decode step
+    assert call.record(1.0, True, verified(K, 10, [1.0] * K)) is False
+    assert call.record(1.1, True, verified(K, 10, [1.0] * K)) is True  # switch before the next step
+    assert call.record(9.0, True, verified(K, 10, [1.0] * K)) is False  # verifies K drafts, proposes none
+    for _ in range(3):
+        assert call.record(0.5, True, verified(0, 10, [1.0] * K)) is False
+    assert call.switched and call.seconds == ([1.0, 1.1], [0.5, 0.5, 0.5])
+    assert call.spec[0].num_drafts == 30 and call.spec[1].num_drafts == 0  # the mixed step's drafts: the probe's
+    whole = CallSteps(Choice(K, 1.0, False, 8, [1.0] * (K + 1)), Spec())
+    assert not any(whole.record(1.0, True, Spec()) for _ in range(20)) and len(whole.seconds[0]) == 20
+
+
+def test_a_call_of_two_phases_decays_the_counts_once_and_files_each_length_apart():
+    d = AdaptiveDrafter({"enabled": True, "prior_weight": 0.0, "ewma": 0.5}, K)
+    d.observe_call_acceptance(True, [(K, 100, [50, 25, 10])])
+    d.observe_call_acceptance(True, [(1, 100, [100, 0, 0]), (K, 100, [50, 25, 10])])  # k = 1 has no position 2
+    assert d._acc["sampled"].reached == [50 + 200, 25 + 50, 12.5 + 25]  # one halving, then both phases
+    assert d._acc["sampled"].accepted == [25 + 150, 12.5 + 25, 5 + 10]
+    call = run_call(d, Choice(1, 1.0, True, 8, [1.0] * (K + 1), steps=4, rest_k=K, ratios=[1.0] * (K + 1)),
+                    [1.0] * K, lambda b, k: 1.0 + 0.25 * k, 8, True, 200, 20)
+    assert call.seconds == ([1.25] * 4, [1.75] * 15)
+    assert d._cost[(8, 1)] == 1.25 and d._cost[(8, K)] == 1.75
+
+
+def test_a_new_batch_size_is_drafted_briefly_and_then_plain_so_one_call_times_both():
+    """Learnt at batch 8 (drafting pays), a first call of 32 sequences drafts only probe_steps
+    steps: its plain step is untimed, and a whole drafting call would bet on batch 8's costs."""
+    d = AdaptiveDrafter({"enabled": True, "probe_every": 1000, "probe_steps": 8}, K)
+    run_calls(d, 4, accept=[0.9] * K, cost=lambda b, k: 1.0 + 0.1 * k)
+    assert d.choose(8, True).rest_k is None
+    log: list = []
+    run_calls(d, 2, accept=[0.9] * K, cost=lambda b, k: 2.0 + 1.6 * k, batch=32, log=log)
+    assert (log[0].k, log[0].steps, log[0].rest_k) == (K, 8, 0) and log[0].probe
+    assert d.plain_step_seconds(32) == 2.0 and d.cost_ratio(32, K) == pytest.approx(3.4)
+    assert log[1].k == 1 and log[1].rest_k is None  # 1.9 / 1.8 beats 3.44 / 3.4 at batch 32's own costs
+
+
+def test_a_short_probe_predicts_the_call_by_its_steps():
+    c = Choice(2, 0.5, True, 8, [1.0, 1.5, 0.5], steps=8, rest_k=1, ratios=[1.0, 1.2, 2.0])
+    # 8 steps at k = 2 (E = 1.0, r = 2.0) and 24 at k = 1 (E = 1.8, r = 1.2): (8 + 43.2) / (16 + 28.8)
+    assert c.call_speedup(8, 24) == pytest.approx((8 * 1.0 + 24 * 1.8) / (8 * 2.0 + 24 * 1.2))
+    assert Choice(2, 0.5, False, 8, [1.0, 1.5, 0.5]).call_speedup(8, 24) == 0.5

@@ -11,10 +11,12 @@ k = 0 calls are plain decoding).
 
 Whether drafting pays is also a matter of measured step times, which on this shared, loaded CPU
 are noise (measured here: the tiny model's k = 3 steps from 1.6× to 4× a plain one between runs).
-So the perfect head's engine never probes (no plain step timed: its cost ratio is the prior) and
-the test asserts what acceptance decides; the zeroed head's engine probes at call 4, which
-exercises the timed path, drafting after k = 0 calls (prefix cache reset), and the measured
-speed-up. The cost model itself is tested against fakes (tests/test_adaptive_draft.py)."""
+So the perfect head's engine never probes (no plain step timed: its cost ratio is the prior;
+whole-call probes, as its first call would otherwise run short and then plain) and the test
+asserts what acceptance decides; the zeroed head's engine runs short probes (PROBE_STEPS decode
+steps, then plain): its first call and its probe at call 4 switch mid-call, which exercises the
+switch of vLLM's table between steps, the timed path, drafting after k = 0 calls (prefix cache
+reset), and the measured speed-up. The cost model itself is tested against fakes (tests/test_adaptive_draft.py)."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ K = 3
 PROMPTS = [[5 + 7 * i, 6 + 7 * i, 7 + 7 * i] for i in range(8)]
 GREEDY = {"n": 1, "temperature": 0.0, "max_tokens": 24}
 PROBE_EVERY = {"perfect": 1000, "zeroed": 4}  # zeroed: call 4 probes k = 1 (then the gap doubles: call 12)
+PROBE_STEPS = {"perfect": 0, "zeroed": 4}
 CALLS = 9
 
 
@@ -59,7 +62,7 @@ def runs(ray_session, tmp_path_factory):
         ckpt = save_policy(m, root / kind, tokenizer=tok)
         engines[kind] = create_engine_actor({
             "model": str(ckpt), "num_speculative_tokens": K, "max_model_len": 256, "kv_cache_gib": 0.1,
-            "adaptive_draft": {"enabled": True, "probe_every": PROBE_EVERY[kind]}})
+            "adaptive_draft": {"enabled": True, "probe_every": PROBE_EVERY[kind], "probe_steps": PROBE_STEPS[kind]}})
     try:
         out = {kind: [ray_session.get(e.generate.remote(PROMPTS, GREEDY)) for _ in range(CALLS)]
                for kind, e in engines.items()}
@@ -89,12 +92,22 @@ def test_a_head_that_always_accepts_drafts_the_maximum(runs):
 def test_a_head_that_never_accepts_stops_drafting(runs):
     batches = runs["zeroed"]
     print("zeroed head: k per call", [b.draft_k for b in batches])
-    first = batches[0]
-    assert first.draft_k == K and first.spec.num_drafts > 0 and first.spec.num_accepted_tokens == 0
+    # A short call drafts in its first PROBE_STEPS decode steps and proposes once more before the
+    # switch takes effect; vLLM verifies each step's drafts in the next: PROBE_STEPS + 1 steps of
+    # one draft per sequence, none accepted (every sequence runs to max_tokens: 1 token a step).
+    drafts = len(PROMPTS) * (PROBE_STEPS["zeroed"] + 1)
+    first = batches[0]  # measures every position, for PROBE_STEPS steps only: no plain step timed yet
+    assert (first.draft_k, first.draft_switch) == (K, 0)
+    assert first.spec.num_drafts == drafts and first.spec.num_draft_tokens == K * drafts
+    assert first.spec.num_accepted_tokens == 0
+    assert first.measured_speedup is not None  # its own plain steps timed the bucket
     for i, b in enumerate(batches[1:], 2):
         if i == PROBE_EVERY["zeroed"]:  # the probe drafts the neighbour length, after k = 0 calls
-            assert b.draft_k == 1 and b.spec.num_drafts > 0 and b.spec.num_accepted_tokens == 0
+            assert (b.draft_k, b.draft_switch) == (1, 0)
+            assert b.spec.num_drafts == drafts and b.spec.num_draft_tokens == drafts
+            assert b.spec.num_accepted_tokens == 0
             assert b.measured_speedup is not None and b.measured_speedup > 0  # plain steps were timed
+            assert b.metrics()["rollout/draft_switch"] == 0.0
             continue
         assert b.draft_k == 0 and b.spec.num_drafts == 0, (i, [x.draft_k for x in batches])
         assert b.predicted_speedup == 1.0
