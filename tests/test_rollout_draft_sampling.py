@@ -137,7 +137,13 @@ def test_probabilistic_drafting_samples_from_the_policy(ray_session, guess, case
         s = b.spec
         assert sum(s.accepted_per_pos) == s.num_accepted_tokens and len(s.accepted_per_pos) == k
         assert all(x >= y for x, y in zip([s.num_drafts] + s.accepted_per_pos, s.accepted_per_pos))
-        assert s.num_draft_tokens == b.draft_k * s.num_drafts
+        if b.draft_switch is None:
+            assert s.num_draft_tokens == b.draft_k * s.num_drafts
+        else:  # a short probe: its first steps drafted draft_k, the rest draft_switch
+            lo, hi = sorted((b.draft_k, b.draft_switch))
+            assert lo * s.num_drafts <= s.num_draft_tokens <= hi * s.num_drafts
+    if adaptive:  # the samples below include calls that switched length mid-call
+        assert any(b.draft_switch is not None for b in batches), [(b.draft_k, b.draft_switch) for b in batches]
     spec = sum((b.spec for b in batches[1:]), batches[0].spec)
     # drafts were both accepted (most) and rejected (at the digit, where q != p)
     assert spec.num_accepted_tokens > 0.3 * spec.num_draft_tokens and spec.num_draft_tokens - spec.num_accepted_tokens >= 20
