@@ -89,6 +89,9 @@ METRIC_CATALOG: tuple[MetricDef, ...] = (
               "token was accepted during the step (…_pos<i>: position i).", per_engine=True),
     MetricDef("rollout/engine_draft_k/engine{e}", "Rollout engine i: tokens drafted per step in its last call "
               "(adaptive drafting's choice; the configured num_speculative_tokens otherwise).", per_engine=True),
+    MetricDef("rollout/engine_draft_switch/engine{e}", "Rollout engine i: tokens drafted per step after its last "
+              "call's short probe (rollout.adaptive_draft probe_steps; equal to engine_draft_k when the call did not "
+              "switch).", per_engine=True),
     MetricDef("rollout/engine_draft_predicted_speedup/engine{e}", "Rollout engine i: speed-up over not drafting "
               "that its cost and acceptance estimates predicted for its last call (rollout/adaptive_draft.py).",
               per_engine=True),

@@ -54,7 +54,7 @@ PLOTS: tuple[Plot, ...] = (
     Plot("acceptance_by_position", "Acceptance by draft position (share of drafts accepted at position i)",
          "accepted / drafts", (r"rollout/spec_accept_pos\d+", r"rollout/engine_spec_accept_pos\d+/engine\d+")),
     Plot("draft_speedup", "Drafting: length per engine and its predicted / measured speed-up", "k, or × plain",
-         (r"rollout/engine_draft_k/engine\d+", r"rollout/engine_draft_(predicted|measured)_speedup/engine\d+")),
+         (r"rollout/engine_draft_(k|switch)/engine\d+", r"rollout/engine_draft_(predicted|measured)_speedup/engine\d+")),
     Plot("tokens_per_s", "Rollout throughput", "tokens / s",
          ("rollout/tokens_per_s", "rollout/engine_tokens_per_s"), higher_is_better=True),
 )
