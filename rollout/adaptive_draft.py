@@ -29,24 +29,28 @@ ratio is noise), so S(k) ≤ E(k).
 
 Exploration. The first call of each kind (greedy, sampled) drafts the maximum, measuring every
 position. An estimate is only refreshed for the k that runs, so calls *probe* another k: 0 (the
-plain step's time, the cheapest call) and the neighbours best ± 1, in turn. A probe is *short*: it
-drafts its length for the call's first ``probe_steps`` decode steps only and the call goes on at
-the choice (`Choice.steps`, `Choice.rest_k`; the engine rewrites vLLM's table between two steps),
-so a probe of a length that loses costs ``probe_steps`` steps, not a whole call — at batch 32 a
-whole-call probe of a bad k was a tenth of a run's time (docs/benchmarks.md). A probe of k = 0
-stays a whole call: it is never slower than not drafting, and a switch from 0 to drafting would
-draft from a drafter KV cache that the plain steps did not fill (`rollout.engine._skip_drafter_at_zero`). The step at the
-switch verifies drafts of the old length and proposes at the new one, so it is timed for neither
-(`CallSteps`). Likewise the first drafting call at a batch-size bucket that has no plain step
-time yet drafts ``probe_steps`` steps and runs the rest plain: that one call times both, where a
-whole drafting call would be a blind bet on the prior cost. The first probe comes
+plain step's time, the cheapest call) and the neighbours best ± 1, in turn. The first probe comes
 after ``probe_every`` calls; a probe after which the choice stays doubles the gap to the next (up
 to ``PROBE_BACKOFF``·probe_every), one that changes it resets the gap — so exploring costs little
 once the choice is stable (a useless head probes k = 1 every 8, 16, 32, 64 calls), and a head
-that became good is noticed while k = 0, the plain step timed while drafting. Between probes the choice is greedy: a
-head that never accepts stops drafting on the call after its first measured call (its a_1 drops
-to prior_weight·prior_acceptance / (prior_weight + drafts)); a head that always accepts keeps
-the maximum as long as a drafted token costs less than the token it adds.
+that became good is noticed while k = 0, the plain step timed while drafting.
+
+Short probes. A probe of k > 0 drafts its length for the call's first ``probe_steps`` decode
+steps only; then the engine rewrites vLLM's table between two steps and the call goes on at the
+choice (`Choice.steps`, `Choice.rest_k`). A probe of a length that loses then costs
+``probe_steps`` steps, not a whole call: at batch 1 a whole-call probe was a third of a 3-call
+measurement, at batch 32 one call is ~30 s on this CPU (docs/benchmarks.md). A probe of k = 0
+stays a whole call: it is never slower than not drafting, and a switch from 0 to drafting would
+draft from a drafter KV cache the plain steps did not fill (`rollout.engine._skip_drafter_at_zero`).
+The step after the switch verifies drafts of the old length and proposes at the new one, so it
+is timed for neither (`CallSteps`). Likewise the first drafting call at a batch-size bucket with
+no plain step timed yet drafts ``probe_steps`` steps and runs the rest plain, so one call times
+both, where a whole drafting call would be a bet on the prior cost.
+
+Between probes the choice is greedy: a head that never accepts stops drafting on the call after
+its first measured call (its a_1 drops to prior_weight·prior_acceptance / (prior_weight +
+drafts)); a head that always accepts keeps the maximum as long as a drafted token costs less
+than the token it adds.
 """
 
 from __future__ import annotations
