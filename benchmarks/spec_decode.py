@@ -122,6 +122,10 @@ def run_once(engine: RolloutEngine, prompts, sampling, keep: list | None = None)
     return batch.tokens_per_s, batch.spec, batch.num_generated_tokens, batch.num_generated_tokens / cpu if cpu > 0 else 0.0
 
 
+#: Seed distance between timed repeats (more than any batch size, so no two calls share a seed).
+SEED_STEP = 1009
+
+
 def parse_repeats(spec: str, batch_sizes: list[int], default: int) -> dict[int, int]:
     """Timed calls per batch size from ``--repeats-by-batch`` (``B:R,...``), ``default`` elsewhere."""
     out = dict.fromkeys(batch_sizes, default)
@@ -150,6 +154,12 @@ def main() -> None:
     ap.add_argument("--repeats-by-batch", default="", metavar="B:R,...",
                     help="timed calls per batch size, e.g. 1:16,8:8,32:4 (others: --repeats)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fresh-seeds", action=argparse.BooleanOptionalAction, default=True,
+                    help="seed each timed repeat differently (the same seeds for every configuration of a repeat)")
+    ap.add_argument("--ignore-eos", action="store_true",
+                    help="every answer runs to --max-tokens: equal work for every configuration at T = 1, where "
+                    "drafting changes which samples are drawn (and so their lengths); acceptance then includes "
+                    "tokens past the answer's end")
     ap.add_argument("--threads", type=int, default=1, help="engine torch threads (1 = a Ray actor's default)")
     ap.add_argument("--no-diagnostics", action="store_true", help="skip the greedy and thread-count runs")
     ap.add_argument("--draft-vocab", default="", help="comma-separated pruned drafter vocabulary sizes (n=1 engines)")
@@ -186,8 +196,13 @@ def main() -> None:
     tok = next(iter(engines.values())).tokenizer
     prompts = prompts_for(tok, max(batch_sizes), args.seed + 1)
 
-    def sampling(b: int, temperature: float = args.temperature) -> dict:
-        return {"n": 1, "temperature": temperature, "max_tokens": args.max_tokens, "seed": args.seed + b}
+    def sampling(b: int, temperature: float = args.temperature, repeat: int = 0) -> dict:
+        # A repeat's seed differs from the last (--fresh-seeds): with one seed, every repeat of a
+        # configuration replays the same T = 1 samples, so its lengths (and its tail of
+        # few running sequences) are those of b samples, not of b x repeats.
+        seed = args.seed + b + (SEED_STEP * repeat if args.fresh_seeds else 0)
+        return {"n": 1, "temperature": temperature, "max_tokens": args.max_tokens, "seed": seed,
+                "ignore_eos": args.ignore_eos}
 
     diag: dict = {}
     ranking = None
@@ -244,7 +259,7 @@ def main() -> None:
         for r in range(repeats[b]):
             for label in configs:
                 kept: list = []
-                tps, s, ntok, cps = run_once(engines[label], prompts[:b], sampling(b), kept)
+                tps, s, ntok, cps = run_once(engines[label], prompts[:b], sampling(b, repeat=r), kept)
                 if label == "adaptive":
                     adaptive_log.setdefault(b, []).append({"k": kept[0].draft_k, "predicted": kept[0].predicted_speedup,
                                                            "measured": kept[0].measured_speedup,
@@ -338,6 +353,8 @@ def main() -> None:
         "temperature": args.temperature,
         "max_tokens": args.max_tokens,
         "repeats": {b: repeats[b] for b in batch_sizes},
+        "fresh_seeds": args.fresh_seeds,
+        "ignore_eos": args.ignore_eos,
         "adaptive_warmup": args.adaptive_warmup if args.adaptive else None,
         "load_average": [round(x, 1) for x in os.getloadavg()],
         "table": table,

@@ -25,6 +25,10 @@ T = 1, batch 8), with the comparison table and both spec-decode results.
     .venv/bin/mtprl demo --seed 0 && .venv/bin/python benchmarks/spec_rl.py --out /tmp/spec_rl --init runs/<id>
     .venv/bin/python benchmarks/spec_rl.py --out /tmp/spec_rl_lr --init runs/<id> --mtp-lr 1e-3
 
+``--regimes occ+distill --steps 90`` trains one row for longer (a new ``--out``: the base spec differs),
+to see where the head's RL-time acceptance levels off; ``acceptance_by_step`` in the JSON is each
+row's per-step trajectory.
+
 ``--mtp-lr`` gives the MTP modules their own AdamW rate (``algorithm.mtp.lr``) in every regime: at
 the RL rate (1e-5) AdamW moves a head ~1e-5 per step whatever the distillation coefficient, while
 warm-ups train heads at 3e-3.
@@ -81,6 +85,15 @@ def base_spec(model: Path, args) -> dict:
     return raw
 
 
+def acceptance_by_step(run_dir: Path) -> list[float | None]:
+    """The engines' acceptance during RL at each step (the policy's own T = 1 samples)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [round(r["rollout/spec_acceptance_rate"], 3) if "rollout/spec_acceptance_rate" in r else None for r in rows]
+
+
 def spec_decode(model: Path, temperature: float, args) -> dict:
     cmd = [sys.executable, str(REPO / "benchmarks" / "spec_decode.py"), "--model", str(model),
            "--spec-tokens", "0", "--batch-sizes", "1,8,32", "--adaptive", str(args.adaptive_k),
@@ -119,7 +132,14 @@ def main() -> None:
     ap.add_argument("--draft-vocab", type=int, default=1024,
                     help="the adaptive engine's pruned drafter vocabulary (ranked from no-draft answers; 0: full)")
     ap.add_argument("--skip-decode", action="store_true", help="Only the training part.")
+    ap.add_argument("--regimes", default=",".join(ROWS),
+                    help="comma-separated rows to train (default all three; a subset leaves the keys it lacks null)")
     args = ap.parse_args()
+    regimes = [r.strip() for r in args.regimes.split(",") if r.strip()]
+    if not regimes or set(regimes) - set(ROWS):
+        raise SystemExit(f"--regimes: choose among {ROWS}, got {args.regimes!r}")
+    if not args.skip_decode and "occ+distill" not in regimes:
+        raise SystemExit("the decode half measures the trained occ+distill policy: include it or pass --skip-decode")
 
     import ray
 
@@ -134,19 +154,24 @@ def main() -> None:
     ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     try:
-        cmp = run_comparison(base, args.out, ROWS)
+        cmp = run_comparison(base, args.out, regimes)
     finally:
         ray.shutdown()
     print(render_markdown(cmp), flush=True)
     rows = {r.regime: r for r in cmp.rows}
+    def pick(regime: str, field: str):
+        return getattr(rows[regime], field) if regime in rows else None
+
+    delta = (rows["occ+distill"].accuracy - rows["detach"].accuracy) if {"occ+distill", "detach"} <= rows.keys() else None
     result: dict = {
-        "t1_acceptance_end": rows["occ+distill"].acceptance,
-        "t1_acceptance_baseline": rows["occ"].acceptance,
-        "t1_acceptance_detach": rows["detach"].acceptance,
-        "accuracy_delta_vs_detach": rows["occ+distill"].accuracy - rows["detach"].accuracy,
-        "accuracy": {r: rows[r].accuracy for r in ROWS},
+        "t1_acceptance_end": pick("occ+distill", "acceptance"),
+        "t1_acceptance_baseline": pick("occ", "acceptance"),
+        "t1_acceptance_detach": pick("detach", "acceptance"),
+        "accuracy_delta_vs_detach": delta,
+        "accuracy": {r: rows[r].accuracy for r in regimes},
         "accuracy_before": cmp.accuracy_before,
-        "eval_acceptance": {r: rows[r].eval_acceptance for r in ROWS},
+        "eval_acceptance": {r: rows[r].eval_acceptance for r in regimes},
+        "acceptance_by_step": {r: acceptance_by_step(args.out / r) for r in regimes},
         "steps": args.steps, "task": "demo (reasoning_gym basic_arithmetic, 2 single-digit terms)",
         "distill": {"kind": args.distill_kind, "coef": args.distill_coef}, "lr": args.lr, "mtp_lr": args.mtp_lr,
         "init": str(start),
