@@ -710,7 +710,8 @@ class RolloutEngine:
             dt = time.perf_counter() - t
             if steps is not None:
                 decode = self._spec_counter.last_prompt_tokens == 0 and self._spec_counter.last_running > 0
-                if steps.record(dt, decode, self._spec_counter.stats - spec0) and choice is not None:
+                if steps.record(dt, decode, self._spec_counter.stats - spec0,
+                                self._spec_counter.last_running) and choice is not None:
                     self._set_draft_length(choice.rest_k)
             for out in outs:
                 if out.finished:

@@ -285,3 +285,19 @@ def test_a_short_probe_predicts_the_call_by_its_steps():
     # 8 steps at k = 2 (E = 1.0, r = 2.0) and 24 at k = 1 (E = 1.8, r = 1.2): (8 + 43.2) / (16 + 28.8)
     assert c.call_speedup(8, 24) == pytest.approx((8 * 1.0 + 24 * 1.8) / (8 * 2.0 + 24 * 1.2))
     assert Choice(2, 0.5, False, 8, [1.0, 1.5, 0.5]).call_speedup(8, 24) == 0.5
+
+
+def test_step_costs_are_the_full_batch_steps_not_the_tail_of_finished_answers():
+    """A call's tail runs the few answers still going; its length depends on which samples were
+    drawn, so only the steps at the call's full batch are its batch size's cost."""
+    call = CallSteps(Choice(1, 1.0, False, 8, [1.0, 1.0]), Spec())
+    for running, seconds in [(8, 2.0)] * 5 + [(3, 0.8)] * 20 + [(1, 0.5)] * 10:
+        call.record(seconds, True, Spec(), running)
+    assert call.full_batch_seconds() == ([2.0] * 5, [])
+    d = AdaptiveDrafter({"enabled": True}, 1)
+    d.observe_call(Choice(1, 1.0, False, 8, [1.0, 1.0]), 8, True, call)
+    assert d._cost[(8, 1)] == 2.0  # the median of all 35 steps would be 0.8
+    short = CallSteps(Choice(1, 1.0, False, 8, [1.0, 1.0]), Spec())
+    for running in (8, 7, 6, 5):
+        short.record(1.0 + running, True, Spec(), running)
+    assert short.full_batch_seconds()[0] == [9.0, 8.0, 7.0, 6.0]  # one full-batch step: all of them
