@@ -152,13 +152,15 @@ class CallSteps:
     def __init__(self, choice: Choice | None, zero):
         self.switch_after = choice.steps if choice is not None and choice.rest_k is not None else 0
         self.seconds: tuple[list[float], list[float]] = ([], [])
+        self.running: tuple[list[int], list[int]] = ([], [])  # sequences in each decode step
         self.spec = [zero, zero]  # SpecStats (rollout.engine) of each phase
         self.decode_steps = 0
         self.switched = False
         self._boundary = False
 
-    def record(self, seconds: float, decode: bool, spec) -> bool:
-        """One engine step; True when the engine must switch to the rest's length before the next."""
+    def record(self, seconds: float, decode: bool, spec, running: int = 0) -> bool:
+        """One engine step (``running``: its sequences); True when the engine must switch to the
+        rest's length before the next."""
         phase = 1 if self.switched and not self._boundary else 0
         self.spec[phase] = self.spec[phase] + spec
         if self._boundary:
@@ -166,11 +168,26 @@ class CallSteps:
             return False
         if decode:
             self.seconds[phase].append(seconds)
+            self.running[phase].append(running)
             self.decode_steps += 1
         if self.switch_after and not self.switched and self.decode_steps >= self.switch_after:
             self.switched = self._boundary = True
             return True
         return False
+
+    def full_batch_seconds(self) -> tuple[list[float], list[float]]:
+        """Each phase's decode-step seconds at the call's full batch (the most sequences any of its
+        steps ran): what a step costs at the call's batch size. A call's tail, once answers ended,
+        runs few sequences, and how long it is depends on which samples were drawn — at T = 1
+        drafting draws other samples than not drafting (measured: mean answers of 29 and 43
+        tokens in one batch-8 comparison), so medians over all steps compared tails, not lengths.
+        A phase with fewer than 2 full-batch steps keeps all its steps."""
+        full = max((n for r in self.running for n in r), default=0)
+        out = []
+        for sec, run in zip(self.seconds, self.running):
+            kept = [t for t, n in zip(sec, run) if n == full]
+            out.append(kept if len(kept) >= 2 else list(sec))
+        return out[0], out[1]
 
 
 @dataclass
@@ -324,8 +341,8 @@ class AdaptiveDrafter:
     def observe_call(self, choice: Choice, batch_size: int, sampled: bool, steps: CallSteps) -> float | None:
         """Feed one call's phases to the estimates; returns its measured speed-up."""
         ks = [choice.k, choice.rest_k if steps.switched else choice.k]
-        for k, sec in zip(ks, steps.seconds):
+        timed = steps.full_batch_seconds()
+        for k, sec in zip(ks, timed):
             self.observe_steps(k, batch_size, sec)
         self.observe_call_acceptance(sampled, [(k, s.num_drafts, s.accepted_per_pos) for k, s in zip(ks, steps.spec)])
-        return self.measured_speedup(batch_size, [(sec, s.mean_acceptance_length) for sec, s in
-                                                  zip(steps.seconds, steps.spec) if sec])
+        return self.measured_speedup(batch_size, [(sec, s.mean_acceptance_length) for sec, s in zip(timed, steps.spec) if sec])
