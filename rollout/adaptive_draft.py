@@ -20,8 +20,9 @@ Estimates. a_i: from vLLM's per-position accepted counts (``num_accepted_tokens_
 drafts whose position i was accepted): a_1 = acc[0] / drafts, a_i = acc[i−1] / acc[i−2], as
 exponentially decayed counts (``ewma``) over calls, kept apart for greedy and sampled calls
 (acceptance differs by temperature), with a prior of ``prior_weight`` pseudo-drafts at
-``prior_acceptance``. T(b, k): exponentially averaged median seconds of a call's decode steps
-(steps without prompt tokens) per bucket (powers of two) of the call's batch size, and k; the
+``prior_acceptance``. T(b, k): exponentially averaged median seconds of a call's full-batch
+decode steps (no prompt tokens, as many sequences as the call's most: `CallSteps`) per bucket
+(powers of two) of the call's batch size, and k; the
 ratio T(b, k) / T(b, 0) is taken from the nearest bucket with a plain and a drafting time (a k
 not timed there: linear in k through the timed ones), else from the prior 1 +
 ``prior_draft_cost``·k; it is held ≥ 1 and non-decreasing in k (drafting only adds work: a lower
