@@ -152,6 +152,7 @@ class CallSteps:
 
     def __init__(self, choice: Choice | None, zero):
         self.switch_after = choice.steps if choice is not None and choice.rest_k is not None else 0
+        self.rest_k = choice.rest_k if self.switch_after else None
         self.seconds: tuple[list[float], list[float]] = ([], [])
         self.running: tuple[list[int], list[int]] = ([], [])  # sequences in each decode step
         self.spec = [zero, zero]  # SpecStats (rollout.engine) of each phase
@@ -159,22 +160,22 @@ class CallSteps:
         self.switched = False
         self._boundary = False
 
-    def record(self, seconds: float, decode: bool, spec, running: int = 0) -> bool:
-        """One engine step (``running``: its sequences); True when the engine must switch to the
-        rest's length before the next."""
+    def record(self, seconds: float, decode: bool, spec, running: int = 0) -> int | None:
+        """One engine step (``running``: its sequences); the draft length the engine must switch to
+        before the next step, if it must now."""
         phase = 1 if self.switched and not self._boundary else 0
         self.spec[phase] = self.spec[phase] + spec
         if self._boundary:
             self._boundary = False  # the mixed step: untimed
-            return False
+            return None
         if decode:
             self.seconds[phase].append(seconds)
             self.running[phase].append(running)
             self.decode_steps += 1
         if self.switch_after and not self.switched and self.decode_steps >= self.switch_after:
             self.switched = self._boundary = True
-            return True
-        return False
+            return self.rest_k
+        return None
 
     def full_batch_seconds(self) -> tuple[list[float], list[float]]:
         """Each phase's decode-step seconds at the call's full batch (the most sequences any of its

@@ -628,7 +628,7 @@ class RolloutEngine:
                 before = self.spec_stats()
                 t0 = time.perf_counter()
                 steps = CallSteps(choice, SpecStats())
-                outs, cancelled = self._run(requests, params, ticket, steps, choice) if requests else ([], False)
+                outs, cancelled = self._run(requests, params, ticket, steps) if requests else ([], False)
                 seconds = time.perf_counter() - t0
                 after = self.spec_stats()
                 spec = after - before
@@ -683,13 +683,13 @@ class RolloutEngine:
         self._last_ticket = max(self._last_ticket, ticket)
         return ticket
 
-    def _run(self, requests: list, params, ticket: int, steps: CallSteps | None = None,
-             choice: Choice | None = None) -> tuple[list, bool]:  # params: one or one per request
+    def _run(self, requests: list, params, ticket: int,
+             steps: CallSteps | None = None) -> tuple[list, bool]:  # params: one or one per request
         """vLLM's offline loop (``LLM.generate``) with a cancellation check between engine steps.
         Returns the outputs in request order (None for an aborted request) and whether it was
         cancelled. ``steps`` collects each step's seconds and spec counters (decode steps: without
-        prompt tokens, a prefill's cost is not a drafting step's); a short probe's ``choice``
-        switches the draft length when ``steps`` says so."""
+        prompt tokens, a prefill's cost is not a drafting step's) and says when a short probe
+        switches the draft length."""
         engine = self.llm.llm_engine
         if ticket <= self._cancelled_upto:
             return [None] * len(requests), True
@@ -710,9 +710,9 @@ class RolloutEngine:
             dt = time.perf_counter() - t
             if steps is not None:
                 decode = self._spec_counter.last_prompt_tokens == 0 and self._spec_counter.last_running > 0
-                if steps.record(dt, decode, self._spec_counter.stats - spec0,
-                                self._spec_counter.last_running) and choice is not None:
-                    self._set_draft_length(choice.rest_k)
+                switch = steps.record(dt, decode, self._spec_counter.stats - spec0, self._spec_counter.last_running)
+                if switch is not None:
+                    self._set_draft_length(switch)
             for out in outs:
                 if out.finished:
                     done[out.request_id] = out

@@ -47,8 +47,9 @@ def run_call(drafter: AdaptiveDrafter, choice: Choice, accept: list[float], cost
     call.record(1.0, False, Spec())
     for _ in range(steps):
         spec, proposed = verified(proposed, drafts / steps, accept), k_now
-        if call.record(cost(batch, k_now), True, spec):
-            k_now = choice.rest_k
+        switch = call.record(cost(batch, k_now), True, spec)
+        if switch is not None:
+            k_now = switch
     drafter.observe_call(choice, batch, sampled, call)
     return call
 
@@ -243,16 +244,16 @@ def test_probes_back_off_while_they_confirm_the_choice_and_reset_when_it_changes
 def test_call_steps_split_at_the_switch_and_the_mixed_step_is_timed_for_neither():
     choice = Choice(K, 1.0, True, 8, [1.0] * (K + 1), steps=2, rest_k=0)
     call = CallSteps(choice, Spec())
-    assert call.record(5.0, False, Spec()) is False  # the prefill: no decode step
-    assert call.record(1.0, True, verified(K, 10, [1.0] * K)) is False
-    assert call.record(1.1, True, verified(K, 10, [1.0] * K)) is True  # switch before the next step
-    assert call.record(9.0, True, verified(K, 10, [1.0] * K)) is False  # verifies K drafts, proposes none
+    assert call.record(5.0, False, Spec()) is None  # the prefill: no decode step
+    assert call.record(1.0, True, verified(K, 10, [1.0] * K)) is None
+    assert call.record(1.1, True, verified(K, 10, [1.0] * K)) == 0  # switch to rest_k 0 before the next step
+    assert call.record(9.0, True, verified(K, 10, [1.0] * K)) is None  # verifies K drafts, proposes none
     for _ in range(3):
-        assert call.record(0.5, True, verified(0, 10, [1.0] * K)) is False
+        assert call.record(0.5, True, verified(0, 10, [1.0] * K)) is None
     assert call.switched and call.seconds == ([1.0, 1.1], [0.5, 0.5, 0.5])
     assert call.spec[0].num_drafts == 30 and call.spec[1].num_drafts == 0  # the mixed step's drafts: the probe's
     whole = CallSteps(Choice(K, 1.0, False, 8, [1.0] * (K + 1)), Spec())
-    assert not any(whole.record(1.0, True, Spec()) for _ in range(20)) and len(whole.seconds[0]) == 20
+    assert all(whole.record(1.0, True, Spec()) is None for _ in range(20)) and len(whole.seconds[0]) == 20
 
 
 def test_a_call_of_two_phases_decays_the_counts_once_and_files_each_length_apart():
