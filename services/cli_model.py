@@ -90,11 +90,38 @@ def tiny_cmd(
     typer.echo(f"wrote {write_tiny_checkpoint(out, num_mtp=mtp_layers, seed=seed)}")
 
 
+def _task_options(task: str, raw: str | None) -> dict:
+    """--task-config as reasoning-gym options, checked by building one problem (before any engine starts)."""
+    if raw is None:
+        options: dict = {}
+    elif raw == "demo":
+        from services.cli_demo import DEMO_TASK
+
+        options = dict(DEMO_TASK)
+    else:
+        try:
+            options = json.loads(raw)
+        except ValueError as e:
+            _fail(f"--task-config must be a JSON object (or 'demo'): {e}")
+        if not isinstance(options, dict):
+            _fail(f"--task-config must be a JSON object (or 'demo'), got {type(options).__name__}")
+    from reward.datasets import reasoning_gym_items
+
+    try:
+        reasoning_gym_items(task, seed=0, size=1, **options)
+    except Exception as e:  # reasoning-gym raises TypeError, ValueError, AssertionError, KeyError alike
+        _fail(f"--task {task} --task-config {json.dumps(options)}: reasoning-gym refuses it: {type(e).__name__}: {e}")
+    return options
+
+
 @app.command("warmup")
 def warmup_cmd(
     model: Annotated[Path, typer.Option(help="Checkpoint to start from.")],
     out: Annotated[Path, typer.Option(help="Where to write the warmed-up checkpoint.")],
     task: Annotated[str, typer.Option(help="reasoning-gym task whose prompts are answered.")] = "basic_arithmetic",
+    task_config: Annotated[str | None, typer.Option(help="The task's reasoning-gym options as a JSON object, "
+                                                         "e.g. the run's `data.task_config`; 'demo' = the "
+                                                         "demo's task (two single-digit terms).")] = None,
     train_prompts: Annotated[int, typer.Option()] = 48,
     epochs: Annotated[int, typer.Option()] = 10,
     heldout_prompts: Annotated[int, typer.Option(help="Prompts (another seed range) measuring acceptance.")] = 8,
@@ -115,6 +142,9 @@ def warmup_cmd(
                                                      "so a run starts with a head aligned by its RL loss.")] = None,
     top_k: Annotated[int | None, typer.Option(help="k of --distill topk_ce (default "
                                                    "learner.config.DEFAULT_DISTILL_TOP_K).")] = None,
+    sampled_eval: Annotated[int | None, typer.Option(help="Also measure acceptance on N samples of each held-out "
+                                                          "prompt at --temperature with probabilistic drafts (what RL "
+                                                          "meets); default 4 with --distill, else 0 (greedy only).")] = None,
     report: Annotated[Path | None, typer.Option(help="Write the measurements as JSON here.")] = None,
 ) -> None:
     """Train the MTP heads on the model's own answers (backbone frozen); print acceptance before/after.
@@ -135,6 +165,11 @@ def warmup_cmd(
         _fail("--top-k is the k of --distill topk_ce")
     if temperature is None:  # head distillation trains for RL's sampling distribution, T = 1
         temperature = 1.0 if distill else 0.7
+    if sampled_eval is None:
+        sampled_eval = 4 if distill and temperature > 0 else 0
+    if sampled_eval and temperature == 0:
+        _fail("--sampled-eval measures acceptance at --temperature: give a temperature > 0 or --sampled-eval 0")
+    options = _task_options(task, task_config)
     if temperature == 0 and samples_per_prompt > 1:
         _fail("--temperature 0 gives one answer per prompt; use --samples-per-prompt 1 or more prompts")
     if ce_vocab and not ce_weight:
@@ -144,7 +179,7 @@ def warmup_cmd(
     try:
         cfg = SelfDistillConfig(task=task, train_prompts=train_prompts, heldout_prompts=heldout_prompts,
                                 samples_per_prompt=samples_per_prompt, temperature=temperature, max_tokens=max_tokens,
-                                seed=seed, ce_vocab_size=ce_vocab)
+                                seed=seed, ce_vocab_size=ce_vocab, task_config=options, sampled_eval=sampled_eval)
         # Prompt plus answer must fit the warm-up's sequence cap, or the answers' ends are never learnt.
         cfg.warmup = cfg.warmup.model_validate({**cfg.warmup.model_dump(), "epochs": epochs, "ce_weight": ce_weight,
                                                 "answer_only": answer_only,

@@ -24,6 +24,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -36,12 +37,19 @@ from rollout.engine import RolloutEngine
 
 class SelfDistillConfig(BaseModel):
     task: str = Field("basic_arithmetic", description="reasoning-gym task whose prompts are answered.")
+    task_config: dict[str, Any] = Field(
+        default_factory=dict, description="reasoning-gym options of `task` (e.g. the demo's "
+        "`services.cli_demo.DEMO_TASK`): warm the head up on the prompts the run will train on, not the "
+        "task's default mix.")
     train_prompts: int = Field(48, gt=1, description="Prompts answered to make warm-up text.")
     heldout_prompts: int = Field(8, gt=0, description="Prompts used to measure acceptance before/after.")
     samples_per_prompt: int = Field(2, gt=0, description="Sampled answers per training prompt.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature of the warm-up answers.")
     max_tokens: int = Field(128, gt=0, description="Answer length cap.")
     seed: int = Field(0)
+    sampled_eval: int = Field(
+        0, ge=0, le=64, description="Also measure acceptance on this many samples of each held-out prompt at "
+        "`temperature`, with probabilistic drafts (the acceptance RL meets at T = 1); 0 = greedy only.")
     # Distillation onto the backbone's hidden states: ~3.5× cheaper per step than CE on this model
     # (no 49k-vocabulary head per token) and, step for step, as good at raising acceptance here.
     warmup: WarmupConfig = Field(default_factory=lambda: WarmupConfig(loss="distill", epochs=10, batch_size=8, lr=3e-3))
@@ -94,27 +102,38 @@ def is_current(model_dir: str | Path, out_dir: str | Path, cfg: SelfDistillConfi
 HELDOUT_SEED_OFFSET = 10_000
 
 
-def task_prompts(task: str, n: int, seed: int, tokenizer) -> list[str]:
+def task_prompts(task: str, n: int, seed: int, tokenizer, task_config: dict[str, Any] | None = None) -> list[str]:
     from reward.datasets import reasoning_gym_items
 
-    return [it.prompt for it in reasoning_gym_items(task, seed=seed, size=n, tokenizer=tokenizer)]
+    return [it.prompt for it in reasoning_gym_items(task, seed=seed, size=n, tokenizer=tokenizer, **(task_config or {}))]
 
 
 def run_self_distill(model_dir: str | Path, out_dir: str | Path, cfg: SelfDistillConfig | None = None, log=print) -> dict:
     cfg = cfg or SelfDistillConfig()
     t_start = time.perf_counter()
     fingerprint = recipe_fingerprint(model_dir, cfg)
-    engine = RolloutEngine(EngineConfig(model=str(model_dir), num_speculative_tokens=1, seed=cfg.seed, **cfg.engine))
+    # Probabilistic drafts change nothing for greedy requests (vLLM drafts their argmax), and are
+    # what a sampled request is drafted with during RL.
+    draft = {"draft_sample_method": "probabilistic"} if cfg.sampled_eval else {}
+    engine = RolloutEngine(EngineConfig(model=str(model_dir), num_speculative_tokens=1, seed=cfg.seed,
+                                        **draft, **cfg.engine))
     log(f"engine up in {engine.startup_seconds:.1f}s (vLLM, MTP drafting with 1 speculative token)")
-    held = task_prompts(cfg.task, cfg.heldout_prompts, cfg.seed + HELDOUT_SEED_OFFSET, engine.tokenizer)
-    train = task_prompts(cfg.task, cfg.train_prompts, cfg.seed, engine.tokenizer)
+    held = task_prompts(cfg.task, cfg.heldout_prompts, cfg.seed + HELDOUT_SEED_OFFSET, engine.tokenizer, cfg.task_config)
+    train = task_prompts(cfg.task, cfg.train_prompts, cfg.seed, engine.tokenizer, cfg.task_config)
     greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=cfg.max_tokens)
+    # Seeded, so before and after meet the same random streams (up to where the drafts differ).
+    sampled = (SamplingConfig(n=cfg.sampled_eval, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                              seed=cfg.seed + HELDOUT_SEED_OFFSET) if cfg.sampled_eval else None)
 
     before = engine.generate(held, greedy)
     log(
         f"before warm-up: acceptance {before.spec.acceptance_rate:.3f}, "
         f"mean acceptance length {before.spec.mean_acceptance_length:.2f}, {before.tokens_per_s:.1f} tok/s"
     )
+    before_sampled = engine.generate(held, sampled) if sampled else None
+    if before_sampled:
+        log(f"before warm-up: acceptance {before_sampled.spec.acceptance_rate:.3f} at T = {cfg.temperature} "
+            f"({cfg.sampled_eval} probabilistically drafted samples a held-out prompt)")
     log(f"answering {len(train)} prompts × {cfg.samples_per_prompt} for warm-up text ...")
     data = engine.generate(
         train,
@@ -141,6 +160,9 @@ def run_self_distill(model_dir: str | Path, out_dir: str | Path, cfg: SelfDistil
         f"mean acceptance length {after.spec.mean_acceptance_length:.2f}, {after.tokens_per_s:.1f} tok/s "
         f"(heads loaded live in {sync_s:.2f}s; greedy outputs unchanged: {lossless})"
     )
+    after_sampled = engine.generate(held, sampled) if sampled else None
+    if after_sampled:
+        log(f"after warm-up:  acceptance {after_sampled.spec.acceptance_rate:.3f} at T = {cfg.temperature}")
     save_policy(policy, out_dir, tokenizer=engine.tokenizer)
     # The drafter-vocabulary ranking (rollout.draft_vocab) from the same answers the heads learnt.
     write_draft_vocab(out_dir, answers, source=f"self-distill answers: {cfg.task}, {len(answers)} samples")
@@ -150,6 +172,7 @@ def run_self_distill(model_dir: str | Path, out_dir: str | Path, cfg: SelfDistil
         "model": str(model_dir),
         "out": str(out_dir),
         "task": cfg.task,
+        "task_config": cfg.task_config,
         "warmup_sequences": len(sequences),
         "heldout_ce_before": res.heldout_ce_before,
         "heldout_ce_after": res.heldout_ce_after,
@@ -159,6 +182,9 @@ def run_self_distill(model_dir: str | Path, out_dir: str | Path, cfg: SelfDistil
         "ce_vocab_size": cfg.ce_vocab_size,
         "acceptance_before": before.spec.acceptance_rate,
         "acceptance_after": after.spec.acceptance_rate,
+        "acceptance_sampled_before": before_sampled.spec.acceptance_rate if before_sampled else None,
+        "acceptance_sampled_after": after_sampled.spec.acceptance_rate if after_sampled else None,
+        "sampled_eval_temperature": cfg.temperature if sampled else None,
         "mean_acceptance_length_before": before.spec.mean_acceptance_length,
         "mean_acceptance_length_after": after.spec.mean_acceptance_length,
         "tokens_per_s_before": before.tokens_per_s,

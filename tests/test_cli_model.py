@@ -57,3 +57,19 @@ def test_warmup_refuses_bad_loss_settings_before_starting(tmp_path):
     res = runner.invoke(app, base + ["--ce-vocab", "1024"])
     assert res.exit_code == 2 and "--ce-weight" in res.output
     assert not (tmp_path / "w").exists()
+
+
+def test_warmup_refuses_a_task_config_reasoning_gym_refuses_before_starting(tmp_path):
+    assert runner.invoke(app, ["model", "tiny", "--out", str(tmp_path / "t"), "--mtp-layers", "1"]).exit_code == 0
+    base = ["model", "warmup", "--model", str(tmp_path / "t"), "--out", str(tmp_path / "w"), "--task-config"]
+    res = runner.invoke(app, base + ["{not json"])
+    assert res.exit_code == 2 and "JSON object" in res.output
+    res = runner.invoke(app, base + ["[1, 2]"])
+    assert res.exit_code == 2 and "got list" in res.output
+    res = runner.invoke(app, base + ['{"bogus": 1}'])
+    assert res.exit_code == 2 and "reasoning-gym refuses it" in res.output and "bogus" in res.output
+    res = runner.invoke(app, base + ['{"min_terms": 3, "max_terms": 2}'])
+    assert res.exit_code == 2 and "max_terms must be >= min_terms" in res.output
+    res = runner.invoke(app, base[:-1] + ["--temperature", "0", "--sampled-eval", "2"])
+    assert res.exit_code == 2 and "--sampled-eval" in res.output
+    assert not (tmp_path / "w").exists()
