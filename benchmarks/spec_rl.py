@@ -76,7 +76,7 @@ def base_spec(model: Path, args) -> dict:
     raw["name"] = "spec-rl"
     raw["rollout"].update(temperature=1.0, prompts_per_step=args.prompts_per_step,
                           samples_per_prompt=args.samples_per_prompt, max_tokens=args.max_tokens,
-                          draft_sample_method="probabilistic")
+                          draft_sample_method=args.draft_method)
     raw["algorithm"]["lr"] = args.lr
     raw["algorithm"]["mtp"] = {"distill": {"kind": args.distill_kind, "coef": args.distill_coef}}
     if args.mtp_lr is not None:  # every regime: the heads' rate is a setting of the run, not of a row
@@ -122,6 +122,10 @@ def main() -> None:
     ap.add_argument("--distill-coef", type=float, default=1.0)
     ap.add_argument("--mtp-lr", type=float, default=None,
                     help="algorithm.mtp.lr, the MTP modules' own AdamW rate (default: --lr for everything).")
+    ap.add_argument("--draft-method", default="probabilistic", choices=("probabilistic", "greedy"),
+                    help="how the RL engines draft at T = 1 (both lossless): probabilistic drafts are accepted with "
+                    "1 - TV(p, q), greedy ones with p(argmax q), which is larger once the policy is peaked and the "
+                    "head under-confident (benchmarks/head_acceptance.py)")
     ap.add_argument("--adaptive-k", type=int, default=3)
     ap.add_argument("--decode-max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
@@ -174,6 +178,7 @@ def main() -> None:
         "acceptance_by_step": {r: acceptance_by_step(args.out / r) for r in regimes},
         "steps": args.steps, "task": "demo (reasoning_gym basic_arithmetic, 2 single-digit terms)",
         "distill": {"kind": args.distill_kind, "coef": args.distill_coef}, "lr": args.lr, "mtp_lr": args.mtp_lr,
+        "draft_method": args.draft_method,
         "init": str(start),
     }
     if not args.skip_decode:
