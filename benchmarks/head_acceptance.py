@@ -17,7 +17,9 @@ distribution p (what verifies a draft of x_t) and head 1's q (what drafts it). P
 
 No engine and no timing: this is the expectation the engine's counters estimate, split by cause.
 The last line is a JSON object: ``prob_acceptance``, ``greedy_acceptance``, ``mean_entropy``,
-``tokens``, ``by_entropy`` and ``by_position`` (each bucket: share of tokens and both acceptances).
+``tokens``, ``by_entropy`` and ``by_position`` (each bucket: share of tokens and both acceptances),
+``sure_misses`` (tokens the main head is sure of, max p > 0.95, that head 1 accepts less than half)
+and ``top_misses`` (the commonest of them: the two tokens before, the target, head 1's argmax).
 """
 
 from __future__ import annotations
@@ -36,8 +38,11 @@ ENTROPY_BUCKETS = [(0.0, 0.1), (0.1, 0.5), (0.5, 1.5), (1.5, float("inf"))]
 POSITION_BUCKETS = [(0, 8), (8, 16), (16, 32), (32, 10**9)]
 
 
-def per_token(model, prompt: list[int], response: list[int], temperature: float) -> list[tuple[int, float, float, float]]:
-    """(response position, 1 − TV, p(argmax q), H(p)) for every response token head 1 drafts."""
+def per_token(model, prompt: list[int], response: list[int], temperature: float,
+              misses: list | None = None) -> list[tuple[int, float, float, float]]:
+    """(response position, 1 − TV, p(argmax q), H(p)) for every response token head 1 drafts.
+    ``misses`` collects (two tokens before, target, head's argmax) where the main head is sure
+    (max p > 0.95) and head 1 accepts less than half."""
     from learner.mtp_distill import distill_tv
 
     ids = torch.tensor([prompt + response])
@@ -49,6 +54,11 @@ def per_token(model, prompt: list[int], response: list[int], temperature: float)
     greedy = p.gather(-1, rows.student_logits.argmax(-1, keepdim=True)).squeeze(-1)
     entropy = -(p * rows.teacher_logp.clamp_min(torch.finfo(p.dtype).min)).sum(-1)
     cols = rows.index[1].tolist()
+    if misses is not None:
+        full = prompt + response
+        sure = (p.max(-1).values > 0.95) & (accept < 0.5)
+        misses += [(full[c - 2 : c], full[c], d) for c, d, s in
+                   zip(cols, rows.student_logits.argmax(-1).tolist(), sure.tolist()) if s]
     return [(c - len(prompt), a, g, h) for c, a, g, h in zip(cols, accept.tolist(), greedy.tolist(), entropy.tolist())]
 
 
@@ -76,6 +86,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=20_000, help="problem seed (the demo trains on seed 0's split)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--misses", type=int, default=20,
+                    help="list the N commonest tokens the main head is sure of (p > 0.95) and head 1 misses (1 - TV < 0.5)")
     args = ap.parse_args()
     if args.temperature <= 0:
         raise SystemExit("--temperature must be > 0: greedy decoding has no distribution to draft for")
@@ -95,6 +107,7 @@ def main() -> None:
     items = reasoning_gym_items("basic_arithmetic", seed=args.seed, size=args.prompts, tokenizer=tok, **DEMO_TASK)
     eos = tok.eos_token_id
     rows: list[tuple[int, float, float, float]] = []
+    misses: list = []
     with torch.no_grad():
         for i, item in enumerate(items):
             prompt = tok(item.prompt, add_special_tokens=False).input_ids
@@ -106,10 +119,15 @@ def main() -> None:
                 response = seq[len(prompt):]
                 if eos in response:
                     response = response[: response.index(eos) + 1]
-                rows += per_token(model, prompt, response, args.temperature)
+                rows += per_token(model, prompt, response, args.temperature, misses)
             print(f"prompt {i + 1}/{len(items)}: {len(rows)} tokens", file=sys.stderr, flush=True)
+    from collections import Counter
+
+    common = Counter((tok.decode(ctx), tok.decode([t]), tok.decode([d])) for ctx, t, d in misses)
     result = {"model": str(args.model), "temperature": args.temperature, "prompts": args.prompts,
-              "samples": args.samples, **summarise(rows)}
+              "samples": args.samples, **summarise(rows), "sure_misses": len(misses),
+              "top_misses": [{"before": b, "target": t, "head": d, "count": n}
+                             for (b, t, d), n in common.most_common(args.misses)]}
     print(json.dumps(result))
 
 
