@@ -167,8 +167,6 @@ def warmup_cmd(
         temperature = 1.0 if distill else 0.7
     if sampled_eval is None:
         sampled_eval = 4 if distill and temperature > 0 else 0
-    if sampled_eval and temperature == 0:
-        _fail("--sampled-eval measures acceptance at --temperature: give a temperature > 0 or --sampled-eval 0")
     options = _task_options(task, task_config)
     if temperature == 0 and samples_per_prompt > 1:
         _fail("--temperature 0 gives one answer per prompt; use --samples-per-prompt 1 or more prompts")
@@ -186,7 +184,7 @@ def warmup_cmd(
                                                 "max_len": max(cfg.warmup.max_len, max_tokens + 256),
                                                 **({"loss": distill, "top_k": top_k} if distill else {})})
     except ValidationError as e:
-        _fail("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
+        _fail("; ".join(f"{'.'.join(map(str, err['loc'])) + ': ' if err['loc'] else ''}{err['msg']}" for err in e.errors()))
     try:
         result = run_self_distill(model, out, cfg)
     except ValueError as e:  # e.g. a resumable state left by another recipe

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from learner.checkpoint import iter_export_tensors, load_policy, save_policy
 from learner.warmup import WarmupConfig, warmup_mtp
@@ -57,6 +57,13 @@ class SelfDistillConfig(BaseModel):
         0, ge=0, description="Score the warm-up's CE term over only the N most frequent tokens of the answers "
         "(the pruned drafter's vocabulary, rollout.draft_vocab); 0 = the full vocabulary.")
     engine: dict = Field(default_factory=lambda: {"kv_cache_gib": 1.0, "max_model_len": 768, "max_num_seqs": 64})
+
+    @model_validator(mode="after")
+    def _sampled_eval_needs_a_temperature(self) -> SelfDistillConfig:
+        if self.sampled_eval and self.temperature == 0:
+            raise ValueError("sampled_eval measures acceptance at `temperature`: give a temperature > 0 "
+                             "or sampled_eval 0 (--sampled-eval 0)")
+        return self
 
 
 #: The modules whose code decides the warm-up's text and training (sampling, the drafter, the

@@ -70,6 +70,6 @@ def test_warmup_refuses_a_task_config_reasoning_gym_refuses_before_starting(tmp_
     assert res.exit_code == 2 and "reasoning-gym refuses it" in res.output and "bogus" in res.output
     res = runner.invoke(app, base + ['{"min_terms": 3, "max_terms": 2}'])
     assert res.exit_code == 2 and "max_terms must be >= min_terms" in res.output
-    res = runner.invoke(app, base[:-1] + ["--temperature", "0", "--sampled-eval", "2"])
-    assert res.exit_code == 2 and "--sampled-eval" in res.output
+    res = runner.invoke(app, base[:-1] + ["--temperature", "0", "--samples-per-prompt", "1", "--sampled-eval", "2"])
+    assert res.exit_code == 2 and "sampled_eval measures acceptance at `temperature`" in res.output
     assert not (tmp_path / "w").exists()
