@@ -84,10 +84,9 @@ TASK_CONFIG: dict = {}  # reasoning-gym basic_arithmetic options (--task-config)
 def use_task_config(value: str) -> None:
     """Set TASK_CONFIG from a --task-config value: basic_arithmetic options as JSON, or 'demo' for
     the demo's task ('' leaves reasoning-gym's defaults)."""
-    if value:
-        from services.cli_demo import DEMO_TASK
+    from services.cli_demo import task_options
 
-        TASK_CONFIG.update(DEMO_TASK if value == "demo" else json.loads(value))
+    TASK_CONFIG.update(task_options(value))
 
 
 def prompts_for(tokenizer, n: int, seed: int) -> list[str]:

@@ -32,6 +32,22 @@ DEMO_TASK = {"min_terms": 2, "max_terms": 2, "max_digits": 1, "operators": ["+",
              "allow_parentheses": False, "allow_negation": False}
 
 
+def task_options(value: str | None) -> dict[str, Any]:
+    """A ``--task-config`` value as reasoning-gym options: ``demo`` = `DEMO_TASK`, else a JSON
+    object; None or '' = none (the task's defaults). Raises ValueError on anything else."""
+    if not value:
+        return {}
+    if value == "demo":
+        return dict(DEMO_TASK)
+    try:
+        options = json.loads(value)
+    except ValueError as e:
+        raise ValueError(f"--task-config must be a JSON object (or 'demo'): {e}") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"--task-config must be a JSON object (or 'demo'), got {type(options).__name__}")
+    return options
+
+
 #: Training steps of the default demo (8 prompts × 6 samples each).
 DEMO_STEPS = 5
 #: Answer cap of the warm-up's own answers: the demo's rollout budget (``rollout.max_tokens``).

@@ -92,20 +92,13 @@ def tiny_cmd(
 
 def _task_options(task: str, raw: str | None) -> dict:
     """--task-config as reasoning-gym options, checked by building one problem (before any engine starts)."""
-    if raw is None:
-        options: dict = {}
-    elif raw == "demo":
-        from services.cli_demo import DEMO_TASK
-
-        options = dict(DEMO_TASK)
-    else:
-        try:
-            options = json.loads(raw)
-        except ValueError as e:
-            _fail(f"--task-config must be a JSON object (or 'demo'): {e}")
-        if not isinstance(options, dict):
-            _fail(f"--task-config must be a JSON object (or 'demo'), got {type(options).__name__}")
     from reward.datasets import reasoning_gym_items
+    from services.cli_demo import task_options
+
+    try:
+        options = task_options(raw)
+    except ValueError as e:
+        _fail(str(e))
 
     try:
         reasoning_gym_items(task, seed=0, size=1, **options)
