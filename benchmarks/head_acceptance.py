@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -51,14 +52,15 @@ def per_token(model, prompt: list[int], response: list[int], temperature: float,
     rows = model.token_logprobs(ids, num_mtp=1, needed=needed, temperature=temperature, distill_heads=1).distill[0]
     accept = 1.0 - distill_tv(rows.student_logits, rows.teacher_logp)
     p = rows.teacher_logp.exp()
-    greedy = p.gather(-1, rows.student_logits.argmax(-1, keepdim=True)).squeeze(-1)
+    draft = rows.student_logits.argmax(-1)  # (M,) head 1's greedy draft
+    greedy = p.gather(-1, draft.unsqueeze(-1)).squeeze(-1)
     entropy = -(p * rows.teacher_logp.clamp_min(torch.finfo(p.dtype).min)).sum(-1)
     cols = rows.index[1].tolist()
     if misses is not None:
         full = prompt + response
         sure = (p.max(-1).values > 0.95) & (accept < 0.5)
         misses += [(full[c - 2 : c], full[c], d) for c, d, s in
-                   zip(cols, rows.student_logits.argmax(-1).tolist(), sure.tolist()) if s]
+                   zip(cols, draft.tolist(), sure.tolist()) if s]
     return [(c - len(prompt), a, g, h) for c, a, g, h in zip(cols, accept.tolist(), greedy.tolist(), entropy.tolist())]
 
 
@@ -121,8 +123,6 @@ def main() -> None:
                     response = response[: response.index(eos) + 1]
                 rows += per_token(model, prompt, response, args.temperature, misses)
             print(f"prompt {i + 1}/{len(items)}: {len(rows)} tokens", file=sys.stderr, flush=True)
-    from collections import Counter
-
     common = Counter((tok.decode(ctx), tok.decode([t]), tok.decode([d])) for ctx, t, d in misses)
     result = {"model": str(args.model), "temperature": args.temperature, "prompts": args.prompts,
               "samples": args.samples, **summarise(rows), "sure_misses": len(misses),
