@@ -168,8 +168,8 @@ def main() -> None:
                     help="add an n = 1 engine drafting probabilistically (label n1-prob; draft_sample_method)")
     ap.add_argument("--adaptive", type=int, default=0, metavar="K",
                     help="add an adaptive-drafting engine drafting 0..K tokens per call (label adaptive)")
-    ap.add_argument("--adaptive-method", default="greedy", choices=("greedy", "probabilistic"),
-                    help="draft_sample_method of the adaptive engine")
+    ap.add_argument("--adaptive-method", default="greedy", choices=("greedy", "probabilistic", "auto"),
+                    help="draft_sample_method of the adaptive engine (auto: chosen per call, draft_method in its rows)")
     ap.add_argument("--adaptive-warmup", type=int, default=4, help="untimed adaptive calls per batch size")
     ap.add_argument("--adaptive-probe-every", type=int, default=8)
     ap.add_argument("--adaptive-probe-steps", type=int, default=8,
@@ -262,7 +262,8 @@ def main() -> None:
                 if label == "adaptive":
                     adaptive_log.setdefault(b, []).append({"k": kept[0].draft_k, "predicted": kept[0].predicted_speedup,
                                                            "measured": kept[0].measured_speedup,
-                                                           "switch": kept[0].draft_switch})
+                                                           "switch": kept[0].draft_switch,
+                                                           "method": kept[0].draft_method})
                 rates.setdefault((label, b), []).append(tps)
                 cpu_rates.setdefault((label, b), []).append(cps)
                 spec[(label, b)] = spec[(label, b)] + s if (label, b) in spec else s
@@ -305,6 +306,7 @@ def main() -> None:
             if label == "adaptive":
                 row["draft_k"] = [x["k"] for x in adaptive_log[b]]
                 row["draft_switch"] = [x["switch"] for x in adaptive_log[b]]  # a short probe's length after it
+                row["draft_method"] = [x["method"] for x in adaptive_log[b]]  # "" where the call drafted nothing
                 row["predicted_speedup"] = [round(x["predicted"], 3) for x in adaptive_log[b]]
                 row["measured_speedup"] = [x["measured"] and round(x["measured"], 3) for x in adaptive_log[b]]
             table.append(row)

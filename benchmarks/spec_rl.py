@@ -2,8 +2,10 @@
 
 1. Trains SmolLM2 + 1 MTP head at temperature 1 under `detach`, `occ` and `occ+distill` (same
    data, seed and steps; `services.compare.run_comparison`, engines shared), on the demo's task
-   (two-term single-digit arithmetic, `services.cli_demo.DEMO_TASK`) with probabilistic drafting
-   (what pays at T = 1). The acceptance during RL is the engines' own
+   (two-term single-digit arithmetic, `services.cli_demo.DEMO_TASK`) with `--draft-method` drafts
+   (default ``auto``: each engine drafts samples of the head's q or its argmax, per call, whichever
+   it measures accepted more; ``draft_probabilistic_by_step`` in the JSON is the share of engines
+   whose last call drew samples). The acceptance during RL is the engines' own
    (`rollout/spec_acceptance_rate`: the policy's own T = 1 samples, drafted by the head being
    trained), averaged over the last 5 steps; held-out accuracy is greedy, as `mtprl demo`'s.
 2. Measures the spec-decode configurations on the trained `occ+distill` policy with
@@ -94,10 +96,24 @@ def acceptance_by_step(run_dir: Path) -> list[float | None]:
     return [round(r["rollout/spec_acceptance_rate"], 3) if "rollout/spec_acceptance_rate" in r else None for r in rows]
 
 
+def probabilistic_by_step(run_dir: Path) -> list[float | None]:
+    """Each step's share of engines whose last call drafted samples of q (not the argmax)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            v = [x for key, x in row.items() if key.startswith("rollout/engine_draft_probabilistic/")]
+            out.append(round(sum(v) / len(v), 2) if v else None)
+    return out
+
+
 def spec_decode(model: Path, temperature: float, args) -> dict:
     cmd = [sys.executable, str(REPO / "benchmarks" / "spec_decode.py"), "--model", str(model),
            "--spec-tokens", "0", "--batch-sizes", "1,8,32", "--adaptive", str(args.adaptive_k),
-           "--adaptive-method", "probabilistic" if temperature > 0 else "greedy",
+           "--adaptive-method", args.draft_method if temperature > 0 else "greedy",
            "--temperature", str(temperature), "--task-config", "demo", "--max-tokens", str(args.decode_max_tokens),
            "--repeats", str(args.repeats), "--repeats-by-batch", args.decode_repeats, "--no-diagnostics",
            "--adaptive-probe-steps", str(args.probe_steps), "--adaptive-draft-vocab", str(args.draft_vocab)]
@@ -122,10 +138,11 @@ def main() -> None:
     ap.add_argument("--distill-coef", type=float, default=1.0)
     ap.add_argument("--mtp-lr", type=float, default=None,
                     help="algorithm.mtp.lr, the MTP modules' own AdamW rate (default: --lr for everything).")
-    ap.add_argument("--draft-method", default="probabilistic", choices=("probabilistic", "greedy"),
-                    help="how the RL engines draft at T = 1 (both lossless): probabilistic drafts are accepted with "
-                    "1 - TV(p, q), greedy ones with p(argmax q), which is larger once the policy is peaked and the "
-                    "head under-confident (benchmarks/head_acceptance.py)")
+    ap.add_argument("--draft-method", default="auto", choices=("auto", "probabilistic", "greedy"),
+                    help="how the RL engines and the adaptive decode engine draft at T = 1 (all lossless): "
+                    "probabilistic drafts are accepted with 1 - TV(p, q), greedy ones with p(argmax q), which is "
+                    "larger once the policy is peaked and the head under-confident (benchmarks/head_acceptance.py); "
+                    "auto chooses per call from the acceptance each engine measures")
     ap.add_argument("--adaptive-k", type=int, default=3)
     ap.add_argument("--decode-max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
@@ -176,6 +193,7 @@ def main() -> None:
         "accuracy_before": cmp.accuracy_before,
         "eval_acceptance": {r: rows[r].eval_acceptance for r in regimes},
         "acceptance_by_step": {r: acceptance_by_step(args.out / r) for r in regimes},
+        "draft_probabilistic_by_step": {r: probabilistic_by_step(args.out / r) for r in regimes},
         "steps": args.steps, "task": "demo (reasoning_gym basic_arithmetic, 2 single-digit terms)",
         "distill": {"kind": args.distill_kind, "coef": args.distill_coef}, "lr": args.lr, "mtp_lr": args.mtp_lr,
         "draft_method": args.draft_method,

@@ -48,6 +48,20 @@ is timed for neither (`CallSteps`). Likewise the first drafting call at a batch-
 no plain step timed yet drafts ``probe_steps`` steps and runs the rest plain, so one call times
 both, where a whole drafting call would be a bet on the prior cost.
 
+Draft method (``draft_sample_method: auto``). At temperature > 0 a draft is either the head's
+argmax, accepted with p(argmax q), or a sample of the head's q, accepted with min(1, p/q) — in
+expectation 1 − TV(p, q). Neither dominates: a head distilled to a spread-out policy is about as
+wide as p and the sample wins; once RL has sharpened p the head stays wider than p and its argmax
+wins (docs/benchmarks.md, session 17: 0.42 vs 0.34 at RL start, 0.72 vs 0.75 after 30 steps). An
+``auto`` engine keeps sampled calls' acceptance per method and chooses the (method, k) of the
+largest S; its first sampled call of each method measures it at the maximum k, and the probes
+include the other method at the chosen length (at least 1), second in turn after k = 0: a whole
+call, since the engine sets the method between calls — short only from k = 0, where the method
+of the rest is moot. Step costs are kept per method too (a
+probabilistic draft adds a softmax over the drafter's vocabulary and a probability lookup in the
+rejection sampler); a method not yet timed at a length borrows the other method's time there.
+Greedy (temperature 0) calls draft the argmax whatever the method.
+
 Between probes the choice is greedy: a head that never accepts stops drafting on the call after
 its first measured call (its a_1 drops to prior_weight·prior_acceptance / (prior_weight +
 drafts)); a head that always accepts keeps the maximum as long as a drafted token costs less
@@ -118,6 +132,10 @@ def bucket(batch_size: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, batch_size))))
 
 
+#: The draft methods of a sampled call (vLLM speculative_config.draft_sample_method).
+DRAFT_METHODS = ("probabilistic", "greedy")
+
+
 @dataclass
 class Choice:
     """What a call drafts, and why."""
@@ -131,6 +149,7 @@ class Choice:
     steps: int = 0
     rest_k: int | None = None
     ratios: list[float] = field(default_factory=list)  # T(b, k) / T(b, 0) for k = 0..K, as S used them
+    method: str = "greedy"  # how a sampled call drafts (DRAFT_METHODS); greedy calls draft the argmax anyway
 
     def call_speedup(self, steps_at_k: int, steps_at_rest: int) -> float:
         """The predicted speed-up of the call as it ran: tokens over time of its two phases,
@@ -202,107 +221,151 @@ class AdaptiveDrafter:
     """Per-engine online estimates and the choice of k (state only; not thread-safe: the engine
     calls it under its generation lock)."""
 
-    def __init__(self, config: AdaptiveDraftConfig | dict, max_k: int):
+    def __init__(self, config: AdaptiveDraftConfig | dict, max_k: int, methods: tuple[str, ...] = ("greedy",),
+                 adaptive_length: bool = True):
+        """``methods``: the draft methods sampled calls choose among (one: fixed; the first is tried
+        first); ``adaptive_length``: choose k in 0..max_k, else always max_k (an engine that only
+        chooses its method)."""
         if max_k < 1:
             raise ValueError(f"adaptive drafting needs num_speculative_tokens >= 1 as its maximum, got {max_k}")
+        if not methods or set(methods) - set(DRAFT_METHODS) or len(set(methods)) != len(methods):
+            raise ValueError(f"draft methods must be distinct ones of {DRAFT_METHODS}, got {methods}")
         self.config = AdaptiveDraftConfig.model_validate(config)
         self.max_k = max_k
+        self.methods = tuple(methods)
+        self.adaptive_length = adaptive_length
         self.calls = 0
         self._probe_next = 0  # cursor over the probe lengths
         self._gap = self.config.probe_every  # calls from this probe to the next
         self._next_probe = self.config.probe_every  # call number of the next probe
         self._best_at_probe: int | None = None  # the choice a probe was made against
-        self._acc = {m: _Acceptance([0.0] * max_k, [0.0] * max_k) for m in ("greedy", "sampled")}
-        self._cost: dict[tuple[int, int], float] = {}  # (bucket, k) -> EWMA seconds per decode step
+        # Acceptance of greedy calls, and of sampled calls per draft method (`_kind`).
+        self._acc = {kind: _Acceptance([0.0] * max_k, [0.0] * max_k)
+                     for kind in ("greedy", *(f"sampled:{m}" for m in self.methods))}
+        # (bucket, k, method) -> EWMA seconds per decode step; method "" at k = 0 (a plain step).
+        self._cost: dict[tuple[int, int, str], float] = {}
+
+    def _kind(self, sampled: bool, method: str | None) -> str:
+        return f"sampled:{method or self.methods[0]}" if sampled else "greedy"
+
+    def _method(self, method: str | None) -> str:
+        return method or self.methods[0]
 
     # ---- estimates -------------------------------------------------------------------------------
-    def acceptance(self, sampled: bool) -> list[float]:
-        """Conditional acceptance a_1..a_K, the prior blended with the decayed counts."""
-        c, s = self.config, self._acc["sampled" if sampled else "greedy"]
+    def acceptance(self, sampled: bool, method: str | None = None) -> list[float]:
+        """Conditional acceptance a_1..a_K (of sampled calls drafting by ``method``, default the
+        first), the prior blended with the decayed counts."""
+        c, s = self.config, self._acc[self._kind(sampled, method)]
         return [(acc + c.prior_weight * c.prior_acceptance) / (n + c.prior_weight) if n + c.prior_weight > 0
                 else c.prior_acceptance for acc, n in zip(s.accepted, s.reached)]
 
-    def cost_ratio(self, batch_size: int, k: int) -> float:
-        """T(b, k) / T(b, 0) in the nearest bucket with a plain and a drafting time: measured for this
-        k, else linear in k through the measured ones (1 + c·k, c their mean (ratio − 1)/k); without
-        such a bucket the prior 1 + prior_draft_cost·k."""
+    def cost_ratio(self, batch_size: int, k: int, method: str | None = None) -> float:
+        """T(b, k) / T(b, 0) of drafting by ``method`` in the nearest bucket with a plain and a drafting
+        time: measured for this k and method, else this k's time of the other method, else linear in
+        k through the method's measured lengths there (1 + c·k, c their mean (ratio − 1)/k), else
+        through every measured length; without such a bucket the prior 1 + prior_draft_cost·k."""
         if k == 0:
             return 1.0
+        method = self._method(method)
         b = bucket(batch_size)
-        both = {bb for (bb, kk) in self._cost if kk > 0 and (bb, 0) in self._cost}
+        both = {bb for (bb, kk, _) in self._cost if kk > 0 and (bb, 0, "") in self._cost}
         if not both:
             return 1.0 + self.config.prior_draft_cost * k
         near = min(both, key=lambda bb: (abs(math.log2(bb) - math.log2(b)), bb))
-        plain = self._cost[(near, 0)]
-        if (near, k) in self._cost:
-            return self._cost[(near, k)] / plain
-        per_token = [(t / plain - 1.0) / kk for (bb, kk), t in self._cost.items() if bb == near and kk > 0]
+        plain = self._cost[(near, 0, "")]
+        drafting = {(kk, m): t for (bb, kk, m), t in self._cost.items() if bb == near and kk > 0}
+        same_k = [t for (kk, m), t in sorted(drafting.items(), key=lambda x: x[0][1] != method) if kk == k]
+        if same_k:
+            return same_k[0] / plain
+        own = [(kk, t) for (kk, m), t in drafting.items() if m == method] or [(kk, t) for (kk, _), t in drafting.items()]
+        per_token = [(t / plain - 1.0) / kk for kk, t in own]
         return 1.0 + max(0.0, sum(per_token) / len(per_token)) * k
 
-    def speedups(self, batch_size: int, sampled: bool) -> list[float]:
-        """S(k) for k = 0..K. The cost ratios are taken as at least 1 and non-decreasing in k:
-        drafting more only adds work, so a ratio below that is timing noise (another process slowing
-        the plain steps) — and it must never switch on a head that accepts nothing."""
-        a = self.acceptance(sampled)
+    def speedups(self, batch_size: int, sampled: bool, method: str | None = None) -> list[float]:
+        """S(k) for k = 0..K (drafting by ``method``). The cost ratios are taken as at least 1 and
+        non-decreasing in k: drafting more only adds work, so a ratio below that is timing noise
+        (another process slowing the plain steps) — and it must never switch on a head that accepts
+        nothing."""
+        a = self.acceptance(sampled, method)
         return [e / r for e, r in zip((expected_tokens(a, k) for k in range(self.max_k + 1)),
-                                      self.cost_ratios(batch_size))]
+                                      self.cost_ratios(batch_size, method))]
 
-    def cost_ratios(self, batch_size: int) -> list[float]:
+    def cost_ratios(self, batch_size: int, method: str | None = None) -> list[float]:
         """T(b, k) / T(b, 0) for k = 0..K as `speedups` uses them: at least 1, non-decreasing in k."""
         out, ratio = [], 1.0
         for k in range(self.max_k + 1):
-            ratio = max(ratio, self.cost_ratio(batch_size, k))
+            ratio = max(ratio, self.cost_ratio(batch_size, k, method))
             out.append(ratio)
         return out
 
     def plain_step_seconds(self, batch_size: int) -> float | None:
         """T(b, 0) of the bucket, if measured."""
-        return self._cost.get((bucket(batch_size), 0))
+        return self._cost.get((bucket(batch_size), 0, ""))
 
     # ---- decisions -------------------------------------------------------------------------------
     def choose(self, batch_size: int, sampled: bool) -> Choice:
-        """The draft length of the next call of ``batch_size`` sequences."""
+        """The draft length (and, for a sampled call, method) of the next call of ``batch_size``
+        sequences."""
         self.calls += 1
-        s = self.speedups(batch_size, sampled)
-        # Drafting must beat not drafting by min_gain (timing noise must not flip a useless head on).
-        best = max(range(len(s)), key=lambda k: (s[k] if k == 0 or s[k] >= 1.0 + self.config.min_gain else 0.0, -k))
-        k, probe = best, False
-        if self._acc["sampled" if sampled else "greedy"].reached[0] == 0:
-            k, probe = self.max_k, True  # nothing measured yet for this kind of call: measure every position
+        methods = self.methods if sampled else self.methods[:1]
+        s = {m: self.speedups(batch_size, sampled, m) for m in methods}
+        lengths = range(self.max_k + 1) if self.adaptive_length else [self.max_k]
+
+        def score(km: tuple[int, str]) -> tuple:
+            k, m = km
+            # Drafting must beat not drafting by min_gain (timing noise must not flip a useless
+            # head on); ties go to the smaller k, then to the first method.
+            gain = s[m][k] if k == 0 or s[m][k] >= 1.0 + self.config.min_gain or not self.adaptive_length else 0.0
+            return gain, -k, -methods.index(m)
+
+        best, best_m = max(((k, m) for k in lengths for m in methods), key=score)
+        k, method, probe = best, best_m, False
+        unmeasured = [m for m in methods if self._acc[self._kind(sampled, m)].reached[0] == 0]
+        if unmeasured:
+            # Nothing measured yet for this kind of call and method: measure every position.
+            k, method, probe = self.max_k, unmeasured[0], True
         elif self.calls >= self._next_probe:
-            # Probe k = 0 (times the plain step: the cheapest call) and the neighbours of the choice.
-            others = [j for j in dict.fromkeys((0, best + 1, best - 1)) if 0 <= j <= self.max_k and j != best]
-            k, probe = others[self._probe_next % len(others)], True
-            self._probe_next += 1
-            self._best_at_probe = best
-            self._next_probe = self.calls + self._gap
+            # Probe k = 0 (times the plain step: the cheapest call), then the other draft method at
+            # the chosen length (at least 1), then the neighbours of the choice, in turn.
+            near = [(j, best_m) for j in dict.fromkeys((0, best + 1, best - 1)) if j in lengths and j != best]
+            others = near[:1] + [(max(best, 1), m) for m in methods if m != best_m] + near[1:]
+            if others:
+                k, method = others[self._probe_next % len(others)]
+                probe = True
+                self._probe_next += 1
+                self._best_at_probe = (best, best_m)
+                self._next_probe = self.calls + self._gap
         elif self._best_at_probe is not None:  # the first choice after a probe
-            confirmed = best == self._best_at_probe
+            confirmed = (best, best_m) == self._best_at_probe
             self._gap = min(2 * self._gap, PROBE_BACKOFF * self.config.probe_every) if confirmed else self.config.probe_every
             self._next_probe = self.calls - 1 + self._gap
             self._best_at_probe = None
         rest, steps = None, 0
-        if self.config.probe_steps and k:
+        if self.config.probe_steps and k and self.adaptive_length:
             if self.plain_step_seconds(batch_size) is None:
                 # Drafting at a batch size whose plain step is untimed: a short draft, the rest plain.
                 rest, steps, probe = 0, self.config.probe_steps, True
-            elif probe and k != best:
+            elif probe and k != best and (method == best_m or best == 0):
+                # (the method is set per call; at k = 0 it is moot, so a method probe from 0 is short too)
                 rest, steps = best, self.config.probe_steps
-        return Choice(k, s[k], probe, bucket(batch_size), s, steps, rest, self.cost_ratios(batch_size))
+        return Choice(k, s[method][k], probe, bucket(batch_size), s[method], steps, rest,
+                      self.cost_ratios(batch_size, method), method)
 
     # ---- measurements ----------------------------------------------------------------------------
-    def observe_acceptance(self, sampled: bool, k: int, num_drafts: int, accepted_per_pos: list[int]) -> None:
+    def observe_acceptance(self, sampled: bool, k: int, num_drafts: int, accepted_per_pos: list[int],
+                           method: str | None = None) -> None:
         """One call's drafts of length ``k`` and vLLM's per-position accepted counts."""
-        self.observe_call_acceptance(sampled, [(k, num_drafts, accepted_per_pos)])
+        self.observe_call_acceptance(sampled, [(k, num_drafts, accepted_per_pos)], method)
 
-    def observe_call_acceptance(self, sampled: bool, phases: list[tuple[int, int, list[int]]]) -> None:
-        """One call's drafts, per phase (draft length, drafts, per-position accepted counts): the
-        counts decay once per call, however many phases it had."""
+    def observe_call_acceptance(self, sampled: bool, phases: list[tuple[int, int, list[int]]],
+                                method: str | None = None) -> None:
+        """One call's drafts (by ``method``), per phase (draft length, drafts, per-position accepted
+        counts): the counts decay once per call, however many phases it had."""
         phases = [(k, n, acc) for k, n, acc in phases if k and n]
         if not phases:
             return
         d = 1.0 - self.config.ewma
-        s = self._acc["sampled" if sampled else "greedy"]
+        s = self._acc[self._kind(sampled, method)]
         for i in range(self.max_k):
             s.accepted[i] *= d
             s.reached[i] *= d
@@ -312,9 +375,9 @@ class AdaptiveDrafter:
                 s.accepted[i] += acc[i]
                 s.reached[i] += num_drafts if i == 0 else acc[i - 1]
 
-    def observe_steps(self, k: int, batch_size: int, seconds: list[float]) -> None:
-        """One call's decode-step times (steps without prompt tokens), all under draft length ``k``,
-        for a call of ``batch_size`` sequences: their median (robust to a step slowed by another
+    def observe_steps(self, k: int, batch_size: int, seconds: list[float], method: str | None = None) -> None:
+        """One call's decode-step times (steps without prompt tokens), all under draft length ``k``
+        (and ``method``), for a call of ``batch_size`` sequences: their median (robust to a step slowed by another
         process) enters the bucket of the *call's* batch size as one observation. Keyed by the call,
         not by each step's running count, because the choice is made per call: the tail steps of a
         larger call, once some of its sequences have finished, carry that call's scheduling and
@@ -326,15 +389,15 @@ class AdaptiveDrafter:
         if not seconds:
             return
         mid = statistics.median(seconds)
-        b = bucket(batch_size)
-        old = self._cost.get((b, k))
-        self._cost[(b, k)] = mid if old is None else old + self.config.ewma * (mid - old)
+        key = (bucket(batch_size), k, self._method(method) if k else "")
+        old = self._cost.get(key)
+        self._cost[key] = mid if old is None else old + self.config.ewma * (mid - old)
 
     def measured_speedup(self, batch_size: int, phases: list[tuple[list[float], float]]) -> float | None:
         """A call's realised speed-up: its tokens per step L over its decode-step time, against the
         plain step time T(b, 0) of the call's bucket, Σ n·L · T(b, 0) / Σ seconds over its phases
         (each: its decode-step seconds and L; None until a plain step was timed there)."""
-        plain = self._cost.get((bucket(batch_size), 0))
+        plain = self.plain_step_seconds(batch_size)
         spent = sum(sum(sec) for sec, _ in phases)
         if plain is None or spent <= 0:
             return None
@@ -345,6 +408,7 @@ class AdaptiveDrafter:
         ks = [choice.k, choice.rest_k if steps.switched else choice.k]
         timed = steps.full_batch_seconds()
         for k, sec in zip(ks, timed):
-            self.observe_steps(k, batch_size, sec)
-        self.observe_call_acceptance(sampled, [(k, s.num_drafts, s.accepted_per_pos) for k, s in zip(ks, steps.spec)])
+            self.observe_steps(k, batch_size, sec, choice.method)
+        self.observe_call_acceptance(sampled, [(k, s.num_drafts, s.accepted_per_pos) for k, s in zip(ks, steps.spec)],
+                                     choice.method)
         return self.measured_speedup(batch_size, [(sec, s.mean_acceptance_length) for sec, s in zip(timed, steps.spec) if sec])

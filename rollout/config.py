@@ -26,6 +26,8 @@ MAX_NUM_SEQS = 4096
 SEED_STRIDE = 7919
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 Device = Literal["cpu", "cuda"]
+#: vLLM's two draft methods (rollout.adaptive_draft.DRAFT_METHODS) and "auto": chosen per call.
+DraftSampleMethod = Literal["greedy", "probabilistic", "auto"]
 
 #: Why chunked prefill is refused on CPU (the run spec's 422 quotes it).
 CPU_CHUNKED_PREFILL_BUG = (
@@ -73,15 +75,17 @@ class EngineConfig(BaseModel):
             "drafting gets cheaper, acceptance can drop when the subset misses tokens."
         ),
     )
-    draft_sample_method: Literal["greedy", "probabilistic"] = Field(
+    draft_sample_method: DraftSampleMethod = Field(
         "greedy",
         description=(
             "How the MTP drafter picks its tokens when sampling (temperature > 0; greedy requests always "
             "draft the argmax): 'greedy' drafts the drafter's argmax and the target accepts it with probability "
             "p(token); 'probabilistic' samples the draft from the drafter's own distribution q (at the request's "
             "temperature) and accepts with min(1, p/q), resampling from max(p - q, 0) on rejection (speculative "
-            "sampling). Both leave the output distributed as the policy; 'probabilistic' accepts more at "
-            "temperature 1 when q is close to p (vLLM speculative_config.draft_sample_method)."
+            "sampling); 'auto' chooses between the two per generation call from the acceptance each measures "
+            "(rollout.adaptive_draft). All leave the output distributed as the policy; 'probabilistic' accepts more "
+            "at temperature 1 when q is close to p, 'greedy' once p is sharper than q (vLLM "
+            "speculative_config.draft_sample_method)."
         ),
     )
     adaptive_draft: AdaptiveDraftConfig = Field(

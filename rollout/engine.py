@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from rollout import direct_reload, weight_transport
-from rollout.adaptive_draft import AdaptiveDrafter, CallSteps, Choice
+from rollout.adaptive_draft import DRAFT_METHODS, AdaptiveDrafter, CallSteps, Choice
 from rollout.config import EngineConfig, SamplingConfig
 from rollout.draft_vocab import install_draft_vocab, read_draft_vocab, refresh_draft_vocab
 
@@ -122,6 +122,9 @@ class RolloutBatch:
     # A short probe (rollout.adaptive_draft.Choice.steps): the length the call switched to after
     # its first probe steps (None: it drafted draft_k throughout).
     draft_switch: int | None = None
+    # How the call drafted ("probabilistic" or "greedy"; rollout.adaptive_draft): at temperature > 0
+    # the configured method or an ``auto`` engine's choice, "greedy" at 0; "" without drafting.
+    draft_method: str = ""
 
     @property
     def tokens_per_s(self) -> float:
@@ -144,6 +147,7 @@ class RolloutBatch:
             "rollout/draft_k": float(self.draft_k),
             "rollout/draft_switch": float(self.draft_k if self.draft_switch is None else self.draft_switch),
             "rollout/draft_predicted_speedup": self.predicted_speedup,
+            "rollout/draft_probabilistic": float(self.draft_method == "probabilistic"),
             **({"rollout/draft_measured_speedup": self.measured_speedup} if self.measured_speedup is not None else {}),
         }
 
@@ -266,6 +270,23 @@ def _skip_drafter_at_zero(worker) -> None:
 
     drafter.propose = propose
     drafter._mtprl_skips_zero = True
+
+
+def _set_draft_method(worker, probabilistic: bool) -> bool:
+    """Draft the head's argmax or a sample of its q from the next step on (``auto``).
+
+    vLLM 0.32 fixes the method when it builds the proposer (``_enable_probabilistic_draft_probs``
+    in ``llm_base_proposer.__init__``) and reads the flag on every proposal
+    (``_sample_draft_tokens``): False drafts the argmax and hands the rejection sampler no draft
+    probabilities, which then accepts with p(token) — the greedy-draft rule, exact for a
+    deterministic draft. The runner clears its draft probabilities before each proposal
+    (``propose_draft_token_ids``), so a step never verifies one method's drafts with the other's
+    probabilities. Returns whether the proposer has the flag (False: a vLLM that lacks the hook)."""
+    drafter = worker.model_runner.drafter
+    if not hasattr(drafter, "_enable_probabilistic_draft_probs"):
+        return False
+    drafter._enable_probabilistic_draft_probs = bool(probabilistic)
+    return True
 
 
 def _node_id() -> str:
@@ -444,8 +465,11 @@ def vllm_args(c: EngineConfig) -> dict:
         # placement group of its own outside the run's.
         args["distributed_executor_backend"] = "mp"
     if c.num_speculative_tokens > 0:
+        # "auto" builds vLLM's probabilistic drafter, which the engine switches to argmax drafts per
+        # call (_set_draft_method): vLLM sizes and warms up the probability path only when built so.
+        method = "probabilistic" if c.draft_sample_method == "auto" else c.draft_sample_method
         args["speculative_config"] = {"method": "mtp", "num_speculative_tokens": c.num_speculative_tokens,
-                                      "draft_sample_method": c.draft_sample_method}
+                                      "draft_sample_method": method}
         if c.adaptive_draft.enabled:
             # vLLM's dynamic speculative decoding: the scheduler reads the draft length of each
             # step from a dense batch-size -> k table (`Scheduler.dynamic_sd_lookup`). Declaring any
@@ -492,11 +516,19 @@ class RolloutEngine:
         self._shared_head = c.num_speculative_tokens > 0 and all(x["drafter_shares"] for x in sharing)
         # Drafting estimates (rollout.adaptive_draft) of every drafting engine; only an adaptive
         # one acts on them, by rewriting vLLM's draft-length table before each call.
-        self._drafter = AdaptiveDrafter(c.adaptive_draft, c.num_speculative_tokens) if c.num_speculative_tokens else None
+        methods = DRAFT_METHODS if c.draft_sample_method == "auto" else (c.draft_sample_method,)
+        self._drafter = AdaptiveDrafter(c.adaptive_draft, c.num_speculative_tokens, methods,
+                                        adaptive_length=c.adaptive_draft.enabled) if c.num_speculative_tokens else None
         self._sd_lookup = self._draft_length_table() if c.adaptive_draft.enabled else None
         if self._sd_lookup is not None:
             self.llm.collective_rpc(_skip_drafter_at_zero)
         self._last_k = c.num_speculative_tokens  # the warm-up step drafted
+        self._choose_method = c.num_speculative_tokens > 0 and len(methods) > 1
+        self._draft_method = methods[0]  # what vLLM's drafter does now (built so)
+        if self._choose_method and not all(self.llm.collective_rpc(_set_draft_method, args=(True,))):
+            raise RuntimeError("draft_sample_method 'auto' needs vLLM's proposer flag "
+                               "_enable_probabilistic_draft_probs (vllm 0.32 llm_base_proposer); use 'greedy' or "
+                               "'probabilistic'")
         self._tied = all(x["tied"] for x in sharing)
         self.weight_reload, self.weight_reload_note = self._select_weight_reload()
         self.last_update_bytes = 0
@@ -536,14 +568,18 @@ class RolloutEngine:
         the configured one."""
         if self._drafter is None:
             return None
-        if self._sd_lookup is None:
+        if self._sd_lookup is None and not self._choose_method:
             s = self._drafter.speedups(num_seqs, sampled)
             k = self.config.num_speculative_tokens
-            return Choice(k, s[k], False, 0, s)
+            return Choice(k, s[k], False, 0, s, method=self._draft_method)
         choice = self._drafter.choose(num_seqs, sampled)
-        if choice.k and not self._last_k:
-            self.llm.reset_prefix_cache()  # blocks prefilled at k = 0 hold no drafter KV (_skip_drafter_at_zero)
-        self._set_draft_length(choice.k)
+        if self._sd_lookup is not None:
+            if choice.k and not self._last_k:
+                self.llm.reset_prefix_cache()  # blocks prefilled at k = 0 hold no drafter KV (_skip_drafter_at_zero)
+            self._set_draft_length(choice.k)
+        if sampled and choice.method != self._draft_method:  # greedy calls draft the argmax either way
+            self.llm.collective_rpc(_set_draft_method, args=(choice.method == "probabilistic",))
+            self._draft_method = choice.method
         return choice
 
     def _set_draft_length(self, k: int) -> None:
@@ -671,6 +707,7 @@ class RolloutEngine:
             predicted_speedup=choice.call_speedup(*map(len, steps.seconds)) if choice else 1.0,
             measured_speedup=measured if choice else 1.0,
             draft_switch=choice.rest_k if choice and steps.switched else None,
+            draft_method=("" if not (choice and choice.k) else choice.method if sampled else "greedy"),
         )
 
     def _observe_draft(self, choice: Choice | None, num_seqs: int, sampled: bool, steps: CallSteps) -> float | None:

@@ -92,6 +92,9 @@ METRIC_CATALOG: tuple[MetricDef, ...] = (
     MetricDef("rollout/engine_draft_switch/engine{e}", "Rollout engine i: tokens drafted per step after its last "
               "call's short probe (rollout.adaptive_draft probe_steps; equal to engine_draft_k when the call did not "
               "switch).", per_engine=True),
+    MetricDef("rollout/engine_draft_probabilistic/engine{e}", "Rollout engine i: 1 when its last call drafted "
+              "samples of the head's distribution (probabilistic drafts), 0 when it drafted the head's argmax "
+              "(rollout.draft_sample_method; 'auto' chooses per call).", per_engine=True),
     MetricDef("rollout/engine_draft_predicted_speedup/engine{e}", "Rollout engine i: speed-up over not drafting "
               "that its cost and acceptance estimates predicted for its last call (rollout/adaptive_draft.py).",
               per_engine=True),

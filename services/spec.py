@@ -39,6 +39,7 @@ from rollout.config import (
     MAX_SPECULATIVE_TOKENS,
     MIN_GPU_MEMORY_UTILIZATION,
     SEED_STRIDE,
+    DraftSampleMethod,
     Dtype,
 )
 from rollout.draft_vocab import DRAFT_VOCAB_FILE
@@ -211,10 +212,11 @@ class RolloutSpec(_Strict):
     draft_vocab_size: int = Field(
         0, ge=0, description="Drafter scores only the N most frequent tokens of the model's draft_vocab.json "
         "(written by `mtprl model warmup`; rollout.draft_vocab). 0 = full vocabulary. Output is unchanged.")
-    draft_sample_method: Literal["greedy", "probabilistic"] = Field(
+    draft_sample_method: DraftSampleMethod = Field(
         "greedy", description="How sampled (temperature > 0) requests draft: the drafter's argmax, accepted "
-        "with probability p(token), or a sample from the drafter's own distribution q, accepted with "
-        "min(1, p/q). Output is the policy's either way (rollout.config.EngineConfig).")
+        "with probability p(token), a sample from the drafter's own distribution q, accepted with "
+        "min(1, p/q), or 'auto': per generation call, the one whose drafts each engine measures accepted "
+        "more. Output is the policy's either way (rollout.config.EngineConfig).")
     adaptive_draft: AdaptiveDraftConfig = Field(
         default_factory=AdaptiveDraftConfig,
         description="Each engine chooses 0..num_speculative_tokens draft tokens per generation call from the step "

@@ -113,6 +113,7 @@ def synthetic_metrics(step: int, total: int, heads: int, rng: random.Random) -> 
         m[f"rollout/engine_spec_accept_pos1/engine{i}"] = min(1.0, abs(accepted / drafted + noise(0.02)))
         m[f"rollout/engine_draft_k/engine{i}"] = 1.0
         m[f"rollout/engine_draft_switch/engine{i}"] = 1.0
+        m[f"rollout/engine_draft_probabilistic/engine{i}"] = float(step < 20)  # auto: greedy drafts once sharp
         m[f"rollout/engine_draft_predicted_speedup/engine{i}"] = 1.0 + accepted / drafted / 1.2
         m[f"rollout/engine_draft_measured_speedup/engine{i}"] = 1.0 + accepted / drafted / 1.2 + noise(0.05)
     for d in METRIC_CATALOG:

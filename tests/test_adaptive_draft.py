@@ -57,14 +57,16 @@ def run_call(drafter: AdaptiveDrafter, choice: Choice, accept: list[float], cost
 def run_calls(drafter: AdaptiveDrafter, calls: int, accept: list[float], cost, batch: int = 8,
               sampled: bool = True, drafts: int = 200, steps: int = 20, log: list | None = None) -> list[int]:
     """Simulate ``calls`` generation calls; returns the chosen k of each (``log`` gets each Choice).
-    ``accept``: conditional acceptance per position; ``cost(b, k)``: seconds of one decode step."""
+    ``accept``: conditional acceptance per position (or per draft method: {method: [a_i]});
+    ``cost(b, k)``: seconds of one decode step."""
     ks = []
     for _ in range(calls):
         choice = drafter.choose(batch, sampled)
         ks.append(choice.k)
         if log is not None:
             log.append(choice)
-        run_call(drafter, choice, accept, cost, batch, sampled, drafts, steps)
+        run_call(drafter, choice, accept[choice.method] if isinstance(accept, dict) else accept, cost, batch,
+                 sampled, drafts, steps)
     return ks
 
 
@@ -260,12 +262,12 @@ def test_a_call_of_two_phases_decays_the_counts_once_and_files_each_length_apart
     d = AdaptiveDrafter({"enabled": True, "prior_weight": 0.0, "ewma": 0.5}, K)
     d.observe_call_acceptance(True, [(K, 100, [50, 25, 10])])
     d.observe_call_acceptance(True, [(1, 100, [100, 0, 0]), (K, 100, [50, 25, 10])])  # k = 1 has no position 2
-    assert d._acc["sampled"].reached == [50 + 200, 25 + 50, 12.5 + 25]  # one halving, then both phases
-    assert d._acc["sampled"].accepted == [25 + 150, 12.5 + 25, 5 + 10]
+    assert d._acc["sampled:greedy"].reached == [50 + 200, 25 + 50, 12.5 + 25]  # one halving, then both phases
+    assert d._acc["sampled:greedy"].accepted == [25 + 150, 12.5 + 25, 5 + 10]
     call = run_call(d, Choice(1, 1.0, True, 8, [1.0] * (K + 1), steps=4, rest_k=K, ratios=[1.0] * (K + 1)),
                     [1.0] * K, lambda b, k: 1.0 + 0.25 * k, 8, True, 200, 20)
     assert call.seconds == ([1.25] * 4, [1.75] * 15)
-    assert d._cost[(8, 1)] == 1.25 and d._cost[(8, K)] == 1.75
+    assert d._cost[(8, 1, "greedy")] == 1.25 and d._cost[(8, K, "greedy")] == 1.75
 
 
 def test_a_new_batch_size_is_drafted_briefly_and_then_plain_so_one_call_times_both():
@@ -297,8 +299,71 @@ def test_step_costs_are_the_full_batch_steps_not_the_tail_of_finished_answers():
     assert call.full_batch_seconds() == ([2.0] * 5, [])
     d = AdaptiveDrafter({"enabled": True}, 1)
     d.observe_call(Choice(1, 1.0, False, 8, [1.0, 1.0]), 8, True, call)
-    assert d._cost[(8, 1)] == 2.0  # the median of all 35 steps would be 0.8
+    assert d._cost[(8, 1, "greedy")] == 2.0  # the median of all 35 steps would be 0.8
     short = CallSteps(Choice(1, 1.0, False, 8, [1.0, 1.0]), Spec())
     for running in (8, 7, 6, 5):
         short.record(1.0 + running, True, Spec(), running)
     assert short.full_batch_seconds()[0] == [9.0, 8.0, 7.0, 6.0]  # one full-batch step: all of them
+
+
+# ---- the draft method (draft_sample_method: auto) -------------------------------------------------
+BOTH = ("probabilistic", "greedy")
+
+
+@pytest.mark.parametrize("better", BOTH)
+def test_auto_measures_both_methods_then_drafts_by_the_one_that_accepts_more(better):
+    """A sampled call's first two calls measure each method at the maximum length; then the method
+    whose drafts are accepted more is chosen, the other one only probed."""
+    worse = next(m for m in BOTH if m != better)
+    d = AdaptiveDrafter({"enabled": True, "probe_every": 4}, K, methods=BOTH)
+    log: list = []
+    run_calls(d, 24, accept={better: [0.8] * K, worse: [0.4] * K}, cost=lambda b, k: 1.0 + 0.1 * k, log=log)
+    assert [(c.k, c.method) for c in log[:2]] == [(K, "probabilistic"), (K, "greedy")]
+    chosen = [c for c in log[2:] if not c.probe]
+    assert chosen and all(c.method == better for c in chosen), [(c.k, c.method, c.probe) for c in log]
+    probes = [c for c in log[2:] if c.probe and c.method == worse]
+    assert probes and all(c.steps == 0 for c in probes)  # a method probe is a whole call
+    assert d.acceptance(True, better)[0] > 0.75 and d.acceptance(True, worse)[0] < 0.45
+
+
+def test_auto_follows_a_head_whose_better_method_changes():
+    """Acceptance moves during RL (the policy sharpens): once the other method accepts more, a probe
+    notices and the choice follows."""
+    d = AdaptiveDrafter({"enabled": True, "probe_every": 4}, K, methods=BOTH)
+    log: list = []
+    cost = lambda b, k: 1.0 + 0.1 * k  # noqa: E731
+    run_calls(d, 12, accept={"probabilistic": [0.8] * K, "greedy": [0.5] * K}, cost=cost, log=log)
+    assert [c.method for c in log[2:] if not c.probe][-1] == "probabilistic"
+    log.clear()
+    run_calls(d, 40, accept={"probabilistic": [0.5] * K, "greedy": [0.85] * K}, cost=cost, log=log)
+    assert all(c.method == "greedy" for c in log[-10:] if not c.probe), [(c.method, c.probe) for c in log]
+
+
+def test_greedy_calls_ignore_the_draft_method():
+    d = AdaptiveDrafter({"enabled": True}, K, methods=BOTH)
+    assert d.choose(8, sampled=False).method == "probabilistic"  # the first method; vLLM drafts argmax anyway
+    run_calls(d, 6, accept=[0.9] * K, cost=lambda b, k: 1.0, sampled=False)
+    assert d._acc["sampled:probabilistic"].reached[0] == 0 and d._acc["sampled:greedy"].reached[0] == 0
+
+
+def test_a_fixed_length_engine_chooses_only_its_method():
+    """adaptive_length False (auto without adaptive_draft.enabled): every call drafts the maximum,
+    even when drafting loses, and only the method is chosen."""
+    d = AdaptiveDrafter({"enabled": False, "probe_every": 4}, K, methods=BOTH, adaptive_length=False)
+    log: list = []
+    ks = run_calls(d, 16, accept={"probabilistic": [0.1] * K, "greedy": [0.3] * K},
+                   cost=lambda b, k: 1.0 + 2.0 * k, log=log)
+    assert ks == [K] * 16 and all(c.steps == 0 for c in log)
+    assert all(c.method == "greedy" for c in log[2:] if not c.probe)
+
+
+def test_step_costs_are_kept_per_method_and_borrowed_until_measured():
+    d = AdaptiveDrafter({"enabled": True}, K, methods=BOTH)
+    d.observe_steps(0, 8, [1.0])
+    d.observe_steps(1, 8, [1.5], "probabilistic")
+    assert d.cost_ratio(8, 1, "greedy") == 1.5  # the other method's time at this length
+    d.observe_steps(1, 8, [1.2], "greedy")
+    assert (d.cost_ratio(8, 1, "greedy"), d.cost_ratio(8, 1, "probabilistic")) == (1.2, 1.5)
+    assert d.cost_ratio(8, 2, "greedy") == pytest.approx(1.4)  # linear through greedy's own lengths
+    with pytest.raises(ValueError, match="draft methods"):
+        AdaptiveDrafter({}, K, methods=("greedy", "greedy"))

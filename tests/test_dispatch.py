@@ -100,8 +100,9 @@ def test_engine_metrics_carry_acceptance_by_position_and_the_draft_choice_per_en
 
     d, _ = _dispatcher(tmp_path, engines=2)
     d.iv_engine_spec[0] = SpecStats(10, 30, 15, [8, 5, 2])
-    d.engine_draft = [(3, 1.4, 1.25, 0), (0, 1.0, None, 0)]  # engine 0's last call: a short probe, then plain
+    d.engine_draft = [(3, 1.4, 1.25, 0, "probabilistic"), (0, 1.0, None, 0, "")]  # engine 0: a short probe, then plain
     m = d.engine_metrics(1.0)
+    assert m["rollout/engine_draft_probabilistic/engine0"] == 1.0 and m["rollout/engine_draft_probabilistic/engine1"] == 0.0
     assert m["rollout/engine_draft_switch/engine0"] == 0.0 and m["rollout/engine_draft_switch/engine1"] == 0.0
     assert [m[f"rollout/engine_spec_accept_pos{i}/engine0"] for i in (1, 2, 3)] == [0.8, 0.5, 0.2]
     assert m["rollout/engine_draft_k/engine0"] == 3.0 and m["rollout/engine_draft_k/engine1"] == 0.0

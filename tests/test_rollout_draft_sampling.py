@@ -95,10 +95,14 @@ def _pruned_vocab(model_dir, prompt: str) -> int:
     return len(kept)
 
 
-CASES = {  # id: (num_speculative_tokens, pruned drafter vocabulary, adaptive, calls)
-    "k1-full": (1, False, False, 1),
-    "k3-pruned": (3, True, False, 1),
-    "k2-pruned-adaptive": (2, True, True, 6),
+CASES = {  # id: (num_speculative_tokens, pruned drafter vocabulary, adaptive, calls, draft_sample_method)
+    "k1-full": (1, False, False, 1, "probabilistic"),
+    "k3-pruned": (3, True, False, 1, "probabilistic"),
+    "k2-pruned-adaptive": (2, True, True, 6, "probabilistic"),
+    # the head's argmax, accepted with p(token): also exact at T = 1
+    "k1-greedy-draft": (1, False, False, 1, "greedy"),
+    # auto: calls of both methods, switched between calls (rollout.engine._set_draft_method)
+    "k2-pruned-auto": (2, True, True, 6, "auto"),
 }
 
 
@@ -107,10 +111,10 @@ def test_probabilistic_drafting_samples_from_the_policy(ray_session, guess, case
     from rollout.actor import create_engine_actor
     from rollout.config import SEED_STRIDE
 
-    k, pruned, adaptive, calls = CASES[case]
+    k, pruned, adaptive, calls, method = CASES[case]
     model, prompt = guess
     config = {"model": str(model), "num_speculative_tokens": k, "max_model_len": 256, "kv_cache_gib": 0.1,
-              "draft_sample_method": "probabilistic"}
+              "draft_sample_method": method}
     if pruned:
         config["draft_vocab_size"] = _pruned_vocab(model, prompt)
     if adaptive:
@@ -118,7 +122,7 @@ def test_probabilistic_drafting_samples_from_the_policy(ray_session, guess, case
     engine = create_engine_actor(config)
     try:
         info = ray_session.get(engine.info.remote())
-        assert info["draft_sample_method"] == "probabilistic" and info["draft_vocab_size"] == config.get("draft_vocab_size", 0)
+        assert info["draft_sample_method"] == method and info["draft_vocab_size"] == config.get("draft_vocab_size", 0)
         per_call = N_SAMPLES // calls
         # vLLM seeds a call's n samples seed, seed + 1, ..., seed + n - 1 (parallel_sampling), so calls
         # seeded 11, 12, ... would replay almost the same random streams and the samples would not be
@@ -142,8 +146,10 @@ def test_probabilistic_drafting_samples_from_the_policy(ray_session, guess, case
         else:  # a short probe: its first steps drafted draft_k, the rest draft_switch
             lo, hi = sorted((b.draft_k, b.draft_switch))
             assert lo * s.num_drafts <= s.num_draft_tokens <= hi * s.num_drafts
-    if adaptive:  # the samples below include calls that switched length mid-call
+    if adaptive and method != "auto":  # the samples below include calls that switched length mid-call
         assert any(b.draft_switch is not None for b in batches), [(b.draft_k, b.draft_switch) for b in batches]
+    drafted_by = {b.draft_method for b in batches if b.draft_k}
+    assert drafted_by == ({"probabilistic", "greedy"} if method == "auto" else {method}), drafted_by
     spec = sum((b.spec for b in batches[1:]), batches[0].spec)
     # drafts were both accepted (most) and rejected (at the digit, where q != p)
     assert spec.num_accepted_tokens > 0.3 * spec.num_draft_tokens and spec.num_draft_tokens - spec.num_accepted_tokens >= 20
@@ -151,7 +157,7 @@ def test_probabilistic_drafting_samples_from_the_policy(ray_session, guess, case
     observed = [counts.get(str(d), 0) for d in range(10)]
     p = _digit_probs(model, prompt)
     pvalue = _chi2_pvalue(observed, p)
-    print(f"{case}: drafted {[b.draft_k for b in batches]}, digits {observed}, policy "
+    print(f"{case}: drafted {[(b.draft_k, b.draft_method) for b in batches]}, digits {observed}, policy "
           f"{[round(x, 3) for x in (p / p.sum()).tolist()]}, p-value {pvalue:.3g}, acceptance "
           f"{spec.acceptance_rate:.3f}, by position {[round(x, 3) for x in spec.acceptance_by_position()]}")
     assert pvalue > 1e-3
@@ -170,8 +176,11 @@ def test_draft_sample_method_is_validated():
     from pydantic import ValidationError
 
     from rollout.config import EngineConfig
+    from rollout.engine import vllm_args
 
     assert EngineConfig(model="m").draft_sample_method == "greedy"
+    assert vllm_args(EngineConfig(model="m", draft_sample_method="auto"))["speculative_config"][
+        "draft_sample_method"] == "probabilistic"  # built probabilistic, switched to argmax per call
     with pytest.raises(ValidationError, match="draft_sample_method"):
         EngineConfig(model="m", draft_sample_method="random")
 
@@ -182,5 +191,6 @@ def test_run_spec_passes_the_draft_sample_method_to_its_engines(tiny_ckpt):
 
     spec = {"model": {"path": str(tiny_ckpt)}, "data": {"dataset": "reasoning_gym:basic_arithmetic"}}
     assert engine_config(RunSpec.model_validate(spec)).draft_sample_method == "greedy"
-    spec["rollout"] = {"draft_sample_method": "probabilistic"}
-    assert engine_config(RunSpec.model_validate(spec)).draft_sample_method == "probabilistic"
+    for method in ("probabilistic", "auto"):
+        spec["rollout"] = {"draft_sample_method": method}
+        assert engine_config(RunSpec.model_validate(spec)).draft_sample_method == method
