@@ -80,34 +80,43 @@ def base_spec(model: Path, args) -> dict:
                           samples_per_prompt=args.samples_per_prompt, max_tokens=args.max_tokens,
                           draft_sample_method=args.draft_method)
     raw["algorithm"]["lr"] = args.lr
-    raw["algorithm"]["mtp"] = {"distill": {"kind": args.distill_kind, "coef": args.distill_coef}}
+    raw["algorithm"]["mtp"] = {"distill": {"kind": args.distill_kind, "coef": args.distill_coef,
+                                           "head_steps": args.head_steps}}
     if args.mtp_lr is not None:  # every regime: the heads' rate is a setting of the run, not of a row
         raw["algorithm"]["mtp"]["lr"] = args.mtp_lr
     raw["schedule"]["checkpoint_every"] = 0
     return raw
 
 
-def acceptance_by_step(run_dir: Path) -> list[float | None]:
-    """The engines' acceptance during RL at each step (the policy's own T = 1 samples)."""
+def _metric_rows(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [round(r["rollout/spec_acceptance_rate"], 3) if "rollout/spec_acceptance_rate" in r else None for r in rows]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def by_step(run_dir: Path, key: str, digits: int = 3) -> list[float | None]:
+    """One metric of a row at each step (None where the step lacks it)."""
+    return [round(r[key], digits) if key in r else None for r in _metric_rows(run_dir)]
+
+
+def acceptance_by_step(run_dir: Path) -> list[float | None]:
+    """The engines' acceptance during RL at each step (the policy's own T = 1 samples)."""
+    return by_step(run_dir, "rollout/spec_acceptance_rate")
 
 
 def probabilistic_by_step(run_dir: Path) -> list[float | None]:
     """Each step's share of engines whose last call drafted samples of q (not the argmax)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
     out = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            v = [x for key, x in row.items() if key.startswith("rollout/engine_draft_probabilistic/")]
-            out.append(round(sum(v) / len(v), 2) if v else None)
+    for row in _metric_rows(run_dir):
+        v = [x for key, x in row.items() if key.startswith("rollout/engine_draft_probabilistic/")]
+        out.append(round(sum(v) / len(v), 2) if v else None)
     return out
+
+
+def tail_mean(values: list[float | None], n: int = 5) -> float | None:
+    kept = [v for v in values[-n:] if v is not None]
+    return round(sum(kept) / len(kept), 3) if kept else None
 
 
 def spec_decode(model: Path, temperature: float, args) -> dict:
@@ -136,6 +145,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--distill-kind", default="kl", choices=("kl", "topk_ce", "tv"))
     ap.add_argument("--distill-coef", type=float, default=1.0)
+    ap.add_argument("--head-steps", type=int, default=0,
+                    help="algorithm.mtp.distill.head_steps of the occ+distill row: head-only distillation steps after "
+                    "each update (the rows without distillation have none)")
     ap.add_argument("--mtp-lr", type=float, default=None,
                     help="algorithm.mtp.lr, the MTP modules' own AdamW rate (default: --lr for everything).")
     ap.add_argument("--draft-method", default="auto", choices=("auto", "probabilistic", "greedy"),
@@ -194,8 +206,14 @@ def main() -> None:
         "eval_acceptance": {r: rows[r].eval_acceptance for r in regimes},
         "acceptance_by_step": {r: acceptance_by_step(args.out / r) for r in regimes},
         "draft_probabilistic_by_step": {r: probabilistic_by_step(args.out / r) for r in regimes},
+        # Acceptance follows how far RL has sharpened the policy (docs/benchmarks.md, session 17), and
+        # that differs between runs of the same seed once drafting draws other samples: each row's
+        # main-head entropy (nats a token, learner's rows) over its last 5 steps, to read it beside.
+        "entropy_end": {r: tail_mean(by_step(args.out / r, "policy/entropy")) for r in regimes},
+        "entropy_by_step": {r: by_step(args.out / r, "policy/entropy", 2) for r in regimes},
         "steps": args.steps, "task": "demo (reasoning_gym basic_arithmetic, 2 single-digit terms)",
-        "distill": {"kind": args.distill_kind, "coef": args.distill_coef}, "lr": args.lr, "mtp_lr": args.mtp_lr,
+        "distill": {"kind": args.distill_kind, "coef": args.distill_coef, "head_steps": args.head_steps},
+        "lr": args.lr, "mtp_lr": args.mtp_lr,
         "draft_method": args.draft_method,
         "init": str(start),
     }

@@ -215,6 +215,8 @@ class OCCConfig(_Strict):
 #: top_k of `topk_ce` when none is given (SkyRL-style soft CE over the teacher's head of the
 #: distribution: at T = 1 a small model's top 16 tokens carry most of its mass).
 DEFAULT_DISTILL_TOP_K = 16
+#: Head-only distillation steps per micro-batch and update, at most.
+MAX_DISTILL_HEAD_STEPS = 32
 
 
 class MTPDistillConfig(_Strict):
@@ -249,6 +251,17 @@ class MTPDistillConfig(_Strict):
         "read the full distribution.",
     )
 
+    head_steps: int = Field(
+        0,
+        ge=0,
+        le=MAX_DISTILL_HEAD_STEPS,
+        description="AdamW steps of this term alone after each update, on each micro-batch of the update's "
+        "batch (one backbone pass without gradient per micro-batch serves them all): the heads then follow "
+        "the policy they will draft for next (the teacher is the updated main head) without touching "
+        "anything else. Why: an RL step gives the heads a few AdamW steps on a few answers, and a head that "
+        "lags the sharpening policy accepts less (docs/run-loop.md). 0 = none; needs coef > 0.",
+    )
+
     @model_validator(mode="after")
     def _top_k_for_topk_ce(self) -> MTPDistillConfig:
         if self.kind == "topk_ce":
@@ -257,6 +270,13 @@ class MTPDistillConfig(_Strict):
         elif self.top_k is not None:
             raise ValueError(f"top_k={self.top_k} is only read by kind='topk_ce' (got kind={self.kind!r}, "
                              "which uses the full distribution); drop top_k or use kind='topk_ce'")
+        return self
+
+    @model_validator(mode="after")
+    def _head_steps_need_the_term(self) -> MTPDistillConfig:
+        if self.head_steps and not self.enabled:
+            raise ValueError(f"head_steps={self.head_steps} repeats the distillation term, which is off "
+                             "(coef 0); set coef > 0 or head_steps 0")
         return self
 
     @property

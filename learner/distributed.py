@@ -114,6 +114,8 @@ def shard_policy(model: torch.nn.Module, *, bf16_compute: bool = False, reshard_
         register_fsdp_forward_method(m, "mtp_forward")  # the learner calls it, not forward
     fully_shard(model, **opts)
     register_fsdp_forward_method(model, "token_logprobs")
+    for method in ("distill_backbone", "distill_heads"):  # mtp.distill.head_steps
+        register_fsdp_forward_method(model, method)
     for unit in [*model.backbone.model.layers, *model.mtp, model]:
         unit.set_gradient_divide_factor(1.0)  # sum, not mean: see docstring
         unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)

@@ -285,6 +285,30 @@ class PolicyModel(nn.Module):
             distill_heads=distill_heads,
         )
 
+    @torch.no_grad()
+    def distill_backbone(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, Emb(x)) of `_backbone_forward` without autograd, for head-only distillation steps
+        (``algorithm.mtp.distill.head_steps``): the term never reaches the backbone, so one pass
+        serves every step on these rows."""
+        return self._backbone_forward(input_ids)
+
+    def distill_heads(
+        self,
+        h: torch.Tensor,  # (B, T, H) from distill_backbone
+        embeds: torch.Tensor,  # (B, T, H) from distill_backbone
+        input_ids: torch.Tensor,  # (B, T) long
+        attention_mask: torch.Tensor,  # (B, T), right-padded
+        needed: torch.Tensor,  # (B, T) bool, target-aligned
+        distill_heads: int,
+        temperature: float = 1.0,
+    ) -> HeadLogProbs:
+        """`token_logprobs` of MTP heads 1..``distill_heads`` from a `distill_backbone` pass, with
+        their `DistillRows`: only the MTP modules carry gradient."""
+        return self.heads_from_hidden(
+            h, input_ids, attention_mask.bool(), distill_heads, False, False, False, mtp_lm_head_grad=False,
+            embeds=embeds, needed=needed, temperature=temperature, distill_heads=distill_heads,
+        )
+
     def _backbone_forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(h, Emb(x)): the last residual stream before the final norm and the embedding lookup,
         both (B, T, H). The MTP modules reuse this lookup, so with MTP gradient into the backbone

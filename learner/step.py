@@ -20,6 +20,8 @@ One update, as pseudocode:
           backward                           (normalised by the mini-batch's denominators, so the
                                               sum over micro-batches is the mini-batch loss)
         clip grad norm; if not finite: zero grads, skip, count; else AdamW step
+    for head step in mtp.distill.head_steps: (the distillation term alone; backbone without autograd)
+        distill loss over the batch → backward into the MTP modules → clip → AdamW step
 
 Device: the policy lives on `cfg.placement(gpu_assigned)` (`learner/device.py`): CPU float32 by
 default, a GPU with optional bf16 autocast when asked for or given one. Reward shaping and
@@ -479,6 +481,61 @@ class Learner:
                            1.0 - distill_tv(r.student_logits.detach(), r.teacher_logp).mean(), n)
         return total
 
+    def _head_steps(self, kept: TrainBatch, resp_all: torch.Tensor, row_tokens: torch.Tensor,
+                    micro_size: int) -> dict[str, float]:
+        """``mtp.distill.head_steps`` AdamW steps of the distillation term alone on each micro-batch
+        of the batch, after the update: the teacher is the updated main head (the policy the next
+        rollouts sample and the head will draft for). The backbone does not change during these
+        steps, so it runs once per micro-batch, without autograd (`PolicyModel.distill_backbone`),
+        and each step runs the MTP modules and the two LM-head projections only
+        (`PolicyModel.distill_heads`). Only the MTP modules get a gradient; AdamW leaves every other
+        parameter and its moments as they are. In a learner group every rank computes its share of
+        each global micro-batch, as in the update. Metrics: the term's loss at the first and the
+        last step (``loss/mtp_head_steps_first/last``, micro-batch means) and the steps taken."""
+        d = self.cfg.mtp.distill
+        order = torch.arange(kept.size, device=self.device)
+        first: list[float] = []
+        last: list[float] = []
+        steps = skipped = 0
+        for micro in torch.split(order, micro_size):
+            rows, pad = self.micro_share(micro, row_tokens)
+            sub = kept.select(rows)
+            if pad:
+                sub.response_mask = torch.zeros_like(sub.response_mask)
+            w = self._trim(kept.input_ids[micro], kept.attention_mask[micro])
+            ids, attn, resp = sub.input_ids[:, :w], sub.attention_mask[:, :w], sub.response_mask[:, :w].bool()
+            norm = Normaliser.of(resp_all[micro])
+            with self.placement.autocast():
+                h, embeds = self.model.distill_backbone(ids)
+            losses: list[float] = []
+            for _ in range(d.head_steps):
+                self.opt.zero_grad(set_to_none=True)
+                with self.placement.autocast():
+                    out = self.model.distill_heads(h, embeds, ids, attn, resp, self.n_distill, self.cfg.temperature)
+                mtp_mask = out.valid[1 : 1 + self.n_distill] & resp.unsqueeze(0)
+                loss = d.coef * self._distill_loss(out.distill, mtp_mask, norm, _Stats(), lambda *_: None)
+                loss.backward()
+                total = float(loss.detach())
+                if self.dp is not None:
+                    total = self.dp.sum_floats([total])[0]
+                gn = self._clip_grad_norm()
+                if not (math.isfinite(total) and torch.isfinite(gn)):
+                    self.opt.zero_grad(set_to_none=True)
+                    skipped += 1
+                    continue
+                self.opt.step()
+                steps += 1
+                losses.append(total)
+            if losses:
+                first.append(losses[0])
+                last.append(losses[-1])
+        self.opt.zero_grad(set_to_none=True)
+        out = {"optim/head_steps": float(steps), "optim/head_steps_skipped": float(skipped)}
+        if first:
+            out["loss/mtp_head_steps_first"] = sum(first) / len(first)
+            out["loss/mtp_head_steps_last"] = sum(last) / len(last)
+        return out
+
     def state_bytes(self) -> int:
         """Bytes of this rank's parameters, gradients and optimiser state (its shards, in a
         group): what sharding divides by the number of ranks."""
@@ -594,6 +651,10 @@ class Learner:
                 for name, v in parts.items():
                     loss_st.add(name, v)
         self.opt.zero_grad(set_to_none=True)
+        if self.n_distill and cfg.mtp.distill.head_steps:
+            head = self._head_steps(kept, resp_all, row_tokens, micro_size)
+            skipped += int(head.pop("optim/head_steps_skipped"))
+            metrics.update(head)
         self.placement.synchronize()
         self.skipped_nonfinite_total += skipped
         self.version += 1

@@ -191,6 +191,42 @@ def test_learner_step_with_distill_under_none_trains_only_the_heads_and_logs_per
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize("regime", ["occ", "detach"])
+def test_head_steps_train_only_the_heads_after_the_update(regime):
+    """mtp.distill.head_steps: after the update, AdamW steps of the term alone on each micro-batch
+    (this batch is one). The backbone (and the shared LM head) end exactly where the update without
+    them left it; the heads move on and their distillation loss on the batch falls over those steps."""
+    def run(head_steps):
+        model = make_tiny_model(num_mtp=2, seed=0, vocab_size=64, hidden_size=32)
+        mtp = {"distill": {"kind": "kl", "coef": 1.0, "head_steps": head_steps}, "lr": 1e-2}
+        learner = Learner(model, AlgorithmConfig(algorithm="grpo", mtp_regime=regime, lr=1e-3, mini_batches=2,
+                                                 weight_decay=0.01, mtp=mtp))
+        metrics = learner.step(_batch())
+        return {n: p.detach().clone() for n, p in model.named_parameters()}, metrics
+
+    plain, m0 = run(0)
+    more, m4 = run(4)
+    assert "optim/head_steps" not in m0 and m4["optim/head_steps"] == 4.0
+    assert m4["loss/mtp_head_steps_last"] < m4["loss/mtp_head_steps_first"]
+    for name in plain:
+        if name.startswith("backbone."):
+            assert torch.equal(plain[name], more[name]), name  # bit for bit
+    assert all(not torch.equal(plain[n], more[n]) for n in plain if n.startswith("mtp.") and "norm" not in n)
+    assert m4["optim/steps"] == m0["optim/steps"] and m4["loss/total"] == m0["loss/total"]  # the update itself
+
+
+def test_head_steps_need_the_term_and_are_bounded():
+    from pydantic import ValidationError
+
+    from learner.config import MAX_DISTILL_HEAD_STEPS
+
+    assert MTPDistillConfig(coef=1.0, head_steps=MAX_DISTILL_HEAD_STEPS).head_steps == MAX_DISTILL_HEAD_STEPS
+    with pytest.raises(ValidationError, match="head_steps"):
+        MTPDistillConfig(coef=0.0, head_steps=2)
+    with pytest.raises(ValidationError, match="head_steps"):
+        MTPDistillConfig(coef=1.0, head_steps=MAX_DISTILL_HEAD_STEPS + 1)
+
+
 def _micro_grads(regime, coef):
     """Gradients of one micro-batch's loss away from θ_old (π_old shifted, so OCC's λ ≠ 0)."""
     model = make_tiny_model(num_mtp=2, seed=0, vocab_size=64, hidden_size=32)
@@ -310,6 +346,8 @@ def test_an_mtp_lr_for_a_model_without_mtp_modules_is_422(client):
     ({"kind": "js"}, ["body", "algorithm", "mtp", "distill", "kind"]),
     ({"kind": "topk_ce", "top_k": MAX_DISTILL_TOP_K + 1}, ["body", "algorithm", "mtp", "distill", "top_k"]),
     ({"kind": "tv", "top_k": 3}, ["body", "algorithm", "mtp", "distill"]),
+    ({"head_steps": 2}, ["body", "algorithm", "mtp", "distill"]),  # the term is off
+    ({"coef": 1.0, "head_steps": -1}, ["body", "algorithm", "mtp", "distill", "head_steps"]),
     ({"coef": 0.5}, ["body", "algorithm", "mtp", "distill", "coef"]),  # this model has no MTP module
 ])
 def test_bad_distill_values_are_422_naming_the_field(client, distill, loc):
