@@ -286,28 +286,36 @@ class PolicyModel(nn.Module):
         )
 
     @torch.no_grad()
-    def distill_backbone(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h, Emb(x)) of `_backbone_forward` without autograd, for head-only distillation steps
+    def distill_backbone(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(h, Emb(x), FinalNorm(h)) without autograd, for head-only distillation steps
         (``algorithm.mtp.distill.head_steps``): the term never reaches the backbone, so one pass
-        serves every step on these rows."""
-        return self._backbone_forward(input_ids)
+        serves every step on these rows; FinalNorm(h) is the teacher's (main head's) input."""
+        h, embeds = self._backbone_forward(input_ids)
+        return h, embeds, self.backbone.model.norm(h)
 
     def distill_heads(
         self,
         h: torch.Tensor,  # (B, T, H) from distill_backbone
-        embeds: torch.Tensor,  # (B, T, H) from distill_backbone
+        embeds: torch.Tensor,  # (B, T, H)
+        main_hidden: torch.Tensor,  # (B, T, H)
         input_ids: torch.Tensor,  # (B, T) long
         attention_mask: torch.Tensor,  # (B, T), right-padded
         needed: torch.Tensor,  # (B, T) bool, target-aligned
         distill_heads: int,
         temperature: float = 1.0,
-    ) -> HeadLogProbs:
-        """`token_logprobs` of MTP heads 1..``distill_heads`` from a `distill_backbone` pass, with
-        their `DistillRows`: only the MTP modules carry gradient."""
-        return self.heads_from_hidden(
-            h, input_ids, attention_mask.bool(), distill_heads, False, False, False, mtp_lm_head_grad=False,
-            embeds=embeds, needed=needed, temperature=temperature, distill_heads=distill_heads,
-        )
+    ) -> tuple[list[DistillRows], torch.Tensor]:
+        """The `DistillRows` of MTP heads 1..n from a `distill_backbone` pass — the same rows
+        `token_logprobs(distill_heads=n)` returns, without the log-probs of every head (which the
+        term does not read: two vocabulary projections fewer a step) — and the heads' valid
+        target positions (n, B, T). Only the MTP modules carry gradient."""
+        if not 1 <= distill_heads <= self.num_mtp:
+            raise ValueError(f"distill_heads={distill_heads} must be in 1..{self.num_mtp}")
+        mask = attention_mask.bool()
+        valid = torch.zeros(distill_heads, *mask.shape, dtype=torch.bool, device=mask.device)
+        for k in range(1, distill_heads + 1):  # head k has a target from t = k+1 on (heads_from_hidden)
+            valid[k - 1, :, k + 1 :] = mask[:, k + 1 :]
+        students = self.mtp_hidden(h, input_ids, distill_heads, False, embeds)
+        return self._distill_rows(main_hidden, students, valid[0] & needed.bool(), temperature), valid
 
     def _backbone_forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(h, Emb(x)): the last residual stream before the final norm and the embedding lookup,

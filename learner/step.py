@@ -487,8 +487,8 @@ class Learner:
         of the batch, after the update: the teacher is the updated main head (the policy the next
         rollouts sample and the head will draft for). The backbone does not change during these
         steps, so it runs once per micro-batch, without autograd (`PolicyModel.distill_backbone`),
-        and each step runs the MTP modules and the two LM-head projections only
-        (`PolicyModel.distill_heads`). Only the MTP modules get a gradient; AdamW leaves every other
+        and each step runs the MTP modules and the teacher's and heads' projections at response
+        tokens only (`PolicyModel.distill_heads`). Only the MTP modules get a gradient; AdamW leaves every other
         parameter and its moments as they are. In a learner group every rank computes its share of
         each global micro-batch, as in the update. Metrics: the term's loss at the first and the
         last step (``loss/mtp_head_steps_first/last``, micro-batch means) and the steps taken."""
@@ -506,14 +506,14 @@ class Learner:
             ids, attn, resp = sub.input_ids[:, :w], sub.attention_mask[:, :w], sub.response_mask[:, :w].bool()
             norm = Normaliser.of(resp_all[micro])
             with self.placement.autocast():
-                h, embeds = self.model.distill_backbone(ids)
+                h, embeds, main_hidden = self.model.distill_backbone(ids)
             losses: list[float] = []
             for _ in range(d.head_steps):
                 self.opt.zero_grad(set_to_none=True)
                 with self.placement.autocast():
-                    out = self.model.distill_heads(h, embeds, ids, attn, resp, self.n_distill, self.cfg.temperature)
-                mtp_mask = out.valid[1 : 1 + self.n_distill] & resp.unsqueeze(0)
-                loss = d.coef * self._distill_loss(out.distill, mtp_mask, norm, _Stats(), lambda *_: None)
+                    rows_k, valid = self.model.distill_heads(h, embeds, main_hidden, ids, attn, resp, self.n_distill,
+                                                             self.cfg.temperature)
+                loss = d.coef * self._distill_loss(rows_k, valid & resp.unsqueeze(0), norm, _Stats(), lambda *_: None)
                 loss.backward()
                 total = float(loss.detach())
                 if self.dp is not None:

@@ -215,6 +215,26 @@ def test_head_steps_train_only_the_heads_after_the_update(regime):
     assert m4["optim/steps"] == m0["optim/steps"] and m4["loss/total"] == m0["loss/total"]  # the update itself
 
 
+def test_distill_heads_gives_the_rows_token_logprobs_gives():
+    """The head-only path (distill_backbone + distill_heads) computes the same DistillRows as the
+    update's forward, and its gradient reaches the MTP modules only."""
+    model = make_tiny_model(num_mtp=2, seed=0, vocab_size=64, hidden_size=32)
+    b = _batch()
+    resp = b.response_mask.bool()
+    ref = model.token_logprobs(b.input_ids, b.attention_mask, num_mtp=2, mtp_backbone_grad=False,
+                               needed=resp, temperature=0.7, distill_heads=2)
+    h, emb, main = model.distill_backbone(b.input_ids)
+    rows, valid = model.distill_heads(h, emb, main, b.input_ids, b.attention_mask, resp, 2, temperature=0.7)
+    assert torch.equal(valid, ref.valid[1:3])
+    for r, q in zip(rows, ref.distill):
+        assert torch.equal(r.index[0], q.index[0]) and torch.equal(r.index[1], q.index[1])
+        assert torch.allclose(r.student_logits, q.student_logits, atol=1e-6)
+        assert torch.allclose(r.teacher_logp, q.teacher_logp, atol=1e-6)
+    sum(distill_kl(r.student_logits, r.teacher_logp).sum() for r in rows).backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all(n.startswith("mtp.") for n in grads), grads
+
+
 def test_head_steps_need_the_term_and_are_bounded():
     from pydantic import ValidationError
 
