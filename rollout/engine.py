@@ -514,8 +514,9 @@ class RolloutEngine:
             self.llm.collective_rpc(install_draft_vocab, args=(ids,))
             self.draft_vocab_size = len(ids)
         self._shared_head = c.num_speculative_tokens > 0 and all(x["drafter_shares"] for x in sharing)
-        # Drafting estimates (rollout.adaptive_draft) of every drafting engine; only an adaptive
-        # one acts on them, by rewriting vLLM's draft-length table before each call.
+        # Drafting estimates (rollout.adaptive_draft) of every drafting engine; an adaptive one acts
+        # on them by rewriting vLLM's draft-length table before each call, an ``auto`` one by setting
+        # the draft method (_set_draft_method).
         methods = DRAFT_METHODS if c.draft_sample_method == "auto" else (c.draft_sample_method,)
         self._drafter = AdaptiveDrafter(c.adaptive_draft, c.num_speculative_tokens, methods,
                                         adaptive_length=c.adaptive_draft.enabled) if c.num_speculative_tokens else None
@@ -565,7 +566,8 @@ class RolloutEngine:
     def _choose_draft(self, num_seqs: int, sampled: bool) -> Choice | None:
         """The draft length of the next call: the adaptive choice (written into vLLM's table, every
         batch size alike, so one call drafts one length and its per-position counts are of that k), or
-        the configured one."""
+        the configured one; and, for an ``auto`` engine's sampled call, the draft method (set in the
+        drafter before the call)."""
         if self._drafter is None:
             return None
         if self._sd_lookup is None and not self._choose_method:
