@@ -117,6 +117,16 @@ class MTPModule(Qwen2DecoderLayer):
         return self.final_layernorm(x)  # (B, T, H)
 
 
+def _head_targets(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, T) bool: the target positions t that head k (0 = main) predicts, target-aligned: tokens
+    from t = k+1 on; the main head also needs its input position t−1 to be a token."""
+    vk = torch.zeros_like(mask)
+    vk[:, k + 1 :] = mask[:, k + 1 :]
+    if k == 0:
+        vk[:, 1:] &= mask[:, :-1]
+    return vk
+
+
 def _token_logprobs_from_hidden(
     hidden: torch.Tensor,  # (N, T, H): N = heads × B rows, stacked head-major
     head_weight: torch.Tensor,  # (V, H)
@@ -311,9 +321,7 @@ class PolicyModel(nn.Module):
         if not 1 <= distill_heads <= self.num_mtp:
             raise ValueError(f"distill_heads={distill_heads} must be in 1..{self.num_mtp}")
         mask = attention_mask.bool()
-        valid = torch.zeros(distill_heads, *mask.shape, dtype=torch.bool, device=mask.device)
-        for k in range(1, distill_heads + 1):  # head k has a target from t = k+1 on (heads_from_hidden)
-            valid[k - 1, :, k + 1 :] = mask[:, k + 1 :]
+        valid = torch.stack([_head_targets(mask, k) for k in range(1, distill_heads + 1)])
         students = self.mtp_hidden(h, input_ids, distill_heads, False, embeds)
         return self._distill_rows(main_hidden, students, valid[0] & needed.bool(), temperature), valid
 
@@ -437,11 +445,7 @@ class PolicyModel(nn.Module):
         for k in range(num_mtp + 1):  # re-align each head by target token: t = p + k + 1
             n = max(T - k - 1, 0)
             logprobs.append(F.pad(lp_all[k, :, :n], (T - n, 0)))  # (B, T)
-            vk = torch.zeros_like(mask)
-            vk[:, k + 1 :] = mask[:, k + 1 :]
-            if k == 0:  # the main head also needs its input position (t-1) to be a token
-                vk[:, 1:] &= mask[:, :-1]
-            valid.append(vk)
+            valid.append(_head_targets(mask, k))
         entropy = F.pad(ent[:, :-1], (1, 0)) if ent is not None else None
         lp = torch.stack(logprobs)  # (H, B, T)
         vd = torch.stack(valid)  # (H, B, T)

@@ -481,6 +481,17 @@ class Learner:
                            1.0 - distill_tv(r.student_logits.detach(), r.teacher_logp).mean(), n)
         return total
 
+    def _guarded_step(self, loss: float) -> torch.Tensor | None:
+        """Clip the gradients and take the AdamW step; the grad norm, or None when the loss or the
+        norm is not finite (NaN/Inf guard: the gradients are dropped, the step skipped; the caller
+        counts it)."""
+        gn = self._clip_grad_norm()
+        if not (math.isfinite(loss) and torch.isfinite(gn)):
+            self.opt.zero_grad(set_to_none=True)
+            return None
+        self.opt.step()
+        return gn
+
     def _head_steps(self, kept: TrainBatch, resp_all: torch.Tensor, row_tokens: torch.Tensor,
                     micro_size: int) -> dict[str, float]:
         """``mtp.distill.head_steps`` AdamW steps of the distillation term alone on each micro-batch
@@ -518,12 +529,9 @@ class Learner:
                 total = float(loss.detach())
                 if self.dp is not None:
                     total = self.dp.sum_floats([total])[0]
-                gn = self._clip_grad_norm()
-                if not (math.isfinite(total) and torch.isfinite(gn)):
-                    self.opt.zero_grad(set_to_none=True)
+                if self._guarded_step(total) is None:
                     skipped += 1
                     continue
-                self.opt.step()
                 steps += 1
                 losses.append(total)
             if losses:
@@ -634,12 +642,10 @@ class Learner:
                     total = self.dp.sum_floats([step_loss] + [parts[k] for k in names])
                     step_loss, parts = total[0], dict(zip(names, total[1:]))
                 t_opt, c_opt = time.perf_counter(), time.process_time()
-                gn = self._clip_grad_norm()
-                if not (math.isfinite(step_loss) and torch.isfinite(gn)):
-                    self.opt.zero_grad(set_to_none=True)  # NaN/Inf guard: skip, count
+                gn = self._guarded_step(step_loss)
+                if gn is None:
                     skipped += 1
                     continue
-                self.opt.step()
                 if steps == 0:  # parameters, gradients and AdamW state are all alive here
                     metrics["mem/state_bytes"] = float(self.state_bytes())
                 self.placement.synchronize()

@@ -246,7 +246,7 @@ class AdaptiveDrafter:
         self._cost: dict[tuple[int, int, str], float] = {}
 
     def _kind(self, sampled: bool, method: str | None) -> str:
-        return f"sampled:{method or self.methods[0]}" if sampled else "greedy"
+        return f"sampled:{self._method(method)}" if sampled else "greedy"
 
     def _method(self, method: str | None) -> str:
         return method or self.methods[0]
