@@ -81,7 +81,7 @@ def base_spec(model: Path, args) -> dict:
                           draft_sample_method=args.draft_method)
     raw["algorithm"]["lr"] = args.lr
     raw["algorithm"]["mtp"] = {"distill": {"kind": args.distill_kind, "coef": args.distill_coef,
-                                           "head_steps": args.head_steps}}
+                                           "head_steps": args.head_steps, "replay": args.replay}}
     if args.mtp_lr is not None:  # every regime: the heads' rate is a setting of the run, not of a row
         raw["algorithm"]["mtp"]["lr"] = args.mtp_lr
     raw["schedule"]["checkpoint_every"] = 0
@@ -148,6 +148,9 @@ def main() -> None:
     ap.add_argument("--head-steps", type=int, default=0,
                     help="algorithm.mtp.distill.head_steps of the occ+distill row: head-only distillation steps after "
                     "each update (the rows without distillation have none)")
+    ap.add_argument("--replay", type=int, default=0,
+                    help="algorithm.mtp.distill.replay of the occ+distill row: earlier update batches the head steps "
+                    "also run on (needs --head-steps)")
     ap.add_argument("--mtp-lr", type=float, default=None,
                     help="algorithm.mtp.lr, the MTP modules' own AdamW rate (default: --lr for everything).")
     ap.add_argument("--draft-method", default="auto", choices=("auto", "probabilistic", "greedy"),
@@ -212,7 +215,8 @@ def main() -> None:
         "entropy_end": {r: tail_mean(by_step(args.out / r, "policy/entropy")) for r in regimes},
         "entropy_by_step": {r: by_step(args.out / r, "policy/entropy", 2) for r in regimes},
         "steps": args.steps, "task": "demo (reasoning_gym basic_arithmetic, 2 single-digit terms)",
-        "distill": {"kind": args.distill_kind, "coef": args.distill_coef, "head_steps": args.head_steps},
+        "distill": {"kind": args.distill_kind, "coef": args.distill_coef, "head_steps": args.head_steps,
+                    "replay": args.replay},
         "lr": args.lr, "mtp_lr": args.mtp_lr,
         "draft_method": args.draft_method,
         "init": str(start),

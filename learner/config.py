@@ -217,6 +217,8 @@ class OCCConfig(_Strict):
 DEFAULT_DISTILL_TOP_K = 16
 #: Head-only distillation steps per micro-batch and update, at most.
 MAX_DISTILL_HEAD_STEPS = 32
+#: Earlier batches the head steps revisit, at most (each costs a backbone pass per micro-batch).
+MAX_DISTILL_REPLAY = 16
 
 
 class MTPDistillConfig(_Strict):
@@ -262,6 +264,20 @@ class MTPDistillConfig(_Strict):
         "lags the sharpening policy accepts less (docs/run-loop.md). 0 = none; needs coef > 0.",
     )
 
+    replay: int = Field(
+        0,
+        ge=0,
+        le=MAX_DISTILL_REPLAY,
+        description="Earlier update batches the head steps also run on (the last `replay` ones, oldest first, "
+        "then the current one), each under the current policy: the teacher is the updated main head "
+        "recomputed on their tokens, so the heads see more of the policy's answers per update without "
+        "drafting for a stale teacher. Why: during RL a head sees one batch of answers per update, and a "
+        "head warmed up offline on 30× more answers of a fixed policy accepts far more (docs/run-loop.md). "
+        "Costs a backbone pass per micro-batch per replayed batch; kept in the learner's checkpoint "
+        "(trainer.pt), so a resumed or rolled-back run replays what an uninterrupted one would. "
+        "0 = none; needs head_steps > 0.",
+    )
+
     @model_validator(mode="after")
     def _top_k_for_topk_ce(self) -> MTPDistillConfig:
         if self.kind == "topk_ce":
@@ -277,6 +293,9 @@ class MTPDistillConfig(_Strict):
         if self.head_steps and not self.enabled:
             raise ValueError(f"head_steps={self.head_steps} repeats the distillation term, which is off "
                              "(coef 0); set coef > 0 or head_steps 0")
+        if self.replay and not self.head_steps:
+            raise ValueError(f"replay={self.replay} revisits earlier batches in the head steps, which are off "
+                             "(head_steps 0); set head_steps > 0 or replay 0")
         return self
 
     @property

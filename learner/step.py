@@ -20,7 +20,8 @@ One update, as pseudocode:
           backward                           (normalised by the mini-batch's denominators, so the
                                               sum over micro-batches is the mini-batch loss)
         clip grad norm; if not finite: zero grads, skip, count; else AdamW step
-    for head step in mtp.distill.head_steps: (the distillation term alone; backbone without autograd)
+    for batch in the last mtp.distill.replay batches, then this one:
+      for head step in mtp.distill.head_steps: (the distillation term alone; backbone without autograd)
         distill loss over the batch → backward into the MTP modules → clip → AdamW step
 
 Device: the policy lives on `cfg.placement(gpu_assigned)` (`learner/device.py`): CPU float32 by
@@ -56,7 +57,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 
 import torch
 
@@ -113,6 +114,15 @@ class _Stats:
         return out
 
 
+def distill_rows(b: TrainBatch) -> TrainBatch:
+    """What a batch keeps for ``mtp.distill.replay``: its token rows and masks (host copies); the
+    head steps read nothing else, and recompute the teacher under the policy of the day."""
+    n = b.size
+    return TrainBatch(input_ids=b.input_ids.cpu().clone(), attention_mask=b.attention_mask.cpu().clone(),
+                      response_mask=b.response_mask.cpu().clone(), rewards=torch.zeros(n),
+                      group_ids=torch.zeros(n, dtype=torch.long))
+
+
 class Learner:
     """Holds the policy, its AdamW optimiser and the policy version; `step` runs one update.
 
@@ -164,6 +174,8 @@ class Learner:
             self.opt = self._plain_adamw(groups, adamw)
         self.version = 0
         self.skipped_nonfinite_total = 0
+        # mtp.distill.replay: the token rows of the last update batches, on the host
+        self.distill_replay: deque[TrainBatch] = deque(maxlen=cfg.mtp.distill.replay)
 
     def param_groups(self, model: torch.nn.Module, cfg: AlgorithmConfig) -> list[dict]:
         """AdamW's parameter groups: one at `lr`, or with `mtp.lr` set, the MTP modules apart at
@@ -492,53 +504,61 @@ class Learner:
         self.opt.step()
         return gn
 
-    def _head_steps(self, kept: TrainBatch, resp_all: torch.Tensor, row_tokens: torch.Tensor,
-                    micro_size: int) -> dict[str, float]:
+    def _head_steps(self, kept: TrainBatch, logit_rows: int) -> dict[str, float]:
         """``mtp.distill.head_steps`` AdamW steps of the distillation term alone on each micro-batch
-        of the batch, after the update: the teacher is the updated main head (the policy the next
-        rollouts sample and the head will draft for). The backbone does not change during these
-        steps, so it runs once per micro-batch, without autograd (`PolicyModel.distill_backbone`),
-        and each step runs the MTP modules and the teacher's and heads' projections at response
-        tokens only (`PolicyModel.distill_heads`). Only the MTP modules get a gradient; AdamW leaves every other
-        parameter and its moments as they are. In a learner group every rank computes its share of
-        each global micro-batch, as in the update. Metrics: the term's loss at the first and the
-        last step (``loss/mtp_head_steps_first/last``, micro-batch means) and the steps taken."""
+        of the last ``mtp.distill.replay`` update batches (oldest first) and then of this one, after
+        the update: the teacher is the updated main head (the policy the next rollouts sample and
+        the head will draft for), recomputed on every batch's tokens. The backbone does not change
+        during these steps, so it runs once per micro-batch, without autograd
+        (`PolicyModel.distill_backbone`), and each step runs the MTP modules and the teacher's and
+        heads' projections at response tokens only (`PolicyModel.distill_heads`). Only the MTP
+        modules get a gradient; AdamW leaves every other parameter and its moments as they are. In a
+        learner group every rank holds the same batches and computes its share of each global
+        micro-batch, as in the update. Metrics: the term's loss at the first and the last step
+        (``loss/mtp_head_steps_first/last``, micro-batch means), the steps taken and the batches
+        replayed."""
         d = self.cfg.mtp.distill
-        order = torch.arange(kept.size, device=self.device)
+        batches = [b.to(self.device) for b in self.distill_replay] + [kept]
         first: list[float] = []
         last: list[float] = []
         steps = skipped = 0
-        for micro in torch.split(order, micro_size):
-            rows, pad = self.micro_share(micro, row_tokens)
-            sub = kept.select(rows)
-            if pad:
-                sub.response_mask = torch.zeros_like(sub.response_mask)
-            w = self._trim(kept.input_ids[micro], kept.attention_mask[micro])
-            ids, attn, resp = sub.input_ids[:, :w], sub.attention_mask[:, :w], sub.response_mask[:, :w].bool()
-            norm = Normaliser.of(resp_all[micro])
-            with self.placement.autocast():
-                h, embeds, main_hidden = self.model.distill_backbone(ids)
-            losses: list[float] = []
-            for _ in range(d.head_steps):
-                self.opt.zero_grad(set_to_none=True)
+        for b in batches:
+            resp_all, row_tokens = b.response_mask.bool(), b.attention_mask.sum(-1)
+            for micro in torch.split(torch.arange(b.size, device=self.device), self.micro_size(b, logit_rows)):
+                rows, pad = self.micro_share(micro, row_tokens)
+                sub = b.select(rows)
+                if pad:
+                    sub.response_mask = torch.zeros_like(sub.response_mask)
+                w = self._trim(b.input_ids[micro], b.attention_mask[micro])
+                ids, attn, resp = sub.input_ids[:, :w], sub.attention_mask[:, :w], sub.response_mask[:, :w].bool()
+                norm = Normaliser.of(resp_all[micro])
                 with self.placement.autocast():
-                    rows_k, valid = self.model.distill_heads(h, embeds, main_hidden, ids, attn, resp, self.n_distill,
-                                                             self.cfg.temperature)
-                loss = d.coef * self._distill_loss(rows_k, valid & resp.unsqueeze(0), norm, _Stats(), lambda *_: None)
-                loss.backward()
-                total = float(loss.detach())
-                if self.dp is not None:
-                    total = self.dp.sum_floats([total])[0]
-                if self._guarded_step(total) is None:
-                    skipped += 1
-                    continue
-                steps += 1
-                losses.append(total)
-            if losses:
-                first.append(losses[0])
-                last.append(losses[-1])
+                    h, embeds, main_hidden = self.model.distill_backbone(ids)
+                losses: list[float] = []
+                for _ in range(d.head_steps):
+                    self.opt.zero_grad(set_to_none=True)
+                    with self.placement.autocast():
+                        rows_k, valid = self.model.distill_heads(h, embeds, main_hidden, ids, attn, resp,
+                                                                 self.n_distill, self.cfg.temperature)
+                    loss = d.coef * self._distill_loss(rows_k, valid & resp.unsqueeze(0), norm, _Stats(),
+                                                       lambda *_: None)
+                    loss.backward()
+                    total = float(loss.detach())
+                    if self.dp is not None:
+                        total = self.dp.sum_floats([total])[0]
+                    if self._guarded_step(total) is None:
+                        skipped += 1
+                        continue
+                    steps += 1
+                    losses.append(total)
+                if losses:
+                    first.append(losses[0])
+                    last.append(losses[-1])
         self.opt.zero_grad(set_to_none=True)
-        out = {"optim/head_steps": float(steps), "optim/head_steps_skipped": float(skipped)}
+        if d.replay:
+            self.distill_replay.append(distill_rows(kept))
+        out = {"optim/head_steps": float(steps), "optim/head_steps_skipped": float(skipped),
+               "mtp/distill_replayed_batches": float(len(batches) - 1)}
         if first:
             out["loss/mtp_head_steps_first"] = sum(first) / len(first)
             out["loss/mtp_head_steps_last"] = sum(last) / len(last)
@@ -613,7 +633,8 @@ class Learner:
 
         # main + MTP heads of the training forward, plus mtp.distill's full-vocabulary rows: the
         # teacher's and one per distilled head (the logits a micro-batch's memory grows with)
-        micro_size = self.micro_size(kept, 1 + self.n_heads + (self.n_distill + 1 if self.n_distill else 0))
+        logit_rows = 1 + self.n_heads + (self.n_distill + 1 if self.n_distill else 0)
+        micro_size = self.micro_size(kept, logit_rows)
         metrics["perf/micro_batch_size"] = float(micro_size)
         row_tokens = kept.attention_mask.sum(-1)  # what a row costs a forward: the group balances it
         steps = skipped = 0
@@ -658,7 +679,7 @@ class Learner:
                     loss_st.add(name, v)
         self.opt.zero_grad(set_to_none=True)
         if self.n_distill and cfg.mtp.distill.head_steps:
-            head = self._head_steps(kept, resp_all, row_tokens, micro_size)
+            head = self._head_steps(kept, logit_rows)
             skipped += int(head.pop("optim/head_steps_skipped"))
             metrics.update(head)
         self.placement.synchronize()

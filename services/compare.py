@@ -90,7 +90,7 @@ def regime_specs(base: RunSpec, regimes: list[str]) -> dict[str, RunSpec]:
         raise ValueError(f"unknown regime(s) {unknown or regimes}; choose from {', '.join(ROWS)}")
     base_distill = base.algorithm.mtp.distill
     distill_on = base_distill.model_dump() if base_distill.enabled else dict(DEFAULT_DISTILL)
-    distill_off = {**base_distill.model_dump(), "coef": 0.0, "head_steps": 0}
+    distill_off = {**base_distill.model_dump(), "coef": 0.0, "head_steps": 0, "replay": 0}
     from pydantic import ValidationError
 
     from learner.config import default_mpo_grad

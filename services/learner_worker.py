@@ -49,7 +49,7 @@ from learner.batch import TrainBatch
 from learner.checkpoint import export_name, iter_export_tensors, load_policy, save_policy, save_policy_tensors
 from learner.config import AlgorithmConfig
 from learner.distributed import DataParallel, full_tensors, shard_policy
-from learner.step import Learner
+from learner.step import Learner, distill_rows
 from runtime.cpu_priority import lower_cpu_priority
 from services.run_storage import check as check_storage
 
@@ -263,6 +263,9 @@ class LearnerWorker:
             torch.save({
                 "version": self.learner.version,
                 "skipped_nonfinite_total": self.learner.skipped_nonfinite_total,
+                # mtp.distill.replay's batches (the same on every rank): a resumed run replays them
+                "distill_replay": [(b.input_ids, b.attention_mask, b.response_mask)
+                                   for b in self.learner.distill_replay],
                 "torch_rng": torch.get_rng_state(),
                 "python_rng": random.getstate(),
                 "numpy_rng": np.random.get_state(),
@@ -293,6 +296,9 @@ class LearnerWorker:
                     self.learner.opt.load_state_dict(state["optimizer"])
             self.learner.version = int(state["version"])
             self.learner.skipped_nonfinite_total = int(state.get("skipped_nonfinite_total", 0))
+            self.learner.distill_replay.extend(  # the deque keeps the last `replay` of them
+                distill_rows(TrainBatch(ids, attn, resp, torch.zeros(len(ids)), torch.zeros(len(ids), dtype=torch.long)))
+                for ids, attn, resp in state.get("distill_replay", []))
             torch.set_rng_state(state["torch_rng"])
             random.setstate(state["python_rng"])
             np.random.set_state(state["numpy_rng"])

@@ -28,9 +28,10 @@ OBJECTIVES = {
     # (AdamW's m/√v turns a rounding-sized gradient difference into an lr-sized step)
     "distill": dict(algorithm="grpo", mtp_regime="policy", mtp={"distill": {"kind": "topk_ce", "coef": 1.0}},
                     lr=1e-5),
-    # head-only distillation steps after the update (mtp.distill.head_steps): distill_forward sharded
+    # head-only distillation steps after the update (mtp.distill.head_steps), on the last batch
+    # again (replay 1): distill_backbone/distill_heads sharded, the replayed rows split like the update's
     "head_steps": dict(algorithm="grpo", mtp_regime="detach",
-                       mtp={"distill": {"kind": "kl", "coef": 1.0, "head_steps": 2}}, lr=1e-5),
+                       mtp={"distill": {"kind": "kl", "coef": 1.0, "head_steps": 2, "replay": 1}}, lr=1e-5),
 }
 COMMON = dict(mini_batches=2, micro_batch_size=3, grad_clip=1.0)
 
@@ -101,7 +102,8 @@ def test_two_ranks_train_the_parameters_one_rank_does(ray_session, tiny_ckpt, vo
         for key in ("loss/total", "loss/policy", "optim/grad_norm", "ratio/clip_frac", "batch/tokens",
                     "policy/entropy", "mtp/lambda/head1", "mtp/c_hat/head2", "loss/mtp", "policy/kl_ref",
                     "loss/mtp_distill", "mtp/distill_loss/head2", "mtp/distill_accept/head1",
-                    "loss/mtp_head_steps_first", "loss/mtp_head_steps_last", "optim/head_steps"):
+                    "loss/mtp_head_steps_first", "loss/mtp_head_steps_last", "optim/head_steps",
+                    "mtp/distill_replayed_batches"):
             # OCC's ĉ and λ carry the 1/lr-amplified rounding described at OBJECTIVES (5 % apart
             # at lr 1e-5); that their all-reduced sums are the micro-batch's is test_learner_occ's
             # split test
@@ -114,7 +116,9 @@ def test_two_ranks_train_the_parameters_one_rank_does(ray_session, tiny_ckpt, vo
     if name == "distill":
         assert m1[-1]["loss/mtp_distill"] > 0 and "mtp/distill_top1/head1" in m2[-1]
     if name == "head_steps":
-        assert m2[-1]["optim/head_steps"] == 2 * 3 and m1[-1]["loss/mtp_head_steps_last"] > 0  # 2 on each of 3 micro-batches
+        # 2 on each of 3 micro-batches, of this batch and the one before
+        assert [m["optim/head_steps"] for m in m2] == [2 * 3, 2 * 3 * 2, 2 * 3 * 2]
+        assert m2[-1]["mtp/distill_replayed_batches"] == 1 and m1[-1]["loss/mtp_head_steps_last"] > 0
 
 
 def test_sharded_checkpoint_resumes_on_two_ranks_bit_for_bit_and_on_one_rank(ray_session, tiny_ckpt, vocab,

@@ -235,6 +235,82 @@ def test_distill_heads_gives_the_rows_token_logprobs_gives():
     assert grads and all(n.startswith("mtp.") for n in grads), grads
 
 
+def test_replay_runs_the_head_steps_on_the_last_batches_too_and_touches_only_the_heads():
+    """mtp.distill.replay: the head steps also run on the last `replay` update batches (oldest
+    first; here each batch is one micro-batch), which the learner keeps as host token rows. The
+    backbone still ends where the update left it, and replaying moves the heads elsewhere than
+    the current batch alone does."""
+    def run(replay):
+        model = make_tiny_model(num_mtp=2, seed=0, vocab_size=64, hidden_size=32)
+        mtp = {"distill": {"kind": "kl", "coef": 1.0, "head_steps": 2, "replay": replay}, "lr": 1e-2}
+        learner = Learner(model, AlgorithmConfig(algorithm="grpo", mtp_regime="detach", lr=1e-3, mini_batches=2,
+                                                 weight_decay=0.01, mtp=mtp))
+        metrics = [learner.step(_batch(seed)) for seed in range(4)]
+        return learner, {n: p.detach().clone() for n, p in model.named_parameters()}, metrics
+
+    plain, w0, m0 = run(0)
+    kept, w2, m2 = run(2)
+    assert [m["mtp/distill_replayed_batches"] for m in m2] == [0, 1, 2, 2]
+    assert [m["optim/head_steps"] for m in m2] == [2, 4, 6, 6]
+    assert [m["optim/head_steps"] for m in m0] == [2, 2, 2, 2] and len(plain.distill_replay) == 0
+    assert [torch.equal(b.input_ids, _batch(seed).input_ids) for b, seed in zip(kept.distill_replay, (2, 3))] \
+        == [True, True]  # the last two, oldest first, on the host
+    assert all(b.input_ids.device.type == "cpu" for b in kept.distill_replay)
+    # the first update is the same in both; from then on the heads differ and the backbone follows
+    # its own update (the heads feed only their own loss under detach)
+    assert m0[0]["loss/total"] == m2[0]["loss/total"]
+    assert any(not torch.equal(w0[n], w2[n]) for n in w0 if n.startswith("mtp."))
+
+
+def test_replay_needs_head_steps_and_is_bounded():
+    from pydantic import ValidationError
+
+    from learner.config import MAX_DISTILL_REPLAY
+
+    assert MTPDistillConfig(coef=1.0, head_steps=1, replay=MAX_DISTILL_REPLAY).replay == MAX_DISTILL_REPLAY
+    with pytest.raises(ValidationError, match="replay"):
+        MTPDistillConfig(coef=1.0, replay=2)
+    with pytest.raises(ValidationError, match="replay"):
+        MTPDistillConfig(coef=1.0, head_steps=1, replay=MAX_DISTILL_REPLAY + 1)
+
+
+def test_a_resumed_learner_replays_what_an_uninterrupted_one_would(tmp_path, tiny_ckpt):
+    """The replayed batches are part of the learner's checkpoint (trainer.pt): restored into a new
+    worker, the next step trains bit for bit as the uninterrupted worker's does; a worker restored
+    without them (the older layout) would not."""
+    from services.learner_worker import TRAINER_STATE, LearnerWorker
+
+    alg = {"algorithm": "grpo", "mtp_regime": "detach", "lr": 1e-3, "mini_batches": 2,
+           "mtp": {"distill": {"kind": "kl", "coef": 1.0, "head_steps": 1, "replay": 2}, "lr": 1e-2}}
+    batch = _batch  # token ids below 64: inside the tiny checkpoint's vocabulary
+
+    def weights(w):
+        return {n: p.detach().clone() for n, p in w.model.named_parameters()}
+
+    a = LearnerWorker(str(tiny_ckpt), alg)
+    for seed in range(3):
+        a.step(batch(seed))
+    a.save(str(tmp_path / "ck"))
+    b = LearnerWorker(str(tiny_ckpt), alg)
+    b.restore(str(tmp_path / "ck"))
+    assert [torch.equal(x.input_ids, y.input_ids) for x, y in zip(a.learner.distill_replay, b.learner.distill_replay)] \
+        == [True, True]
+    a.step(batch(3))
+    b.step(batch(3))
+    wa, wb = weights(a), weights(b)
+    assert all(torch.equal(wa[n], wb[n]) for n in wa)
+
+    state = torch.load(tmp_path / "ck" / TRAINER_STATE, weights_only=False)
+    del state["distill_replay"]  # what a checkpoint without the replayed batches restores to
+    torch.save(state, tmp_path / "ck" / TRAINER_STATE)
+    c = LearnerWorker(str(tiny_ckpt), alg)
+    c.restore(str(tmp_path / "ck"))
+    assert len(c.learner.distill_replay) == 0
+    c.step(batch(3))
+    wc = weights(c)
+    assert any(not torch.equal(wa[n], wc[n]) for n in wa if n.startswith("mtp."))
+
+
 def test_head_steps_need_the_term_and_are_bounded():
     from pydantic import ValidationError
 
@@ -368,6 +444,7 @@ def test_an_mtp_lr_for_a_model_without_mtp_modules_is_422(client):
     ({"kind": "tv", "top_k": 3}, ["body", "algorithm", "mtp", "distill"]),
     ({"head_steps": 2}, ["body", "algorithm", "mtp", "distill"]),  # the term is off
     ({"coef": 1.0, "head_steps": -1}, ["body", "algorithm", "mtp", "distill", "head_steps"]),
+    ({"coef": 1.0, "replay": 2}, ["body", "algorithm", "mtp", "distill"]),  # no head steps to replay in
     ({"coef": 0.5}, ["body", "algorithm", "mtp", "distill", "coef"]),  # this model has no MTP module
 ])
 def test_bad_distill_values_are_422_naming_the_field(client, distill, loc):
@@ -398,11 +475,12 @@ def test_compare_has_distill_rows_that_change_only_regime_and_distill(tmp_path):
         assert s.name == f"cmp-{row}"
     # a base that sets its own distillation keeps it in the distill rows, and it is off elsewhere
     mine = base.model_copy(update={"algorithm": base.algorithm.model_copy(
-        update={"mtp": base.algorithm.mtp.model_validate({"distill": {"kind": "tv", "coef": 0.3}})})})
+        update={"mtp": base.algorithm.mtp.model_validate(
+            {"distill": {"kind": "tv", "coef": 0.3, "head_steps": 2, "replay": 3}})})})
     specs = regime_specs(mine, ["detach", "detach+distill"])
-    assert specs["detach+distill"].algorithm.mtp.distill.kind == "tv"
-    assert specs["detach+distill"].algorithm.mtp.distill.coef == 0.3
-    assert specs["detach"].algorithm.mtp.distill.coef == 0
+    on, off = specs["detach+distill"].algorithm.mtp.distill, specs["detach"].algorithm.mtp.distill
+    assert (on.kind, on.coef, on.head_steps, on.replay) == ("tv", 0.3, 2, 3)
+    assert (off.coef, off.head_steps, off.replay) == (0, 0, 0)
 
 
 def test_the_cli_default_runs_every_row():
