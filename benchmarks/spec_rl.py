@@ -20,7 +20,9 @@
 The last line is one JSON object: ``t1_acceptance_end`` (occ+distill), ``t1_acceptance_baseline``
 (occ), ``accuracy_delta_vs_detach`` (occ+distill − detach, held-out), ``adaptive_min_ratio`` (lowest
 adaptive / no-draft tokens/s over the six configurations) and ``t1_speedup_batch8`` (adaptive at
-T = 1, batch 8), with the comparison table and both spec-decode results.
+T = 1, batch 8), with the comparison table and both spec-decode results; per row also
+``entropy_end`` and ``acceptance_at_entropy`` (acceptance read at 0.5 and 1.0 nats a token on the
+line through the row's steps: rows whose policies sharpened differently compared at equal entropy).
 
     .venv/bin/python benchmarks/spec_rl.py --out /tmp/spec_rl            # 30 steps per regime
     .venv/bin/python benchmarks/spec_rl.py --out /tmp/s --steps 2 --skip-decode   # a smoke run
@@ -119,6 +121,21 @@ def tail_mean(values: list[float | None], n: int = 5) -> float | None:
     return round(sum(kept) / len(kept), 3) if kept else None
 
 
+def at_entropy(acceptance: list[float | None], entropy: list[float | None],
+               points: tuple[float, ...] = (0.5, 1.0)) -> dict[str, float] | None:
+    """A row's acceptance read at equal policy entropy: the least-squares line of its per-step
+    acceptance on its per-step entropy, at ``points`` (nats a token). Runs of one seed sharpen their
+    policies differently and acceptance follows the entropy (session 17), so rows are compared
+    here, not at their last steps alone. Step index drives both, so this is a reading, not a test."""
+    pairs = [(e, a) for a, e in zip(acceptance, entropy) if a is not None and e is not None]
+    if len(pairs) < 3 or len({e for e, _ in pairs}) < 2:
+        return None
+    n = len(pairs)
+    me, ma = sum(e for e, _ in pairs) / n, sum(a for _, a in pairs) / n
+    slope = sum((e - me) * (a - ma) for e, a in pairs) / sum((e - me) ** 2 for e, _ in pairs)
+    return {f"{x:.1f}": round(ma + slope * (x - me), 3) for x in points}
+
+
 def spec_decode(model: Path, temperature: float, args) -> dict:
     cmd = [sys.executable, str(REPO / "benchmarks" / "spec_decode.py"), "--model", str(model),
            "--spec-tokens", "0", "--batch-sizes", "1,8,32", "--adaptive", str(args.adaptive_k),
@@ -213,6 +230,8 @@ def main() -> None:
         # that differs between runs of the same seed once drafting draws other samples: each row's
         # main-head entropy (nats a token, learner's rows) over its last 5 steps, to read it beside.
         "entropy_end": {r: tail_mean(by_step(args.out / r, "policy/entropy")) for r in regimes},
+        "acceptance_at_entropy": {r: at_entropy(acceptance_by_step(args.out / r), by_step(args.out / r, "policy/entropy"))
+                                  for r in regimes},
         "entropy_by_step": {r: by_step(args.out / r, "policy/entropy", 2) for r in regimes},
         "steps": args.steps, "task": "demo (reasoning_gym basic_arithmetic, 2 single-digit terms)",
         "distill": {"kind": args.distill_kind, "coef": args.distill_coef, "head_steps": args.head_steps,
