@@ -85,21 +85,38 @@ def test_a_killed_engines_groups_move_to_the_others(ray_session, toy, engines3, 
     """Kill engine 0 (Ray restarts it) while it generates: its groups go back to the queue, the
     other two engines serve the steps while it is down, it rejoins, and the run's accounting is
     exact."""
+    import os
+    import signal
+
     from services.controller import RunController
 
+    pid = ray_session.get(engines3.engines[0].info.remote())["pid"]
     killed: dict[str, object] = {}
 
+    def still_generating():
+        return [(r, g) for r, g in ctl.dispatch.inflight.items()
+                if g.engine == 0 and not ray_session.wait([r], timeout=0)[0]]
+
     def control():
-        if "lost" in killed or ctl.state.step < 1:
+        if "lost" in killed or ctl.state.step < 1 or not still_generating():
             return None
         # Only calls still generating are lost with the engine: one that already returned (its result
-        # waits for the loop) is not (CI once killed just after engine 0's call came back: nothing lost).
-        pending = [g for r, g in ctl.dispatch.inflight.items()
-                   if g.engine == 0 and not ray_session.wait([r], timeout=0)[0]]
+        # waits for the loop) is not (CI once killed just after engine 0's call came back: nothing lost),
+        # and neither is one whose result was on its way when the check ran (a fresh clone: killed
+        # "while pending", nothing redispatched). So the engine is stopped first (SIGSTOP: it sends
+        # nothing more), a result already sent gets time to arrive, and only a call still out then
+        # is lost for sure.
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(0.5)
+        pending = still_generating()
         if pending:
-            killed["lost"] = sorted(c for g in pending for c in g.cursors)
+            killed["lost"] = sorted(c for _, g in pending for c in g.cursors)
             killed["step"] = ctl.state.step
             ray_session.kill(engines3.engines[0], no_restart=False)
+        try:
+            os.kill(pid, signal.SIGCONT)  # killed: gone (a stopped process still dies of SIGKILL); else it goes on
+        except ProcessLookupError:
+            pass
         return None
 
     spec = _spec(toy, 6)
