@@ -114,12 +114,12 @@ class _Stats:
         return out
 
 
-def distill_rows(b: TrainBatch) -> TrainBatch:
+def distill_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor) -> TrainBatch:
     """What a batch keeps for ``mtp.distill.replay``: its token rows and masks (host copies); the
     head steps read nothing else, and recompute the teacher under the policy of the day."""
-    n = b.size
-    return TrainBatch(input_ids=b.input_ids.cpu().clone(), attention_mask=b.attention_mask.cpu().clone(),
-                      response_mask=b.response_mask.cpu().clone(), rewards=torch.zeros(n),
+    n = int(input_ids.shape[0])
+    return TrainBatch(input_ids=input_ids.cpu().clone(), attention_mask=attention_mask.cpu().clone(),
+                      response_mask=response_mask.cpu().clone(), rewards=torch.zeros(n),
                       group_ids=torch.zeros(n, dtype=torch.long))
 
 
@@ -556,7 +556,7 @@ class Learner:
                     last.append(losses[-1])
         self.opt.zero_grad(set_to_none=True)
         if d.replay:
-            self.distill_replay.append(distill_rows(kept))
+            self.distill_replay.append(distill_rows(kept.input_ids, kept.attention_mask, kept.response_mask))
         out = {"optim/head_steps": float(steps), "optim/head_steps_skipped": float(skipped),
                "mtp/distill_replayed_batches": float(len(batches) - 1)}
         if first:

@@ -297,8 +297,7 @@ class LearnerWorker:
             self.learner.version = int(state["version"])
             self.learner.skipped_nonfinite_total = int(state.get("skipped_nonfinite_total", 0))
             self.learner.distill_replay.extend(  # the deque keeps the last `replay` of them
-                distill_rows(TrainBatch(ids, attn, resp, torch.zeros(len(ids)), torch.zeros(len(ids), dtype=torch.long)))
-                for ids, attn, resp in state.get("distill_replay", []))
+                distill_rows(*rows) for rows in state.get("distill_replay", []))
             torch.set_rng_state(state["torch_rng"])
             random.setstate(state["python_rng"])
             np.random.set_state(state["numpy_rng"])
