@@ -232,7 +232,8 @@ def self_contained(args: argparse.Namespace) -> dict:
 
     real = args.launcher == "controller"
     # a real run's placement group takes 3 logical CPUs (learner, engine, reward actor)
-    ray.init(num_cpus=max(2, 3 * args.runs) if real else 2, include_dashboard=False, log_to_driver=False)
+    from services.local_ray import start_local_ray
+    start_local_ray(max(2, 3 * args.runs) if real else 2)
     data = Path(tempfile.mkdtemp(prefix="mtprl-bench-"))
     spec = _real_spec(data, args.run_nice) if real else _synthetic_spec(data)
     port = _free_port()

@@ -122,7 +122,8 @@ def main() -> None:
     # vLLM needs at least as many decoder layers as MTP modules (see write_guessing_policy)
     model = args.model or str(write_guessing_policy(tmp / "guess", prompts, num_mtp=args.mtp_heads, steps=300, lr=1e-2,
                                                     num_layers=max(2, args.mtp_heads)))
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from services.local_ray import start_local_ray
+    start_local_ray(8)
     engines = EngineGroup({"model": model, "num_speculative_tokens": 1, "max_model_len": 512, "kv_cache_gib": 0.2,
                            "num_threads": 1}, 1)
     out: dict = {"model": f"tiny-guessing+{args.mtp_heads}MTP" if args.model is None else args.model,

@@ -73,8 +73,8 @@ def main() -> None:
     shutil.rmtree(args.out_dir, ignore_errors=True)
     args.out_dir.mkdir(parents=True)
 
-    ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    from services.local_ray import start_local_ray
+    start_local_ray()
     try:
         res = RunController("curve", spec, args.out_dir, progress=True, resume=False).run()
     finally:

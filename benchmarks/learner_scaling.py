@@ -102,7 +102,8 @@ def main() -> None:
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     data = batches(args.steps, args.samples, args.prompt, args.response, vocab)
     common = dict(mini_batches=2, micro_batch_size=4, grad_clip=1.0)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from services.local_ray import start_local_ray
+    start_local_ray(4)
 
     diffs: dict[str, float] = {}
     floors: dict[str, float] = {}

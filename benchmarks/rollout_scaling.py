@@ -89,7 +89,8 @@ def main() -> None:
     else:
         model = str(WARM if args.model == "auto" else Path(args.model))
         name = Path(model).name
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from services.local_ray import start_local_ray
+    start_local_ray(8)
     out: dict = {"model": name, "steps": args.steps, "cpus": os.cpu_count()}
     try:
         runs = {}

@@ -204,8 +204,8 @@ def main() -> None:
     start = init_policy(args.init) if args.init else prepare_models(args.models_dir)
     print(f"initial policy: {start}", flush=True)
     base = RunSpec.model_validate(base_spec(start, args))
-    ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    from services.local_ray import start_local_ray
+    start_local_ray()
     try:
         cmp = run_comparison(base, args.out, regimes)
     finally:

@@ -256,7 +256,8 @@ def main() -> None:
 
         from rollout.actor import create_engine_actor
 
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        from services.local_ray import start_local_ray
+        start_local_ray(2)
         actor = create_engine_actor({"model": args.model, "num_speculative_tokens": 1, "max_model_len": 256, "kv_cache_gib": 0.1})
         result["ray_weight_reload"] = ray.get(actor.info.remote())["weight_reload"]
     if object_store:

@@ -30,7 +30,6 @@ def compare(
 
     Rerunning the same command resumes: finished regimes are kept, an unfinished one continues
     from its latest checkpoint."""
-    import os
 
     import ray
     import yaml
@@ -56,8 +55,8 @@ def compare(
     if ray_address:
         ray.init(address=ray_address, log_to_driver=verbose, configure_logging=verbose)
     else:
-        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=verbose,
-                 configure_logging=verbose)
+        from services.local_ray import start_local_ray
+        start_local_ray(verbose=verbose)
     cmp = run_comparison(base, out, names, eval_max_tokens=eval_max_tokens, tail=tail,
                          log=lambda s: typer.echo(s, err=True))
     typer.echo(render_markdown(cmp))

@@ -157,8 +157,8 @@ def demo(
     typer.echo(f"      {acc_before:.3f} on {n_held} held-out problems")
 
     typer.echo("[4/6] control plane: local Ray, embedded Redis, REST API; submitting the run ...")
-    ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    from services.local_ray import start_local_ray
+    start_local_ray()
     port, token = _free_port(), secrets.token_urlsafe(24)
     data_dir = models_dir.parent / "control-plane"
     runs_dir.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,6 @@ def train(
                                                "(default: RUN_DIR/mtprl.log).")] = False,
 ) -> None:
     """Train from a run spec on a local (or given) Ray cluster."""
-    import os
 
     import ray
     import yaml
@@ -49,8 +48,8 @@ def train(
     if ray_address:
         ray.init(address=ray_address, log_to_driver=verbose, configure_logging=verbose)
     else:  # logical CPUs: the run's actors share this machine's cores (see resources in the spec)
-        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=verbose,
-                 configure_logging=verbose)
+        from services.local_ray import start_local_ray
+        start_local_ray(verbose=verbose)
     ctl = RunController(run_dir.name, spec, run_dir, progress=True, resume=not fresh)
     signal.signal(signal.SIGINT, lambda *_: (typer.echo("\npausing: finishing the step and checkpointing ..."),
                                              ctl.pause(), ctl.cancel_after_pause()))

@@ -40,7 +40,8 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        from services.local_ray import start_local_ray
+        start_local_ray(8)
     yield ray
     ray.shutdown()
 

@@ -45,7 +45,8 @@ def cluster():
         ray.shutdown()
         c.shutdown()
         if had_session:
-            ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            from services.local_ray import start_local_ray
+            start_local_ray(8)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,8 @@ def reward_ray():
     if ray.is_initialized():
         yield ray
         return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from services.local_ray import start_local_ray
+    start_local_ray(2)
     yield ray
     ray.shutdown()
 
