@@ -13,19 +13,13 @@ is already an existing local Ray instance".
 from __future__ import annotations
 
 import os
-from typing import Any
 
 
-def default_local_cpus() -> int:
-    """Logical CPUs of a local instance: the run's actors share this machine's cores (each actor
-    asks for 1 CPU; the spec's ``resources`` decides how they share the real ones)."""
-    return max(8, os.cpu_count() or 1)
-
-
-def start_local_ray(num_cpus: int | None = None, *, verbose: bool = False, **kwargs: Any) -> None:
-    """``ray.init`` a new local instance with ``num_cpus`` logical CPUs (default
-    `default_local_cpus`), no dashboard, and Ray's logs on this console only when ``verbose``."""
+def start_local_ray(num_cpus: int | None = None, *, verbose: bool = False) -> None:
+    """``ray.init`` a new local instance with ``num_cpus`` logical CPUs, no dashboard, and Ray's logs
+    on this console only when ``verbose``. The default, at least 8: the run's actors (1 CPU each)
+    share this machine's cores; the spec's ``resources`` decides how they share the real ones."""
     import ray
 
-    opts: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose, "configure_logging": verbose}
-    ray.init(address="local", num_cpus=default_local_cpus() if num_cpus is None else num_cpus, **{**opts, **kwargs})
+    ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1) if num_cpus is None else num_cpus,
+             include_dashboard=False, log_to_driver=verbose, configure_logging=verbose)
