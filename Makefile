@@ -9,7 +9,7 @@ MODELS ?= .cache/models
 # The slowest tests in every run's log (CI's too): what to trim when `make test` outgrows its budget.
 PYTEST_ARGS ?= --durations=30
 
-.PHONY: venv system-deps test test-fast demo models spec-head clean
+.PHONY: venv system-deps test test-fast demo models spec-head rl-drafter clean
 
 venv: $(STAMP)
 
@@ -44,6 +44,16 @@ spec-head: venv
 	$(VENV)/bin/mtprl model warmup --model $(MODELS)/smollm2-mtp1-warm --out $(MODELS)/smollm2-mtp1-long \
 		--train-prompts 1024 --heldout-prompts 32 --samples-per-prompt 1 --temperature 0 --max-tokens 256 \
 		--seed 2000 --epochs 12 --ce-weight 0.3 --ce-vocab 1024 --answer-only --report runs/warmup-long.json
+
+# The start of examples/drafting/smollm2-occ-distill.yaml: the newest `make demo` run's policy (or
+# DEMO_RUN=runs/<id>) with its MTP head distilled on 512 of its own T = 1 answers to the demo's task,
+# the term RL then keeps it aligned with (~9 min on 2 cores; docs/drafting.md).
+rl-drafter: venv
+	@run="$(DEMO_RUN)"; [ -n "$$run" ] || run=$$($(PY) -c 'from services.cli_demo import print_latest_demo_run; print_latest_demo_run()') || exit 2; \
+	echo "warming up the MTP head of $$run for RL at T = 1 -> $(MODELS)/smollm2-demo-t1"; \
+	$(VENV)/bin/mtprl model warmup --model "$$run" --out $(MODELS)/smollm2-demo-t1 --distill kl --task-config demo \
+		--train-prompts 256 --samples-per-prompt 2 --epochs 3 --max-tokens 64 --heldout-prompts 16 --answer-only \
+		--report runs/rl-drafter.json
 
 clean:
 	rm -rf .cache runs .pytest_cache

@@ -64,13 +64,10 @@ def init_policy(path: Path) -> Path:
     """The policy directory that ``--init`` names: a run directory's latest checkpoint, or a policy."""
     from services import run_checkpoint
 
-    if (path / "config.json").is_file():
-        return path
-    ckpt = run_checkpoint.latest(path)
-    if ckpt is None or not (ckpt / "policy" / "config.json").is_file():
-        raise SystemExit(f"--init {path}: neither a policy directory (config.json) nor a run directory with a "
-                         "complete checkpoint (`mtprl demo` prints its run directory)")
-    return ckpt / "policy"
+    try:
+        return run_checkpoint.policy_dir(path)
+    except ValueError as e:
+        raise SystemExit(f"--init {e}") from None
 
 
 def base_spec(model: Path, args) -> dict:

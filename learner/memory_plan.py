@@ -108,6 +108,7 @@ ALIASES: dict[str, tuple[str, int]] = {
     "r1-distill-1.5b-mtp4": ("DeepSeek-R1-Distill-Qwen-1.5B", 4),
     "deepseek-r1-distill-qwen-1.5b": ("DeepSeek-R1-Distill-Qwen-1.5B", 0),
     "smollm2-mtp1-warm": ("SmolLM2-135M-Instruct", 1),
+    "smollm2-demo-t1": ("SmolLM2-135M-Instruct", 1),
     "smollm2-135m-instruct": ("SmolLM2-135M-Instruct", 0),
 }
 

@@ -81,6 +81,33 @@ def demo_spec(model: Path, steps: int, seed: int = 0) -> dict[str, Any]:
     }
 
 
+def latest_demo_run(runs_dir: str | Path) -> Path:
+    """The newest finished `mtprl demo` run under ``runs_dir`` (its ``summary.json`` names the spec
+    ``demo`` and its checkpoint is complete): the start that `make rl-drafter` warms up for RL at
+    T = 1. Raises ValueError when there is none."""
+    from services import run_checkpoint
+
+    found = []
+    for summary in Path(runs_dir).glob("*/summary.json"):
+        try:
+            name = json.loads(summary.read_text()).get("spec", {}).get("name")
+        except (OSError, ValueError, AttributeError):
+            continue  # a run being written, or not a summary of ours
+        if name == "demo" and run_checkpoint.latest(summary.parent) is not None:
+            found.append((summary.stat().st_mtime, summary.parent))
+    if not found:
+        raise ValueError(f"no finished `mtprl demo` run under {runs_dir}/: run `make demo` first")
+    return max(found)[1]
+
+
+def print_latest_demo_run(runs_dir: str = "runs") -> None:
+    """`latest_demo_run` for the Makefile: its path on stdout, or its error alone and exit status 1."""
+    try:
+        print(latest_demo_run(runs_dir))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
 def prepare_models(models_dir: Path, echo=print) -> Path:
     """Stages 1 and 2: the imported SmolLM2 + 1 MTP head and its warmed-up copy, each built only
     when its cache is missing or stale; returns the warmed-up checkpoint."""

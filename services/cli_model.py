@@ -109,7 +109,8 @@ def _task_options(task: str, raw: str | None) -> dict:
 
 @app.command("warmup")
 def warmup_cmd(
-    model: Annotated[Path, typer.Option(help="Checkpoint to start from.")],
+    model: Annotated[Path, typer.Option(help="Checkpoint to start from: a policy directory, or a run directory "
+                                             "(its latest checkpoint's policy).")],
     out: Annotated[Path, typer.Option(help="Where to write the warmed-up checkpoint.")],
     task: Annotated[str, typer.Option(help="reasoning-gym task whose prompts are answered.")] = "basic_arithmetic",
     task_config: Annotated[str | None, typer.Option(help="The task's reasoning-gym options as a JSON object, "
@@ -144,8 +145,15 @@ def warmup_cmd(
 
     Without --distill: the default recipe (feature regression, `SelfDistillConfig`'s defaults)."""
     from learner.checkpoint import CheckpointError, read_config
+    from services import run_checkpoint
     from services.self_distill import SelfDistillConfig, run_self_distill
 
+    if not (model / "config.json").is_file() and (model / "checkpoints").is_dir():  # a run directory
+        try:
+            model = run_checkpoint.policy_dir(model)
+        except ValueError as e:
+            _fail(f"--model {e}")
+        typer.echo(f"starting from {model}")
     try:
         read_config(model)
     except CheckpointError as e:

@@ -124,6 +124,19 @@ def latest(run_dir: str | Path) -> Path | None:
     return path if (path / STATE).is_file() else None
 
 
+def policy_dir(path: str | Path) -> Path:
+    """The policy that ``path`` names: a policy directory itself (``config.json``), or a run
+    directory's latest complete checkpoint's ``policy/``. Raises ValueError saying which it is not."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    ckpt = latest(path)
+    if ckpt is None or not (ckpt / "policy" / "config.json").is_file():
+        raise ValueError(f"{path}: neither a policy directory (config.json) nor a run directory with a complete "
+                         "checkpoint (`mtprl demo` prints its run directory)")
+    return ckpt / "policy"
+
+
 def read_state(ckpt: str | Path) -> LoopState:
     return LoopState.model_validate(json.loads((Path(ckpt) / STATE).read_text()))
 

@@ -45,3 +45,33 @@ def test_a_cached_warm_up_is_reused_only_while_its_recipe_and_code_match(tmp_pat
     assert not is_current(base, warm, SelfDistillConfig(seed=1))[0]  # another recipe
     (base / "model.safetensors").write_bytes(b"\0" * 65)  # another base checkpoint
     assert not is_current(base, warm, cfg)[0]
+
+
+def test_latest_demo_run_is_the_newest_finished_demo(tmp_path):
+    """`make rl-drafter` starts from it: only runs whose summary names the `demo` spec and whose
+    checkpoint is complete count; none is a clear error."""
+    import json
+    import os
+
+    import pytest
+
+    from services import run_checkpoint
+    from services.cli_demo import latest_demo_run
+
+    def run(name: str, spec: str, mtime: int, checkpoint: bool = True):
+        d = tmp_path / name
+        d.mkdir()
+        if checkpoint:
+            run_checkpoint.commit(d, run_checkpoint.begin(d, 5), run_checkpoint.LoopState(step=5), keep_last=1)
+        (d / "summary.json").write_text(json.dumps({"run_id": name, "spec": {"name": spec}}))
+        os.utime(d / "summary.json", (mtime, mtime))
+
+    with pytest.raises(ValueError, match="make demo"):
+        latest_demo_run(tmp_path)
+    run("old-demo", "demo", 1_000)
+    run("new-demo", "demo", 2_000)
+    run("newer-compare", "compare-smollm2-arith", 3_000)
+    run("newest-demo-unfinished", "demo", 4_000, checkpoint=False)
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "summary.json").write_text("{half")
+    assert latest_demo_run(tmp_path) == tmp_path / "new-demo"

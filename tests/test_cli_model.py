@@ -73,3 +73,28 @@ def test_warmup_refuses_a_task_config_reasoning_gym_refuses_before_starting(tmp_
     res = runner.invoke(app, base[:-1] + ["--temperature", "0", "--samples-per-prompt", "1", "--sampled-eval", "2"])
     assert res.exit_code == 2 and "sampled_eval measures acceptance at `temperature`" in res.output
     assert not (tmp_path / "w").exists()
+
+
+def _run_dir_with_policy(run_dir, policy_src):
+    """A run directory whose latest complete checkpoint holds ``policy_src`` as its policy."""
+    import shutil
+
+    from services import run_checkpoint
+
+    tmp = run_checkpoint.begin(run_dir, 5)
+    shutil.copytree(policy_src, tmp / "policy")
+    return run_checkpoint.commit(run_dir, tmp, run_checkpoint.LoopState(step=5), keep_last=1)
+
+
+def test_warmup_starts_from_a_run_directorys_latest_policy_and_refuses_one_without_a_checkpoint(tmp_path):
+    assert runner.invoke(app, ["model", "tiny", "--out", str(tmp_path / "t"), "--mtp-layers", "1"]).exit_code == 0
+    ckpt = _run_dir_with_policy(tmp_path / "run", tmp_path / "t")
+    # Stopped by a refusal that comes after the model is resolved and read: nothing is trained.
+    res = runner.invoke(app, ["model", "warmup", "--model", str(tmp_path / "run"), "--out", str(tmp_path / "w"),
+                              "--temperature", "0", "--samples-per-prompt", "2"])
+    assert res.exit_code == 2 and "--samples-per-prompt 1" in res.output
+    assert f"starting from {ckpt / 'policy'}" in res.output
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    res = runner.invoke(app, ["model", "warmup", "--model", str(tmp_path / "empty"), "--out", str(tmp_path / "w")])
+    assert res.exit_code == 2 and "neither a policy directory" in res.output and "complete checkpoint" in res.output
+    assert not (tmp_path / "w").exists()

@@ -32,6 +32,7 @@ MODELS = {  # path -> num_nextn_predict_layers
     f"{SHARED}/models/MiMo-7B-RL": 1,
     f"{SHARED}/models/r1-distill-1.5b-mtp4": 4,
     ".cache/models/smollm2-mtp1-warm": 1,
+    ".cache/models/smollm2-demo-t1": 1,
 }
 DATA_ROWS = {  # path -> a row in its documented layout
     f"{SHARED}/data/dapo-math-17k.jsonl": {
@@ -158,7 +159,8 @@ def _pack(bundles: list[dict[str, float]], nodes: dict[str, dict]) -> bool:
     return True
 
 
-GPU_SPECS = [p for p in SPECS if not p.relative_to(EXAMPLES).as_posix().startswith("compare/")]
+CPU_DIRS = ("compare/", "drafting/")  # sized for the two-core machine of `make demo`
+GPU_SPECS = [p for p in SPECS if not p.relative_to(EXAMPLES).as_posix().startswith(CPU_DIRS)]
 
 
 @pytest.mark.parametrize("path", GPU_SPECS, ids=lambda p: p.relative_to(EXAMPLES).as_posix())
@@ -249,3 +251,31 @@ def test_compare_base_spec_runs_every_regime(shared_fs):
 
     spec = RunSpec.model_validate(_raw(EXAMPLES / "compare" / "smollm2-arith.yaml"))
     assert set(regime_specs(spec, list(REGIMES))) == set(REGIMES)
+
+def test_drafting_example_is_spec_rls_measured_occ_distill_row(shared_fs):
+    """examples/drafting quotes the acceptance of `benchmarks/spec_rl.py`'s best occ+distill row
+    (docs/benchmarks.md, session 20): it must be that row's run, but for its name, model path and
+    checkpoints. The row is rebuilt the way spec_rl builds it (its base spec through
+    `services.compare.regime_specs`) with that session's arguments."""
+    import argparse
+    import importlib.util
+
+    from services.compare import regime_specs
+
+    mod_spec = importlib.util.spec_from_file_location("spec_rl", ROOT / "benchmarks" / "spec_rl.py")
+    spec_rl = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(spec_rl)
+    args = argparse.Namespace(steps=30, seed=0, lr=1e-5, prompts_per_step=4, samples_per_prompt=4, max_tokens=64,
+                              distill_kind="kl", distill_coef=1.0, head_steps=8, replay=1, mtp_lr=3e-3,
+                              draft_method="auto")
+    example = RunSpec.model_validate(_raw(EXAMPLES / "drafting" / "smollm2-occ-distill.yaml"))
+    row = regime_specs(RunSpec.model_validate(spec_rl.base_spec(Path(example.model.path), args)),
+                       ["occ+distill"])["occ+distill"]
+
+    def comparable(spec: RunSpec) -> dict:
+        d = spec.model_dump()
+        d.pop("name"), d.pop("model"), d["schedule"].pop("checkpoint_every")
+        return d
+
+    assert comparable(example) == comparable(row)
+    assert example.algorithm.mtp.distill.head_steps == 8 and example.rollout.temperature == 1.0
