@@ -254,7 +254,7 @@ def test_compare_base_spec_runs_every_regime(shared_fs):
 
 def test_drafting_example_is_spec_rls_measured_occ_distill_row(shared_fs):
     """examples/drafting quotes the acceptance of `benchmarks/spec_rl.py`'s best occ+distill row
-    (docs/benchmarks.md, session 20): it must be that row's run, but for its name, model path and
+    (docs/benchmarks.md, session 21): it must be that row's run, but for its name, model path and
     checkpoints. The row is rebuilt the way spec_rl builds it (its base spec through
     `services.compare.regime_specs`) with that session's arguments."""
     import argparse
@@ -265,7 +265,7 @@ def test_drafting_example_is_spec_rls_measured_occ_distill_row(shared_fs):
     mod_spec = importlib.util.spec_from_file_location("spec_rl", ROOT / "benchmarks" / "spec_rl.py")
     spec_rl = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(spec_rl)
-    args = argparse.Namespace(steps=30, seed=0, lr=1e-5, prompts_per_step=4, samples_per_prompt=4, max_tokens=64,
+    args = argparse.Namespace(steps=40, seed=0, lr=1e-5, prompts_per_step=4, samples_per_prompt=4, max_tokens=64,
                               distill_kind="kl", distill_coef=1.0, head_steps=8, replay=1, mtp_lr=3e-3,
                               draft_method="auto")
     example = RunSpec.model_validate(_raw(EXAMPLES / "drafting" / "smollm2-occ-distill.yaml"))
