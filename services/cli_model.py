@@ -148,7 +148,7 @@ def warmup_cmd(
     from services import run_checkpoint
     from services.self_distill import SelfDistillConfig, run_self_distill
 
-    if not (model / "config.json").is_file() and (model / "checkpoints").is_dir():  # a run directory
+    if not (model / "config.json").is_file() and run_checkpoint.checkpoint_root(model).is_dir():  # a run directory
         try:
             model = run_checkpoint.policy_dir(model)
         except ValueError as e:

@@ -252,6 +252,7 @@ def test_compare_base_spec_runs_every_regime(shared_fs):
     spec = RunSpec.model_validate(_raw(EXAMPLES / "compare" / "smollm2-arith.yaml"))
     assert set(regime_specs(spec, list(REGIMES))) == set(REGIMES)
 
+
 def test_drafting_example_is_spec_rls_measured_occ_distill_row(shared_fs):
     """examples/drafting quotes the acceptance of `benchmarks/spec_rl.py`'s best occ+distill row
     (docs/benchmarks.md, session 21): it must be that row's run, but for its name, model path and
