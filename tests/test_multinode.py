@@ -111,12 +111,14 @@ def test_a_run_spans_nodes_and_survives_losing_an_engines_node(toy, cluster, tmp
         # go (Ray restarts the actor elsewhere, the next weight update reaches the new instance) and
         # nothing is lost, so nothing is counted; and a tiny model's call can end between a look
         # and the removal (seen in a fresh-clone run). So the engine's process is frozen first, and
-        # its node removed only if one of its calls is still pending then.
+        # its node removed only if one of its calls is still pending then. Pending means a second
+        # after the freeze: a reply sent just before it is still on its way to the driver at first
+        # (a fresh-clone run removed a node whose reply then arrived: no fault to count).
         if "removed" not in seen and step >= 2:
             for e in sorted({g.engine for g in ctl.dispatch.inflight.values()}):
                 pid = seen["engine_pids"][e]
                 os.kill(pid, signal.SIGSTOP)
-                if not any(g.engine == e and not ray.wait([r], timeout=0)[0]
+                if not any(g.engine == e and not ray.wait([r], timeout=1.0)[0]
                            for r, g in ctl.dispatch.inflight.items()):
                     os.kill(pid, signal.SIGCONT)
                     continue
