@@ -263,7 +263,8 @@ def main() -> None:
                     adaptive_log.setdefault(b, []).append({"k": kept[0].draft_k, "predicted": kept[0].predicted_speedup,
                                                            "measured": kept[0].measured_speedup,
                                                            "switch": kept[0].draft_switch,
-                                                           "method": kept[0].draft_method})
+                                                           "method": kept[0].draft_method,
+                                                           "steps": kept[0].draft_steps})
                 rates.setdefault((label, b), []).append(tps)
                 cpu_rates.setdefault((label, b), []).append(cps)
                 spec[(label, b)] = spec[(label, b)] + s if (label, b) in spec else s
@@ -309,6 +310,10 @@ def main() -> None:
                 row["draft_method"] = [x["method"] for x in adaptive_log[b]]  # "" where the call drafted nothing
                 row["predicted_speedup"] = [round(x["predicted"], 3) for x in adaptive_log[b]]
                 row["measured_speedup"] = [x["measured"] and round(x["measured"], 3) for x in adaptive_log[b]]
+                # Each call's decode steps (CallSteps.summary; seconds rounded to 0.1 ms): where measured
+                # and predicted differ, slow steps beside the median or a long tail.
+                row["draft_steps"] = [x["steps"] and {k: round(v, 4) if isinstance(v, float) else v
+                                                      for k, v in x["steps"].items()} for x in adaptive_log[b]]
             table.append(row)
             print(json.dumps(row), flush=True)
 

@@ -196,6 +196,19 @@ class CallSteps:
             return self.rest_k
         return None
 
+    def summary(self) -> dict:
+        """What the call's decode steps cost, beside what the estimates keep (the median of its
+        full-batch steps per phase): every decode step's count, mean and largest seconds, and the
+        full-batch steps' count and median — where a call's realised speed-up differs from the one
+        predicted, these say whether slow steps beside the median or the call's tail made it."""
+        every = [t for sec in self.seconds for t in sec]
+        full = max((n for r in self.running for n in r), default=0)
+        at_full = [t for sec, run in zip(self.seconds, self.running) for t, n in zip(sec, run) if n == full]
+        return {"decode_steps": len(every), "full_batch": full, "full_batch_steps": len(at_full),
+                "median_full_s": statistics.median(at_full) if at_full else None,
+                "mean_s": statistics.fmean(every) if every else None,
+                "max_s": max(every, default=None), "seconds": sum(every)}
+
     def full_batch_seconds(self) -> tuple[list[float], list[float]]:
         """Each phase's decode-step seconds at the call's full batch (the most sequences any of its
         steps ran): what a step costs at the call's batch size. A call's tail, once answers ended,

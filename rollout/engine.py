@@ -125,6 +125,9 @@ class RolloutBatch:
     # How the call drafted ("probabilistic" or "greedy"; rollout.adaptive_draft): at temperature > 0
     # the configured method or an ``auto`` engine's choice, "greedy" at 0; "" without drafting.
     draft_method: str = ""
+    # The call's decode-step times (`CallSteps.summary`) and the plain step time T(b, 0) its
+    # measured speed-up was taken against; None for an engine without drafting.
+    draft_steps: dict | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -710,6 +713,8 @@ class RolloutEngine:
             measured_speedup=measured if choice else 1.0,
             draft_switch=choice.rest_k if choice and steps.switched else None,
             draft_method=("" if not (choice and choice.k) else choice.method if sampled else "greedy"),
+            draft_steps=({**steps.summary(), "plain_full_s": self._drafter.plain_step_seconds(num_seqs)}
+                         if choice else None),
         )
 
     def _observe_draft(self, choice: Choice | None, num_seqs: int, sampled: bool, steps: CallSteps) -> float | None:

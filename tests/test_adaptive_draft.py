@@ -306,6 +306,23 @@ def test_step_costs_are_the_full_batch_steps_not_the_tail_of_finished_answers():
     assert short.full_batch_seconds()[0] == [9.0, 8.0, 7.0, 6.0]  # one full-batch step: all of them
 
 
+def test_a_calls_step_summary_shows_slow_steps_beside_the_median():
+    """What a call's decode steps cost beside the estimate's median (RolloutBatch.draft_steps):
+    a short probe's two phases together, the mixed step and the prefill left out."""
+    call = CallSteps(Choice(K, 1.0, True, 8, [1.0] * (K + 1), steps=3, rest_k=0), Spec())
+    call.record(5.0, False, Spec(), 8)  # the prefill
+    for seconds in (1.0, 1.2, 6.0):  # the probe's steps, one of them slow
+        call.record(seconds, True, Spec(), 8)
+    call.record(9.0, True, Spec(), 8)  # the mixed step: timed for neither
+    for running, seconds in [(8, 0.5), (8, 0.5), (2, 0.2)]:
+        call.record(seconds, True, Spec(), running)
+    summary = call.summary()
+    assert summary["decode_steps"] == 6 and summary["full_batch"] == 8 and summary["full_batch_steps"] == 5
+    assert summary["median_full_s"] == 1.0 and summary["max_s"] == 6.0
+    assert summary["mean_s"] == pytest.approx(9.4 / 6) and summary["seconds"] == pytest.approx(9.4)
+    assert CallSteps(None, Spec()).summary()["mean_s"] is None
+
+
 # ---- the draft method (draft_sample_method: auto) -------------------------------------------------
 BOTH = ("probabilistic", "greedy")
 

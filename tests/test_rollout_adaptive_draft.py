@@ -86,6 +86,7 @@ def test_a_head_that_always_accepts_drafts_the_maximum(runs):
         assert s.accepted_per_pos == [s.num_drafts] * K
         assert b.metrics()[f"rollout/spec_accept_pos{K}"] == 1.0
         assert b.measured_speedup is None  # it never timed a plain step
+        assert b.draft_steps["plain_full_s"] is None and b.draft_steps["decode_steps"] > 0
     assert batches[-1].predicted_speedup > 2.5  # E(3) = 4 tokens a step over the prior cost ratio 1.45
 
 
@@ -101,6 +102,10 @@ def test_a_head_that_never_accepts_stops_drafting(runs):
     assert first.spec.num_drafts == drafts and first.spec.num_draft_tokens == K * drafts
     assert first.spec.num_accepted_tokens == 0
     assert first.measured_speedup is not None  # its own plain steps timed the bucket
+    # its step summary: PROBE_STEPS drafting steps, the mixed one untimed, then plain ones to the end
+    steps = first.draft_steps
+    assert steps["decode_steps"] > PROBE_STEPS["zeroed"] and steps["full_batch"] == len(PROMPTS)
+    assert steps["plain_full_s"] > 0 and steps["max_s"] >= steps["median_full_s"] > 0
     for i, b in enumerate(batches[1:], 2):
         if i == PROBE_EVERY["zeroed"]:  # the probe drafts the neighbour length, after k = 0 calls
             assert (b.draft_k, b.draft_switch) == (1, 0)
