@@ -202,8 +202,8 @@ class CallSteps:
         full-batch steps' count and median — where a call's realised speed-up differs from the one
         predicted, these say whether slow steps beside the median or the call's tail made it."""
         every = [t for sec in self.seconds for t in sec]
-        full = max((n for r in self.running for n in r), default=0)
-        at_full = [t for sec, run in zip(self.seconds, self.running) for t, n in zip(sec, run) if n == full]
+        full, phases = self._at_full_batch()
+        at_full = [t for kept in phases for t in kept]
         return {"decode_steps": len(every), "full_batch": full, "full_batch_steps": len(at_full),
                 "median_full_s": statistics.median(at_full) if at_full else None,
                 "mean_s": statistics.fmean(every) if every else None,
@@ -216,12 +216,15 @@ class CallSteps:
         drafting draws other samples than not drafting (measured: mean answers of 29 and 43
         tokens in one batch-8 comparison), so medians over all steps compared tails, not lengths.
         A phase with fewer than 2 full-batch steps keeps all its steps."""
-        full = max((n for r in self.running for n in r), default=0)
-        out = []
-        for sec, run in zip(self.seconds, self.running):
-            kept = [t for t, n in zip(sec, run) if n == full]
-            out.append(kept if len(kept) >= 2 else list(sec))
+        _, phases = self._at_full_batch()
+        out = [kept if len(kept) >= 2 else list(sec) for kept, sec in zip(phases, self.seconds)]
         return out[0], out[1]
+
+    def _at_full_batch(self) -> tuple[int, list[list[float]]]:
+        """The call's full batch (the most sequences any of its decode steps ran) and each phase's
+        seconds of the steps that ran it."""
+        full = max((n for r in self.running for n in r), default=0)
+        return full, [[t for t, n in zip(sec, run) if n == full] for sec, run in zip(self.seconds, self.running)]
 
 
 @dataclass
