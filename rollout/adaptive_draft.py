@@ -26,7 +26,11 @@ decode steps (no prompt tokens, as many sequences as the call's most: `CallSteps
 ratio T(b, k) / T(b, 0) is taken from the nearest bucket with a plain and a drafting time (a k
 not timed there: linear in k through the timed ones), else from the prior 1 +
 ``prior_draft_cost``·k; it is held ≥ 1 and non-decreasing in k (drafting only adds work: a lower
-ratio is noise), so S(k) ≤ E(k).
+ratio is noise), so S(k) ≤ E(k). The median full-batch step misses what a whole call pays beyond
+it — the ragged tail once drafted answers end at different steps, slow steps — so S(k) is also
+multiplied by a call factor where below 1: the EWMA of whole drafting calls' realised speed-up
+(seconds per emitted token of plain calls of the bucket over theirs, all decode steps) over the
+model's S(k) (`AdaptiveDrafter._calibrate`).
 
 Exploration. The first call of each kind (greedy, sampled) drafts the maximum, measuring every
 position. An estimate is only refreshed for the k that runs, so calls *probe* another k: 0 (the
@@ -46,7 +50,10 @@ draft from a drafter KV cache the plain steps did not fill (`rollout.engine._ski
 The step after the switch verifies drafts of the old length and proposes at the new one, so it
 is timed for neither (`CallSteps`). Likewise the first drafting call at a batch-size bucket with
 no plain step timed yet drafts ``probe_steps`` steps and runs the rest plain, so one call times
-both, where a whole drafting call would be a bet on the prior cost.
+both, where a whole drafting call would be a bet on the prior cost; and so does a drafting call at a
+bucket whose plain step is timed but no drafting step yet, where it would bet on another bucket's
+costs. A probe of a length whose call factor is below 1 is a whole call, so the factor is measured
+again (short phases do not run to a call's end).
 
 Draft method (``draft_sample_method: auto``). At temperature > 0 a draft is either the head's
 argmax, accepted with p(argmax q), or a sample of the head's q, accepted with min(1, p/q) — in
@@ -82,6 +89,8 @@ MAX_PROBE_EVERY = 1000
 PROBE_BACKOFF = 8
 #: Decode steps of a short probe, at most (a longer one is a whole call: probe_steps 0).
 MAX_PROBE_STEPS = 4096
+#: Timed decode steps a phase needs before its seconds per token calibrate the model.
+MIN_RATE_STEPS = 4
 
 
 class AdaptiveDraftConfig(BaseModel):
@@ -174,6 +183,7 @@ class CallSteps:
         self.rest_k = choice.rest_k if self.switch_after else None
         self.seconds: tuple[list[float], list[float]] = ([], [])
         self.running: tuple[list[int], list[int]] = ([], [])  # sequences in each decode step
+        self.tokens: tuple[list[float], list[float]] = ([], [])  # tokens each decode step emitted
         self.spec = [zero, zero]  # SpecStats (rollout.engine) of each phase
         self.decode_steps = 0
         self.switched = False
@@ -190,6 +200,8 @@ class CallSteps:
         if decode:
             self.seconds[phase].append(seconds)
             self.running[phase].append(running)
+            # A step emits one token per running sequence plus the drafts it verified and accepted.
+            self.tokens[phase].append(running + sum(spec.accepted_per_pos))
             self.decode_steps += 1
         if self.switch_after and not self.switched and self.decode_steps >= self.switch_after:
             self.switched = self._boundary = True
@@ -219,6 +231,18 @@ class CallSteps:
         _, phases = self._at_full_batch()
         out = [kept if len(kept) >= 2 else list(sec) for kept, sec in zip(phases, self.seconds)]
         return out[0], out[1]
+
+    def to_the_end(self) -> list[tuple[int, float]]:
+        """The phases that ran to the call's end, as (phase, seconds per token over all their
+        decode steps, the tail included): the whole call, or a short probe's rest. A probe's own
+        first steps are left out: they run the full batch only, so they are not what a call costs
+        once its answers start to end. A phase of fewer than MIN_RATE_STEPS timed steps says too
+        little."""
+        last = 1 if self.switched else 0
+        sec, tok = sum(self.seconds[last]), sum(self.tokens[last])
+        if len(self.seconds[last]) < MIN_RATE_STEPS or sec <= 0 or tok <= 0:
+            return []
+        return [(last, sec / tok)]
 
     def _at_full_batch(self) -> tuple[int, list[list[float]]]:
         """The call's full batch (the most sequences any of its decode steps ran) and each phase's
@@ -260,6 +284,11 @@ class AdaptiveDrafter:
                      for kind in ("greedy", *(f"sampled:{m}" for m in self.methods))}
         # (bucket, k, method) -> EWMA seconds per decode step; method "" at k = 0 (a plain step).
         self._cost: dict[tuple[int, int, str], float] = {}
+        # (bucket, sampled) -> EWMA seconds per token of calls run plain to their end; (bucket, k,
+        # kind) -> EWMA of drafting calls' realised speed-up over the step model's (`_calibrate`).
+        self._plain_rate: dict[tuple[int, bool], float] = {}
+        self._call_factor: dict[tuple[int, int, str], float] = {}
+        self.last_call: dict[str, float] = {}  # the last call's calibration (rollout.engine reports it)
 
     def _kind(self, sampled: bool, method: str | None) -> str:
         return f"sampled:{self._method(method)}" if sampled else "greedy"
@@ -298,13 +327,28 @@ class AdaptiveDrafter:
         return 1.0 + max(0.0, sum(per_token) / len(per_token)) * k
 
     def speedups(self, batch_size: int, sampled: bool, method: str | None = None) -> list[float]:
-        """S(k) for k = 0..K (drafting by ``method``). The cost ratios are taken as at least 1 and
-        non-decreasing in k: drafting more only adds work, so a ratio below that is timing noise
-        (another process slowing the plain steps) — and it must never switch on a head that accepts
-        nothing."""
+        """S(k) for k = 0..K (drafting by ``method``): the step model's (`model_speedups`) times
+        what whole drafting calls realised against it (`call_factor`), where they fell short."""
+        return [s * min(1.0, self.call_factor(batch_size, k, sampled, method)) if k else s
+                for k, s in enumerate(self.model_speedups(batch_size, sampled, method))]
+
+    def model_speedups(self, batch_size: int, sampled: bool, method: str | None = None) -> list[float]:
+        """S(k) = E(k) / r(k) of the step model, for k = 0..K (drafting by ``method``). The cost
+        ratios are taken as at least 1 and non-decreasing in k: drafting more only adds work, so a
+        ratio below that is timing noise (another process slowing the plain steps) — and it must
+        never switch on a head that accepts nothing."""
         a = self.acceptance(sampled, method)
         return [e / r for e, r in zip((expected_tokens(a, k) for k in range(self.max_k + 1)),
                                       self.cost_ratios(batch_size, method))]
+
+    def call_factor(self, batch_size: int, k: int, sampled: bool, method: str | None = None) -> float:
+        """Realised over modelled speed-up of whole drafting calls of this bucket and kind: at this
+        k if measured, else the lowest measured at another k (a residual the step model cannot see:
+        the call's tail, slow steps beside the median), else 1."""
+        b, kind = bucket(batch_size), self._kind(sampled, method)
+        if (b, k, kind) in self._call_factor:
+            return self._call_factor[(b, k, kind)]
+        return min((f for (bb, _, kk), f in self._call_factor.items() if bb == b and kk == kind), default=1.0)
 
     def cost_ratios(self, batch_size: int, method: str | None = None) -> list[float]:
         """T(b, k) / T(b, 0) for k = 0..K as `speedups` uses them: at least 1, non-decreasing in k."""
@@ -361,8 +405,14 @@ class AdaptiveDrafter:
             if self.plain_step_seconds(batch_size) is None:
                 # Drafting at a batch size whose plain step is untimed: a short draft, the rest plain.
                 rest, steps, probe = 0, self.config.probe_steps, True
-            elif probe and k != best and (method == best_m or best == 0):
-                # (the method is set per call; at k = 0 it is moot, so a method probe from 0 is short too)
+            elif not any(bb == bucket(batch_size) and kk for bb, kk, _ in self._cost):
+                # Drafting untimed at this batch size: the choice bet on another bucket's step costs
+                # (measured: batch 8's predicted S(1) = 1.04 at batch 32, whose call ran at 0.76).
+                rest, steps, probe = 0, self.config.probe_steps, True
+            elif (probe and k != best and (method == best_m or best == 0)
+                  and self._call_factor.get((bucket(batch_size), k, self._kind(sampled, method)), 1.0) >= 1.0):
+                # (the method is set per call; at k = 0 it is moot, so a method probe from 0 is short too;
+                # a length whose whole calls fell short of the model probes a whole call: `_calibrate`)
                 rest, steps = best, self.config.probe_steps
         return Choice(k, s[method][k], probe, bucket(batch_size), s[method], steps, rest,
                       self.cost_ratios(batch_size, method), method)
@@ -427,4 +477,35 @@ class AdaptiveDrafter:
             self.observe_steps(k, batch_size, sec, choice.method)
         self.observe_call_acceptance(sampled, [(k, s.num_drafts, s.accepted_per_pos) for k, s in zip(ks, steps.spec)],
                                      choice.method)
+        self.last_call = self._calibrate(batch_size, sampled, choice.method, ks, steps)
         return self.measured_speedup(batch_size, [(sec, s.mean_acceptance_length) for sec, s in zip(timed, steps.spec) if sec])
+
+    def _calibrate(self, batch_size: int, sampled: bool, method: str, ks: list[int], steps: CallSteps) -> dict:
+        """Compare a call's phase that ran to its end with plain calls of the same bucket and kind:
+        seconds per emitted token over all its decode steps, the tail and slow steps included —
+        what the call's tokens per second are made of, where the step model keeps only the median
+        full-batch step. A plain phase updates the plain rate; a drafting one, its realised speed-up
+        R = plain rate / its rate over the model's S(k) (the estimates just updated), as the EWMA
+        factor `speedups` applies where it is below 1 (measured: a batch-32 call at T = 1 whose
+        median steps predicted 0.97 of plain ran at 0.76; docs/benchmarks.md, session 22). A factor
+        is refreshed only by a drafting call that runs to its end, so a probe of a length whose
+        factor is below 1 is a whole call (`choose`): else one slow call (another process beside it)
+        would stop drafting at that bucket until the model alone cleared min_gain / factor."""
+        out: dict[str, float] = {}
+        b = bucket(batch_size)
+        for phase, seconds_per_token in steps.to_the_end():
+            k, plain = ks[phase], self._plain_rate.get((b, sampled))
+            if k == 0:
+                self._plain_rate[(b, sampled)] = (seconds_per_token if plain is None
+                                                  else plain + self.config.ewma * (seconds_per_token - plain))
+                continue
+            if plain is None:
+                continue
+            realised = plain / seconds_per_token
+            model = self.model_speedups(batch_size, sampled, method)[k]
+            key = (b, k, self._kind(sampled, method))
+            old = self._call_factor.get(key)
+            ratio = realised / model
+            self._call_factor[key] = ratio if old is None else old + self.config.ewma * (ratio - old)
+            out = {"realised_speedup": realised, "model_speedup": model, "call_factor": self._call_factor[key]}
+        return out

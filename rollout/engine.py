@@ -125,8 +125,10 @@ class RolloutBatch:
     # How the call drafted ("probabilistic" or "greedy"; rollout.adaptive_draft): at temperature > 0
     # the configured method or an ``auto`` engine's choice, "greedy" at 0; "" without drafting.
     draft_method: str = ""
-    # The call's decode-step times (`CallSteps.summary`) and the plain step time T(b, 0) its
-    # measured speed-up was taken against; None for an engine without drafting.
+    # The call's decode-step times (`CallSteps.summary`), the plain step time T(b, 0) its
+    # measured speed-up was taken against and, for a drafting call that ran to its end after a
+    # plain one of its bucket, its realised speed-up in seconds per token, the step model's and
+    # the call factor (`AdaptiveDrafter._calibrate`); None for an engine without drafting.
     draft_steps: dict | None = None
 
     @property
@@ -713,8 +715,8 @@ class RolloutEngine:
             measured_speedup=measured if choice else 1.0,
             draft_switch=choice.rest_k if choice and steps.switched else None,
             draft_method=("" if not (choice and choice.k) else choice.method if sampled else "greedy"),
-            draft_steps=({**steps.summary(), "plain_full_s": self._drafter.plain_step_seconds(num_seqs)}
-                         if choice else None),
+            draft_steps=({**steps.summary(), "plain_full_s": self._drafter.plain_step_seconds(num_seqs),
+                          **self._drafter.last_call} if choice else None),
         )
 
     def _observe_draft(self, choice: Choice | None, num_seqs: int, sampled: bool, steps: CallSteps) -> float | None:

@@ -323,6 +323,61 @@ def test_a_calls_step_summary_shows_slow_steps_beside_the_median():
     assert CallSteps(None, Spec()).summary()["mean_s"] is None
 
 
+def test_drafting_untimed_at_a_batch_size_whose_plain_step_is_timed_is_a_short_probe():
+    """Learnt at batch 8, where drafting pays, a batch-32 call whose plain step is timed but none
+    of its drafting steps drafts probe_steps steps and runs the rest plain: the whole call would
+    bet on batch 8's costs (measured: batch 8 predicted 1.04 at batch 32, whose call ran 0.76)."""
+    d = AdaptiveDrafter({"enabled": True, "probe_every": 1000, "probe_steps": 8}, K)
+    run_calls(d, 4, accept=[0.9] * K, cost=lambda b, k: 1.0 + 0.1 * k)
+    d.observe_steps(0, 32, [2.0])  # a plain call of 32 sequences
+    log: list = []
+    run_calls(d, 2, accept=[0.9] * K, cost=lambda b, k: 2.0 + 2.4 * k, batch=32, log=log)
+    assert log[0].k > 0 and (log[0].steps, log[0].rest_k, log[0].probe) == (8, 0, True)
+    assert log[1].k == 0  # batch 32's own drafting cost: 1.9 / 2.2 < 1
+
+
+def simulate(d: AdaptiveDrafter, choice: Choice, steps: list[tuple[int, int, float, float]], sampled: bool = True):
+    """One call as the engine runs it, step by step: (running sequences, draft length in force,
+    seconds, conditional acceptance of position 1); each decode step verifies one draft per running
+    sequence when drafting. Returns what the drafter filed of the call."""
+    call = CallSteps(choice, Spec())
+    call.record(1.0, False, Spec(), steps[0][0])  # the prefill
+    for running, k, seconds, a in steps:
+        call.record(seconds, True, Spec(running, [running * a] + [0.0] * (K - 1)) if k else Spec(), running)
+    d.observe_call(choice, 8, sampled, call)
+    return d.last_call
+
+
+@pytest.mark.parametrize("tail", [False, True])
+def test_whole_calls_that_fall_short_of_the_step_model_scale_it_down(tail):
+    """The step model sees the median full-batch step (plain 1.0 s, drafting 1 token 1.2 s, half of
+    the drafts accepted: S(1) = 1.25). A whole drafting call whose sequences end at different steps
+    runs a tail of nearly full-cost steps for few tokens: its seconds per token against plain calls'
+    realise 0.70, so the call factor brings S(1) below 1 and the next call runs plain; a call without
+    the tail realises the model's 1.25 and drafting goes on. The probe of k = 1 after the factor fell
+    is a whole call: a short one would never measure the factor again."""
+    d = AdaptiveDrafter({"enabled": True, "probe_every": 4, "probe_steps": 8, "prior_weight": 0.0}, 1)
+    first = d.choose(8, True)
+    assert (first.k, first.steps, first.rest_k) == (1, 8, 0)
+    simulate(d, first, [(8, 1, 1.2, 0.5)] * 9 + [(8, 0, 1.0, 0.0)] * 20)  # probe, mixed step, plain rest
+    assert d._plain_rate[(8, True)] == pytest.approx(20.0 / 160)
+    second = d.choose(8, True)
+    assert (second.k, second.rest_k) == (1, None) and second.predicted_speedup == pytest.approx(1.25)
+    ended = [(8, 1, 1.2, 0.5)] * 10 + ([(1, 1, 1.2, 0.5)] * 10 if tail else [(8, 1, 1.2, 0.5)] * 10)
+    filed = simulate(d, second, ended)
+    realised = 0.125 / (24.0 / 135) if tail else 1.25
+    assert filed["realised_speedup"] == pytest.approx(realised) and filed["model_speedup"] == pytest.approx(1.25)
+    assert d.speedups(8, True)[1] == pytest.approx(realised) and d.model_speedups(8, True)[1] == pytest.approx(1.25)
+    third = d.choose(8, True)
+    assert third.k == (0 if tail else 1)
+    probe = d.choose(8, True)  # call 4
+    if tail:
+        assert probe.probe and probe.k == 1 and probe.rest_k is None
+    simulate(d, probe, [(8, probe.k, 1.2 if probe.k else 1.0, 0.5)] * 20)  # a call the model predicts
+    assert d.call_factor(8, 1, True) == pytest.approx(1.0 if not tail else 0.3 * 1.0 + 0.7 * realised / 1.25)
+    assert d.call_factor(32, 1, True) == 1.0 and d.call_factor(8, 1, False) == 1.0  # another bucket, kind
+
+
 # ---- the draft method (draft_sample_method: auto) -------------------------------------------------
 BOTH = ("probabilistic", "greedy")
 
