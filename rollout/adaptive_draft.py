@@ -29,8 +29,8 @@ not timed there: linear in k through the timed ones), else from the prior 1 +
 ratio is noise), so S(k) ≤ E(k). The median full-batch step misses what a whole call pays beyond
 it — the ragged tail once drafted answers end at different steps, slow steps — so S(k) is also
 multiplied by a call factor where below 1: the EWMA of whole drafting calls' realised speed-up
-(seconds per emitted token of plain calls of the bucket over theirs, all decode steps) over the
-model's S(k) (`AdaptiveDrafter._calibrate`).
+(seconds per emitted token of whole plain calls of the bucket over theirs, all decode steps) over
+the step model's for the call's own acceptance (`AdaptiveDrafter._calibrate`).
 
 Exploration. The first call of each kind (greedy, sampled) drafts the maximum, measuring every
 position. An estimate is only refreshed for the k that runs, so calls *probe* another k: 0 (the
@@ -232,17 +232,14 @@ class CallSteps:
         out = [kept if len(kept) >= 2 else list(sec) for kept, sec in zip(phases, self.seconds)]
         return out[0], out[1]
 
-    def to_the_end(self) -> list[tuple[int, float]]:
-        """The phases that ran to the call's end, as (phase, seconds per token over all their
-        decode steps, the tail included): the whole call, or a short probe's rest. A probe's own
-        first steps are left out: they run the full batch only, so they are not what a call costs
-        once its answers start to end. A phase of fewer than MIN_RATE_STEPS timed steps says too
-        little."""
-        last = 1 if self.switched else 0
-        sec, tok = sum(self.seconds[last]), sum(self.tokens[last])
-        if len(self.seconds[last]) < MIN_RATE_STEPS or sec <= 0 or tok <= 0:
-            return []
-        return [(last, sec / tok)]
+    def seconds_per_token(self) -> float | None:
+        """A whole call's seconds per emitted token over all its decode steps, the tail included
+        (None for a short probe, whose phases each miss part of a call, or a call of fewer than
+        MIN_RATE_STEPS timed steps)."""
+        sec, tok = sum(self.seconds[0]), sum(self.tokens[0])
+        if self.switched or len(self.seconds[0]) < MIN_RATE_STEPS or sec <= 0 or tok <= 0:
+            return None
+        return sec / tok
 
     def _at_full_batch(self) -> tuple[int, list[list[float]]]:
         """The call's full batch (the most sequences any of its decode steps ran) and each phase's
@@ -481,31 +478,31 @@ class AdaptiveDrafter:
         return self.measured_speedup(batch_size, [(sec, s.mean_acceptance_length) for sec, s in zip(timed, steps.spec) if sec])
 
     def _calibrate(self, batch_size: int, sampled: bool, method: str, ks: list[int], steps: CallSteps) -> dict:
-        """Compare a call's phase that ran to its end with plain calls of the same bucket and kind:
-        seconds per emitted token over all its decode steps, the tail and slow steps included —
-        what the call's tokens per second are made of, where the step model keeps only the median
-        full-batch step. A plain phase updates the plain rate; a drafting one, its realised speed-up
-        R = plain rate / its rate over the model's S(k) (the estimates just updated), as the EWMA
-        factor `speedups` applies where it is below 1 (measured: a batch-32 call at T = 1 whose
-        median steps predicted 0.97 of plain ran at 0.76; docs/benchmarks.md, session 22). A factor
-        is refreshed only by a drafting call that runs to its end, so a probe of a length whose
-        factor is below 1 is a whole call (`choose`): else one slow call (another process beside it)
-        would stop drafting at that bucket until the model alone cleared min_gain / factor."""
-        out: dict[str, float] = {}
-        b = bucket(batch_size)
-        for phase, seconds_per_token in steps.to_the_end():
-            k, plain = ks[phase], self._plain_rate.get((b, sampled))
-            if k == 0:
-                self._plain_rate[(b, sampled)] = (seconds_per_token if plain is None
-                                                  else plain + self.config.ewma * (seconds_per_token - plain))
-                continue
-            if plain is None:
-                continue
-            realised = plain / seconds_per_token
-            model = self.model_speedups(batch_size, sampled, method)[k]
-            key = (b, k, self._kind(sampled, method))
-            old = self._call_factor.get(key)
-            ratio = realised / model
-            self._call_factor[key] = ratio if old is None else old + self.config.ewma * (ratio - old)
-            out = {"realised_speedup": realised, "model_speedup": model, "call_factor": self._call_factor[key]}
-        return out
+        """Compare a whole call with plain calls of the same bucket and kind: seconds per emitted
+        token over all its decode steps, the tail and slow steps included — what the call's tokens
+        per second are made of, where the step model keeps the median full-batch step. A plain
+        call updates the plain rate; a drafting one files its realised speed-up R = plain rate /
+        its rate against the step model's for the call's own acceptance, L / r(k) (so the factor
+        holds what the step times miss, not the call's luck with its drafts), as the EWMA factor
+        `speedups` applies where it is below 1 (measured: a batch-32 call at T = 1 whose median
+        steps predicted 0.97 of plain ran at 0.76; docs/benchmarks.md, session 22). Short probes
+        file nothing: their rest misses the call's first steps, so its share of tail is larger
+        (measured: a greedy batch-8 probe's plain rest read 1.5× slower per token than plain calls).
+        A factor is refreshed only by a whole drafting call, so a probe of a length whose factor is
+        below 1 is a whole call (`choose`): else one slow call (another process beside it) would
+        keep drafting off at that bucket until the model alone cleared (1 + min_gain) / factor."""
+        rate = steps.seconds_per_token()
+        if rate is None:
+            return {}
+        b, k, plain = bucket(batch_size), ks[0], self._plain_rate.get((bucket(batch_size), sampled))
+        if k == 0:
+            self._plain_rate[(b, sampled)] = rate if plain is None else plain + self.config.ewma * (rate - plain)
+            return {}
+        if plain is None:
+            return {}
+        realised = plain / rate
+        model = steps.spec[0].mean_acceptance_length / self.cost_ratios(batch_size, method)[k]
+        key = (b, k, self._kind(sampled, method))
+        old = self._call_factor.get(key)
+        self._call_factor[key] = realised / model if old is None else old + self.config.ewma * (realised / model - old)
+        return {"realised_speedup": realised, "model_speedup": model, "call_factor": self._call_factor[key]}

@@ -352,14 +352,16 @@ def simulate(d: AdaptiveDrafter, choice: Choice, steps: list[tuple[int, int, flo
 def test_whole_calls_that_fall_short_of_the_step_model_scale_it_down(tail):
     """The step model sees the median full-batch step (plain 1.0 s, drafting 1 token 1.2 s, half of
     the drafts accepted: S(1) = 1.25). A whole drafting call whose sequences end at different steps
-    runs a tail of nearly full-cost steps for few tokens: its seconds per token against plain calls'
-    realise 0.70, so the call factor brings S(1) below 1 and the next call runs plain; a call without
-    the tail realises the model's 1.25 and drafting goes on. The probe of k = 1 after the factor fell
-    is a whole call: a short one would never measure the factor again."""
+    runs a tail of nearly full-cost steps for few tokens: its seconds per token against a whole
+    plain call's realise 0.70, so the call factor brings S(1) below 1 and the next call runs plain;
+    a call without the tail realises the model's 1.25 and drafting goes on. The probe of k = 1
+    after the factor fell is a whole call: a short one would never measure the factor again."""
     d = AdaptiveDrafter({"enabled": True, "probe_every": 4, "probe_steps": 8, "prior_weight": 0.0}, 1)
     first = d.choose(8, True)
     assert (first.k, first.steps, first.rest_k) == (1, 8, 0)
-    simulate(d, first, [(8, 1, 1.2, 0.5)] * 9 + [(8, 0, 1.0, 0.0)] * 20)  # probe, mixed step, plain rest
+    assert simulate(d, first, [(8, 1, 1.2, 0.5)] * 9 + [(8, 0, 1.0, 0.0)] * 20) == {}
+    assert d._plain_rate == {}  # a short probe's plain rest is not a plain call: it lacks the call's start
+    simulate(d, Choice(0, 1.0, False, 8, [1.0, 1.25]), [(8, 0, 1.0, 0.0)] * 20)  # a plain call
     assert d._plain_rate[(8, True)] == pytest.approx(20.0 / 160)
     second = d.choose(8, True)
     assert (second.k, second.rest_k) == (1, None) and second.predicted_speedup == pytest.approx(1.25)
@@ -376,6 +378,18 @@ def test_whole_calls_that_fall_short_of_the_step_model_scale_it_down(tail):
     simulate(d, probe, [(8, probe.k, 1.2 if probe.k else 1.0, 0.5)] * 20)  # a call the model predicts
     assert d.call_factor(8, 1, True) == pytest.approx(1.0 if not tail else 0.3 * 1.0 + 0.7 * realised / 1.25)
     assert d.call_factor(32, 1, True) == 1.0 and d.call_factor(8, 1, False) == 1.0  # another bucket, kind
+
+
+def test_the_call_factor_is_taken_against_the_calls_own_acceptance():
+    """A call whose drafts happened to be accepted less than the estimate is not a slow call: the
+    acceptance estimate absorbs it, the factor stays 1."""
+    d = AdaptiveDrafter({"enabled": True, "probe_every": 1000, "prior_weight": 0.0}, 1)
+    d.observe_acceptance(True, 1, 100, [80])
+    d.observe_steps(0, 8, [1.0])
+    d.observe_steps(1, 8, [1.2])
+    simulate(d, Choice(0, 1.0, False, 8, [1.0, 1.5]), [(8, 0, 1.0, 0.0)] * 20)
+    filed = simulate(d, d.choose(8, True), [(8, 1, 1.2, 0.2)] * 20)  # accepts 0.2, not 0.8
+    assert filed["realised_speedup"] == pytest.approx(1.2 / 1.2) and filed["call_factor"] == pytest.approx(1.0)
 
 
 # ---- the draft method (draft_sample_method: auto) -------------------------------------------------
