@@ -119,6 +119,9 @@ class RolloutBatch:
     draft_k: int = 0
     predicted_speedup: float = 1.0
     measured_speedup: float | None = None
+    # A whole drafting call's seconds per token against this engine's whole plain calls of its
+    # batch size (`AdaptiveDrafter._calibrate`): the tail and slow steps included. None otherwise.
+    realised_speedup: float | None = None
     # A short probe (rollout.adaptive_draft.Choice.steps): the length the call switched to after
     # its first probe steps (None: it drafted draft_k throughout).
     draft_switch: int | None = None
@@ -154,6 +157,7 @@ class RolloutBatch:
             "rollout/draft_predicted_speedup": self.predicted_speedup,
             "rollout/draft_probabilistic": float(self.draft_method == "probabilistic"),
             **({"rollout/draft_measured_speedup": self.measured_speedup} if self.measured_speedup is not None else {}),
+            **({"rollout/draft_realised_speedup": self.realised_speedup} if self.realised_speedup is not None else {}),
         }
 
 
@@ -713,6 +717,7 @@ class RolloutEngine:
             draft_k=choice.k if choice else 0,
             predicted_speedup=choice.call_speedup(*map(len, steps.seconds)) if choice else 1.0,
             measured_speedup=measured if choice else 1.0,
+            realised_speedup=self._drafter.last_call.get("realised_speedup") if choice else None,
             draft_switch=choice.rest_k if choice and steps.switched else None,
             draft_method=("" if not (choice and choice.k) else choice.method if sampled else "greedy"),
             draft_steps=({**steps.summary(), "plain_full_s": self._drafter.plain_step_seconds(num_seqs),

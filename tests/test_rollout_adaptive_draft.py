@@ -85,7 +85,7 @@ def test_a_head_that_always_accepts_drafts_the_maximum(runs):
         assert s.num_drafts > 0 and s.num_draft_tokens == K * s.num_drafts
         assert s.accepted_per_pos == [s.num_drafts] * K
         assert b.metrics()[f"rollout/spec_accept_pos{K}"] == 1.0
-        assert b.measured_speedup is None  # it never timed a plain step
+        assert b.measured_speedup is None and b.realised_speedup is None  # it never timed a plain step
         assert b.draft_steps["plain_full_s"] is None and b.draft_steps["decode_steps"] > 0
     assert batches[-1].predicted_speedup > 2.5  # E(3) = 4 tokens a step over the prior cost ratio 1.45
 
@@ -116,6 +116,8 @@ def test_a_head_that_never_accepts_stops_drafting(runs):
             continue
         assert b.draft_k == 0 and b.spec.num_drafts == 0, (i, [x.draft_k for x in batches])
         assert b.predicted_speedup == 1.0
+    # Plain calls and short probes realise nothing: only a whole drafting call is compared with plain ones.
+    assert all(b.realised_speedup is None for b in batches)
 
 
 def test_greedy_output_is_the_same_whatever_was_drafted(runs):
