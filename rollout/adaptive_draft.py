@@ -125,6 +125,11 @@ class AdaptiveDraftConfig(BaseModel):
     prior_draft_cost: float = Field(
         0.15, ge=0,
         description="Assumed extra step time per drafted token, relative to a plain step, until measured.")
+    calibrate_calls: bool = Field(
+        True,
+        description="Scale the step model's speed-up by what whole drafting calls realised against whole plain "
+        "calls, where they fell short (the call factor; module doc). Off: the factor is still measured and "
+        "reported (rollout/draft_realised_speedup) but the choice follows the step model and the priors alone.")
 
 
 def expected_tokens(acceptance: list[float], k: int) -> float:
@@ -326,8 +331,10 @@ class AdaptiveDrafter:
     def speedups(self, batch_size: int, sampled: bool, method: str | None = None) -> list[float]:
         """S(k) for k = 0..K (drafting by ``method``): the step model's (`model_speedups`) times
         what whole drafting calls realised against it (`call_factor`), where they fell short."""
-        return [s * min(1.0, self.call_factor(batch_size, k, sampled, method)) if k else s
-                for k, s in enumerate(self.model_speedups(batch_size, sampled, method))]
+        model = self.model_speedups(batch_size, sampled, method)
+        if not self.config.calibrate_calls:
+            return model
+        return [s * min(1.0, self.call_factor(batch_size, k, sampled, method)) if k else s for k, s in enumerate(model)]
 
     def model_speedups(self, batch_size: int, sampled: bool, method: str | None = None) -> list[float]:
         """S(k) = E(k) / r(k) of the step model, for k = 0..K (drafting by ``method``). The cost
@@ -407,7 +414,8 @@ class AdaptiveDrafter:
                 # (measured: batch 8's predicted S(1) = 1.04 at batch 32, whose call ran at 0.76).
                 rest, steps, probe = 0, self.config.probe_steps, True
             elif (probe and k != best and (method == best_m or best == 0)
-                  and self._call_factor.get((bucket(batch_size), k, self._kind(sampled, method)), 1.0) >= 1.0):
+                  and (not self.config.calibrate_calls
+                       or self._call_factor.get((bucket(batch_size), k, self._kind(sampled, method)), 1.0) >= 1.0)):
                 # (the method is set per call; at k = 0 it is moot, so a method probe from 0 is short too;
                 # a length whose whole calls fell short of the model probes a whole call: `_calibrate`)
                 rest, steps = best, self.config.probe_steps

@@ -380,6 +380,17 @@ def test_whole_calls_that_fall_short_of_the_step_model_scale_it_down(tail):
     assert d.call_factor(32, 1, True) == 1.0 and d.call_factor(8, 1, False) == 1.0  # another bucket, kind
 
 
+def test_without_calibrate_calls_the_factor_is_measured_but_the_step_model_chooses():
+    d = AdaptiveDrafter({"enabled": True, "probe_every": 1000, "prior_weight": 0.0, "calibrate_calls": False}, 1)
+    d.observe_acceptance(True, 1, 100, [50])
+    d.observe_steps(0, 8, [1.0])
+    d.observe_steps(1, 8, [1.2])
+    simulate(d, Choice(0, 1.0, False, 8, [1.0, 1.25]), [(8, 0, 1.0, 0.0)] * 20)
+    filed = simulate(d, d.choose(8, True), [(8, 1, 1.2, 0.5)] * 10 + [(1, 1, 1.2, 0.5)] * 10)  # the tail
+    assert filed["call_factor"] < 0.6 and d.speedups(8, True)[1] == pytest.approx(1.25)
+    assert d.choose(8, True).k == 1
+
+
 def test_the_call_factor_is_taken_against_the_calls_own_acceptance():
     """A call whose drafts happened to be accepted less than the estimate is not a slow call: the
     acceptance estimate absorbs it, the factor stays 1."""
