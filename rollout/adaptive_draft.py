@@ -50,10 +50,9 @@ draft from a drafter KV cache the plain steps did not fill (`rollout.engine._ski
 The step after the switch verifies drafts of the old length and proposes at the new one, so it
 is timed for neither (`CallSteps`). Likewise the first drafting call at a batch-size bucket with
 no plain step timed yet drafts ``probe_steps`` steps and runs the rest plain, so one call times
-both, where a whole drafting call would be a bet on the prior cost; and so does a drafting call at a
-bucket whose plain step is timed but no drafting step yet, where it would bet on another bucket's
-costs. A probe of a length whose call factor is below 1 is a whole call, so the factor is measured
-again (short phases do not run to a call's end).
+both, where a whole drafting call would be a bet on the prior cost. A probe of a length whose call
+factor is below 1 is a whole call, so the factor is measured again (short phases do not run to a
+call's end).
 
 Draft method (``draft_sample_method: auto``). At temperature > 0 a draft is either the head's
 argmax, accepted with p(argmax q), or a sample of the head's q, accepted with min(1, p/q) — in
@@ -408,10 +407,6 @@ class AdaptiveDrafter:
         if self.config.probe_steps and k and self.adaptive_length:
             if self.plain_step_seconds(batch_size) is None:
                 # Drafting at a batch size whose plain step is untimed: a short draft, the rest plain.
-                rest, steps, probe = 0, self.config.probe_steps, True
-            elif not any(bb == bucket(batch_size) and kk for bb, kk, _ in self._cost):
-                # Drafting untimed at this batch size: the choice bet on another bucket's step costs
-                # (measured: batch 8's predicted S(1) = 1.04 at batch 32, whose call ran at 0.76).
                 rest, steps, probe = 0, self.config.probe_steps, True
             elif (probe and k != best and (method == best_m or best == 0)
                   and (not self.config.calibrate_calls

@@ -323,19 +323,6 @@ def test_a_calls_step_summary_shows_slow_steps_beside_the_median():
     assert CallSteps(None, Spec()).summary()["mean_s"] is None
 
 
-def test_drafting_untimed_at_a_batch_size_whose_plain_step_is_timed_is_a_short_probe():
-    """Learnt at batch 8, where drafting pays, a batch-32 call whose plain step is timed but none
-    of its drafting steps drafts probe_steps steps and runs the rest plain: the whole call would
-    bet on batch 8's costs (measured: batch 8 predicted 1.04 at batch 32, whose call ran 0.76)."""
-    d = AdaptiveDrafter({"enabled": True, "probe_every": 1000, "probe_steps": 8}, K)
-    run_calls(d, 4, accept=[0.9] * K, cost=lambda b, k: 1.0 + 0.1 * k)
-    d.observe_steps(0, 32, [2.0])  # a plain call of 32 sequences
-    log: list = []
-    run_calls(d, 2, accept=[0.9] * K, cost=lambda b, k: 2.0 + 2.4 * k, batch=32, log=log)
-    assert log[0].k > 0 and (log[0].steps, log[0].rest_k, log[0].probe) == (8, 0, True)
-    assert log[1].k == 0  # batch 32's own drafting cost: 1.9 / 2.2 < 1
-
-
 def simulate(d: AdaptiveDrafter, choice: Choice, steps: list[tuple[int, int, float, float]], sampled: bool = True):
     """One call as the engine runs it, step by step: (running sequences, draft length in force,
     seconds, conditional acceptance of position 1); each decode step verifies one draft per running

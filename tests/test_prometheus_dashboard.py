@@ -161,8 +161,11 @@ def query(prom: str, expr: str) -> list[dict]:
 def query_run(prom: str, expr: str, start: float) -> list[dict]:
     """``expr`` over the run's time so far, as a Grafana panel asks for it (a range query, one point
     every 2 s): the series, each with the finite values it had. A gauge a step reports only when it
-    happened (acceptance by position: only steps that drafted) is on the panel, with gaps."""
-    result = _api(prom, "/api/v1/query_range", query=expr, start=start, end=time.time(), step="2s")
+    happened (acceptance by position: only steps that drafted) is on the panel, with gaps — and a
+    step reported for one scrape only is between two points of a 2 s grid half the time (a fresh
+    clone found acceptance by position in Prometheus, scraped once, and no point of it in a 2 s
+    range), so the grid is the scrape interval, 1 s."""
+    result = _api(prom, "/api/v1/query_range", query=expr, start=start, end=time.time(), step="1s")
     return [{"metric": s["metric"], "values": [float(v) for _, v in s["values"] if math.isfinite(float(v))]}
             for s in result]
 
