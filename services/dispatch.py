@@ -104,7 +104,7 @@ class Dispatcher:
         self.cum_spec = SpecStats()  # the engines' cumulative drafting counters, as last reported
         self.iv_engine_spec = [SpecStats() for _ in range(n)]  # each engine's drafts in the interval
         # each engine's last call: (tokens drafted per step, predicted speed-up, measured or None)
-        self.engine_draft: list[tuple[int, float, float | None, int, str, float | None] | None] = [None] * n
+        self.engine_draft: list[tuple[int, float, float | None, int, str] | None] = [None] * n
         # stragglers: calls outstanding per duplicated cursor, and those a copy already served
         self.copies: collections.Counter[int] = collections.Counter()
         self.won: set[int] = set()
@@ -276,7 +276,7 @@ class Dispatcher:
         self.iv_engine_spec[g.engine] = self.iv_engine_spec[g.engine] + batch.spec
         self.engine_draft[g.engine] = (batch.draft_k, batch.predicted_speedup, batch.measured_speedup,
                                         batch.draft_k if batch.draft_switch is None else batch.draft_switch,
-                                        batch.draft_method, batch.realised_speedup)
+                                        batch.draft_method)
         groups = {c: ScoredGroup(c, list(ctx.prompt_ids(c))) for c in g.cursors}
         redo: set[int] = set()
         for s in batch.samples:
@@ -394,15 +394,13 @@ class Dispatcher:
             for pos, rate in enumerate(self.iv_engine_spec[i].acceptance_by_position(), 1):
                 out[f"rollout/engine_spec_accept_pos{pos}/engine{i}"] = rate
             if self.engine_draft[i] is not None:
-                k, predicted, measured, switch, method, realised = self.engine_draft[i]
+                k, predicted, measured, switch, method = self.engine_draft[i]
                 out[f"rollout/engine_draft_k/engine{i}"] = float(k)
                 out[f"rollout/engine_draft_probabilistic/engine{i}"] = float(method == "probabilistic")
                 out[f"rollout/engine_draft_switch/engine{i}"] = float(switch)
                 out[f"rollout/engine_draft_predicted_speedup/engine{i}"] = predicted
                 if measured is not None:
                     out[f"rollout/engine_draft_measured_speedup/engine{i}"] = measured
-                if realised is not None:
-                    out[f"rollout/engine_draft_realised_speedup/engine{i}"] = realised
         (sent, discarded), (sent0, discarded0) = self._straggler_counts(), self.iv_straggler0
         out["rollout/straggler_redispatch"] = float(max(0, sent - sent0))
         out["rollout/straggler_discarded"] = float(max(0, discarded - discarded0))

@@ -101,10 +101,6 @@ METRIC_CATALOG: tuple[MetricDef, ...] = (
     MetricDef("rollout/engine_draft_measured_speedup/engine{e}", "Rollout engine i: speed-up its last call "
               "measured (tokens per step × plain step time / its step time); reported once the engine timed "
               "plain steps (adaptive engines probe them).", per_engine=True),
-    MetricDef("rollout/engine_draft_realised_speedup/engine{e}", "Rollout engine i: speed-up its last call "
-              "realised, when it drafted to its end: seconds per token of the engine's whole plain calls of that "
-              "batch size over the call's (every decode step, the tail included); below the predicted one, "
-              "adaptive drafting scales its estimate down (rollout/adaptive_draft.py).", per_engine=True),
     MetricDef("reward/latency_mean_s", "Mean verification latency per sample."),
     MetricDef("reward/latency_p95_s", "95th percentile verification latency."),
     MetricDef("reward/outcome/ok", "Samples verified correct (cumulative, reward actors)."),

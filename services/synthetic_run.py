@@ -116,7 +116,6 @@ def synthetic_metrics(step: int, total: int, heads: int, rng: random.Random) -> 
         m[f"rollout/engine_draft_probabilistic/engine{i}"] = float(step < 20)  # auto: greedy drafts once sharp
         m[f"rollout/engine_draft_predicted_speedup/engine{i}"] = 1.0 + accepted / drafted / 1.2
         m[f"rollout/engine_draft_measured_speedup/engine{i}"] = 1.0 + accepted / drafted / 1.2 + noise(0.05)
-        m[f"rollout/engine_draft_realised_speedup/engine{i}"] = 1.0 + accepted / drafted / 1.3 + noise(0.05)
     for d in METRIC_CATALOG:
         if not d.per_head:
             continue
