@@ -477,10 +477,10 @@ class AdaptiveDrafter:
             self.observe_steps(k, batch_size, sec, choice.method)
         self.observe_call_acceptance(sampled, [(k, s.num_drafts, s.accepted_per_pos) for k, s in zip(ks, steps.spec)],
                                      choice.method)
-        self.last_call = self._calibrate(batch_size, sampled, choice.method, ks, steps)
+        self.last_call = self._calibrate(batch_size, sampled, choice.method, choice.k, steps)
         return self.measured_speedup(batch_size, [(sec, s.mean_acceptance_length) for sec, s in zip(timed, steps.spec) if sec])
 
-    def _calibrate(self, batch_size: int, sampled: bool, method: str, ks: list[int], steps: CallSteps) -> dict:
+    def _calibrate(self, batch_size: int, sampled: bool, method: str, k: int, steps: CallSteps) -> dict:
         """Compare a whole call with plain calls of the same bucket and kind: seconds per emitted
         token over all its decode steps, the tail and slow steps included — what the call's tokens
         per second are made of, where the step model keeps the median full-batch step. A plain
@@ -497,7 +497,8 @@ class AdaptiveDrafter:
         rate = steps.seconds_per_token()
         if rate is None:
             return {}
-        b, k, plain = bucket(batch_size), ks[0], self._plain_rate.get((bucket(batch_size), sampled))
+        b = bucket(batch_size)
+        plain = self._plain_rate.get((b, sampled))
         if k == 0:
             self._plain_rate[(b, sampled)] = rate if plain is None else plain + self.config.ewma * (rate - plain)
             return {}

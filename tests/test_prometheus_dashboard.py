@@ -79,7 +79,7 @@ def stack(tmp_path_factory, ray_session, tiny_ckpt):
     # call (adaptive drafting doing its job), so no later step would report acceptance by position.
     # Probes every 2nd call still time plain steps (the measured speed-up). Whole calls would show
     # that drafting loses (the call factor) and stop it just the same: calibrate_calls off keeps the
-    # prior in charge, while the realised speed-up is still measured and exported.
+    # prior in charge, while the realised speed-up is still measured (per call).
     spec["rollout"]["adaptive_draft"] = {"enabled": True, "probe_every": 2, "prior_acceptance": 1.0,
                                          "prior_weight": 1e6, "calibrate_calls": False}
     api = ApiServer(data, ray_address, launcher="controller")
@@ -160,7 +160,7 @@ def query(prom: str, expr: str) -> list[dict]:
 
 def query_run(prom: str, expr: str, start: float) -> list[dict]:
     """``expr`` over the run's time so far, as a Grafana panel asks for it (a range query, one point
-    every 2 s): the series, each with the finite values it had. A gauge a step reports only when it
+    a scrape interval): the series, each with the finite values it had. A gauge a step reports only when it
     happened (acceptance by position: only steps that drafted) is on the panel, with gaps — and a
     step reported for one scrape only is between two points of a 2 s grid half the time (a fresh
     clone found acceptance by position in Prometheus, scraped once, and no point of it in a 2 s
